@@ -1,0 +1,258 @@
+//! Reads what nicplug needs from a live domain XML: its network interfaces
+//! and its hot-pluggable PCIe root ports. Nothing else of the domain is
+//! modelled, and nicplug never writes a domain back (only device fragments).
+
+use std::collections::BTreeSet;
+
+use quick_xml::Reader;
+use quick_xml::XmlVersion;
+use quick_xml::events::{BytesStart, Event};
+
+use crate::model::Mac;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DomainXmlError {
+    #[error("malformed XML at byte {position}")]
+    Xml {
+        position: u64,
+        #[source]
+        source: quick_xml::Error,
+    },
+    #[error("invalid attribute {attr} of <{element}>: {value:?}")]
+    Attribute {
+        element: &'static str,
+        attr: &'static str,
+        value: String,
+    },
+}
+
+/// One `<interface>` of the domain.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DomainInterface {
+    /// `<alias name>`: `ua-<network>` for user-defined aliases.
+    pub alias: Option<String>,
+    pub mac: Option<Mac>,
+    /// `<target dev>`: the tap QEMU uses.
+    pub target_dev: Option<String>,
+    /// `<link state>`; absent means up.
+    pub link_up: bool,
+    pub model: Option<String>,
+    /// `<driver queues>`.
+    pub queues: Option<u32>,
+    /// `<mtu size>`.
+    pub mtu: Option<u32>,
+}
+
+/// Hot-pluggable PCIe root ports of the domain.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RootPorts {
+    pub total: usize,
+    pub free: usize,
+}
+
+/// What nicplug knows of the domain.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DomainState {
+    pub running: bool,
+    pub persistent: bool,
+    pub interfaces: Vec<DomainInterface>,
+    pub root_ports: RootPorts,
+}
+
+impl DomainState {
+    pub fn interface_by_alias(&self, alias: &str) -> Option<&DomainInterface> {
+        self.interfaces
+            .iter()
+            .find(|i| i.alias.as_deref() == Some(alias))
+    }
+}
+
+/// The devices part of a domain XML.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DomainDevices {
+    pub interfaces: Vec<DomainInterface>,
+    pub root_ports: RootPorts,
+}
+
+fn attr(e: &BytesStart<'_>, name: &str) -> Option<String> {
+    e.attributes()
+        .flatten()
+        .find(|a| a.key.as_ref() == name)
+        .and_then(|a| {
+            a.normalized_value(XmlVersion::Implicit1_0)
+                .ok()
+                .map(|v| v.into_owned())
+        })
+}
+
+/// Parses a PCI bus number as libvirt writes it: `0x01` or decimal.
+fn parse_bus(value: &str) -> Option<u32> {
+    match value.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16).ok(),
+        None => value.parse().ok(),
+    }
+}
+
+/// Parses the interfaces and root ports out of a domain XML.
+pub fn parse_devices(xml: &str) -> Result<DomainDevices, DomainXmlError> {
+    let mut reader = Reader::from_str(xml);
+    // Element names from the root down to the current element.
+    let mut path: Vec<String> = Vec::new();
+    let mut interfaces = Vec::new();
+    let mut current: Option<DomainInterface> = None;
+    // index -> hotplug allowed, for pcie-root-port controllers
+    let mut ports: Vec<(u32, bool)> = Vec::new();
+    let mut current_port: Option<(u32, bool)> = None;
+    let mut used_buses = BTreeSet::new();
+
+    loop {
+        let event = reader.read_event().map_err(|source| DomainXmlError::Xml {
+            position: reader.buffer_position(),
+            source,
+        })?;
+        let (e, empty) = match &event {
+            Event::Start(e) => (e, false),
+            Event::Empty(e) => (e, true),
+            Event::End(_) => {
+                let name = path.pop();
+                if path.len() == 2 && path[1] == "devices" {
+                    match name.as_deref() {
+                        Some("interface") => interfaces.extend(current.take()),
+                        Some("controller") => ports.extend(current_port.take()),
+                        _ => {}
+                    }
+                }
+                continue;
+            }
+            Event::Eof => break,
+            _ => continue,
+        };
+        let name = e.local_name().as_ref().to_string();
+        let depth = path.len();
+        let in_devices = depth >= 2 && path[0] == "domain" && path[1] == "devices";
+
+        if in_devices && depth == 2 {
+            // a device element directly under <devices>
+            match name.as_str() {
+                "interface" => {
+                    current = Some(DomainInterface {
+                        link_up: true,
+                        ..Default::default()
+                    })
+                }
+                "controller"
+                    if attr(e, "type").as_deref() == Some("pci")
+                        && attr(e, "model").as_deref() == Some("pcie-root-port") =>
+                {
+                    let value = attr(e, "index").unwrap_or_default();
+                    let index = value.parse().map_err(|_| DomainXmlError::Attribute {
+                        element: "controller",
+                        attr: "index",
+                        value,
+                    })?;
+                    current_port = Some((index, true));
+                }
+                _ => {}
+            }
+        } else if in_devices && depth == 3 {
+            // a direct child of a device
+            if name == "address" && attr(e, "type").as_deref() == Some("pci") {
+                if let Some(bus) = attr(e, "bus").as_deref().and_then(parse_bus) {
+                    used_buses.insert(bus);
+                }
+            }
+            if path[2] == "controller" && name == "target" {
+                if let Some(port) = current_port.as_mut() {
+                    port.1 = attr(e, "hotplug").as_deref() != Some("off");
+                }
+            }
+            if let (Some(iface), "interface") = (current.as_mut(), path[2].as_str()) {
+                read_interface_child(iface, &name, e)?;
+            }
+        }
+
+        if empty {
+            // <interface/> or <controller/> closes immediately
+            if in_devices && depth == 2 {
+                match name.as_str() {
+                    "interface" => interfaces.extend(current.take()),
+                    "controller" => ports.extend(current_port.take()),
+                    _ => {}
+                }
+            }
+        } else {
+            path.push(name);
+        }
+    }
+
+    let hotpluggable: Vec<u32> = ports.iter().filter(|p| p.1).map(|p| p.0).collect();
+    let free = hotpluggable
+        .iter()
+        .filter(|index| !used_buses.contains(index))
+        .count();
+    Ok(DomainDevices {
+        interfaces,
+        root_ports: RootPorts {
+            total: hotpluggable.len(),
+            free,
+        },
+    })
+}
+
+fn read_interface_child(
+    iface: &mut DomainInterface,
+    name: &str,
+    e: &BytesStart<'_>,
+) -> Result<(), DomainXmlError> {
+    match name {
+        "alias" => iface.alias = attr(e, "name"),
+        "mac" => {
+            if let Some(value) = attr(e, "address") {
+                iface.mac = Some(value.parse().map_err(|_| DomainXmlError::Attribute {
+                    element: "mac",
+                    attr: "address",
+                    value,
+                })?);
+            }
+        }
+        "target" => iface.target_dev = attr(e, "dev"),
+        "link" => iface.link_up = attr(e, "state").as_deref() != Some("down"),
+        "model" => iface.model = attr(e, "type"),
+        "driver" => iface.queues = attr(e, "queues").and_then(|q| q.parse().ok()),
+        "mtu" => iface.mtu = attr(e, "size").and_then(|q| q.parse().ok()),
+        _ => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOMAIN: &str = include_str!("../../fixtures/domain/running-two-nics.xml");
+
+    #[test]
+    fn reads_interfaces_and_ports() {
+        let devices = parse_devices(DOMAIN).unwrap();
+        assert_eq!(devices.interfaces.len(), 2);
+        let first = &devices.interfaces[0];
+        assert_eq!(first.alias.as_deref(), Some("ua-default"));
+        assert_eq!(first.target_dev.as_deref(), Some("tap0"));
+        assert!(first.link_up);
+        let second = &devices.interfaces[1];
+        assert_eq!(second.alias.as_deref(), Some("ua-dyniface1"));
+        assert_eq!(second.mac.unwrap().to_string(), "02:00:00:aa:bb:01");
+        assert_eq!(second.target_dev.as_deref(), Some("tap9a6a0c3b4d8"));
+        assert!(!second.link_up);
+        assert_eq!(second.queues, Some(2));
+        assert_eq!(second.mtu, Some(1400));
+        assert_eq!(second.model.as_deref(), Some("virtio-non-transitional"));
+        // 5 root ports, one with hotplug off; buses 1 and 2 are taken by the NICs, 3 by the serial controller.
+        assert_eq!(devices.root_ports, RootPorts { total: 4, free: 1 });
+    }
+
+    #[test]
+    fn malformed_xml_is_an_error() {
+        assert!(parse_devices("<domain><devices><interface></devices>").is_err());
+    }
+}

@@ -1,0 +1,56 @@
+//! The hypervisor seam: the running libvirt domain as nicplug sees it, and
+//! the two things it does to it (attach and, later, detach a device).
+//!
+//! Protocol of a hot-plug, step by step:
+//! 1. [`Hypervisor::domain`] reads the live domain XML: which `ua-<name>`
+//!    devices exist and how many hot-pluggable PCIe root ports are free.
+//! 2. The caller builds the device XML ([`device_xml`]) for one interface.
+//! 3. [`Hypervisor::attach`] registers a DEVICE_ADDED waiter for the alias,
+//!    *then* calls `virDomainAttachDeviceFlags` (LIVE, plus CONFIG when the
+//!    domain is persistent), then waits for the event with a timeout.
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::model::Owner;
+
+pub mod device_xml;
+pub mod domain_xml;
+pub mod events;
+pub mod libvirt;
+
+pub use domain_xml::{DomainInterface, DomainState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("libvirt: {op} failed: {message}")]
+    Libvirt { op: &'static str, message: String },
+    #[error("domain {0} not found")]
+    NoDomain(String),
+    #[error("cannot parse the domain XML")]
+    DomainXml(#[from] domain_xml::DomainXmlError),
+    #[error("no DEVICE_ADDED event for {alias} within {timeout:?}")]
+    AttachTimeout { alias: String, timeout: Duration },
+    #[error("libvirt event loop is not running")]
+    EventLoop,
+}
+
+/// Operations on the VM's libvirt domain.
+pub trait Hypervisor: Send + Sync {
+    /// The live domain, or `None` when no such domain is defined.
+    fn domain(&self) -> impl Future<Output = Result<Option<DomainState>, HypervisorError>> + Send;
+
+    /// Attaches `device_xml` (whose alias is `alias`) live, and to the
+    /// persistent config when `persistent`; returns once DEVICE_ADDED for the
+    /// alias arrived, or fails after `timeout`.
+    fn attach(
+        &self,
+        device_xml: &str,
+        alias: &str,
+        persistent: bool,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), HypervisorError>> + Send;
+
+    /// The uid/gid the domain's QEMU process runs as, when it runs.
+    fn qemu_owner(&self) -> impl Future<Output = Result<Option<Owner>, HypervisorError>> + Send;
+}

@@ -1,0 +1,7 @@
+//! nicplug: hot-plugs network interfaces into running KubeVirt VMs.
+//!
+//! See `docs/design.md` for the reconcile loop and its seams.
+
+pub mod hypervisor;
+pub mod model;
+pub mod netns;

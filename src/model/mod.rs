@@ -1,0 +1,27 @@
+//! nicplug's vocabulary: validated names, the VMI subset it reads, and the
+//! record it keeps of a pod link's original state.
+
+pub mod names;
+pub mod record;
+
+pub use names::{IfName, Mac, PlumbingNames};
+pub use record::{IpCidr, PodLinkRecord};
+
+/// A uid/gid pair (the owner of a tap device).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl std::str::FromStr for Owner {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("invalid owner {s:?}: expected UID:GID, e.g. 107:107");
+        let (uid, gid) = s.split_once(':').ok_or_else(bad)?;
+        Ok(Self {
+            uid: uid.parse().map_err(|_| bad())?,
+            gid: gid.parse().map_err(|_| bad())?,
+        })
+    }
+}

@@ -1,0 +1,187 @@
+//! What nicplug must give back to a pod link when it releases it, kept in the
+//! link's own `ifalias` so it survives a nicplug crash or restart and dies
+//! with the link (no state file can go stale).
+//!
+//! Format (at most 255 bytes, the kernel's IFALIASZ - 1):
+//! `nicplug/v1 mac=02:00:00:00:00:01 mtu=1500 addr=169.254.1.5/24,fe80::1/64 was=<original alias>`
+//! `addr=` and `was=` are optional; `was=` is last and takes the rest of the line.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use serde::Serialize;
+
+use super::names::Mac;
+
+const MAGIC: &str = "nicplug/v1";
+/// The kernel truncates aliases longer than this.
+pub const MAX_ALIAS_LEN: usize = 255;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RecordError {
+    #[error("not a nicplug record")]
+    NotARecord,
+    #[error("malformed nicplug record field {0:?}")]
+    Field(String),
+    #[error("record misses field {0}")]
+    Missing(&'static str),
+    #[error("record of {len} bytes does not fit into an ifalias ({MAX_ALIAS_LEN} bytes)")]
+    TooLong { len: usize },
+    #[error("invalid address {0:?}: expected ADDRESS/PREFIX")]
+    Cidr(String),
+}
+
+/// An interface address with its prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct IpCidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl IpCidr {
+    pub fn new(addr: IpAddr, prefix: u8) -> Result<Self, RecordError> {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if prefix > max {
+            return Err(RecordError::Cidr(format!("{addr}/{prefix}")));
+        }
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl fmt::Display for IpCidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl FromStr for IpCidr {
+    type Err = RecordError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = s
+            .split_once('/')
+            .ok_or_else(|| RecordError::Cidr(s.into()))?;
+        let addr = addr.parse().map_err(|_| RecordError::Cidr(s.into()))?;
+        let prefix = prefix.parse().map_err(|_| RecordError::Cidr(s.into()))?;
+        Self::new(addr, prefix)
+    }
+}
+
+/// The original state of a pod link that nicplug enslaved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodLinkRecord {
+    pub mac: Mac,
+    pub mtu: u32,
+    pub addresses: Vec<IpCidr>,
+    /// The alias the link had before nicplug wrote its record, if any.
+    pub previous_alias: Option<String>,
+}
+
+impl PodLinkRecord {
+    /// Whether an ifalias value is a nicplug record (of any version).
+    pub fn is_record(alias: &str) -> bool {
+        alias.starts_with("nicplug/")
+    }
+
+    /// The ifalias value, or an error if it would not fit.
+    pub fn to_alias(&self) -> Result<String, RecordError> {
+        let mut out = format!("{MAGIC} mac={} mtu={}", self.mac, self.mtu);
+        if !self.addresses.is_empty() {
+            let addrs: Vec<String> = self.addresses.iter().map(ToString::to_string).collect();
+            out.push_str(" addr=");
+            out.push_str(&addrs.join(","));
+        }
+        if let Some(previous) = &self.previous_alias {
+            out.push_str(" was=");
+            out.push_str(previous);
+        }
+        if out.len() > MAX_ALIAS_LEN {
+            return Err(RecordError::TooLong { len: out.len() });
+        }
+        Ok(out)
+    }
+
+    pub fn from_alias(alias: &str) -> Result<Self, RecordError> {
+        let rest = alias
+            .strip_prefix(MAGIC)
+            .and_then(|r| r.strip_prefix(' '))
+            .ok_or(RecordError::NotARecord)?;
+        let (fields, previous_alias) = match rest.split_once(" was=") {
+            Some((fields, was)) => (fields, Some(was.to_string())),
+            None => (rest, None),
+        };
+        let (mut mac, mut mtu, mut addresses) = (None, None, Vec::new());
+        for field in fields.split(' ') {
+            let bad = || RecordError::Field(field.to_string());
+            match field.split_once('=').ok_or_else(bad)? {
+                ("mac", v) => mac = Some(v.parse::<Mac>().map_err(|_| bad())?),
+                ("mtu", v) => mtu = Some(v.parse::<u32>().map_err(|_| bad())?),
+                ("addr", v) => {
+                    addresses = v.split(',').map(str::parse).collect::<Result<_, _>>()?;
+                }
+                _ => return Err(bad()),
+            }
+        }
+        Ok(Self {
+            mac: mac.ok_or(RecordError::Missing("mac"))?,
+            mtu: mtu.ok_or(RecordError::Missing("mtu"))?,
+            addresses,
+            previous_alias,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> PodLinkRecord {
+        PodLinkRecord {
+            mac: "0a:58:a9:fe:01:05".parse().unwrap(),
+            mtu: 1400,
+            addresses: vec![
+                "169.254.1.5/24".parse().unwrap(),
+                "fe80::858:a9ff:fefe:105/64".parse().unwrap(),
+            ],
+            previous_alias: None,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let alias = record().to_alias().unwrap();
+        assert_eq!(
+            alias,
+            "nicplug/v1 mac=0a:58:a9:fe:01:05 mtu=1400 addr=169.254.1.5/24,fe80::858:a9ff:fefe:105/64"
+        );
+        assert_eq!(PodLinkRecord::from_alias(&alias).unwrap(), record());
+    }
+
+    #[test]
+    fn keeps_a_previous_alias_verbatim() {
+        let mut rec = record();
+        rec.addresses.clear();
+        rec.previous_alias = Some("uplink to rack 7 was=x".into());
+        let alias = rec.to_alias().unwrap();
+        assert_eq!(PodLinkRecord::from_alias(&alias).unwrap(), rec);
+    }
+
+    #[test]
+    fn rejects_what_does_not_fit_or_parse() {
+        let mut rec = record();
+        rec.addresses = (0..20)
+            .map(|i| format!("fe80::{i}:1:2:3/64").parse().unwrap())
+            .collect();
+        assert!(matches!(rec.to_alias(), Err(RecordError::TooLong { .. })));
+        assert_eq!(
+            PodLinkRecord::from_alias("uplink"),
+            Err(RecordError::NotARecord)
+        );
+        assert_eq!(
+            PodLinkRecord::from_alias("nicplug/v1 mtu=1500"),
+            Err(RecordError::Missing("mac"))
+        );
+        assert!(PodLinkRecord::from_alias("nicplug/v1 mac=zz mtu=1500").is_err());
+        assert!("169.254.1.1/33".parse::<IpCidr>().is_err());
+    }
+}

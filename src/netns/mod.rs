@@ -1,0 +1,145 @@
+//! The pod network namespace seam: what nicplug reads from and does to the
+//! links of the namespace it runs in.
+//!
+//! [`PodNetwork`] is the whole protocol. Every operation is idempotent: it
+//! reads before it writes and treats "already so" as success, so a reconcile
+//! that is interrupted at any point can simply be run again. The real
+//! implementation ([`netlink::Netlink`]) speaks rtnetlink and uses
+//! `/dev/net/tun` ioctls for taps; plan/apply tests use a fake.
+
+use std::future::Future;
+
+use crate::model::{IfName, IpCidr, Mac, Owner, PodLinkRecord};
+
+pub mod netlink;
+pub mod tap;
+pub mod watch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("netlink request {op} on {link} failed")]
+    Netlink {
+        op: &'static str,
+        link: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("link {0} not found")]
+    NotFound(IfName),
+    #[error("tap {tap}: {op} failed")]
+    Tap {
+        tap: IfName,
+        op: &'static str,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("link {link} exists but is a {found}, not a {expected}")]
+    WrongKind {
+        link: IfName,
+        found: String,
+        expected: &'static str,
+    },
+    #[error("cannot open a netlink socket")]
+    Socket(#[source] std::io::Error),
+}
+
+/// The kind of a link, from IFLA_INFO_KIND.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkKind {
+    Bridge,
+    /// A tun/tap device.
+    Tun,
+    Veth,
+    /// Any other kind, by its IFLA_INFO_KIND ("" when the kernel gives none).
+    Other(String),
+}
+
+/// Tap-specific attributes (IFLA_TUN_*), when the link is a tun/tap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TapInfo {
+    pub owner: Option<u32>,
+    pub group: Option<u32>,
+    pub multi_queue: bool,
+    pub vnet_hdr: bool,
+    pub persist: bool,
+}
+
+/// One link as observed in the namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: IfName,
+    pub kind: LinkKind,
+    pub mac: Option<Mac>,
+    pub mtu: u32,
+    /// Index of the bridge this link is enslaved to.
+    pub master: Option<u32>,
+    /// Administratively up (IFF_UP).
+    pub up: bool,
+    pub alias: Option<String>,
+    pub addresses: Vec<IpCidr>,
+    /// Bridge-port learning, when the link is a bridge port.
+    pub learning: Option<bool>,
+    pub tap: Option<TapInfo>,
+}
+
+/// What a tap must look like for QEMU to open it with the device XML nicplug
+/// attaches: single-queue taps must not carry IFF_MULTI_QUEUE (facts.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TapSpec {
+    pub name: IfName,
+    pub owner: Owner,
+    pub mtu: u32,
+    pub multi_queue: bool,
+}
+
+/// Operations on the pod network namespace. All are idempotent.
+pub trait PodNetwork: Send + Sync {
+    /// Every link of the namespace with its addresses.
+    fn links(&self) -> impl Future<Output = Result<Vec<Link>, NetnsError>> + Send;
+
+    /// Sets (or with `None` clears) a link's ifalias.
+    fn set_alias(
+        &self,
+        link: &IfName,
+        alias: Option<&str>,
+    ) -> impl Future<Output = Result<(), NetnsError>> + Send;
+
+    /// Creates bridge `name` with `mac` if it does not exist, and sets it up.
+    /// VLAN filtering and learning are left at the kernel's defaults.
+    fn ensure_bridge(
+        &self,
+        name: &IfName,
+        mac: Mac,
+    ) -> impl Future<Output = Result<(), NetnsError>> + Send;
+
+    /// Removes all addresses of `pod`, sets its MAC to `mac`, enslaves it to
+    /// `bridge` with learning off, and sets it up.
+    fn enslave_pod_link(
+        &self,
+        pod: &IfName,
+        bridge: &IfName,
+        mac: Mac,
+    ) -> impl Future<Output = Result<(), NetnsError>> + Send;
+
+    /// Creates persistent tap `spec.name` through /dev/net/tun if it does not
+    /// exist (owner, group, queue mode), sets its MTU, enslaves it to
+    /// `bridge` and sets it up.
+    fn ensure_tap(
+        &self,
+        spec: &TapSpec,
+        bridge: &IfName,
+    ) -> impl Future<Output = Result<(), NetnsError>> + Send;
+
+    /// Releases `pod` from its bridge and restores the recorded MAC, MTU and
+    /// addresses, then the previous alias (the record goes last, so an
+    /// interrupted release is finished by the next reconcile).
+    fn release_pod_link(
+        &self,
+        pod: &IfName,
+        record: &PodLinkRecord,
+    ) -> impl Future<Output = Result<(), NetnsError>> + Send;
+
+    /// Deletes a link; a link that does not exist is success.
+    fn delete_link(&self, name: &IfName) -> impl Future<Output = Result<(), NetnsError>> + Send;
+}
