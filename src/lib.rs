@@ -5,3 +5,4 @@
 pub mod hypervisor;
 pub mod model;
 pub mod netns;
+pub mod plan;

@@ -8,7 +8,7 @@ use quick_xml::Reader;
 use quick_xml::XmlVersion;
 use quick_xml::events::{BytesStart, Event};
 
-use crate::model::Mac;
+use crate::model::{Mac, Owner};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DomainXmlError {
@@ -72,6 +72,9 @@ impl DomainState {
 pub struct DomainDevices {
     pub interfaces: Vec<DomainInterface>,
     pub root_ports: RootPorts,
+    /// The uid:gid of the DAC security label (`<seclabel model='dac'>`):
+    /// the user QEMU runs as.
+    pub dac_owner: Option<Owner>,
 }
 
 fn attr(e: &BytesStart<'_>, name: &str) -> Option<String> {
@@ -104,6 +107,8 @@ pub fn parse_devices(xml: &str) -> Result<DomainDevices, DomainXmlError> {
     let mut ports: Vec<(u32, bool)> = Vec::new();
     let mut current_port: Option<(u32, bool)> = None;
     let mut used_buses = BTreeSet::new();
+    let mut in_dac_label = false;
+    let mut dac_owner = None;
 
     loop {
         let event = reader.read_event().map_err(|source| DomainXmlError::Xml {
@@ -124,12 +129,21 @@ pub fn parse_devices(xml: &str) -> Result<DomainDevices, DomainXmlError> {
                 }
                 continue;
             }
+            Event::Text(text) if in_dac_label && path.len() == 3 && path[2] == "label" => {
+                let label: &str = text;
+                dac_owner = parse_dac_label(label);
+                continue;
+            }
             Event::Eof => break,
             _ => continue,
         };
         let name = e.local_name().as_ref().to_string();
         let depth = path.len();
         let in_devices = depth >= 2 && path[0] == "domain" && path[1] == "devices";
+
+        if depth == 1 && path[0] == "domain" && name == "seclabel" {
+            in_dac_label = attr(e, "model").as_deref() == Some("dac");
+        }
 
         if in_devices && depth == 2 {
             // a device element directly under <devices>
@@ -196,7 +210,13 @@ pub fn parse_devices(xml: &str) -> Result<DomainDevices, DomainXmlError> {
             total: hotpluggable.len(),
             free,
         },
+        dac_owner,
     })
+}
+
+/// Parses a DAC label, `+64055:+64055` or `107:107`.
+fn parse_dac_label(label: &str) -> Option<Owner> {
+    label.trim().replace('+', "").parse().ok()
 }
 
 fn read_interface_child(
@@ -249,6 +269,7 @@ mod tests {
         assert_eq!(second.model.as_deref(), Some("virtio-non-transitional"));
         // 5 root ports, one with hotplug off; buses 1 and 2 are taken by the NICs, 3 by the serial controller.
         assert_eq!(devices.root_ports, RootPorts { total: 4, free: 1 });
+        assert_eq!(devices.dac_owner, Some(Owner { uid: 107, gid: 107 }));
     }
 
     #[test]

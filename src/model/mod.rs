@@ -3,6 +3,7 @@
 
 pub mod names;
 pub mod record;
+pub mod vmi;
 
 pub use names::{IfName, Mac, PlumbingNames};
 pub use record::{IpCidr, PodLinkRecord};

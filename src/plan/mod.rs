@@ -1,0 +1,356 @@
+//! The pure heart of nicplug: `(desired, observed) -> steps`.
+//!
+//! [`plan`] compares the VMI spec with the observed pod namespace and live
+//! domain and returns, per spec interface, the phase it is in and the
+//! idempotent steps that move it on. It does no I/O, so every case is a unit
+//! test. The agent applies the steps in order; if one fails it applies the
+//! interface's `rollback` steps, which return the pod to what it was before
+//! nicplug touched it.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::hypervisor::device_xml::InterfaceDevice;
+use crate::hypervisor::DomainState;
+use crate::model::vmi::{PodIfaceScheme, SpecInterface, SpecState, Vmi};
+use crate::model::{IfName, Mac, Owner, PlumbingNames, PodLinkRecord};
+use crate::netns::{Link, LinkKind, TapSpec};
+
+/// Where an interface stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Phase {
+    /// In the spec; waiting for the pod interface or the domain.
+    Pending,
+    /// Bridge, pod link and tap are in place; the device is not attached yet.
+    Plumbed,
+    /// The domain has the device.
+    Attached,
+    /// The last attempt failed; `message` says why. Retried with backoff.
+    Failed,
+    /// Not an interface nicplug hot-plugs (binding or network type).
+    Unsupported,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// One idempotent change to the pod namespace or the domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Write the pod link's original state into its ifalias, before anything
+    /// else changes it.
+    RecordPodLink { pod: IfName, alias: String },
+    EnsureBridge { bridge: IfName, mac: Mac },
+    EnslavePodLink { pod: IfName, bridge: IfName, mac: Mac },
+    EnsureTap { spec: TapSpec, bridge: IfName },
+    Attach { device: InterfaceDevice, xml: String },
+    ReleasePodLink { pod: IfName, record: PodLinkRecord },
+    DeleteLink { name: IfName },
+}
+
+impl Step {
+    /// A short name for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Step::RecordPodLink { .. } => "record-pod-link",
+            Step::EnsureBridge { .. } => "ensure-bridge",
+            Step::EnslavePodLink { .. } => "enslave-pod-link",
+            Step::EnsureTap { .. } => "ensure-tap",
+            Step::Attach { .. } => "attach-device",
+            Step::ReleasePodLink { .. } => "release-pod-link",
+            Step::DeleteLink { .. } => "delete-link",
+        }
+    }
+}
+
+/// The plan of one spec interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterfacePlan {
+    pub name: String,
+    pub pod_iface: Option<IfName>,
+    /// The MAC the VM sees, once known.
+    pub mac: Option<Mac>,
+    /// The phase once `steps` are done (the current phase when there are none).
+    pub phase: Phase,
+    pub message: Option<String>,
+    pub steps: Vec<Step>,
+    /// Undoes whatever `steps` may have done; applied when a step fails.
+    pub rollback: Vec<Step>,
+}
+
+impl InterfacePlan {
+    fn new(spec: &SpecInterface, phase: Phase) -> Self {
+        Self {
+            name: spec.name.clone(),
+            pod_iface: None,
+            mac: None,
+            phase,
+            message: None,
+            steps: Vec::new(),
+            rollback: Vec::new(),
+        }
+    }
+
+    fn with_message(mut self, message: impl Into<String>) -> Self {
+        self.message = Some(message.into());
+        self
+    }
+}
+
+/// What the plan reads.
+pub struct Observed<'a> {
+    pub links: &'a [Link],
+    /// `None` when the domain is not defined.
+    pub domain: Option<&'a DomainState>,
+    /// The uid/gid taps are created for; `None` when unknown.
+    pub tap_owner: Option<Owner>,
+}
+
+impl Observed<'_> {
+    fn link(&self, name: &IfName) -> Option<&Link> {
+        self.links.iter().find(|l| &l.name == name)
+    }
+}
+
+/// Which pod interface naming scheme the pod uses: ordinal only when some
+/// hot-pluggable network's `netN` link exists and none of their hashed names does.
+pub fn pod_iface_scheme(vmi: &Vmi, links: &[Link]) -> PodIfaceScheme {
+    let present = |scheme| {
+        vmi.interfaces
+            .iter()
+            .filter(|i| i.is_hotpluggable())
+            .any(|i| links.iter().any(|l| l.name == i.pod_iface(scheme)))
+    };
+    if !present(PodIfaceScheme::Hashed) && present(PodIfaceScheme::Ordinal) {
+        PodIfaceScheme::Ordinal
+    } else {
+        PodIfaceScheme::Hashed
+    }
+}
+
+/// Plans every interface of the spec, in spec order (which is also the order
+/// devices are attached in, so guest NIC order follows the spec).
+pub fn plan(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
+    let scheme = pod_iface_scheme(vmi, observed.links);
+    let mut free_ports = observed.domain.map_or(0, |d| d.root_ports.free);
+    vmi.interfaces
+        .iter()
+        .map(|spec| plan_interface(vmi, spec, scheme, observed, &mut free_ports))
+        .collect()
+}
+
+fn plan_interface(
+    vmi: &Vmi,
+    spec: &SpecInterface,
+    scheme: PodIfaceScheme,
+    observed: &Observed<'_>,
+    free_ports: &mut usize,
+) -> InterfacePlan {
+    if let Some(reason) = spec.unsupported_reason() {
+        return InterfacePlan::new(spec, Phase::Unsupported).with_message(reason);
+    }
+    let names = PlumbingNames::for_pod_iface(&spec.pod_iface(scheme));
+    let mut plan = InterfacePlan::new(spec, Phase::Pending);
+    plan.pod_iface = Some(names.pod.clone());
+
+    let Some(domain) = observed.domain else {
+        return plan.with_message("the domain is not defined");
+    };
+    if let Some(device) = domain.interface_by_alias(&spec.alias()) {
+        // Attached by nicplug or by KubeVirt: adopt it, never re-plumb it.
+        plan.mac = device.mac;
+        plan.phase = Phase::Attached;
+        return plan;
+    }
+    if spec.state == SpecState::Absent {
+        plan.rollback = teardown(&names, observed);
+        plan.steps = plan.rollback.clone();
+        return plan.with_message("the spec asks for no device");
+    }
+    if !domain.running {
+        return plan.with_message("the domain is not running");
+    }
+    if observed.link(&names.kubevirt_renamed_pod).is_some() {
+        return plan.with_message(format!(
+            "KubeVirt is plumbing this network ({} exists)",
+            names.kubevirt_renamed_pod
+        ));
+    }
+    let Some(pod) = observed.link(&names.pod) else {
+        // Leftovers of an attempt whose pod interface went away.
+        plan.steps = teardown(&names, observed);
+        return plan.with_message(format!("waiting for pod interface {}", names.pod));
+    };
+    plug(vmi, spec, &names, pod, observed, domain, free_ports, plan)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn plug(
+    vmi: &Vmi,
+    spec: &SpecInterface,
+    names: &PlumbingNames,
+    pod: &Link,
+    observed: &Observed<'_>,
+    domain: &DomainState,
+    free_ports: &mut usize,
+    mut plan: InterfacePlan,
+) -> InterfacePlan {
+    let fail = |mut plan: InterfacePlan, message: String| {
+        plan.phase = Phase::Failed;
+        plan.steps = teardown(names, observed);
+        plan.with_message(message)
+    };
+    let bridge_mac = Mac::locally_administered_from(names.pod.as_str());
+
+    // The pod link's original state: from its record when nicplug already
+    // enslaved it, otherwise as it is now.
+    let (record, record_step) = match pod.alias.as_deref() {
+        Some(alias) if PodLinkRecord::is_record(alias) => match PodLinkRecord::from_alias(alias) {
+            Ok(record) => (record, None),
+            Err(e) => {
+                let message = format!("pod interface {} has a corrupt nicplug record: {e}", names.pod);
+                return InterfacePlan { phase: Phase::Failed, ..plan }.with_message(message);
+            }
+        },
+        _ => {
+            let Some(mac) = pod.mac else {
+                return fail(plan, format!("pod interface {} has no MAC address", names.pod));
+            };
+            let record = PodLinkRecord {
+                mac,
+                mtu: pod.mtu,
+                addresses: pod.addresses.clone(),
+                previous_alias: pod.alias.clone(),
+            };
+            match record.to_alias() {
+                Ok(alias) => {
+                    let step = Step::RecordPodLink { pod: names.pod.clone(), alias };
+                    (record, Some(step))
+                }
+                Err(e) => {
+                    let message = format!("cannot record the state of {}: {e}", names.pod);
+                    return fail(plan, message);
+                }
+            }
+        }
+    };
+    let vm_mac = match &spec.mac {
+        Some(Ok(mac)) => *mac,
+        Some(Err(e)) => return fail(plan, format!("macAddress of {}: {e}", spec.name)),
+        None => record.mac,
+    };
+    plan.mac = Some(vm_mac);
+
+    if let Some(master) = pod.master {
+        let ours = observed.link(&names.bridge).is_some_and(|b| b.index == master);
+        if !ours {
+            let message = format!("pod interface {} is enslaved to another link", names.pod);
+            return InterfacePlan { phase: Phase::Failed, ..plan }.with_message(message);
+        }
+    }
+    let Some(owner) = observed.tap_owner else {
+        return fail(
+            plan,
+            "cannot tell which user QEMU runs as; pass --tap-owner".into(),
+        );
+    };
+    if *free_ports == 0 {
+        let total = domain.root_ports.total;
+        let used = total - domain.root_ports.free;
+        return fail(
+            plan,
+            format!("no free PCIe root port for hotplug: {used} of {total} in use"),
+        );
+    }
+    *free_ports -= 1;
+
+    let device = InterfaceDevice {
+        network: spec.name.clone(),
+        tap: names.tap.clone(),
+        model: spec.model.clone(),
+        mac: vm_mac,
+        mtu: record.mtu,
+        queues: vmi.multiqueue.filter(|_| spec.model == "virtio"),
+        link_up: spec.state != SpecState::Down,
+    };
+    let xml = match device.to_xml() {
+        Ok(xml) => xml,
+        Err(e) => return fail(plan, e.to_string()),
+    };
+
+    let bridge = observed.link(&names.bridge);
+    let tap = observed.link(&names.tap);
+    let tap_spec = TapSpec {
+        name: names.tap.clone(),
+        owner,
+        mtu: record.mtu,
+        multi_queue: device.multi_queue(),
+    };
+
+    plan.steps.extend(record_step);
+    if !bridge.is_some_and(|b| b.kind == LinkKind::Bridge && b.up && b.mac == Some(bridge_mac)) {
+        plan.steps.push(Step::EnsureBridge { bridge: names.bridge.clone(), mac: bridge_mac });
+    }
+    let pod_done = bridge.is_some_and(|b| pod.master == Some(b.index))
+        && pod.mac == Some(bridge_mac)
+        && pod.addresses.is_empty()
+        && pod.up
+        && pod.learning == Some(false);
+    if !pod_done {
+        plan.steps.push(Step::EnslavePodLink {
+            pod: names.pod.clone(),
+            bridge: names.bridge.clone(),
+            mac: bridge_mac,
+        });
+    }
+    let tap_done = tap.is_some_and(|t| {
+        bridge.is_some_and(|b| t.master == Some(b.index))
+            && t.up
+            && t.mtu == tap_spec.mtu
+            && t.tap.as_ref().is_some_and(|i| {
+                i.multi_queue == tap_spec.multi_queue && i.owner == Some(owner.uid)
+            })
+    });
+    if !tap_done {
+        plan.steps.push(Step::EnsureTap { spec: tap_spec, bridge: names.bridge.clone() });
+    }
+    plan.steps.push(Step::Attach { device, xml });
+    plan.rollback = vec![
+        Step::DeleteLink { name: names.tap.clone() },
+        Step::ReleasePodLink { pod: names.pod.clone(), record },
+        Step::DeleteLink { name: names.bridge.clone() },
+    ];
+    plan.phase = Phase::Attached;
+    plan
+}
+
+/// Steps that remove nicplug's plumbing of a network that has no device:
+/// the tap, then the pod link's release (restoring its recorded state),
+/// then the bridge. Only what exists is touched.
+fn teardown(names: &PlumbingNames, observed: &Observed<'_>) -> Vec<Step> {
+    let mut steps = Vec::new();
+    if observed.link(&names.tap).is_some() {
+        steps.push(Step::DeleteLink { name: names.tap.clone() });
+    }
+    if let Some(pod) = observed.link(&names.pod) {
+        if let Some(Ok(record)) = pod
+            .alias
+            .as_deref()
+            .filter(|a| PodLinkRecord::is_record(a))
+            .map(PodLinkRecord::from_alias)
+        {
+            steps.push(Step::ReleasePodLink { pod: names.pod.clone(), record });
+        }
+    }
+    if observed.link(&names.bridge).is_some() {
+        steps.push(Step::DeleteLink { name: names.bridge.clone() });
+    }
+    steps
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,322 @@
+use super::*;
+use crate::hypervisor::domain_xml::{DomainInterface, RootPorts};
+use crate::model::IpCidr;
+use crate::netns::TapInfo;
+
+const OWNER: Owner = Owner { uid: 64055, gid: 64055 };
+const POD: &str = "pod9a6a0c3b4d8";
+const BRIDGE: &str = "k6t-9a6a0c3b4d8";
+const TAP: &str = "tap9a6a0c3b4d8";
+
+fn name(s: &str) -> IfName {
+    IfName::new(s).unwrap()
+}
+
+fn vmi(extra: &str) -> Vmi {
+    Vmi::parse(&format!(
+        r#"{{"metadata":{{"name":"vm","namespace":"ns"}},"spec":{{"domain":{{"devices":{{"interfaces":[
+            {{"name":"default","masquerade":{{}}}},
+            {{"name":"dyniface1","bridge":{{}}{extra}}}]}}}},
+            "networks":[{{"name":"default","pod":{{}}}},{{"name":"dyniface1","multus":{{"networkName":"nad1"}}}}]}}}}"#
+    ))
+    .unwrap()
+}
+
+fn link(index: u32, n: &str, kind: LinkKind) -> Link {
+    Link {
+        index,
+        name: name(n),
+        kind,
+        mac: Some(Mac::from_bytes([0x0a, 0x58, 0, 0, 0, index as u8])),
+        mtu: 1400,
+        master: None,
+        up: true,
+        alias: None,
+        addresses: vec![],
+        learning: None,
+        tap: None,
+    }
+}
+
+fn eth0() -> Link {
+    link(2, "eth0", LinkKind::Veth)
+}
+
+fn fresh_pod_link() -> Link {
+    Link {
+        addresses: vec!["169.254.1.5/24".parse::<IpCidr>().unwrap()],
+        ..link(3, POD, LinkKind::Veth)
+    }
+}
+
+fn domain(ports: usize, interfaces: Vec<DomainInterface>) -> DomainState {
+    DomainState {
+        running: true,
+        persistent: true,
+        interfaces,
+        root_ports: RootPorts { total: 4, free: ports },
+    }
+}
+
+fn observed<'a>(links: &'a [Link], domain: Option<&'a DomainState>) -> Observed<'a> {
+    Observed { links, domain, tap_owner: Some(OWNER) }
+}
+
+fn step_names(plan: &InterfacePlan) -> Vec<&'static str> {
+    plan.steps.iter().map(Step::name).collect()
+}
+
+/// The links of a fully plumbed network, as the real netns layer leaves them.
+fn plumbed_links() -> Vec<Link> {
+    let original = fresh_pod_link();
+    let record = PodLinkRecord {
+        mac: original.mac.unwrap(),
+        mtu: 1400,
+        addresses: original.addresses.clone(),
+        previous_alias: None,
+    };
+    let bridge_mac = Mac::locally_administered_from(POD);
+    let bridge = Link { mac: Some(bridge_mac), ..link(10, BRIDGE, LinkKind::Bridge) };
+    let pod = Link {
+        mac: Some(bridge_mac),
+        master: Some(10),
+        alias: Some(record.to_alias().unwrap()),
+        addresses: vec![],
+        learning: Some(false),
+        ..original
+    };
+    let tap = Link {
+        master: Some(10),
+        tap: Some(TapInfo {
+            owner: Some(OWNER.uid),
+            group: Some(OWNER.gid),
+            multi_queue: false,
+            vnet_hdr: true,
+            persist: true,
+        }),
+        ..link(11, TAP, LinkKind::Tun)
+    };
+    vec![eth0(), pod, bridge, tap]
+}
+
+#[test]
+fn fresh_pod_link_gets_the_whole_plug_sequence() {
+    let vmi = vmi("");
+    let links = [eth0(), fresh_pod_link()];
+    let dom = domain(4, vec![]);
+    let plans = plan(&vmi, &observed(&links, Some(&dom)));
+    assert_eq!(plans[0].phase, Phase::Unsupported);
+    assert!(plans[0].steps.is_empty());
+    let p = &plans[1];
+    assert_eq!(p.phase, Phase::Attached);
+    assert_eq!(
+        step_names(p),
+        ["record-pod-link", "ensure-bridge", "enslave-pod-link", "ensure-tap", "attach-device"]
+    );
+    // The VM gets the pod link's original MAC; the record keeps MAC, MTU, IPs.
+    assert_eq!(p.mac, fresh_pod_link().mac);
+    let Step::RecordPodLink { alias, .. } = &p.steps[0] else { panic!() };
+    assert_eq!(alias, "nicplug/v1 mac=0a:58:00:00:00:03 mtu=1400 addr=169.254.1.5/24");
+    let Step::EnsureTap { spec, .. } = &p.steps[3] else { panic!() };
+    assert_eq!(spec.owner, OWNER);
+    assert_eq!(spec.mtu, 1400);
+    assert!(!spec.multi_queue);
+    let Step::Attach { xml, .. } = &p.steps[4] else { panic!() };
+    assert!(xml.contains("<alias name='ua-dyniface1'/>"));
+    assert!(xml.contains("<target dev='tap9a6a0c3b4d8' managed='no'/>"));
+    assert_eq!(step_names_of(&p.rollback), ["delete-link", "release-pod-link", "delete-link"]);
+}
+
+fn step_names_of(steps: &[Step]) -> Vec<&'static str> {
+    steps.iter().map(Step::name).collect()
+}
+
+#[test]
+fn converged_plans_nothing() {
+    let vmi = vmi("");
+    let links = plumbed_links();
+    let device = DomainInterface {
+        alias: Some("ua-dyniface1".into()),
+        mac: fresh_pod_link().mac,
+        target_dev: Some(TAP.into()),
+        link_up: true,
+        ..Default::default()
+    };
+    let dom = domain(3, vec![device]);
+    let plans = plan(&vmi, &observed(&links, Some(&dom)));
+    assert_eq!(plans[1].phase, Phase::Attached);
+    assert!(plans.iter().all(|p| p.steps.is_empty()), "{plans:?}");
+}
+
+#[test]
+fn plumbed_but_not_attached_only_attaches() {
+    let vmi = vmi("");
+    let links = plumbed_links();
+    let dom = domain(4, vec![]);
+    let plans = plan(&vmi, &observed(&links, Some(&dom)));
+    assert_eq!(step_names(&plans[1]), ["attach-device"]);
+    // MAC comes from the record, not from the (swapped) current pod link MAC.
+    assert_eq!(plans[1].mac, fresh_pod_link().mac);
+}
+
+#[test]
+fn half_plumbed_resumes_where_it_stopped() {
+    let vmi = vmi("");
+    let mut links = plumbed_links();
+    links.retain(|l| l.name.as_str() != TAP);
+    let dom = domain(4, vec![]);
+    let plans = plan(&vmi, &observed(&links, Some(&dom)));
+    assert_eq!(step_names(&plans[1]), ["ensure-tap", "attach-device"]);
+}
+
+#[test]
+fn spec_mac_and_multiqueue_and_link_down() {
+    let mut vmi = vmi(r#","macAddress":"02:00:00:AA:BB:01","state":"down""#);
+    vmi.multiqueue = Some(4);
+    let links = [eth0(), fresh_pod_link()];
+    let dom = domain(4, vec![]);
+    let plans = plan(&vmi, &observed(&links, Some(&dom)));
+    let p = &plans[1];
+    assert_eq!(p.mac.unwrap().to_string(), "02:00:00:aa:bb:01");
+    let Step::EnsureTap { spec, .. } = &p.steps[3] else { panic!() };
+    assert!(spec.multi_queue);
+    let Step::Attach { xml, .. } = &p.steps[4] else { panic!() };
+    assert!(xml.contains("queues='4'"));
+    assert!(xml.contains("<link state='down'/>"));
+}
+
+#[test]
+fn waits_for_the_pod_interface_and_the_domain() {
+    let vmi = vmi("");
+    let links = [eth0()];
+    let dom = domain(4, vec![]);
+    let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
+    assert_eq!(p.phase, Phase::Pending);
+    assert!(p.steps.is_empty());
+    assert_eq!(p.message.as_deref(), Some("waiting for pod interface pod9a6a0c3b4d8"));
+
+    let links = [eth0(), fresh_pod_link()];
+    let p = &plan(&vmi, &observed(&links, None))[1];
+    assert_eq!((p.phase, p.steps.len()), (Phase::Pending, 0));
+    let stopped = DomainState { running: false, ..domain(4, vec![]) };
+    let p = &plan(&vmi, &observed(&links, Some(&stopped)))[1];
+    assert_eq!((p.phase, p.steps.len()), (Phase::Pending, 0));
+}
+
+#[test]
+fn leftovers_without_pod_interface_are_removed() {
+    let vmi = vmi("");
+    let mut links = plumbed_links();
+    links.retain(|l| l.name.as_str() != POD);
+    let dom = domain(4, vec![]);
+    let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
+    assert_eq!(p.phase, Phase::Pending);
+    assert_eq!(step_names(p), ["delete-link", "delete-link"]);
+}
+
+#[test]
+fn no_free_root_port_fails_without_calling_libvirt() {
+    let vmi = vmi("");
+    let links = [eth0(), fresh_pod_link()];
+    let dom = domain(0, vec![]);
+    let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
+    assert_eq!(p.phase, Phase::Failed);
+    assert_eq!(
+        p.message.as_deref(),
+        Some("no free PCIe root port for hotplug: 4 of 4 in use")
+    );
+    assert!(p.steps.is_empty());
+}
+
+#[test]
+fn root_ports_are_shared_in_spec_order() {
+    let vmi = Vmi::parse(
+        r#"{"metadata":{"name":"vm"},"spec":{"domain":{"devices":{"interfaces":[
+            {"name":"a","bridge":{}},{"name":"b","bridge":{}}]}},
+            "networks":[{"name":"a","multus":{"networkName":"a"}},{"name":"b","multus":{"networkName":"b"}}]}}"#,
+    )
+    .unwrap();
+    let a = Link { name: crate::model::names::hashed_pod_iface("a"), ..fresh_pod_link() };
+    let b = Link { index: 4, name: crate::model::names::hashed_pod_iface("b"), ..fresh_pod_link() };
+    let links = [eth0(), a, b];
+    let dom = domain(1, vec![]);
+    let plans = plan(&vmi, &observed(&links, Some(&dom)));
+    assert_eq!(plans[0].phase, Phase::Attached);
+    assert_eq!(plans[1].phase, Phase::Failed);
+    assert!(plans[1].message.as_deref().unwrap().contains("3 of 4 in use"));
+}
+
+#[test]
+fn an_existing_device_is_adopted_untouched() {
+    let vmi = vmi("");
+    // KubeVirt's layout: renamed pod link, dummy podH, its own bridge and tap.
+    let links = [
+        eth0(),
+        Link { master: Some(10), ..link(3, "9a6a0c3b4d8-nic", LinkKind::Veth) },
+        link(4, POD, LinkKind::Other("dummy".into())),
+        link(10, BRIDGE, LinkKind::Bridge),
+        Link { master: Some(10), ..link(11, TAP, LinkKind::Tun) },
+    ];
+    let device = DomainInterface { alias: Some("ua-dyniface1".into()), ..Default::default() };
+    let dom = domain(3, vec![device]);
+    let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
+    assert_eq!(p.phase, Phase::Attached);
+    assert!(p.steps.is_empty());
+    // Without the device (KubeVirt mid-way), nicplug still keeps out.
+    let dom = domain(4, vec![]);
+    let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
+    assert_eq!((p.phase, p.steps.len()), (Phase::Pending, 0));
+}
+
+#[test]
+fn pod_link_of_another_master_is_not_taken() {
+    let vmi = vmi("");
+    let links = [eth0(), Link { master: Some(2), ..fresh_pod_link() }];
+    let dom = domain(4, vec![]);
+    let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
+    assert_eq!(p.phase, Phase::Failed);
+    assert!(p.steps.is_empty());
+}
+
+#[test]
+fn unknown_qemu_user_and_bad_mac_fail_with_reasons() {
+    let links = [eth0(), fresh_pod_link()];
+    let dom = domain(4, vec![]);
+    let obs = Observed { tap_owner: None, ..observed(&links, Some(&dom)) };
+    let p = &plan(&vmi(""), &obs)[1];
+    assert_eq!(p.phase, Phase::Failed);
+    assert!(p.message.as_deref().unwrap().contains("--tap-owner"));
+
+    let p = &plan(&vmi(r#","macAddress":"nope""#), &observed(&links, Some(&dom)))[1];
+    assert_eq!(p.phase, Phase::Failed);
+    assert!(p.message.as_deref().unwrap().contains("macAddress of dyniface1"));
+}
+
+#[test]
+fn corrupt_record_is_reported_not_overwritten() {
+    let links = [eth0(), Link { alias: Some("nicplug/v1 garbage".into()), ..fresh_pod_link() }];
+    let dom = domain(4, vec![]);
+    let p = &plan(&vmi(""), &observed(&links, Some(&dom)))[1];
+    assert_eq!(p.phase, Phase::Failed);
+    assert!(p.steps.is_empty());
+}
+
+#[test]
+fn ordinal_names_when_the_pod_uses_them() {
+    let vmi = vmi("");
+    let links = [eth0(), Link { name: name("net1"), ..fresh_pod_link() }];
+    let dom = domain(4, vec![]);
+    let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
+    assert_eq!(p.pod_iface.as_ref().unwrap().as_str(), "net1");
+    let Step::EnsureBridge { bridge, .. } = &p.steps[1] else { panic!() };
+    assert_eq!(bridge.as_str(), "k6t-net1");
+}
+
+#[test]
+fn absent_without_device_tears_down() {
+    let vmi = vmi(r#","state":"absent""#);
+    let links = plumbed_links();
+    let dom = domain(4, vec![]);
+    let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
+    assert_eq!(step_names(p), ["delete-link", "release-pod-link", "delete-link"]);
+}
