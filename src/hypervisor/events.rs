@@ -1,1 +1,231 @@
+//! libvirt domain events, forwarded into a tokio broadcast channel.
+//!
+//! The `virt` crate has no event API, so this registers the raw callbacks of
+//! `virt-sys`. libvirt's default event loop must be registered before the
+//! first connection is opened and run on a thread of its own
+//! ([`ensure_event_loop`]); callbacks run on that thread and only send into
+//! the channel. Waiters subscribe *before* they trigger what they wait for.
 
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::OnceLock;
+
+use tokio::sync::broadcast;
+use virt::connect::Connect;
+use virt_sys as sys;
+
+use super::HypervisorError;
+
+/// A domain event nicplug reacts to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DomainEvent {
+    DeviceAdded { domain: String, alias: String },
+    DeviceRemoved { domain: String, alias: String },
+    DeviceRemovalFailed { domain: String, alias: String },
+    /// Started, stopped, suspended, defined, migrated, ...
+    Lifecycle { domain: String },
+    AgentLifecycle { domain: String, connected: bool },
+}
+
+impl DomainEvent {
+    pub fn domain(&self) -> &str {
+        match self {
+            DomainEvent::DeviceAdded { domain, .. }
+            | DomainEvent::DeviceRemoved { domain, .. }
+            | DomainEvent::DeviceRemovalFailed { domain, .. }
+            | DomainEvent::Lifecycle { domain }
+            | DomainEvent::AgentLifecycle { domain, .. } => domain,
+        }
+    }
+}
+
+static EVENT_LOOP: OnceLock<Result<(), String>> = OnceLock::new();
+
+/// Registers libvirt's default event loop implementation and runs it on a
+/// dedicated thread, once per process. Must run before `Connect::open`.
+pub fn ensure_event_loop() -> Result<(), HypervisorError> {
+    EVENT_LOOP
+        .get_or_init(|| {
+            virt::event::event_register_default_impl().map_err(|e| e.to_string())?;
+            std::thread::Builder::new()
+                .name("libvirt-events".into())
+                .spawn(|| loop {
+                    if let Err(e) = virt::event::event_run_default_impl() {
+                        tracing::error!(error = %e, "libvirt event loop iteration failed");
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        })
+        .clone()
+        .map_err(|message| HypervisorError::Libvirt {
+            op: "start the event loop",
+            message,
+        })
+}
+
+type Sender = broadcast::Sender<DomainEvent>;
+
+/// Callback registrations on one connection; deregistered on drop.
+pub struct Registration {
+    conn: Connect,
+    ids: Vec<c_int>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        for id in &self.ids {
+            // SAFETY: the connection pointer is valid while `self.conn` lives
+            // and `id` came from a successful registration on it.
+            unsafe {
+                sys::virConnectDomainEventDeregisterAny(self.conn.as_ptr(), *id);
+            }
+        }
+    }
+}
+
+/// Registers nicplug's callbacks for every domain of `conn`.
+pub fn register(conn: &Connect, tx: &Sender) -> Result<Registration, HypervisorError> {
+    let mut registration = Registration {
+        conn: conn.clone(),
+        ids: Vec::new(),
+    };
+    // SAFETY (all transmutes below): libvirt calls each callback with the
+    // signature that belongs to its event ID; registering through the
+    // generic type and casting is the documented VIR_DOMAIN_EVENT_CALLBACK
+    // idiom of the C API.
+    let callbacks: [(sys::virDomainEventID, sys::virConnectDomainEventGenericCallback); 5] = unsafe {
+        [
+            (
+                sys::VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
+                Some(std::mem::transmute::<
+                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *const c_char, *mut c_void),
+                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
+                >(device_added)),
+            ),
+            (
+                sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
+                Some(std::mem::transmute::<
+                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *const c_char, *mut c_void),
+                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
+                >(device_removed)),
+            ),
+            (
+                sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED,
+                Some(std::mem::transmute::<
+                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *const c_char, *mut c_void),
+                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
+                >(device_removal_failed)),
+            ),
+            (
+                sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                Some(std::mem::transmute::<
+                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, c_int, c_int, *mut c_void) -> c_int,
+                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
+                >(lifecycle)),
+            ),
+            (
+                sys::VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE,
+                Some(std::mem::transmute::<
+                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, c_int, c_int, *mut c_void),
+                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
+                >(agent_lifecycle)),
+            ),
+        ]
+    };
+    for (event_id, callback) in callbacks {
+        let opaque = Box::into_raw(Box::new(tx.clone())).cast::<c_void>();
+        // SAFETY: the connection is valid; `opaque` is a leaked Box<Sender>
+        // that libvirt hands back to the callback and finally to
+        // `free_sender`, which reclaims it exactly once.
+        let id = unsafe {
+            sys::virConnectDomainEventRegisterAny(
+                conn.as_ptr(),
+                std::ptr::null_mut(),
+                event_id as c_int,
+                callback,
+                opaque,
+                Some(free_sender),
+            )
+        };
+        if id < 0 {
+            // SAFETY: registration failed, so libvirt did not take `opaque`.
+            drop(unsafe { Box::from_raw(opaque.cast::<Sender>()) });
+            return Err(HypervisorError::Libvirt {
+                op: "register domain events",
+                message: virt::error::Error::last_error().to_string(),
+            });
+        }
+        registration.ids.push(id);
+    }
+    Ok(registration)
+}
+
+unsafe extern "C" fn free_sender(opaque: *mut c_void) {
+    // SAFETY: `opaque` is the Box<Sender> leaked in `register`; libvirt calls
+    // the free callback once, after the last event callback.
+    drop(unsafe { Box::from_raw(opaque.cast::<Sender>()) });
+}
+
+/// Sends an event built from the domain's name; never panics into C.
+///
+/// # Safety
+/// `dom` must be a valid domain pointer and `opaque` the Sender of `register`.
+unsafe fn send(dom: sys::virDomainPtr, opaque: *mut c_void, make: impl FnOnce(String) -> DomainEvent) {
+    // SAFETY: per this function's contract.
+    let (name, tx) = unsafe { (sys::virDomainGetName(dom), &*opaque.cast::<Sender>()) };
+    if name.is_null() {
+        return;
+    }
+    // SAFETY: libvirt returns a NUL-terminated name owned by `dom`, valid
+    // for the duration of the callback; it is copied at once.
+    let domain = unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned();
+    // No receiver is fine: nobody waits right now.
+    let _ = tx.send(make(domain));
+}
+
+/// # Safety
+/// `alias` must be NULL or a NUL-terminated string valid for the call.
+unsafe fn alias_of(alias: *const c_char) -> String {
+    if alias.is_null() {
+        return String::new();
+    }
+    // SAFETY: per this function's contract.
+    unsafe { CStr::from_ptr(alias) }.to_string_lossy().into_owned()
+}
+
+unsafe extern "C" fn device_added(_: sys::virConnectPtr, dom: sys::virDomainPtr, alias: *const c_char, opaque: *mut c_void) {
+    // SAFETY: libvirt passes a valid domain, alias and our opaque.
+    unsafe {
+        let alias = alias_of(alias);
+        send(dom, opaque, |domain| DomainEvent::DeviceAdded { domain, alias });
+    }
+}
+
+unsafe extern "C" fn device_removed(_: sys::virConnectPtr, dom: sys::virDomainPtr, alias: *const c_char, opaque: *mut c_void) {
+    // SAFETY: libvirt passes a valid domain, alias and our opaque.
+    unsafe {
+        let alias = alias_of(alias);
+        send(dom, opaque, |domain| DomainEvent::DeviceRemoved { domain, alias });
+    }
+}
+
+unsafe extern "C" fn device_removal_failed(_: sys::virConnectPtr, dom: sys::virDomainPtr, alias: *const c_char, opaque: *mut c_void) {
+    // SAFETY: libvirt passes a valid domain, alias and our opaque.
+    unsafe {
+        let alias = alias_of(alias);
+        send(dom, opaque, |domain| DomainEvent::DeviceRemovalFailed { domain, alias });
+    }
+}
+
+unsafe extern "C" fn lifecycle(_: sys::virConnectPtr, dom: sys::virDomainPtr, _event: c_int, _detail: c_int, opaque: *mut c_void) -> c_int {
+    // SAFETY: libvirt passes a valid domain and our opaque.
+    unsafe { send(dom, opaque, |domain| DomainEvent::Lifecycle { domain }) };
+    0
+}
+
+unsafe extern "C" fn agent_lifecycle(_: sys::virConnectPtr, dom: sys::virDomainPtr, state: c_int, _reason: c_int, opaque: *mut c_void) {
+    let connected = state == sys::VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_CONNECTED as c_int;
+    // SAFETY: libvirt passes a valid domain and our opaque.
+    unsafe { send(dom, opaque, |domain| DomainEvent::AgentLifecycle { domain, connected }) };
+}

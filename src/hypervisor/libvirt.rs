@@ -1,1 +1,266 @@
+//! [`Hypervisor`] over a real libvirt daemon (the `virt` crate).
+//!
+//! libvirt calls block, so each runs on tokio's blocking pool. The
+//! connection is reopened (and events re-registered) when libvirt reports it
+//! dead, e.g. after the daemon restarted.
 
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+use virt::connect::Connect;
+use virt::error::ErrorNumber;
+use virt_sys as sys;
+
+use super::domain_xml::{parse_devices, DomainState};
+use super::events::{self, DomainEvent, Registration};
+use super::{Hypervisor, HypervisorError};
+use crate::model::Owner;
+
+/// KubeVirt's non-root launcher socket.
+pub const KUBEVIRT_SOCKET: &str = "/var/run/libvirt/virtqemud-sock";
+
+/// The URI nicplug uses when none is given: KubeVirt's non-root socket when
+/// it exists, else the system daemon.
+pub fn default_uri() -> String {
+    if std::path::Path::new(KUBEVIRT_SOCKET).exists() {
+        format!("qemu+unix:///session?socket={KUBEVIRT_SOCKET}")
+    } else {
+        "qemu:///system".into()
+    }
+}
+
+struct Connection {
+    conn: Arc<Connect>,
+    _events: Registration,
+}
+
+pub struct Libvirt {
+    uri: String,
+    domain: String,
+    events: broadcast::Sender<DomainEvent>,
+    connection: Mutex<Option<Connection>>,
+    reconnects: std::sync::atomic::AtomicU64,
+}
+
+fn libvirt_error(op: &'static str, e: virt::error::Error) -> HypervisorError {
+    HypervisorError::Libvirt {
+        op,
+        message: e.message().to_string(),
+    }
+}
+
+impl Libvirt {
+    /// Connects to `uri` and starts forwarding events of all domains into
+    /// `events`; nicplug acts on domain `domain`.
+    pub fn connect(
+        uri: &str,
+        domain: &str,
+        events: broadcast::Sender<DomainEvent>,
+    ) -> Result<Self, HypervisorError> {
+        let libvirt = Self {
+            uri: uri.to_string(),
+            domain: domain.to_string(),
+            events,
+            connection: Mutex::new(None),
+            reconnects: Default::default(),
+        };
+        libvirt.connection()?;
+        Ok(libvirt)
+    }
+
+    pub fn domain_name(&self) -> &str {
+        &self.domain
+    }
+
+    /// How often the connection had to be reopened.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The live connection, reopened if libvirt closed it.
+    fn connection(&self) -> Result<Arc<Connect>, HypervisorError> {
+        let mut guard = self.connection.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = guard.as_ref() {
+            if c.conn.is_alive().unwrap_or(false) {
+                return Ok(c.conn.clone());
+            }
+            tracing::warn!(uri = %self.uri, "libvirt connection lost, reconnecting");
+            self.reconnects
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            *guard = None;
+        }
+        events::ensure_event_loop()?;
+        let conn = Connect::open(Some(&self.uri)).map_err(|e| libvirt_error("connect", e))?;
+        let registration = events::register(&conn, &self.events)?;
+        let conn = Arc::new(conn);
+        *guard = Some(Connection {
+            conn: conn.clone(),
+            _events: registration,
+        });
+        Ok(conn)
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connect, &str) -> Result<T, HypervisorError> + Send + 'static,
+    ) -> Result<T, HypervisorError> {
+        let conn = self.connection()?;
+        let domain = self.domain.clone();
+        tokio::task::spawn_blocking(move || f(&conn, &domain))
+            .await
+            .map_err(|e| HypervisorError::Libvirt {
+                op: "run a libvirt call",
+                message: e.to_string(),
+            })?
+    }
+}
+
+fn lookup(conn: &Connect, name: &str) -> Result<Option<virt::domain::Domain>, HypervisorError> {
+    match conn.lookup_domain_by_name(name) {
+        Ok(d) => Ok(Some(d)),
+        Err(e) if e.code().is(ErrorNumber::NoDomain) => Ok(None),
+        Err(e) => Err(libvirt_error("look up the domain", e)),
+    }
+}
+
+fn read_domain(conn: &Connect, name: &str) -> Result<Option<(DomainState, Option<Owner>)>, HypervisorError> {
+    let Some(dom) = lookup(conn, name)? else {
+        return Ok(None);
+    };
+    let running = dom.is_active().map_err(|e| libvirt_error("read the domain state", e))?;
+    let persistent = dom
+        .is_persistent()
+        .map_err(|e| libvirt_error("read the domain state", e))?;
+    let xml = dom.xml_desc(0).map_err(|e| libvirt_error("read the live domain XML", e))?;
+    let devices = parse_devices(&xml)?;
+    let state = DomainState {
+        running,
+        persistent,
+        interfaces: devices.interfaces,
+        root_ports: devices.root_ports,
+    };
+    Ok(Some((state, devices.dac_owner.filter(|_| running))))
+}
+
+impl Hypervisor for Libvirt {
+    async fn domain(&self) -> Result<Option<DomainState>, HypervisorError> {
+        self.blocking(|conn, name| Ok(read_domain(conn, name)?.map(|(state, _)| state)))
+            .await
+    }
+
+    async fn attach(
+        &self,
+        device_xml: &str,
+        alias: &str,
+        persistent: bool,
+        timeout: Duration,
+    ) -> Result<(), HypervisorError> {
+        // Subscribe before the call: DEVICE_ADDED can beat the call's return.
+        let mut rx = self.events.subscribe();
+        let xml = device_xml.to_string();
+        let mut flags = sys::VIR_DOMAIN_AFFECT_LIVE;
+        if persistent {
+            flags |= sys::VIR_DOMAIN_AFFECT_CONFIG;
+        }
+        self.blocking(move |conn, name| {
+            let dom = lookup(conn, name)?.ok_or_else(|| HypervisorError::NoDomain(name.into()))?;
+            dom.attach_device_flags(&xml, flags)
+                .map_err(|e| libvirt_error("attach the device", e))
+        })
+        .await?;
+
+        let wait = async {
+            loop {
+                match rx.recv().await {
+                    Ok(DomainEvent::DeviceAdded { domain, alias: a })
+                        if domain == self.domain && a == alias =>
+                    {
+                        return Ok(());
+                    }
+                    Ok(_) => {}
+                    // Missed events: the live XML is the truth.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        if self.has_device(alias).await? {
+                            return Ok(());
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return Err(HypervisorError::EventLoop)
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(result) => result,
+            Err(_) => Err(HypervisorError::AttachTimeout {
+                alias: alias.to_string(),
+                timeout,
+            }),
+        }
+    }
+
+    /// From the domain's DAC label (system daemons), else from the QEMU
+    /// process itself (when its pid namespace is visible), else from the
+    /// owner of a session daemon's socket (KubeVirt's non-root launcher runs
+    /// QEMU as the daemon's user).
+    async fn qemu_owner(&self) -> Result<Option<Owner>, HypervisorError> {
+        let (running, label) = self
+            .blocking(|conn, name| {
+                Ok(read_domain(conn, name)?.map_or((false, None), |(d, owner)| (d.running, owner)))
+            })
+            .await?;
+        if !running {
+            return Ok(None);
+        }
+        Ok(label
+            .or_else(|| qemu_process_owner(&self.domain))
+            .or_else(|| session_socket_owner(&self.uri)))
+    }
+}
+
+impl Libvirt {
+    async fn has_device(&self, alias: &str) -> Result<bool, HypervisorError> {
+        Ok(self
+            .domain()
+            .await?
+            .is_some_and(|d| d.interface_by_alias(alias).is_some()))
+    }
+}
+
+/// The owner of the QEMU process whose `-name guest=<domain>` matches.
+fn qemu_process_owner(domain: &str) -> Option<Owner> {
+    use std::os::unix::fs::MetadataExt;
+    let wanted = format!("guest={domain},");
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let path = entry.path();
+        let Ok(cmdline) = std::fs::read(path.join("cmdline")) else {
+            continue;
+        };
+        let mut args = cmdline.split(|b| *b == 0);
+        let is_qemu = args
+            .next()
+            .is_some_and(|a| String::from_utf8_lossy(a).contains("qemu-system"));
+        if is_qemu
+            && args.any(|a| {
+                let a = String::from_utf8_lossy(a);
+                a.starts_with(&wanted) || a == wanted.trim_end_matches(',')
+            })
+        {
+            let meta = std::fs::metadata(&path).ok()?;
+            return Some(Owner { uid: meta.uid(), gid: meta.gid() });
+        }
+    }
+    None
+}
+
+/// The owner of the socket of a `qemu+unix:///session?socket=...` URI.
+fn session_socket_owner(uri: &str) -> Option<Owner> {
+    use std::os::unix::fs::MetadataExt;
+    if !uri.contains("/session") {
+        return None;
+    }
+    let socket = uri.split_once("socket=")?.1.split('&').next()?;
+    let meta = std::fs::metadata(socket).ok()?;
+    Some(Owner { uid: meta.uid(), gid: meta.gid() })
+}
