@@ -2,7 +2,10 @@
 //!
 //! See `docs/design.md` for the reconcile loop and its seams.
 
+pub mod agent;
 pub mod hypervisor;
 pub mod model;
 pub mod netns;
 pub mod plan;
+pub mod sources;
+pub mod status;

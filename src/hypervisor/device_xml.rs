@@ -51,8 +51,9 @@ impl InterfaceDevice {
     pub fn to_xml(&self) -> Result<String, DeviceXmlError> {
         let valid = |s: &str, extra: &[char]| {
             !s.is_empty()
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || extra.contains(&c))
+                && s.chars().all(|c| {
+                    c.is_ascii_alphanumeric() || c == '-' || c == '_' || extra.contains(&c)
+                })
         };
         if !valid(&self.network, &[]) {
             return Err(DeviceXmlError::Alias(self.network.clone()));

@@ -6,7 +6,7 @@
 //! ([`ensure_event_loop`]); callbacks run on that thread and only send into
 //! the channel. Waiters subscribe *before* they trigger what they wait for.
 
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{CStr, c_char, c_int, c_void};
 use std::sync::OnceLock;
 
 use tokio::sync::broadcast;
@@ -18,12 +18,26 @@ use super::HypervisorError;
 /// A domain event nicplug reacts to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DomainEvent {
-    DeviceAdded { domain: String, alias: String },
-    DeviceRemoved { domain: String, alias: String },
-    DeviceRemovalFailed { domain: String, alias: String },
+    DeviceAdded {
+        domain: String,
+        alias: String,
+    },
+    DeviceRemoved {
+        domain: String,
+        alias: String,
+    },
+    DeviceRemovalFailed {
+        domain: String,
+        alias: String,
+    },
     /// Started, stopped, suspended, defined, migrated, ...
-    Lifecycle { domain: String },
-    AgentLifecycle { domain: String, connected: bool },
+    Lifecycle {
+        domain: String,
+    },
+    AgentLifecycle {
+        domain: String,
+        connected: bool,
+    },
 }
 
 impl DomainEvent {
@@ -48,10 +62,12 @@ pub fn ensure_event_loop() -> Result<(), HypervisorError> {
             virt::event::event_register_default_impl().map_err(|e| e.to_string())?;
             std::thread::Builder::new()
                 .name("libvirt-events".into())
-                .spawn(|| loop {
-                    if let Err(e) = virt::event::event_run_default_impl() {
-                        tracing::error!(error = %e, "libvirt event loop iteration failed");
-                        std::thread::sleep(std::time::Duration::from_millis(100));
+                .spawn(|| {
+                    loop {
+                        if let Err(e) = virt::event::event_run_default_impl() {
+                            tracing::error!(error = %e, "libvirt event loop iteration failed");
+                            std::thread::sleep(std::time::Duration::from_millis(100));
+                        }
                     }
                 })
                 .map_err(|e| e.to_string())?;
@@ -94,40 +110,70 @@ pub fn register(conn: &Connect, tx: &Sender) -> Result<Registration, HypervisorE
     // signature that belongs to its event ID; registering through the
     // generic type and casting is the documented VIR_DOMAIN_EVENT_CALLBACK
     // idiom of the C API.
-    let callbacks: [(sys::virDomainEventID, sys::virConnectDomainEventGenericCallback); 5] = unsafe {
+    let callbacks: [(
+        sys::virDomainEventID,
+        sys::virConnectDomainEventGenericCallback,
+    ); 5] = unsafe {
         [
             (
                 sys::VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
                 Some(std::mem::transmute::<
-                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *const c_char, *mut c_void),
+                    unsafe extern "C" fn(
+                        sys::virConnectPtr,
+                        sys::virDomainPtr,
+                        *const c_char,
+                        *mut c_void,
+                    ),
                     unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
                 >(device_added)),
             ),
             (
                 sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
                 Some(std::mem::transmute::<
-                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *const c_char, *mut c_void),
+                    unsafe extern "C" fn(
+                        sys::virConnectPtr,
+                        sys::virDomainPtr,
+                        *const c_char,
+                        *mut c_void,
+                    ),
                     unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
                 >(device_removed)),
             ),
             (
                 sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED,
                 Some(std::mem::transmute::<
-                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *const c_char, *mut c_void),
+                    unsafe extern "C" fn(
+                        sys::virConnectPtr,
+                        sys::virDomainPtr,
+                        *const c_char,
+                        *mut c_void,
+                    ),
                     unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
                 >(device_removal_failed)),
             ),
             (
                 sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE,
                 Some(std::mem::transmute::<
-                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, c_int, c_int, *mut c_void) -> c_int,
+                    unsafe extern "C" fn(
+                        sys::virConnectPtr,
+                        sys::virDomainPtr,
+                        c_int,
+                        c_int,
+                        *mut c_void,
+                    ) -> c_int,
                     unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
                 >(lifecycle)),
             ),
             (
                 sys::VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE,
                 Some(std::mem::transmute::<
-                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, c_int, c_int, *mut c_void),
+                    unsafe extern "C" fn(
+                        sys::virConnectPtr,
+                        sys::virDomainPtr,
+                        c_int,
+                        c_int,
+                        *mut c_void,
+                    ),
                     unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
                 >(agent_lifecycle)),
             ),
@@ -171,7 +217,11 @@ unsafe extern "C" fn free_sender(opaque: *mut c_void) {
 ///
 /// # Safety
 /// `dom` must be a valid domain pointer and `opaque` the Sender of `register`.
-unsafe fn send(dom: sys::virDomainPtr, opaque: *mut c_void, make: impl FnOnce(String) -> DomainEvent) {
+unsafe fn send(
+    dom: sys::virDomainPtr,
+    opaque: *mut c_void,
+    make: impl FnOnce(String) -> DomainEvent,
+) {
     // SAFETY: per this function's contract.
     let (name, tx) = unsafe { (sys::virDomainGetName(dom), &*opaque.cast::<Sender>()) };
     if name.is_null() {
@@ -179,7 +229,9 @@ unsafe fn send(dom: sys::virDomainPtr, opaque: *mut c_void, make: impl FnOnce(St
     }
     // SAFETY: libvirt returns a NUL-terminated name owned by `dom`, valid
     // for the duration of the callback; it is copied at once.
-    let domain = unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned();
+    let domain = unsafe { CStr::from_ptr(name) }
+        .to_string_lossy()
+        .into_owned();
     // No receiver is fine: nobody waits right now.
     let _ = tx.send(make(domain));
 }
@@ -191,41 +243,84 @@ unsafe fn alias_of(alias: *const c_char) -> String {
         return String::new();
     }
     // SAFETY: per this function's contract.
-    unsafe { CStr::from_ptr(alias) }.to_string_lossy().into_owned()
+    unsafe { CStr::from_ptr(alias) }
+        .to_string_lossy()
+        .into_owned()
 }
 
-unsafe extern "C" fn device_added(_: sys::virConnectPtr, dom: sys::virDomainPtr, alias: *const c_char, opaque: *mut c_void) {
+unsafe extern "C" fn device_added(
+    _: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    alias: *const c_char,
+    opaque: *mut c_void,
+) {
     // SAFETY: libvirt passes a valid domain, alias and our opaque.
     unsafe {
         let alias = alias_of(alias);
-        send(dom, opaque, |domain| DomainEvent::DeviceAdded { domain, alias });
+        send(dom, opaque, |domain| DomainEvent::DeviceAdded {
+            domain,
+            alias,
+        });
     }
 }
 
-unsafe extern "C" fn device_removed(_: sys::virConnectPtr, dom: sys::virDomainPtr, alias: *const c_char, opaque: *mut c_void) {
+unsafe extern "C" fn device_removed(
+    _: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    alias: *const c_char,
+    opaque: *mut c_void,
+) {
     // SAFETY: libvirt passes a valid domain, alias and our opaque.
     unsafe {
         let alias = alias_of(alias);
-        send(dom, opaque, |domain| DomainEvent::DeviceRemoved { domain, alias });
+        send(dom, opaque, |domain| DomainEvent::DeviceRemoved {
+            domain,
+            alias,
+        });
     }
 }
 
-unsafe extern "C" fn device_removal_failed(_: sys::virConnectPtr, dom: sys::virDomainPtr, alias: *const c_char, opaque: *mut c_void) {
+unsafe extern "C" fn device_removal_failed(
+    _: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    alias: *const c_char,
+    opaque: *mut c_void,
+) {
     // SAFETY: libvirt passes a valid domain, alias and our opaque.
     unsafe {
         let alias = alias_of(alias);
-        send(dom, opaque, |domain| DomainEvent::DeviceRemovalFailed { domain, alias });
+        send(dom, opaque, |domain| DomainEvent::DeviceRemovalFailed {
+            domain,
+            alias,
+        });
     }
 }
 
-unsafe extern "C" fn lifecycle(_: sys::virConnectPtr, dom: sys::virDomainPtr, _event: c_int, _detail: c_int, opaque: *mut c_void) -> c_int {
+unsafe extern "C" fn lifecycle(
+    _: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    _event: c_int,
+    _detail: c_int,
+    opaque: *mut c_void,
+) -> c_int {
     // SAFETY: libvirt passes a valid domain and our opaque.
     unsafe { send(dom, opaque, |domain| DomainEvent::Lifecycle { domain }) };
     0
 }
 
-unsafe extern "C" fn agent_lifecycle(_: sys::virConnectPtr, dom: sys::virDomainPtr, state: c_int, _reason: c_int, opaque: *mut c_void) {
+unsafe extern "C" fn agent_lifecycle(
+    _: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    state: c_int,
+    _reason: c_int,
+    opaque: *mut c_void,
+) {
     let connected = state == sys::VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_CONNECTED as c_int;
     // SAFETY: libvirt passes a valid domain and our opaque.
-    unsafe { send(dom, opaque, |domain| DomainEvent::AgentLifecycle { domain, connected }) };
+    unsafe {
+        send(dom, opaque, |domain| DomainEvent::AgentLifecycle {
+            domain,
+            connected,
+        })
+    };
 }

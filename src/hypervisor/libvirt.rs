@@ -12,7 +12,7 @@ use virt::connect::Connect;
 use virt::error::ErrorNumber;
 use virt_sys as sys;
 
-use super::domain_xml::{parse_devices, DomainState};
+use super::domain_xml::{DomainState, parse_devices};
 use super::events::{self, DomainEvent, Registration};
 use super::{Hypervisor, HypervisorError};
 use crate::model::Owner;
@@ -37,7 +37,6 @@ struct Connection {
 
 pub struct Libvirt {
     uri: String,
-    domain: String,
     events: broadcast::Sender<DomainEvent>,
     connection: Mutex<Option<Connection>>,
     reconnects: std::sync::atomic::AtomicU64,
@@ -52,25 +51,19 @@ fn libvirt_error(op: &'static str, e: virt::error::Error) -> HypervisorError {
 
 impl Libvirt {
     /// Connects to `uri` and starts forwarding events of all domains into
-    /// `events`; nicplug acts on domain `domain`.
+    /// `events` (the domain may not exist yet, e.g. on a migration target).
     pub fn connect(
         uri: &str,
-        domain: &str,
         events: broadcast::Sender<DomainEvent>,
     ) -> Result<Self, HypervisorError> {
         let libvirt = Self {
             uri: uri.to_string(),
-            domain: domain.to_string(),
             events,
             connection: Mutex::new(None),
             reconnects: Default::default(),
         };
         libvirt.connection()?;
         Ok(libvirt)
-    }
-
-    pub fn domain_name(&self) -> &str {
-        &self.domain
     }
 
     /// How often the connection had to be reopened.
@@ -103,10 +96,11 @@ impl Libvirt {
 
     async fn blocking<T: Send + 'static>(
         &self,
+        domain: &str,
         f: impl FnOnce(&Connect, &str) -> Result<T, HypervisorError> + Send + 'static,
     ) -> Result<T, HypervisorError> {
         let conn = self.connection()?;
-        let domain = self.domain.clone();
+        let domain = domain.to_string();
         tokio::task::spawn_blocking(move || f(&conn, &domain))
             .await
             .map_err(|e| HypervisorError::Libvirt {
@@ -124,15 +118,22 @@ fn lookup(conn: &Connect, name: &str) -> Result<Option<virt::domain::Domain>, Hy
     }
 }
 
-fn read_domain(conn: &Connect, name: &str) -> Result<Option<(DomainState, Option<Owner>)>, HypervisorError> {
+fn read_domain(
+    conn: &Connect,
+    name: &str,
+) -> Result<Option<(DomainState, Option<Owner>)>, HypervisorError> {
     let Some(dom) = lookup(conn, name)? else {
         return Ok(None);
     };
-    let running = dom.is_active().map_err(|e| libvirt_error("read the domain state", e))?;
+    let running = dom
+        .is_active()
+        .map_err(|e| libvirt_error("read the domain state", e))?;
     let persistent = dom
         .is_persistent()
         .map_err(|e| libvirt_error("read the domain state", e))?;
-    let xml = dom.xml_desc(0).map_err(|e| libvirt_error("read the live domain XML", e))?;
+    let xml = dom
+        .xml_desc(0)
+        .map_err(|e| libvirt_error("read the live domain XML", e))?;
     let devices = parse_devices(&xml)?;
     let state = DomainState {
         running,
@@ -144,13 +145,16 @@ fn read_domain(conn: &Connect, name: &str) -> Result<Option<(DomainState, Option
 }
 
 impl Hypervisor for Libvirt {
-    async fn domain(&self) -> Result<Option<DomainState>, HypervisorError> {
-        self.blocking(|conn, name| Ok(read_domain(conn, name)?.map(|(state, _)| state)))
-            .await
+    async fn domain(&self, domain: &str) -> Result<Option<DomainState>, HypervisorError> {
+        self.blocking(domain, |conn, name| {
+            Ok(read_domain(conn, name)?.map(|(state, _)| state))
+        })
+        .await
     }
 
     async fn attach(
         &self,
+        domain: &str,
         device_xml: &str,
         alias: &str,
         persistent: bool,
@@ -163,7 +167,7 @@ impl Hypervisor for Libvirt {
         if persistent {
             flags |= sys::VIR_DOMAIN_AFFECT_CONFIG;
         }
-        self.blocking(move |conn, name| {
+        self.blocking(domain, move |conn, name| {
             let dom = lookup(conn, name)?.ok_or_else(|| HypervisorError::NoDomain(name.into()))?;
             dom.attach_device_flags(&xml, flags)
                 .map_err(|e| libvirt_error("attach the device", e))
@@ -173,20 +177,21 @@ impl Hypervisor for Libvirt {
         let wait = async {
             loop {
                 match rx.recv().await {
-                    Ok(DomainEvent::DeviceAdded { domain, alias: a })
-                        if domain == self.domain && a == alias =>
-                    {
+                    Ok(DomainEvent::DeviceAdded {
+                        domain: d,
+                        alias: a,
+                    }) if d == domain && a == alias => {
                         return Ok(());
                     }
                     Ok(_) => {}
                     // Missed events: the live XML is the truth.
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        if self.has_device(alias).await? {
+                        if self.has_device(domain, alias).await? {
                             return Ok(());
                         }
                     }
                     Err(broadcast::error::RecvError::Closed) => {
-                        return Err(HypervisorError::EventLoop)
+                        return Err(HypervisorError::EventLoop);
                     }
                 }
             }
@@ -204,9 +209,9 @@ impl Hypervisor for Libvirt {
     /// process itself (when its pid namespace is visible), else from the
     /// owner of a session daemon's socket (KubeVirt's non-root launcher runs
     /// QEMU as the daemon's user).
-    async fn qemu_owner(&self) -> Result<Option<Owner>, HypervisorError> {
+    async fn qemu_owner(&self, domain: &str) -> Result<Option<Owner>, HypervisorError> {
         let (running, label) = self
-            .blocking(|conn, name| {
+            .blocking(domain, |conn, name| {
                 Ok(read_domain(conn, name)?.map_or((false, None), |(d, owner)| (d.running, owner)))
             })
             .await?;
@@ -214,15 +219,15 @@ impl Hypervisor for Libvirt {
             return Ok(None);
         }
         Ok(label
-            .or_else(|| qemu_process_owner(&self.domain))
+            .or_else(|| qemu_process_owner(domain))
             .or_else(|| session_socket_owner(&self.uri)))
     }
 }
 
 impl Libvirt {
-    async fn has_device(&self, alias: &str) -> Result<bool, HypervisorError> {
+    async fn has_device(&self, domain: &str, alias: &str) -> Result<bool, HypervisorError> {
         Ok(self
-            .domain()
+            .domain(domain)
             .await?
             .is_some_and(|d| d.interface_by_alias(alias).is_some()))
     }
@@ -248,7 +253,10 @@ fn qemu_process_owner(domain: &str) -> Option<Owner> {
             })
         {
             let meta = std::fs::metadata(&path).ok()?;
-            return Some(Owner { uid: meta.uid(), gid: meta.gid() });
+            return Some(Owner {
+                uid: meta.uid(),
+                gid: meta.gid(),
+            });
         }
     }
     None
@@ -262,5 +270,8 @@ fn session_socket_owner(uri: &str) -> Option<Owner> {
     }
     let socket = uri.split_once("socket=")?.1.split('&').next()?;
     let meta = std::fs::metadata(socket).ok()?;
-    Some(Owner { uid: meta.uid(), gid: meta.gid() })
+    Some(Owner {
+        uid: meta.uid(),
+        gid: meta.gid(),
+    })
 }

@@ -38,13 +38,17 @@ pub enum HypervisorError {
 /// Operations on the VM's libvirt domain.
 pub trait Hypervisor: Send + Sync {
     /// The live domain, or `None` when no such domain is defined.
-    fn domain(&self) -> impl Future<Output = Result<Option<DomainState>, HypervisorError>> + Send;
+    fn domain(
+        &self,
+        domain: &str,
+    ) -> impl Future<Output = Result<Option<DomainState>, HypervisorError>> + Send;
 
     /// Attaches `device_xml` (whose alias is `alias`) live, and to the
     /// persistent config when `persistent`; returns once DEVICE_ADDED for the
     /// alias arrived, or fails after `timeout`.
     fn attach(
         &self,
+        domain: &str,
         device_xml: &str,
         alias: &str,
         persistent: bool,
@@ -52,5 +56,8 @@ pub trait Hypervisor: Send + Sync {
     ) -> impl Future<Output = Result<(), HypervisorError>> + Send;
 
     /// The uid/gid the domain's QEMU process runs as, when it runs.
-    fn qemu_owner(&self) -> impl Future<Output = Result<Option<Owner>, HypervisorError>> + Send;
+    fn qemu_owner(
+        &self,
+        domain: &str,
+    ) -> impl Future<Output = Result<Option<Owner>, HypervisorError>> + Send;
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::names::{hashed_pod_iface, ordinal_pod_iface, IfName, Mac};
+use super::names::{IfName, Mac, hashed_pod_iface, ordinal_pod_iface};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmiError {
@@ -42,7 +42,10 @@ pub enum Binding {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetworkSource {
     Pod,
-    Multus { network_name: String, default: bool },
+    Multus {
+        network_name: String,
+        default: bool,
+    },
     /// The interface names a network that `spec.networks` does not list.
     Missing,
 }
@@ -292,10 +295,15 @@ impl Document {
             })
             .collect();
 
-        let multiqueue = self.spec.domain.devices.network_interface_multiqueue.then(|| {
-            let cpu = self.spec.domain.cpu.unwrap_or_default();
-            cpu.cores.unwrap_or(1) * cpu.sockets.unwrap_or(1) * cpu.threads.unwrap_or(1)
-        });
+        let multiqueue = self
+            .spec
+            .domain
+            .devices
+            .network_interface_multiqueue
+            .then(|| {
+                let cpu = self.spec.domain.cpu.unwrap_or_default();
+                cpu.cores.unwrap_or(1) * cpu.sockets.unwrap_or(1) * cpu.threads.unwrap_or(1)
+            });
         Ok(Vmi {
             namespace,
             name,
@@ -317,11 +325,17 @@ mod tests {
         let names: Vec<_> = vmi.interfaces.iter().map(|i| i.name.as_str()).collect();
         assert_eq!(names, ["default", "dyniface1", "dyniface2", "sriovnet"]);
         assert!(!vmi.interfaces[0].is_hotpluggable());
-        assert_eq!(vmi.interfaces[0].binding, Binding::Other("masquerade".into()));
+        assert_eq!(
+            vmi.interfaces[0].binding,
+            Binding::Other("masquerade".into())
+        );
         let dyn1 = &vmi.interfaces[1];
         assert!(dyn1.is_hotpluggable());
         assert_eq!(dyn1.alias(), "ua-dyniface1");
-        assert_eq!(dyn1.pod_iface(PodIfaceScheme::Hashed).as_str(), "pod9a6a0c3b4d8");
+        assert_eq!(
+            dyn1.pod_iface(PodIfaceScheme::Hashed).as_str(),
+            "pod9a6a0c3b4d8"
+        );
         assert_eq!(dyn1.pod_iface(PodIfaceScheme::Ordinal).as_str(), "net1");
         assert_eq!(dyn1.mac, Some(Ok("02:00:00:aa:bb:01".parse().unwrap())));
         let dyn2 = &vmi.interfaces[2];
@@ -359,6 +373,11 @@ mod tests {
         let vmi = Vmi::parse(json).unwrap();
         assert!(matches!(vmi.interfaces[0].mac, Some(Err(_))));
         assert_eq!(vmi.interfaces[1].source, NetworkSource::Missing);
-        assert!(vmi.interfaces[1].unsupported_reason().unwrap().contains("no network"));
+        assert!(
+            vmi.interfaces[1]
+                .unsupported_reason()
+                .unwrap()
+                .contains("no network")
+        );
     }
 }

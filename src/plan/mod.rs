@@ -11,8 +11,8 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::hypervisor::device_xml::InterfaceDevice;
 use crate::hypervisor::DomainState;
+use crate::hypervisor::device_xml::InterfaceDevice;
 use crate::model::vmi::{PodIfaceScheme, SpecInterface, SpecState, Vmi};
 use crate::model::{IfName, Mac, Owner, PlumbingNames, PodLinkRecord};
 use crate::netns::{Link, LinkKind, TapSpec};
@@ -43,13 +43,34 @@ impl fmt::Display for Phase {
 pub enum Step {
     /// Write the pod link's original state into its ifalias, before anything
     /// else changes it.
-    RecordPodLink { pod: IfName, alias: String },
-    EnsureBridge { bridge: IfName, mac: Mac },
-    EnslavePodLink { pod: IfName, bridge: IfName, mac: Mac },
-    EnsureTap { spec: TapSpec, bridge: IfName },
-    Attach { device: InterfaceDevice, xml: String },
-    ReleasePodLink { pod: IfName, record: PodLinkRecord },
-    DeleteLink { name: IfName },
+    RecordPodLink {
+        pod: IfName,
+        alias: String,
+    },
+    EnsureBridge {
+        bridge: IfName,
+        mac: Mac,
+    },
+    EnslavePodLink {
+        pod: IfName,
+        bridge: IfName,
+        mac: Mac,
+    },
+    EnsureTap {
+        spec: TapSpec,
+        bridge: IfName,
+    },
+    Attach {
+        device: InterfaceDevice,
+        xml: String,
+    },
+    ReleasePodLink {
+        pod: IfName,
+        record: PodLinkRecord,
+    },
+    DeleteLink {
+        name: IfName,
+    },
 }
 
 impl Step {
@@ -212,13 +233,23 @@ fn plug(
         Some(alias) if PodLinkRecord::is_record(alias) => match PodLinkRecord::from_alias(alias) {
             Ok(record) => (record, None),
             Err(e) => {
-                let message = format!("pod interface {} has a corrupt nicplug record: {e}", names.pod);
-                return InterfacePlan { phase: Phase::Failed, ..plan }.with_message(message);
+                let message = format!(
+                    "pod interface {} has a corrupt nicplug record: {e}",
+                    names.pod
+                );
+                return InterfacePlan {
+                    phase: Phase::Failed,
+                    ..plan
+                }
+                .with_message(message);
             }
         },
         _ => {
             let Some(mac) = pod.mac else {
-                return fail(plan, format!("pod interface {} has no MAC address", names.pod));
+                return fail(
+                    plan,
+                    format!("pod interface {} has no MAC address", names.pod),
+                );
             };
             let record = PodLinkRecord {
                 mac,
@@ -228,7 +259,10 @@ fn plug(
             };
             match record.to_alias() {
                 Ok(alias) => {
-                    let step = Step::RecordPodLink { pod: names.pod.clone(), alias };
+                    let step = Step::RecordPodLink {
+                        pod: names.pod.clone(),
+                        alias,
+                    };
                     (record, Some(step))
                 }
                 Err(e) => {
@@ -246,10 +280,16 @@ fn plug(
     plan.mac = Some(vm_mac);
 
     if let Some(master) = pod.master {
-        let ours = observed.link(&names.bridge).is_some_and(|b| b.index == master);
+        let ours = observed
+            .link(&names.bridge)
+            .is_some_and(|b| b.index == master);
         if !ours {
             let message = format!("pod interface {} is enslaved to another link", names.pod);
-            return InterfacePlan { phase: Phase::Failed, ..plan }.with_message(message);
+            return InterfacePlan {
+                phase: Phase::Failed,
+                ..plan
+            }
+            .with_message(message);
         }
     }
     let Some(owner) = observed.tap_owner else {
@@ -293,7 +333,10 @@ fn plug(
 
     plan.steps.extend(record_step);
     if !bridge.is_some_and(|b| b.kind == LinkKind::Bridge && b.up && b.mac == Some(bridge_mac)) {
-        plan.steps.push(Step::EnsureBridge { bridge: names.bridge.clone(), mac: bridge_mac });
+        plan.steps.push(Step::EnsureBridge {
+            bridge: names.bridge.clone(),
+            mac: bridge_mac,
+        });
     }
     let pod_done = bridge.is_some_and(|b| pod.master == Some(b.index))
         && pod.mac == Some(bridge_mac)
@@ -316,13 +359,23 @@ fn plug(
             })
     });
     if !tap_done {
-        plan.steps.push(Step::EnsureTap { spec: tap_spec, bridge: names.bridge.clone() });
+        plan.steps.push(Step::EnsureTap {
+            spec: tap_spec,
+            bridge: names.bridge.clone(),
+        });
     }
     plan.steps.push(Step::Attach { device, xml });
     plan.rollback = vec![
-        Step::DeleteLink { name: names.tap.clone() },
-        Step::ReleasePodLink { pod: names.pod.clone(), record },
-        Step::DeleteLink { name: names.bridge.clone() },
+        Step::DeleteLink {
+            name: names.tap.clone(),
+        },
+        Step::ReleasePodLink {
+            pod: names.pod.clone(),
+            record,
+        },
+        Step::DeleteLink {
+            name: names.bridge.clone(),
+        },
     ];
     plan.phase = Phase::Attached;
     plan
@@ -334,7 +387,9 @@ fn plug(
 fn teardown(names: &PlumbingNames, observed: &Observed<'_>) -> Vec<Step> {
     let mut steps = Vec::new();
     if observed.link(&names.tap).is_some() {
-        steps.push(Step::DeleteLink { name: names.tap.clone() });
+        steps.push(Step::DeleteLink {
+            name: names.tap.clone(),
+        });
     }
     if let Some(pod) = observed.link(&names.pod) {
         if let Some(Ok(record)) = pod
@@ -343,11 +398,16 @@ fn teardown(names: &PlumbingNames, observed: &Observed<'_>) -> Vec<Step> {
             .filter(|a| PodLinkRecord::is_record(a))
             .map(PodLinkRecord::from_alias)
         {
-            steps.push(Step::ReleasePodLink { pod: names.pod.clone(), record });
+            steps.push(Step::ReleasePodLink {
+                pod: names.pod.clone(),
+                record,
+            });
         }
     }
     if observed.link(&names.bridge).is_some() {
-        steps.push(Step::DeleteLink { name: names.bridge.clone() });
+        steps.push(Step::DeleteLink {
+            name: names.bridge.clone(),
+        });
     }
     steps
 }

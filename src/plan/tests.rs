@@ -3,7 +3,10 @@ use crate::hypervisor::domain_xml::{DomainInterface, RootPorts};
 use crate::model::IpCidr;
 use crate::netns::TapInfo;
 
-const OWNER: Owner = Owner { uid: 64055, gid: 64055 };
+const OWNER: Owner = Owner {
+    uid: 64055,
+    gid: 64055,
+};
 const POD: &str = "pod9a6a0c3b4d8";
 const BRIDGE: &str = "k6t-9a6a0c3b4d8";
 const TAP: &str = "tap9a6a0c3b4d8";
@@ -54,12 +57,19 @@ fn domain(ports: usize, interfaces: Vec<DomainInterface>) -> DomainState {
         running: true,
         persistent: true,
         interfaces,
-        root_ports: RootPorts { total: 4, free: ports },
+        root_ports: RootPorts {
+            total: 4,
+            free: ports,
+        },
     }
 }
 
 fn observed<'a>(links: &'a [Link], domain: Option<&'a DomainState>) -> Observed<'a> {
-    Observed { links, domain, tap_owner: Some(OWNER) }
+    Observed {
+        links,
+        domain,
+        tap_owner: Some(OWNER),
+    }
 }
 
 fn step_names(plan: &InterfacePlan) -> Vec<&'static str> {
@@ -76,7 +86,10 @@ fn plumbed_links() -> Vec<Link> {
         previous_alias: None,
     };
     let bridge_mac = Mac::locally_administered_from(POD);
-    let bridge = Link { mac: Some(bridge_mac), ..link(10, BRIDGE, LinkKind::Bridge) };
+    let bridge = Link {
+        mac: Some(bridge_mac),
+        ..link(10, BRIDGE, LinkKind::Bridge)
+    };
     let pod = Link {
         mac: Some(bridge_mac),
         master: Some(10),
@@ -111,20 +124,38 @@ fn fresh_pod_link_gets_the_whole_plug_sequence() {
     assert_eq!(p.phase, Phase::Attached);
     assert_eq!(
         step_names(p),
-        ["record-pod-link", "ensure-bridge", "enslave-pod-link", "ensure-tap", "attach-device"]
+        [
+            "record-pod-link",
+            "ensure-bridge",
+            "enslave-pod-link",
+            "ensure-tap",
+            "attach-device"
+        ]
     );
     // The VM gets the pod link's original MAC; the record keeps MAC, MTU, IPs.
     assert_eq!(p.mac, fresh_pod_link().mac);
-    let Step::RecordPodLink { alias, .. } = &p.steps[0] else { panic!() };
-    assert_eq!(alias, "nicplug/v1 mac=0a:58:00:00:00:03 mtu=1400 addr=169.254.1.5/24");
-    let Step::EnsureTap { spec, .. } = &p.steps[3] else { panic!() };
+    let Step::RecordPodLink { alias, .. } = &p.steps[0] else {
+        panic!()
+    };
+    assert_eq!(
+        alias,
+        "nicplug/v1 mac=0a:58:00:00:00:03 mtu=1400 addr=169.254.1.5/24"
+    );
+    let Step::EnsureTap { spec, .. } = &p.steps[3] else {
+        panic!()
+    };
     assert_eq!(spec.owner, OWNER);
     assert_eq!(spec.mtu, 1400);
     assert!(!spec.multi_queue);
-    let Step::Attach { xml, .. } = &p.steps[4] else { panic!() };
+    let Step::Attach { xml, .. } = &p.steps[4] else {
+        panic!()
+    };
     assert!(xml.contains("<alias name='ua-dyniface1'/>"));
     assert!(xml.contains("<target dev='tap9a6a0c3b4d8' managed='no'/>"));
-    assert_eq!(step_names_of(&p.rollback), ["delete-link", "release-pod-link", "delete-link"]);
+    assert_eq!(
+        step_names_of(&p.rollback),
+        ["delete-link", "release-pod-link", "delete-link"]
+    );
 }
 
 fn step_names_of(steps: &[Step]) -> Vec<&'static str> {
@@ -178,9 +209,13 @@ fn spec_mac_and_multiqueue_and_link_down() {
     let plans = plan(&vmi, &observed(&links, Some(&dom)));
     let p = &plans[1];
     assert_eq!(p.mac.unwrap().to_string(), "02:00:00:aa:bb:01");
-    let Step::EnsureTap { spec, .. } = &p.steps[3] else { panic!() };
+    let Step::EnsureTap { spec, .. } = &p.steps[3] else {
+        panic!()
+    };
     assert!(spec.multi_queue);
-    let Step::Attach { xml, .. } = &p.steps[4] else { panic!() };
+    let Step::Attach { xml, .. } = &p.steps[4] else {
+        panic!()
+    };
     assert!(xml.contains("queues='4'"));
     assert!(xml.contains("<link state='down'/>"));
 }
@@ -193,12 +228,18 @@ fn waits_for_the_pod_interface_and_the_domain() {
     let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
     assert_eq!(p.phase, Phase::Pending);
     assert!(p.steps.is_empty());
-    assert_eq!(p.message.as_deref(), Some("waiting for pod interface pod9a6a0c3b4d8"));
+    assert_eq!(
+        p.message.as_deref(),
+        Some("waiting for pod interface pod9a6a0c3b4d8")
+    );
 
     let links = [eth0(), fresh_pod_link()];
     let p = &plan(&vmi, &observed(&links, None))[1];
     assert_eq!((p.phase, p.steps.len()), (Phase::Pending, 0));
-    let stopped = DomainState { running: false, ..domain(4, vec![]) };
+    let stopped = DomainState {
+        running: false,
+        ..domain(4, vec![])
+    };
     let p = &plan(&vmi, &observed(&links, Some(&stopped)))[1];
     assert_eq!((p.phase, p.steps.len()), (Phase::Pending, 0));
 }
@@ -236,14 +277,27 @@ fn root_ports_are_shared_in_spec_order() {
             "networks":[{"name":"a","multus":{"networkName":"a"}},{"name":"b","multus":{"networkName":"b"}}]}}"#,
     )
     .unwrap();
-    let a = Link { name: crate::model::names::hashed_pod_iface("a"), ..fresh_pod_link() };
-    let b = Link { index: 4, name: crate::model::names::hashed_pod_iface("b"), ..fresh_pod_link() };
+    let a = Link {
+        name: crate::model::names::hashed_pod_iface("a"),
+        ..fresh_pod_link()
+    };
+    let b = Link {
+        index: 4,
+        name: crate::model::names::hashed_pod_iface("b"),
+        ..fresh_pod_link()
+    };
     let links = [eth0(), a, b];
     let dom = domain(1, vec![]);
     let plans = plan(&vmi, &observed(&links, Some(&dom)));
     assert_eq!(plans[0].phase, Phase::Attached);
     assert_eq!(plans[1].phase, Phase::Failed);
-    assert!(plans[1].message.as_deref().unwrap().contains("3 of 4 in use"));
+    assert!(
+        plans[1]
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("3 of 4 in use")
+    );
 }
 
 #[test]
@@ -252,12 +306,21 @@ fn an_existing_device_is_adopted_untouched() {
     // KubeVirt's layout: renamed pod link, dummy podH, its own bridge and tap.
     let links = [
         eth0(),
-        Link { master: Some(10), ..link(3, "9a6a0c3b4d8-nic", LinkKind::Veth) },
+        Link {
+            master: Some(10),
+            ..link(3, "9a6a0c3b4d8-nic", LinkKind::Veth)
+        },
         link(4, POD, LinkKind::Other("dummy".into())),
         link(10, BRIDGE, LinkKind::Bridge),
-        Link { master: Some(10), ..link(11, TAP, LinkKind::Tun) },
+        Link {
+            master: Some(10),
+            ..link(11, TAP, LinkKind::Tun)
+        },
     ];
-    let device = DomainInterface { alias: Some("ua-dyniface1".into()), ..Default::default() };
+    let device = DomainInterface {
+        alias: Some("ua-dyniface1".into()),
+        ..Default::default()
+    };
     let dom = domain(3, vec![device]);
     let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
     assert_eq!(p.phase, Phase::Attached);
@@ -271,7 +334,13 @@ fn an_existing_device_is_adopted_untouched() {
 #[test]
 fn pod_link_of_another_master_is_not_taken() {
     let vmi = vmi("");
-    let links = [eth0(), Link { master: Some(2), ..fresh_pod_link() }];
+    let links = [
+        eth0(),
+        Link {
+            master: Some(2),
+            ..fresh_pod_link()
+        },
+    ];
     let dom = domain(4, vec![]);
     let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
     assert_eq!(p.phase, Phase::Failed);
@@ -282,19 +351,36 @@ fn pod_link_of_another_master_is_not_taken() {
 fn unknown_qemu_user_and_bad_mac_fail_with_reasons() {
     let links = [eth0(), fresh_pod_link()];
     let dom = domain(4, vec![]);
-    let obs = Observed { tap_owner: None, ..observed(&links, Some(&dom)) };
+    let obs = Observed {
+        tap_owner: None,
+        ..observed(&links, Some(&dom))
+    };
     let p = &plan(&vmi(""), &obs)[1];
     assert_eq!(p.phase, Phase::Failed);
     assert!(p.message.as_deref().unwrap().contains("--tap-owner"));
 
-    let p = &plan(&vmi(r#","macAddress":"nope""#), &observed(&links, Some(&dom)))[1];
+    let p = &plan(
+        &vmi(r#","macAddress":"nope""#),
+        &observed(&links, Some(&dom)),
+    )[1];
     assert_eq!(p.phase, Phase::Failed);
-    assert!(p.message.as_deref().unwrap().contains("macAddress of dyniface1"));
+    assert!(
+        p.message
+            .as_deref()
+            .unwrap()
+            .contains("macAddress of dyniface1")
+    );
 }
 
 #[test]
 fn corrupt_record_is_reported_not_overwritten() {
-    let links = [eth0(), Link { alias: Some("nicplug/v1 garbage".into()), ..fresh_pod_link() }];
+    let links = [
+        eth0(),
+        Link {
+            alias: Some("nicplug/v1 garbage".into()),
+            ..fresh_pod_link()
+        },
+    ];
     let dom = domain(4, vec![]);
     let p = &plan(&vmi(""), &observed(&links, Some(&dom)))[1];
     assert_eq!(p.phase, Phase::Failed);
@@ -304,11 +390,19 @@ fn corrupt_record_is_reported_not_overwritten() {
 #[test]
 fn ordinal_names_when_the_pod_uses_them() {
     let vmi = vmi("");
-    let links = [eth0(), Link { name: name("net1"), ..fresh_pod_link() }];
+    let links = [
+        eth0(),
+        Link {
+            name: name("net1"),
+            ..fresh_pod_link()
+        },
+    ];
     let dom = domain(4, vec![]);
     let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
     assert_eq!(p.pod_iface.as_ref().unwrap().as_str(), "net1");
-    let Step::EnsureBridge { bridge, .. } = &p.steps[1] else { panic!() };
+    let Step::EnsureBridge { bridge, .. } = &p.steps[1] else {
+        panic!()
+    };
     assert_eq!(bridge.as_str(), "k6t-net1");
 }
 
@@ -318,5 +412,8 @@ fn absent_without_device_tears_down() {
     let links = plumbed_links();
     let dom = domain(4, vec![]);
     let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
-    assert_eq!(step_names(p), ["delete-link", "release-pod-link", "delete-link"]);
+    assert_eq!(
+        step_names(p),
+        ["delete-link", "release-pod-link", "delete-link"]
+    );
 }

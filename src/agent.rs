@@ -1,0 +1,412 @@
+//! The reconcile loop: observe -> plan -> apply -> status, one pass at a
+//! time, woken by triggers (netlink, libvirt events, spec changes) and by a
+//! slow resync timer. Triggers carry no data; every pass reads the whole
+//! current state, so a missed or coalesced trigger loses nothing and a
+//! restarted nicplug finishes whatever a previous run left half done.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::hypervisor::{DomainState, Hypervisor, HypervisorError};
+use crate::model::Owner;
+use crate::model::vmi::Vmi;
+use crate::netns::{NetnsError, PodNetwork};
+use crate::plan::{InterfacePlan, Observed, Phase, Step, plan};
+use crate::status::{InterfaceStatus, StatusDocument, write_atomically};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot read the pod network namespace")]
+    Observe(#[source] NetnsError),
+    #[error("cannot read the domain")]
+    Domain(#[source] HypervisorError),
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// How long to wait for DEVICE_ADDED after an attach call.
+    pub attach_timeout: Duration,
+    /// Reconcile at least this often even without triggers.
+    pub resync: Duration,
+    /// The tap owner; detected from the domain's QEMU when `None`.
+    pub tap_owner: Option<Owner>,
+    /// libvirt domain name; `<namespace>_<name>` of the VMI when `None`.
+    pub domain: Option<String>,
+    pub status_file: Option<PathBuf>,
+    /// First retry delay after a failure; doubles up to `backoff_max`.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            attach_timeout: Duration::from_secs(10),
+            resync: Duration::from_secs(30),
+            tap_owner: None,
+            domain: None,
+            status_file: None,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What the agent remembers of an interface between passes: only what
+/// cannot be observed (failure history), never the plumbing itself.
+#[derive(Debug, Default)]
+struct Tracked {
+    failures: u32,
+    retry_at: Option<Instant>,
+    /// The last failure message, logged once rather than on every retry.
+    last_error: Option<String>,
+    /// The status of the last failure, kept while backing off.
+    failed: Option<(Phase, String)>,
+}
+
+pub struct Agent<N, H> {
+    net: N,
+    hyp: H,
+    config: AgentConfig,
+    tracked: HashMap<String, Tracked>,
+    status: StatusDocument,
+    detected_owner: Option<Owner>,
+}
+
+/// "a: b: c" from an error and its sources.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+impl<N: PodNetwork, H: Hypervisor> Agent<N, H> {
+    pub fn new(net: N, hyp: H, config: AgentConfig) -> Self {
+        Self {
+            net,
+            hyp,
+            config,
+            tracked: HashMap::new(),
+            status: StatusDocument::default(),
+            detected_owner: None,
+        }
+    }
+
+    pub fn status(&self) -> &StatusDocument {
+        &self.status
+    }
+
+    pub fn hypervisor(&self) -> &H {
+        &self.hyp
+    }
+
+    fn domain_name(&self, vmi: &Vmi) -> String {
+        self.config
+            .domain
+            .clone()
+            .unwrap_or_else(|| vmi.domain_name())
+    }
+
+    /// Runs until `shutdown`. Never undoes anything on the way out.
+    pub async fn run(
+        mut self,
+        mut spec: watch::Receiver<Option<Vmi>>,
+        wake: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let vmi = spec.borrow_and_update().clone();
+            let mut deadline = Instant::now() + self.config.resync;
+            if let Some(vmi) = vmi {
+                if let Err(e) = self.reconcile(&vmi).await {
+                    warn!(error = %error_chain(&e), "reconcile failed; retrying");
+                    deadline = Instant::now() + self.config.backoff_base;
+                }
+            }
+            if let Some(retry) = self.tracked.values().filter_map(|t| t.retry_at).min() {
+                deadline = deadline.min(retry);
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = wake.notified() => {}
+                changed = spec.changed() => {
+                    if changed.is_err() {
+                        // The source is gone; keep the last spec.
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = wake.notified() => {}
+                            _ = tokio::time::sleep_until(deadline) => {}
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+        info!("stopped; plugged interfaces stay as they are");
+    }
+
+    /// One observe -> plan -> apply pass over every interface of `vmi`.
+    pub async fn reconcile(&mut self, vmi: &Vmi) -> Result<(), AgentError> {
+        let domain_name = self.domain_name(vmi);
+        let links = self.net.links().await.map_err(AgentError::Observe)?;
+        let domain = self
+            .hyp
+            .domain(&domain_name)
+            .await
+            .map_err(AgentError::Domain)?;
+        let tap_owner = self.tap_owner(&domain_name, domain.as_ref()).await;
+        let plans = plan(
+            vmi,
+            &Observed {
+                links: &links,
+                domain: domain.as_ref(),
+                tap_owner,
+            },
+        );
+
+        self.tracked
+            .retain(|name, _| plans.iter().any(|p| &p.name == name));
+        let mut statuses = Vec::with_capacity(plans.len());
+        for plan in plans {
+            let span = info_span!("interface", name = %plan.name, pod = plan.pod_iface.as_ref().map(|p| p.as_str()));
+            let status = self
+                .apply(&domain_name, domain.as_ref(), plan)
+                .instrument(span)
+                .await;
+            statuses.push(status);
+        }
+        self.publish(StatusDocument {
+            interfaces: statuses,
+        });
+        Ok(())
+    }
+
+    async fn tap_owner(
+        &mut self,
+        domain_name: &str,
+        domain: Option<&DomainState>,
+    ) -> Option<Owner> {
+        if self.config.tap_owner.is_some() {
+            return self.config.tap_owner;
+        }
+        if !domain.is_some_and(|d| d.running) {
+            self.detected_owner = None;
+            return None;
+        }
+        if self.detected_owner.is_none() {
+            match self.hyp.qemu_owner(domain_name).await {
+                Ok(owner) => {
+                    if let Some(o) = owner {
+                        info!(
+                            uid = o.uid,
+                            gid = o.gid,
+                            "detected QEMU's user for tap ownership"
+                        );
+                    }
+                    self.detected_owner = owner;
+                }
+                Err(e) => warn!(error = %error_chain(&e), "cannot detect QEMU's user"),
+            }
+        }
+        self.detected_owner
+    }
+
+    /// Applies one interface's plan and returns its status.
+    async fn apply(
+        &mut self,
+        domain_name: &str,
+        domain: Option<&DomainState>,
+        plan: InterfacePlan,
+    ) -> InterfaceStatus {
+        let tracked = self.tracked.entry(plan.name.clone()).or_default();
+        let plugging = plan.steps.iter().any(|s| matches!(s, Step::Attach { .. }));
+        let mut status = InterfaceStatus {
+            name: plan.name.clone(),
+            pod_interface_name: plan.pod_iface.as_ref().map(ToString::to_string),
+            mac: plan.mac.map(|m| m.to_string()),
+            link_state: None,
+            info_source: None,
+            phase: plan.phase,
+            message: plan.message.clone(),
+        };
+        if let Some(device) = domain.and_then(|d| {
+            d.interfaces
+                .iter()
+                .find(|i| i.alias.as_deref() == Some(&format!("ua-{}", plan.name)))
+        }) {
+            status.link_state = Some(if device.link_up { "up" } else { "down" }.into());
+            status.info_source = Some("domain".into());
+        }
+
+        // While backing off, plug attempts wait; everything else proceeds.
+        if plugging && tracked.retry_at.is_some_and(|t| Instant::now() < t) {
+            if let Some((phase, message)) = &tracked.failed {
+                status.phase = *phase;
+                status.message = Some(message.clone());
+            }
+            return status;
+        }
+
+        let outcome = self.run_steps(domain_name, &plan).await;
+        let tracked = self.tracked.entry(plan.name.clone()).or_default();
+        let failure = match outcome {
+            Err(message) => Some(message),
+            Ok(()) if plan.phase == Phase::Failed => plan.message.clone(),
+            Ok(()) => None,
+        };
+        match failure {
+            Some(message) => {
+                tracked.failures += 1;
+                let delay = self
+                    .config
+                    .backoff_base
+                    .saturating_mul(1 << (tracked.failures - 1).min(16))
+                    .min(self.config.backoff_max);
+                tracked.retry_at = Some(Instant::now() + delay);
+                if tracked.last_error.as_deref() != Some(&message) {
+                    warn!(error = %message, retry_in = ?delay, "hot-plug failed");
+                    tracked.last_error = Some(message.clone());
+                } else {
+                    debug!(error = %message, retry_in = ?delay, "hot-plug failed again");
+                }
+                tracked.failed = Some((Phase::Failed, message.clone()));
+                status.phase = Phase::Failed;
+                status.message = Some(message);
+            }
+            None => {
+                if plugging {
+                    info!(mac = ?status.mac, "attached");
+                    status.link_state =
+                        Some(
+                            if plan.steps.iter().any(
+                                |s| matches!(s, Step::Attach { device, .. } if !device.link_up),
+                            ) {
+                                "down"
+                            } else {
+                                "up"
+                            }
+                            .into(),
+                        );
+                    status.info_source = Some("domain".into());
+                }
+                *tracked = Tracked::default();
+            }
+        }
+        status
+    }
+
+    /// Runs the steps in order; on a failure runs the rollback and returns
+    /// the failure's message.
+    async fn run_steps(&mut self, domain_name: &str, plan: &InterfacePlan) -> Result<(), String> {
+        for step in &plan.steps {
+            if let Step::Attach { .. } = step {
+                // Everything before the attach is done: say so.
+                self.publish_phase(&plan.name, Phase::Plumbed);
+            }
+            let result = self.run_step(domain_name, step).await;
+            let Err(e) = result else { continue };
+            let message = format!("{}: {}", step.name(), error_chain(&e));
+            // A timed-out attach may still have landed: never tear plumbing
+            // out from under a device the domain has.
+            if matches!(
+                e,
+                StepError::Hypervisor(HypervisorError::AttachTimeout { .. })
+            ) {
+                let alias = format!("ua-{}", plan.name);
+                if let Ok(Some(d)) = self.hyp.domain(domain_name).await {
+                    if d.interface_by_alias(&alias).is_some() {
+                        warn!("DEVICE_ADDED missed, but the domain has the device");
+                        return Ok(());
+                    }
+                }
+            }
+            for undo in &plan.rollback {
+                if let Err(e) = self.run_step(domain_name, undo).await {
+                    warn!(step = undo.name(), error = %error_chain(&e), "rollback step failed");
+                }
+            }
+            return Err(message);
+        }
+        Ok(())
+    }
+
+    async fn run_step(&self, domain_name: &str, step: &Step) -> Result<(), StepError> {
+        let started = std::time::Instant::now();
+        match step {
+            Step::RecordPodLink { pod, alias } => self.net.set_alias(pod, Some(alias)).await?,
+            Step::EnsureBridge { bridge, mac } => self.net.ensure_bridge(bridge, *mac).await?,
+            Step::EnslavePodLink { pod, bridge, mac } => {
+                self.net.enslave_pod_link(pod, bridge, *mac).await?
+            }
+            Step::EnsureTap { spec, bridge } => self.net.ensure_tap(spec, bridge).await?,
+            Step::Attach { device, xml } => {
+                let persistent = self
+                    .hyp
+                    .domain(domain_name)
+                    .await?
+                    .is_some_and(|d| d.persistent);
+                self.hyp
+                    .attach(
+                        domain_name,
+                        xml,
+                        &device.alias(),
+                        persistent,
+                        self.config.attach_timeout,
+                    )
+                    .await?
+            }
+            Step::ReleasePodLink { pod, record } => self.net.release_pod_link(pod, record).await?,
+            Step::DeleteLink { name } => self.net.delete_link(name).await?,
+        }
+        debug!(
+            step = step.name(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "step done"
+        );
+        Ok(())
+    }
+
+    fn publish_phase(&mut self, name: &str, phase: Phase) {
+        let mut doc = self.status.clone();
+        match doc.interfaces.iter_mut().find(|i| i.name == name) {
+            Some(entry) => {
+                entry.phase = phase;
+                entry.message = None;
+            }
+            None => return,
+        }
+        self.publish(doc);
+    }
+
+    fn publish(&mut self, doc: StatusDocument) {
+        if doc == self.status {
+            return;
+        }
+        self.status = doc;
+        if let Some(path) = &self.config.status_file {
+            if let Err(e) = write_atomically(path, &self.status) {
+                warn!(error = %error_chain(&e), "status not written");
+            }
+        }
+    }
+}
