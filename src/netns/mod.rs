@@ -41,6 +41,16 @@ pub enum NetnsError {
     },
     #[error("cannot open a netlink socket")]
     Socket(#[source] std::io::Error),
+    /// A tap of the right name exists but differs from its spec, and a
+    /// process (QEMU) holds it open, so it cannot be recreated safely.
+    #[error("tap {tap} is in use but {mismatch}")]
+    TapInUse { tap: IfName, mismatch: String },
+    #[error("network namespace: {op} failed")]
+    Namespace {
+        op: &'static str,
+        #[source]
+        source: nix::Error,
+    },
 }
 
 /// The kind of a link, from IFLA_INFO_KIND.

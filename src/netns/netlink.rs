@@ -1,1 +1,825 @@
+//! [`PodNetwork`] over rtnetlink, for the network namespace of the thread that
+//! creates the [`Netlink`].
+//!
+//! Every operation reads the link first and writes only what differs, so a
+//! second run is a no-op and an interrupted run is finished by the next one.
+//! Message parsing is in pure functions (`observe_link`, `observe_address`)
+//! so the mapping from kernel attributes to [`Link`] is in one place.
+//!
+//! Decisions, in one place:
+//! - **IPv6 address generation.** A bridge port must carry no address, but the
+//!   kernel re-creates the `fe80::` link-local of an `eui64` link on the next
+//!   up/carrier change. [`PodNetwork::enslave_pod_link`] therefore sets
+//!   `IFLA_INET6_ADDR_GEN_MODE` to `none` *before* it deletes addresses, and
+//!   [`PodNetwork::release_pod_link`] sets it back to the namespace's default
+//!   (`net.ipv6.conf.default.addr_gen_mode`, read when the [`Netlink`] is
+//!   created, `eui64` if unreadable). The record has no field for a link's own
+//!   mode, so a link whose CNI had chosen another mode gets the default back;
+//!   changing the mode does not regenerate addresses, and the recorded
+//!   link-local itself is restored explicitly like every other address.
+//! - **Learning** is turned off through `IFLA_INFO_SLAVE_DATA`
+//!   (`IFLA_BRPORT_LEARNING = 0`) in an RTM_NEWLINK on the port, which is
+//!   also where the kernel reports it in every link dump.
+//! - **MAC changes** are tried on the live link first (veth, macvlan and most
+//!   drivers allow it); only on EBUSY is the link set down, changed and set
+//!   up again.
+//! - **A tap that exists but differs from its spec** (not a tap, other owner,
+//!   group or queue mode, no vnet header, not persistent) is deleted and
+//!   created anew when no process holds it open (no carrier), because queue
+//!   flags cannot be changed in place and a fresh tap is simpler than
+//!   attaching to fix the owner. When QEMU holds it (carrier on), nicplug
+//!   refuses with [`NetnsError::TapInUse`] rather than rip a NIC out of a
+//!   running guest. A non-tun link of that name is [`NetnsError::WrongKind`].
+//! - **IPv4 addresses** are restored with a broadcast address for prefixes
+//!   shorter than /31, as CNI plugins (vishvananda/netlink) add them.
 
+use std::net::IpAddr;
+
+use futures::TryStreamExt;
+use rtnetlink::packet_core::{DefaultNla, Nla};
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::link::{
+    AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoBridgePort, InfoData, InfoKind, InfoPortData,
+    InfoTun, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo, LinkMessage,
+};
+use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec};
+
+use super::tap::{NetnsHandle, create_persistent_tap};
+use super::{Link, LinkKind, NetnsError, PodNetwork, TapInfo, TapSpec};
+use crate::model::{IfName, IpCidr, Mac, PodLinkRecord};
+
+const IFLA_IFALIAS: u16 = 20;
+const IFLA_TUN_OWNER: u16 = 1;
+const IFLA_TUN_GROUP: u16 = 2;
+const IFLA_TUN_TYPE: u16 = 3;
+const IFLA_TUN_VNET_HDR: u16 = 5;
+const IFLA_TUN_PERSIST: u16 = 6;
+const IFLA_TUN_MULTI_QUEUE: u16 = 7;
+/// IFLA_TUN_TYPE value of a tap (IFF_TAP), as opposed to a tun (IFF_TUN).
+const TUN_TYPE_TAP: u8 = libc::IFF_TAP as u8;
+
+/// The rtnetlink implementation of [`PodNetwork`].
+///
+/// Its netlink socket, and so every operation, stays in the network
+/// namespace of the thread that called [`Netlink::new`], whichever thread
+/// later polls its futures. Taps, which are created through `/dev/net/tun`
+/// and land in the namespace of the creating *thread*, are created in that
+/// same namespace too (see [`NetnsHandle::run`]).
+#[derive(Debug)]
+pub struct Netlink {
+    handle: Handle,
+    netns: NetnsHandle,
+    default_addr_gen_mode: In6AddrGenMode,
+}
+
+/// A link as the kernel reports it, with what nicplug needs beyond [`Link`].
+#[derive(Debug, Clone)]
+struct Observed {
+    link: Link,
+    /// IFLA_TUN_TYPE of a tun link (IFF_TUN or IFF_TAP).
+    tun_type: Option<u8>,
+    /// IFLA_CARRIER; for a tap: whether a process holds it open.
+    carrier: bool,
+    /// IFLA_INET6_ADDR_GEN_MODE, absent when IPv6 is off on the link.
+    addr_gen_mode: Option<In6AddrGenMode>,
+}
+
+impl Netlink {
+    /// Opens an rtnetlink connection in the calling thread's network
+    /// namespace and spawns its driver on the current tokio runtime (must be
+    /// called inside one).
+    pub fn new() -> Result<Self, NetnsError> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|e| NetnsError::Socket(std::io::Error::other(e)))?;
+        let netns = NetnsHandle::of_current_thread()?;
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(NetnsError::Socket)?;
+        runtime.spawn(connection);
+        Ok(Self {
+            handle,
+            netns,
+            default_addr_gen_mode: default_addr_gen_mode(),
+        })
+    }
+
+    /// One link by name, without addresses; `None` if it does not exist.
+    async fn get(&self, name: &IfName) -> Result<Option<Observed>, NetnsError> {
+        let mut stream = self.handle.link().get().match_name(name.as_str()).execute();
+        match stream.try_next().await {
+            Ok(Some(msg)) => Ok(observe_link(&msg)),
+            Ok(None) => Ok(None),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+            Err(source) => Err(nl_err("get link", name, source)),
+        }
+    }
+
+    async fn require(&self, name: &IfName) -> Result<Observed, NetnsError> {
+        self.get(name)
+            .await?
+            .ok_or_else(|| NetnsError::NotFound(name.clone()))
+    }
+
+    /// Addresses of the link with `index`, IPv4 and IPv6.
+    async fn addresses_of(
+        &self,
+        index: u32,
+        name: &IfName,
+    ) -> Result<Vec<(IpCidr, AddressMessage)>, NetnsError> {
+        let messages: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| nl_err("dump addresses", name, e))?;
+        Ok(messages
+            .into_iter()
+            .filter(|m| m.header.index == index)
+            .filter_map(|m| observe_address(&m).map(|(_, cidr)| (cidr, m)))
+            .collect())
+    }
+
+    /// RTM_SETLINK with `message` (built for `link`'s index).
+    async fn set(
+        &self,
+        op: &'static str,
+        name: &IfName,
+        message: LinkMessage,
+    ) -> Result<(), NetnsError> {
+        self.handle
+            .link()
+            .set(message)
+            .execute()
+            .await
+            .map_err(|e| nl_err(op, name, e))
+    }
+
+    async fn set_up(&self, link: &Observed) -> Result<(), NetnsError> {
+        if link.link.up {
+            return Ok(());
+        }
+        let msg = LinkUnspec::new_with_index(link.link.index).up().build();
+        self.set("set up", &link.link.name, msg).await
+    }
+
+    async fn set_mtu(&self, link: &Observed, mtu: u32) -> Result<(), NetnsError> {
+        if link.link.mtu == mtu {
+            return Ok(());
+        }
+        let msg = LinkUnspec::new_with_index(link.link.index).mtu(mtu).build();
+        self.set("set mtu", &link.link.name, msg).await
+    }
+
+    async fn set_master(&self, link: &Observed, master: Option<u32>) -> Result<(), NetnsError> {
+        if link.link.master == master {
+            return Ok(());
+        }
+        let builder = LinkUnspec::new_with_index(link.link.index);
+        let msg = match master {
+            Some(index) => builder.controller(index).build(),
+            None => builder.nocontroller().build(),
+        };
+        let op = if master.is_some() {
+            "set master"
+        } else {
+            "set nomaster"
+        };
+        self.set(op, &link.link.name, msg).await
+    }
+
+    /// Sets the MAC, live if the driver allows it, else with the link down.
+    async fn set_mac(&self, link: &Observed, mac: Mac) -> Result<(), NetnsError> {
+        if link.link.mac == Some(mac) {
+            return Ok(());
+        }
+        let name = &link.link.name;
+        let index = link.link.index;
+        let msg = || {
+            LinkUnspec::new_with_index(index)
+                .address(mac.octets().to_vec())
+                .build()
+        };
+        match self.handle.link().set(msg()).execute().await {
+            Ok(()) => return Ok(()),
+            Err(e) if errno(&e) == Some(libc::EBUSY) && link.link.up => {}
+            Err(e) => return Err(nl_err("set mac", name, e)),
+        }
+        let down = LinkUnspec::new_with_index(index).down().build();
+        self.set("set down to change mac", name, down).await?;
+        let changed = self.set("set mac", name, msg()).await;
+        // Up again even if the change failed: never leave the link down.
+        let up = LinkUnspec::new_with_index(index).up().build();
+        let restored = self.set("set up after mac change", name, up).await;
+        changed.and(restored)
+    }
+
+    async fn set_addr_gen_mode(
+        &self,
+        link: &Observed,
+        mode: In6AddrGenMode,
+    ) -> Result<(), NetnsError> {
+        match link.addr_gen_mode {
+            // IPv6 is off on this link: nothing will be generated.
+            None => return Ok(()),
+            Some(current) if current == mode => return Ok(()),
+            Some(_) => {}
+        }
+        let msg = LinkUnspec::new_with_index(link.link.index)
+            .append_extra_attribute(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
+                vec![AfSpecInet6::AddrGenMode(mode)],
+            )]))
+            .build();
+        self.set("set addrgenmode", &link.link.name, msg).await
+    }
+
+    async fn set_learning_off(&self, link: &Observed) -> Result<(), NetnsError> {
+        if link.link.learning == Some(false) {
+            return Ok(());
+        }
+        let msg = LinkBridgePort::new(link.link.index)
+            .append_info_data(InfoBridgePort::Learning(false))
+            .build();
+        self.handle
+            .link()
+            .set_port(msg)
+            .execute()
+            .await
+            .map_err(|e| nl_err("set bridge port learning off", &link.link.name, e))
+    }
+
+    async fn delete_index(&self, index: u32, name: &IfName) -> Result<(), NetnsError> {
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(()),
+            Err(e) => Err(nl_err("delete link", name, e)),
+        }
+    }
+
+    /// Creates the tap in this Netlink's namespace and returns it as observed.
+    async fn create_tap(&self, spec: &TapSpec) -> Result<Observed, NetnsError> {
+        self.netns.run(|| create_persistent_tap(spec))?;
+        // Not found here means it was made in another namespace: a bug
+        // worth an error, not a silent retry loop.
+        self.require(&spec.name).await
+    }
+}
+
+impl PodNetwork for Netlink {
+    async fn links(&self) -> Result<Vec<Link>, NetnsError> {
+        let all = IfName::new("all").expect("valid interface name");
+        let mut request = self.handle.link().get();
+        request
+            .message_mut()
+            .attributes
+            .push(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]));
+        let links: Vec<LinkMessage> = request
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| nl_err("dump links", &all, e))?;
+        let addresses: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| nl_err("dump addresses", &all, e))?;
+        let mut out: Vec<Link> = links
+            .iter()
+            .filter_map(observe_link)
+            .map(|o| o.link)
+            .collect();
+        for (index, cidr) in addresses.iter().filter_map(observe_address) {
+            if let Some(link) = out.iter_mut().find(|l| l.index == index) {
+                link.addresses.push(cidr);
+            }
+        }
+        for link in &mut out {
+            link.addresses.sort();
+        }
+        Ok(out)
+    }
+
+    async fn set_alias(&self, link: &IfName, alias: Option<&str>) -> Result<(), NetnsError> {
+        let observed = self.require(link).await?;
+        let wanted = alias.filter(|a| !a.is_empty());
+        if observed.link.alias.as_deref() == wanted {
+            return Ok(());
+        }
+        let attribute = match wanted {
+            Some(alias) => LinkAttribute::IfAlias(alias.to_string()),
+            // An empty IFLA_IFALIAS (no NUL) frees the alias, as `ip link set
+            // dev X alias ""` does.
+            None => LinkAttribute::Other(DefaultNla::new(IFLA_IFALIAS, Vec::new())),
+        };
+        let msg = LinkUnspec::new_with_index(observed.link.index)
+            .append_extra_attribute(attribute)
+            .build();
+        let op = if wanted.is_some() {
+            "set alias"
+        } else {
+            "clear alias"
+        };
+        self.set(op, link, msg).await
+    }
+
+    async fn ensure_bridge(&self, name: &IfName, mac: Mac) -> Result<(), NetnsError> {
+        let bridge = match self.get(name).await? {
+            Some(existing) => existing,
+            None => {
+                // An explicit address at creation makes it NET_ADDR_SET, so
+                // the bridge keeps it instead of taking a port's MAC.
+                let msg = LinkBridge::new(name.as_str())
+                    .address(mac.octets().to_vec())
+                    .build();
+                match self.handle.link().add(msg).execute().await {
+                    Ok(()) => {}
+                    // Lost a race with another creator: judge what is there.
+                    Err(e) if errno(&e) == Some(libc::EEXIST) => {}
+                    Err(e) => return Err(nl_err("create bridge", name, e)),
+                }
+                self.require(name).await?
+            }
+        };
+        if bridge.link.kind != LinkKind::Bridge {
+            return Err(wrong_kind(&bridge.link, "bridge"));
+        }
+        self.set_mac(&bridge, mac).await?;
+        self.set_up(&bridge).await
+    }
+
+    async fn enslave_pod_link(
+        &self,
+        pod: &IfName,
+        bridge: &IfName,
+        mac: Mac,
+    ) -> Result<(), NetnsError> {
+        let br = self.require(bridge).await?;
+        if br.link.kind != LinkKind::Bridge {
+            return Err(wrong_kind(&br.link, "bridge"));
+        }
+        let link = self.require(pod).await?;
+        // First stop the kernel from generating a new fe80::, then remove
+        // every address (IPv4 and IPv6, link-local included).
+        self.set_addr_gen_mode(&link, In6AddrGenMode::None).await?;
+        for (cidr, message) in self.addresses_of(link.link.index, pod).await? {
+            match self.handle.address().del(message).execute().await {
+                Ok(()) => {}
+                Err(e) if errno(&e) == Some(libc::EADDRNOTAVAIL) => {}
+                Err(e) => {
+                    return Err(nl_err(delete_address_op(&cidr), pod, e));
+                }
+            }
+        }
+        self.set_mac(&link, mac).await?;
+        self.set_master(&link, Some(br.link.index)).await?;
+        // Learning is a bridge-port attribute: read it again now that the
+        // link is a port.
+        let link = self.require(pod).await?;
+        self.set_learning_off(&link).await?;
+        self.set_up(&link).await
+    }
+
+    async fn ensure_tap(&self, spec: &TapSpec, bridge: &IfName) -> Result<(), NetnsError> {
+        let br = self.require(bridge).await?;
+        if br.link.kind != LinkKind::Bridge {
+            return Err(wrong_kind(&br.link, "bridge"));
+        }
+        let tap = match self.get(&spec.name).await? {
+            None => self.create_tap(spec).await?,
+            Some(existing) => {
+                if existing.link.kind != LinkKind::Tun {
+                    return Err(wrong_kind(&existing.link, "tap"));
+                }
+                match tap_mismatch(&existing, spec) {
+                    None => existing,
+                    Some(mismatch) if existing.carrier => {
+                        return Err(NetnsError::TapInUse {
+                            tap: spec.name.clone(),
+                            mismatch,
+                        });
+                    }
+                    Some(mismatch) => {
+                        tracing::info!(tap = %spec.name, %mismatch, "recreating unused tap");
+                        self.delete_index(existing.link.index, &spec.name).await?;
+                        self.create_tap(spec).await?
+                    }
+                }
+            }
+        };
+        self.set_mtu(&tap, spec.mtu).await?;
+        self.set_master(&tap, Some(br.link.index)).await?;
+        self.set_up(&tap).await
+    }
+
+    async fn release_pod_link(
+        &self,
+        pod: &IfName,
+        record: &PodLinkRecord,
+    ) -> Result<(), NetnsError> {
+        let link = self.require(pod).await?;
+        self.set_master(&link, None).await?;
+        self.set_mac(&link, record.mac).await?;
+        self.set_mtu(&link, record.mtu).await?;
+        if link.addr_gen_mode == Some(In6AddrGenMode::None) {
+            self.set_addr_gen_mode(&link, self.default_addr_gen_mode)
+                .await?;
+        }
+        let present: Vec<IpCidr> = self
+            .addresses_of(link.link.index, pod)
+            .await?
+            .into_iter()
+            .map(|(cidr, _)| cidr)
+            .collect();
+        for cidr in record.addresses.iter().filter(|c| !present.contains(c)) {
+            match self
+                .handle
+                .address()
+                .add(link.link.index, cidr.addr, cidr.prefix)
+                .execute()
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if errno(&e) == Some(libc::EEXIST) => {}
+                Err(e) => return Err(nl_err(add_address_op(cidr), pod, e)),
+            }
+        }
+        self.set_alias(pod, record.previous_alias.as_deref()).await
+    }
+
+    async fn delete_link(&self, name: &IfName) -> Result<(), NetnsError> {
+        match self.get(name).await? {
+            None => Ok(()),
+            Some(link) => self.delete_index(link.link.index, name).await,
+        }
+    }
+}
+
+/// What differs between an existing tun link and the tap `spec` asks for.
+fn tap_mismatch(existing: &Observed, spec: &TapSpec) -> Option<String> {
+    let mut problems = Vec::new();
+    if existing.tun_type != Some(TUN_TYPE_TAP) {
+        problems.push("is a tun, not a tap".to_string());
+    }
+    match &existing.link.tap {
+        None => problems.push("reports no tun attributes".to_string()),
+        Some(info) => {
+            if info.owner != Some(spec.owner.uid) {
+                problems.push(format!(
+                    "is owned by {:?}, not {}",
+                    info.owner, spec.owner.uid
+                ));
+            }
+            if info.group != Some(spec.owner.gid) {
+                problems.push(format!(
+                    "has group {:?}, not {}",
+                    info.group, spec.owner.gid
+                ));
+            }
+            if info.multi_queue != spec.multi_queue {
+                problems.push(format!(
+                    "has multi_queue {}, not {}",
+                    info.multi_queue, spec.multi_queue
+                ));
+            }
+            if !info.vnet_hdr {
+                problems.push("has no vnet header".to_string());
+            }
+            if !info.persist {
+                problems.push("is not persistent".to_string());
+            }
+        }
+    }
+    (!problems.is_empty()).then(|| problems.join(", "))
+}
+
+fn wrong_kind(link: &Link, expected: &'static str) -> NetnsError {
+    let found = match &link.kind {
+        LinkKind::Bridge => "bridge".to_string(),
+        LinkKind::Tun => "tun".to_string(),
+        LinkKind::Veth => "veth".to_string(),
+        LinkKind::Other(kind) if kind.is_empty() => "link without a kind".to_string(),
+        LinkKind::Other(kind) => kind.clone(),
+    };
+    NetnsError::WrongKind {
+        link: link.name.clone(),
+        found,
+        expected,
+    }
+}
+
+fn delete_address_op(cidr: &IpCidr) -> &'static str {
+    if cidr.addr.is_ipv4() {
+        "delete ipv4 address"
+    } else {
+        "delete ipv6 address"
+    }
+}
+
+fn add_address_op(cidr: &IpCidr) -> &'static str {
+    if cidr.addr.is_ipv4() {
+        "add ipv4 address"
+    } else {
+        "add ipv6 address"
+    }
+}
+
+fn nl_err(op: &'static str, link: &IfName, source: rtnetlink::Error) -> NetnsError {
+    NetnsError::Netlink {
+        op,
+        link: link.to_string(),
+        source,
+    }
+}
+
+/// The positive errno of a netlink error answer, if it is one.
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(msg) => Some(msg.raw_code().abs()),
+        _ => None,
+    }
+}
+
+/// `net.ipv6.conf.default.addr_gen_mode` of the calling thread's namespace
+/// (`/proc/sys/net` follows the reading thread's netns), `eui64` if IPv6 is
+/// off or the file is unreadable.
+fn default_addr_gen_mode() -> In6AddrGenMode {
+    std::fs::read_to_string("/proc/sys/net/ipv6/conf/default/addr_gen_mode")
+        .ok()
+        .and_then(|s| s.trim().parse::<u8>().ok())
+        .map(In6AddrGenMode::from)
+        .unwrap_or(In6AddrGenMode::Eui64)
+}
+
+/// Maps one RTM_NEWLINK message to an [`Observed`] link (addresses empty).
+/// `None` for a link whose name is not a valid [`IfName`].
+fn observe_link(msg: &LinkMessage) -> Option<Observed> {
+    let mut name = None;
+    let mut mac = None;
+    let mut mtu = 0;
+    let mut master = None;
+    let mut alias = None;
+    let mut kind = LinkKind::Other(String::new());
+    let mut learning = None;
+    let mut tun_attrs: Option<Vec<(u16, Vec<u8>)>> = None;
+    let mut carrier = false;
+    let mut addr_gen_mode = None;
+    for attribute in &msg.attributes {
+        match attribute {
+            LinkAttribute::IfName(n) => name = Some(n.clone()),
+            LinkAttribute::Address(bytes) => {
+                if let Ok(octets) = <[u8; 6]>::try_from(bytes.as_slice()) {
+                    mac = Some(Mac::from_bytes(octets));
+                }
+            }
+            LinkAttribute::Mtu(m) => mtu = *m,
+            LinkAttribute::Controller(index) if *index != 0 => master = Some(*index),
+            LinkAttribute::IfAlias(a) if !a.is_empty() => alias = Some(a.clone()),
+            LinkAttribute::Carrier(c) => carrier = *c != 0,
+            LinkAttribute::LinkInfo(infos) => {
+                for info in infos {
+                    match info {
+                        LinkInfo::Kind(k) => {
+                            kind = match k {
+                                InfoKind::Bridge => LinkKind::Bridge,
+                                InfoKind::Tun => LinkKind::Tun,
+                                InfoKind::Veth => LinkKind::Veth,
+                                other => LinkKind::Other(other.to_string()),
+                            }
+                        }
+                        LinkInfo::Data(InfoData::Tun(nlas)) => {
+                            tun_attrs = Some(nlas.iter().map(tun_attr).collect());
+                        }
+                        LinkInfo::PortData(InfoPortData::BridgePort(port)) => {
+                            for attr in port {
+                                if let InfoBridgePort::Learning(on) = attr {
+                                    learning = Some(*on);
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            LinkAttribute::AfSpecUnspec(specs) => {
+                for spec in specs {
+                    if let AfSpecUnspec::Inet6(inet6) = spec {
+                        for attr in inet6 {
+                            if let AfSpecInet6::AddrGenMode(mode) = attr {
+                                addr_gen_mode = Some(*mode);
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let name = IfName::new(name?).ok()?;
+    let (tap, tun_type) = match (&kind, tun_attrs) {
+        (LinkKind::Tun, Some(attrs)) => {
+            let (info, tun_type) = tap_info(&attrs);
+            (Some(info), tun_type)
+        }
+        _ => (None, None),
+    };
+    Some(Observed {
+        link: Link {
+            index: msg.header.index,
+            name,
+            kind,
+            mac,
+            mtu,
+            master,
+            up: msg.header.flags.contains(LinkFlags::Up),
+            alias,
+            addresses: Vec::new(),
+            learning,
+            tap,
+        },
+        tun_type,
+        carrier,
+        addr_gen_mode,
+    })
+}
+
+fn tun_attr(nla: &InfoTun) -> (u16, Vec<u8>) {
+    let mut value = vec![0; nla.value_len()];
+    nla.emit_value(&mut value);
+    (nla.kind(), value)
+}
+
+/// Decodes IFLA_TUN_* attributes; the kernel omits OWNER/GROUP when unset.
+fn tap_info(attrs: &[(u16, Vec<u8>)]) -> (TapInfo, Option<u8>) {
+    let u32_of = |kind| {
+        attrs
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .and_then(|(_, v)| <[u8; 4]>::try_from(v.as_slice()).ok())
+            .map(u32::from_ne_bytes)
+    };
+    let u8_of = |kind| {
+        attrs
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .and_then(|(_, v)| v.first().copied())
+    };
+    let flag = |kind| u8_of(kind).is_some_and(|v| v != 0);
+    (
+        TapInfo {
+            owner: u32_of(IFLA_TUN_OWNER),
+            group: u32_of(IFLA_TUN_GROUP),
+            multi_queue: flag(IFLA_TUN_MULTI_QUEUE),
+            vnet_hdr: flag(IFLA_TUN_VNET_HDR),
+            persist: flag(IFLA_TUN_PERSIST),
+        },
+        u8_of(IFLA_TUN_TYPE),
+    )
+}
+
+/// Maps one RTM_NEWADDR message to (link index, address/prefix). IFA_LOCAL
+/// is the interface's own address; IFA_ADDRESS is the peer on point-to-point
+/// links, so it only counts when there is no IFA_LOCAL.
+fn observe_address(msg: &AddressMessage) -> Option<(u32, IpCidr)> {
+    let mut local = None;
+    let mut address = None;
+    for attribute in &msg.attributes {
+        match attribute {
+            AddressAttribute::Local(ip) => local = Some(*ip),
+            AddressAttribute::Address(ip) => address = Some(*ip),
+            _ => {}
+        }
+    }
+    let ip: IpAddr = local.or(address)?;
+    let family_matches = matches!(
+        (msg.header.family, ip),
+        (AddressFamily::Inet, IpAddr::V4(_)) | (AddressFamily::Inet6, IpAddr::V6(_))
+    );
+    if !family_matches {
+        return None;
+    }
+    let cidr = IpCidr::new(ip, msg.header.prefix_len).ok()?;
+    Some((msg.header.index, cidr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rtnetlink::packet_route::link::InfoPortKind;
+
+    fn link_message(attributes: Vec<LinkAttribute>) -> LinkMessage {
+        let mut msg = LinkMessage::default();
+        msg.header.index = 7;
+        msg.header.flags = LinkFlags::Up;
+        msg.attributes = attributes;
+        msg
+    }
+
+    #[test]
+    fn observes_a_bridge_port() {
+        let msg = link_message(vec![
+            LinkAttribute::IfName("pod9a6a0c3b4d8".into()),
+            LinkAttribute::Address(vec![2, 0, 0, 0, 0, 1]),
+            LinkAttribute::Mtu(1400),
+            LinkAttribute::Controller(3),
+            LinkAttribute::IfAlias("nicplug/v1 mac=02:00:00:00:00:01 mtu=1400".into()),
+            LinkAttribute::LinkInfo(vec![
+                LinkInfo::Kind(InfoKind::Veth),
+                LinkInfo::PortKind(InfoPortKind::Bridge),
+                LinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::Learning(
+                    false,
+                )])),
+            ]),
+            LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(vec![AfSpecInet6::AddrGenMode(
+                In6AddrGenMode::None,
+            )])]),
+        ]);
+        let o = observe_link(&msg).unwrap();
+        assert_eq!(o.link.name.as_str(), "pod9a6a0c3b4d8");
+        assert_eq!(o.link.kind, LinkKind::Veth);
+        assert_eq!(o.link.mac, Some(Mac::from_bytes([2, 0, 0, 0, 0, 1])));
+        assert_eq!(o.link.mtu, 1400);
+        assert_eq!(o.link.master, Some(3));
+        assert!(o.link.up);
+        assert_eq!(o.link.learning, Some(false));
+        assert!(o.link.alias.unwrap().starts_with("nicplug/v1"));
+        assert_eq!(o.addr_gen_mode, Some(In6AddrGenMode::None));
+        assert_eq!(o.link.tap, None);
+    }
+
+    #[test]
+    fn observes_a_tap() {
+        let nla = |k, v: Vec<u8>| InfoTun::Other(DefaultNla::new(k, v));
+        let msg = link_message(vec![
+            LinkAttribute::IfName("tap9a6a0c3b4d8".into()),
+            LinkAttribute::Carrier(0),
+            LinkAttribute::LinkInfo(vec![
+                LinkInfo::Kind(InfoKind::Tun),
+                LinkInfo::Data(InfoData::Tun(vec![
+                    nla(IFLA_TUN_OWNER, 64055u32.to_ne_bytes().to_vec()),
+                    nla(IFLA_TUN_GROUP, 107u32.to_ne_bytes().to_vec()),
+                    nla(IFLA_TUN_TYPE, vec![TUN_TYPE_TAP]),
+                    nla(IFLA_TUN_VNET_HDR, vec![1]),
+                    nla(IFLA_TUN_PERSIST, vec![1]),
+                    nla(IFLA_TUN_MULTI_QUEUE, vec![0]),
+                ])),
+            ]),
+        ]);
+        let o = observe_link(&msg).unwrap();
+        assert_eq!(o.link.kind, LinkKind::Tun);
+        let info = o.link.tap.clone().unwrap();
+        assert_eq!(info.owner, Some(64055));
+        assert_eq!(info.group, Some(107));
+        assert!(info.vnet_hdr && info.persist && !info.multi_queue);
+        assert_eq!(o.tun_type, Some(TUN_TYPE_TAP));
+        assert!(!o.carrier);
+
+        let spec = TapSpec {
+            name: IfName::new("tap9a6a0c3b4d8").unwrap(),
+            owner: "64055:107".parse().unwrap(),
+            mtu: 1400,
+            multi_queue: false,
+        };
+        assert_eq!(tap_mismatch(&o, &spec), None);
+        let multi = TapSpec {
+            multi_queue: true,
+            owner: "107:107".parse().unwrap(),
+            ..spec
+        };
+        let mismatch = tap_mismatch(&o, &multi).unwrap();
+        assert!(
+            mismatch.contains("owned by Some(64055), not 107"),
+            "{mismatch}"
+        );
+        assert!(
+            mismatch.contains("multi_queue false, not true"),
+            "{mismatch}"
+        );
+    }
+
+    #[test]
+    fn skips_links_without_a_valid_name() {
+        assert!(observe_link(&link_message(vec![LinkAttribute::Mtu(1500)])).is_none());
+    }
+
+    #[test]
+    fn observes_addresses_preferring_local() {
+        let mut msg = AddressMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.prefix_len = 24;
+        msg.header.index = 4;
+        msg.attributes = vec![
+            AddressAttribute::Address("169.254.9.1".parse().unwrap()),
+            AddressAttribute::Local("169.254.9.2".parse().unwrap()),
+        ];
+        assert_eq!(
+            observe_address(&msg),
+            Some((4, "169.254.9.2/24".parse().unwrap()))
+        );
+        msg.header.family = AddressFamily::Inet6;
+        assert_eq!(observe_address(&msg), None);
+    }
+}
