@@ -410,3 +410,6 @@ impl<N: PodNetwork, H: Hypervisor> Agent<N, H> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,463 @@
+//! The agent's apply logic (ordering, rollback, backoff, isolation between
+//! interfaces) against in-memory fakes of both seams. The fakes model the
+//! kernel and libvirt only as far as the plan reads them back; the real
+//! implementations are tested against the real things in `tests/`.
+
+use std::sync::Mutex;
+
+use super::*;
+use crate::hypervisor::domain_xml::{RootPorts, parse_devices};
+use crate::model::{IfName, IpCidr, Mac, PodLinkRecord};
+use crate::netns::{Link, LinkKind, TapInfo, TapSpec};
+
+#[derive(Default)]
+struct FakeNet {
+    links: Mutex<Vec<Link>>,
+    calls: Mutex<Vec<String>>,
+    fail: Mutex<Option<&'static str>>,
+}
+
+impl FakeNet {
+    fn with_pod_links(names: &[&str]) -> Self {
+        let mut links = vec![link(1, "lo", LinkKind::Other(String::new()))];
+        for (i, name) in names.iter().enumerate() {
+            links.push(Link {
+                addresses: vec![format!("169.254.{i}.5/24").parse::<IpCidr>().unwrap()],
+                ..link(10 + i as u32, name, LinkKind::Veth)
+            });
+        }
+        Self {
+            links: Mutex::new(links),
+            ..Default::default()
+        }
+    }
+
+    fn call(&self, op: &'static str, target: &IfName) -> Result<(), NetnsError> {
+        self.calls.lock().unwrap().push(format!("{op} {target}"));
+        if *self.fail.lock().unwrap() == Some(op) {
+            return Err(NetnsError::NotFound(target.clone()));
+        }
+        Ok(())
+    }
+
+    fn edit(&self, name: &IfName, f: impl FnOnce(&mut Link)) {
+        let mut links = self.links.lock().unwrap();
+        f(links
+            .iter_mut()
+            .find(|l| &l.name == name)
+            .expect("link exists"));
+    }
+
+    fn index_of(&self, name: &IfName) -> Option<u32> {
+        self.links
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| &l.name == name)
+            .map(|l| l.index)
+    }
+
+    fn get(&self, name: &str) -> Option<Link> {
+        self.links
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.name.as_str() == name)
+            .cloned()
+    }
+
+    fn add(&self, link: Link) {
+        let mut links = self.links.lock().unwrap();
+        let index = links.iter().map(|l| l.index).max().unwrap_or(0) + 1;
+        links.push(Link { index, ..link });
+    }
+}
+
+fn link(index: u32, name: &str, kind: LinkKind) -> Link {
+    Link {
+        index,
+        name: IfName::new(name).unwrap(),
+        kind,
+        mac: Some(Mac::from_bytes([0x0a, 0x58, 0, 0, 0, index as u8])),
+        mtu: 1400,
+        master: None,
+        up: true,
+        alias: None,
+        addresses: vec![],
+        learning: None,
+        tap: None,
+    }
+}
+
+impl PodNetwork for FakeNet {
+    async fn links(&self) -> Result<Vec<Link>, NetnsError> {
+        Ok(self.links.lock().unwrap().clone())
+    }
+
+    async fn set_alias(&self, name: &IfName, alias: Option<&str>) -> Result<(), NetnsError> {
+        self.call("set_alias", name)?;
+        self.edit(name, |l| l.alias = alias.map(String::from));
+        Ok(())
+    }
+
+    async fn ensure_bridge(&self, name: &IfName, mac: Mac) -> Result<(), NetnsError> {
+        self.call("ensure_bridge", name)?;
+        if self.index_of(name).is_none() {
+            self.add(Link {
+                mac: Some(mac),
+                ..link(0, name.as_str(), LinkKind::Bridge)
+            });
+        }
+        Ok(())
+    }
+
+    async fn enslave_pod_link(
+        &self,
+        pod: &IfName,
+        bridge: &IfName,
+        mac: Mac,
+    ) -> Result<(), NetnsError> {
+        self.call("enslave_pod_link", pod)?;
+        let master = self.index_of(bridge);
+        self.edit(pod, |l| {
+            l.addresses.clear();
+            l.mac = Some(mac);
+            l.master = master;
+            l.learning = Some(false);
+        });
+        Ok(())
+    }
+
+    async fn ensure_tap(&self, spec: &TapSpec, bridge: &IfName) -> Result<(), NetnsError> {
+        self.call("ensure_tap", &spec.name)?;
+        let master = self.index_of(bridge);
+        if self.index_of(&spec.name).is_none() {
+            self.add(Link {
+                mtu: spec.mtu,
+                master,
+                tap: Some(TapInfo {
+                    owner: Some(spec.owner.uid),
+                    group: Some(spec.owner.gid),
+                    multi_queue: spec.multi_queue,
+                    vnet_hdr: true,
+                    persist: true,
+                }),
+                ..link(0, spec.name.as_str(), LinkKind::Tun)
+            });
+        }
+        Ok(())
+    }
+
+    async fn release_pod_link(
+        &self,
+        pod: &IfName,
+        record: &PodLinkRecord,
+    ) -> Result<(), NetnsError> {
+        self.call("release_pod_link", pod)?;
+        self.edit(pod, |l| {
+            l.master = None;
+            l.learning = None;
+            l.mac = Some(record.mac);
+            l.mtu = record.mtu;
+            l.addresses = record.addresses.clone();
+            l.alias = record.previous_alias.clone();
+        });
+        Ok(())
+    }
+
+    async fn delete_link(&self, name: &IfName) -> Result<(), NetnsError> {
+        self.call("delete_link", name)?;
+        self.links.lock().unwrap().retain(|l| &l.name != name);
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum AttachMode {
+    Works,
+    Fails,
+    /// No DEVICE_ADDED within the timeout, and the device never appears.
+    TimesOut,
+    /// No DEVICE_ADDED within the timeout, but the device is there.
+    EventLost,
+}
+
+struct FakeHyp {
+    domain: Mutex<DomainState>,
+    /// Attach behaviour per alias; `Works` when absent.
+    modes: Mutex<HashMap<String, AttachMode>>,
+    attaches: Mutex<Vec<String>>,
+}
+
+impl FakeHyp {
+    fn new(free_ports: usize) -> Self {
+        Self {
+            domain: Mutex::new(DomainState {
+                running: true,
+                persistent: true,
+                interfaces: vec![],
+                root_ports: RootPorts {
+                    total: 4,
+                    free: free_ports,
+                },
+            }),
+            modes: Mutex::default(),
+            attaches: Mutex::default(),
+        }
+    }
+
+    fn set_mode(&self, alias: &str, mode: AttachMode) {
+        self.modes.lock().unwrap().insert(alias.into(), mode);
+    }
+}
+
+impl Hypervisor for FakeHyp {
+    async fn domain(&self, _domain: &str) -> Result<Option<DomainState>, HypervisorError> {
+        Ok(Some(self.domain.lock().unwrap().clone()))
+    }
+
+    async fn attach(
+        &self,
+        _domain: &str,
+        device_xml: &str,
+        alias: &str,
+        _persistent: bool,
+        timeout: Duration,
+    ) -> Result<(), HypervisorError> {
+        self.attaches.lock().unwrap().push(alias.into());
+        let mode = self
+            .modes
+            .lock()
+            .unwrap()
+            .get(alias)
+            .copied()
+            .unwrap_or(AttachMode::Works);
+        if mode == AttachMode::Fails {
+            return Err(HypervisorError::Libvirt {
+                op: "attach the device",
+                message: "internal error: boom".into(),
+            });
+        }
+        if mode != AttachMode::TimesOut {
+            let xml = format!("<domain><devices>{device_xml}</devices></domain>");
+            let device = parse_devices(&xml).unwrap().interfaces.remove(0);
+            let mut domain = self.domain.lock().unwrap();
+            domain.interfaces.push(device);
+            domain.root_ports.free -= 1;
+        }
+        match mode {
+            AttachMode::Works => Ok(()),
+            _ => Err(HypervisorError::AttachTimeout {
+                alias: alias.into(),
+                timeout,
+            }),
+        }
+    }
+
+    async fn qemu_owner(&self, _domain: &str) -> Result<Option<Owner>, HypervisorError> {
+        Ok(Some(Owner { uid: 107, gid: 107 }))
+    }
+}
+
+fn vmi(networks: &[&str]) -> Vmi {
+    let ifaces: Vec<String> = networks
+        .iter()
+        .map(|n| format!(r#"{{"name":"{n}","bridge":{{}}}}"#))
+        .collect();
+    let nets: Vec<String> = networks
+        .iter()
+        .map(|n| format!(r#"{{"name":"{n}","multus":{{"networkName":"{n}"}}}}"#))
+        .collect();
+    Vmi::parse(&format!(
+        r#"{{"metadata":{{"name":"vm","namespace":"ns"}},"spec":{{"domain":{{"devices":{{"interfaces":[{}]}}}},"networks":[{}]}}}}"#,
+        ifaces.join(","),
+        nets.join(",")
+    ))
+    .unwrap()
+}
+
+fn pod(network: &str) -> String {
+    crate::model::names::hashed_pod_iface(network).to_string()
+}
+
+fn agent(net: FakeNet, hyp: FakeHyp) -> Agent<FakeNet, FakeHyp> {
+    Agent::new(net, hyp, AgentConfig::default())
+}
+
+fn phases(agent: &Agent<FakeNet, FakeHyp>) -> Vec<(String, Phase)> {
+    agent
+        .status()
+        .interfaces
+        .iter()
+        .map(|i| (i.name.clone(), i.phase))
+        .collect()
+}
+
+#[tokio::test]
+async fn plugs_in_one_pass_and_then_has_nothing_to_do() {
+    let vmi = vmi(&["blue"]);
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), FakeHyp::new(4));
+    let original_mac = agent.net.get(&pod("blue")).unwrap().mac;
+    agent.reconcile(&vmi).await.unwrap();
+    assert_eq!(phases(&agent), [("blue".to_string(), Phase::Attached)]);
+    let status = &agent.status().interfaces[0];
+    assert_eq!(status.mac, original_mac.map(|m| m.to_string()));
+    assert_eq!(status.link_state.as_deref(), Some("up"));
+    assert_eq!(agent.net.calls.lock().unwrap().len(), 4);
+
+    agent.reconcile(&vmi).await.unwrap();
+    agent.reconcile(&vmi).await.unwrap();
+    assert_eq!(
+        agent.net.calls.lock().unwrap().len(),
+        4,
+        "converged state changes nothing"
+    );
+    assert_eq!(agent.hyp.attaches.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_attach_rolls_back_and_retries_with_backoff() {
+    let vmi = vmi(&["blue"]);
+    let pod_name = pod("blue");
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod_name]), FakeHyp::new(4));
+    let before = agent.net.get(&pod_name).unwrap();
+    agent.hyp.set_mode("ua-blue", AttachMode::Fails);
+
+    agent.reconcile(&vmi).await.unwrap();
+    let status = &agent.status().interfaces[0];
+    assert_eq!(status.phase, Phase::Failed);
+    assert_eq!(
+        status.message.as_deref(),
+        Some("attach-device: libvirt: attach the device failed: internal error: boom")
+    );
+    // Rolled back: no tap, no bridge, the pod link exactly as before.
+    let links = agent.net.links.lock().unwrap().clone();
+    assert_eq!(links.len(), 2, "{links:?}");
+    assert_eq!(agent.net.get(&pod_name).unwrap(), before);
+
+    // Within the backoff nothing is tried again.
+    agent.reconcile(&vmi).await.unwrap();
+    assert_eq!(agent.hyp.attaches.lock().unwrap().len(), 1);
+    assert_eq!(phases(&agent)[0].1, Phase::Failed);
+
+    // After it, the retry plugs.
+    agent.hyp.set_mode("ua-blue", AttachMode::Works);
+    tokio::time::advance(Duration::from_millis(1100)).await;
+    agent.reconcile(&vmi).await.unwrap();
+    assert_eq!(agent.hyp.attaches.lock().unwrap().len(), 2);
+    assert_eq!(phases(&agent)[0].1, Phase::Attached);
+}
+
+#[tokio::test(start_paused = true)]
+async fn backoff_doubles_and_is_capped() {
+    let vmi = vmi(&["blue"]);
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), FakeHyp::new(4));
+    agent.hyp.set_mode("ua-blue", AttachMode::Fails);
+    let mut delays = Vec::new();
+    for _ in 0..9 {
+        agent.reconcile(&vmi).await.unwrap();
+        let retry = agent.tracked["blue"].retry_at.unwrap();
+        let delay = retry - Instant::now();
+        delays.push(delay.as_secs());
+        tokio::time::advance(delay).await;
+    }
+    assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+}
+
+#[tokio::test]
+async fn timed_out_attach_without_device_rolls_back() {
+    let vmi = vmi(&["blue"]);
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), FakeHyp::new(4));
+    agent.hyp.set_mode("ua-blue", AttachMode::TimesOut);
+    agent.reconcile(&vmi).await.unwrap();
+    let status = &agent.status().interfaces[0];
+    assert_eq!(status.phase, Phase::Failed);
+    assert!(
+        status
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("no DEVICE_ADDED event for ua-blue")
+    );
+    assert_eq!(agent.net.links.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn lost_event_with_device_present_keeps_the_plumbing() {
+    let vmi = vmi(&["blue"]);
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), FakeHyp::new(4));
+    agent.hyp.set_mode("ua-blue", AttachMode::EventLost);
+    agent.reconcile(&vmi).await.unwrap();
+    assert_eq!(phases(&agent)[0].1, Phase::Attached);
+    assert_eq!(
+        agent.net.links.lock().unwrap().len(),
+        4,
+        "bridge and tap stay under the live device"
+    );
+}
+
+#[tokio::test]
+async fn one_failing_interface_does_not_block_the_others() {
+    let vmi = vmi(&["red", "green", "blue"]);
+    let pods = [pod("red"), pod("green"), pod("blue")];
+    let mut agent = agent(
+        FakeNet::with_pod_links(&pods.iter().map(String::as_str).collect::<Vec<_>>()),
+        FakeHyp::new(4),
+    );
+    agent.hyp.set_mode("ua-green", AttachMode::Fails);
+    agent.reconcile(&vmi).await.unwrap();
+    assert_eq!(
+        phases(&agent),
+        [
+            ("red".to_string(), Phase::Attached),
+            ("green".to_string(), Phase::Failed),
+            ("blue".to_string(), Phase::Attached),
+        ]
+    );
+    // Attached in spec order: guest NIC order follows the spec.
+    assert_eq!(
+        *agent.hyp.attaches.lock().unwrap(),
+        ["ua-red", "ua-green", "ua-blue"]
+    );
+}
+
+#[tokio::test]
+async fn netns_failure_mid_plumbing_rolls_back() {
+    let vmi = vmi(&["blue"]);
+    let pod_name = pod("blue");
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod_name]), FakeHyp::new(4));
+    let before = agent.net.get(&pod_name).unwrap();
+    *agent.net.fail.lock().unwrap() = Some("ensure_tap");
+    agent.reconcile(&vmi).await.unwrap();
+    assert_eq!(phases(&agent)[0].1, Phase::Failed);
+    assert!(agent.hyp.attaches.lock().unwrap().is_empty());
+    assert_eq!(agent.net.get(&pod_name).unwrap(), before);
+    assert_eq!(agent.net.links.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn status_file_follows_the_phases() {
+    let dir = std::env::temp_dir().join(format!("nicplug-agent-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("status.json");
+    let vmi = vmi(&["blue", "red"]);
+    let config = AgentConfig {
+        status_file: Some(path.clone()),
+        ..AgentConfig::default()
+    };
+    let mut agent = Agent::new(
+        FakeNet::with_pod_links(&[&pod("blue")]),
+        FakeHyp::new(4),
+        config,
+    );
+    agent.reconcile(&vmi).await.unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(doc["interfaces"][0]["phase"], "Attached");
+    assert_eq!(doc["interfaces"][0]["podInterfaceName"], pod("blue"));
+    assert_eq!(doc["interfaces"][1]["phase"], "Pending");
+    assert_eq!(
+        doc["interfaces"][1]["message"],
+        format!("waiting for pod interface {}", pod("red"))
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
