@@ -7,7 +7,8 @@
 //! the channel. Waiters subscribe *before* they trigger what they wait for.
 
 use std::ffi::{CStr, c_char, c_int, c_void};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use tokio::sync::broadcast;
 use virt::connect::Connect;
@@ -80,7 +81,16 @@ pub fn ensure_event_loop() -> Result<(), HypervisorError> {
         })
 }
 
-type Sender = broadcast::Sender<DomainEvent>;
+/// Where callbacks deliver: the generation counter is bumped *before* the
+/// event is sent, so whoever sees the event also sees a cache of the domain
+/// taken before it as stale.
+#[derive(Clone)]
+pub struct EventSink {
+    pub tx: broadcast::Sender<DomainEvent>,
+    pub generation: Arc<AtomicU64>,
+}
+
+type Sender = EventSink;
 
 /// Callback registrations on one connection; deregistered on drop.
 pub struct Registration {
@@ -232,8 +242,9 @@ unsafe fn send(
     let domain = unsafe { CStr::from_ptr(name) }
         .to_string_lossy()
         .into_owned();
+    tx.generation.fetch_add(1, Ordering::SeqCst);
     // No receiver is fine: nobody waits right now.
-    let _ = tx.send(make(domain));
+    let _ = tx.tx.send(make(domain));
 }
 
 /// # Safety

@@ -4,8 +4,9 @@
 //! connection is reopened (and events re-registered) when libvirt reports it
 //! dead, e.g. after the daemon restarted.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 use virt::connect::Connect;
@@ -13,7 +14,7 @@ use virt::error::ErrorNumber;
 use virt_sys as sys;
 
 use super::domain_xml::{DomainState, parse_devices};
-use super::events::{self, DomainEvent, Registration};
+use super::events::{self, DomainEvent, EventSink, Registration};
 use super::{Hypervisor, HypervisorError};
 use crate::model::Owner;
 
@@ -35,11 +36,27 @@ struct Connection {
     _events: Registration,
 }
 
+/// A domain read, valid while no event arrived since (same generation) and
+/// for at most [`CACHE_MAX_AGE`].
+struct CachedDomain {
+    name: String,
+    generation: u64,
+    read_at: Instant,
+    state: Option<(DomainState, Option<Owner>)>,
+}
+
+/// Safety net for events lost without a reconnect.
+const CACHE_MAX_AGE: Duration = Duration::from_secs(10);
+
+/// The live domain is cached between events: a reconcile woken by netlink
+/// costs no libvirt round trip, and every domain event (device added or
+/// removed, lifecycle) or own attach invalidates the cache.
 pub struct Libvirt {
     uri: String,
-    events: broadcast::Sender<DomainEvent>,
+    events: EventSink,
     connection: Mutex<Option<Connection>>,
-    reconnects: std::sync::atomic::AtomicU64,
+    cache: Mutex<Option<CachedDomain>>,
+    reconnects: AtomicU64,
 }
 
 fn libvirt_error(op: &'static str, e: virt::error::Error) -> HypervisorError {
@@ -58,9 +75,13 @@ impl Libvirt {
     ) -> Result<Self, HypervisorError> {
         let libvirt = Self {
             uri: uri.to_string(),
-            events,
+            events: EventSink {
+                tx: events,
+                generation: Arc::default(),
+            },
             connection: Mutex::new(None),
-            reconnects: Default::default(),
+            cache: Mutex::new(None),
+            reconnects: AtomicU64::new(0),
         };
         libvirt.connection()?;
         Ok(libvirt)
@@ -68,7 +89,7 @@ impl Libvirt {
 
     /// How often the connection had to be reopened.
     pub fn reconnects(&self) -> u64 {
-        self.reconnects.load(std::sync::atomic::Ordering::Relaxed)
+        self.reconnects.load(Ordering::Relaxed)
     }
 
     /// The live connection, reopened if libvirt closed it.
@@ -79,8 +100,8 @@ impl Libvirt {
                 return Ok(c.conn.clone());
             }
             tracing::warn!(uri = %self.uri, "libvirt connection lost, reconnecting");
-            self.reconnects
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.reconnects.fetch_add(1, Ordering::Relaxed);
+            self.invalidate();
             *guard = None;
         }
         events::ensure_event_loop()?;
@@ -161,8 +182,9 @@ impl Hypervisor for Libvirt {
         timeout: Duration,
     ) -> Result<(), HypervisorError> {
         // Subscribe before the call: DEVICE_ADDED can beat the call's return.
-        let mut rx = self.events.subscribe();
+        let mut rx = self.events.tx.subscribe();
         let xml = device_xml.to_string();
+        self.invalidate();
         let mut flags = sys::VIR_DOMAIN_AFFECT_LIVE;
         if persistent {
             flags |= sys::VIR_DOMAIN_AFFECT_CONFIG;
@@ -211,10 +233,9 @@ impl Hypervisor for Libvirt {
     /// QEMU as the daemon's user).
     async fn qemu_owner(&self, domain: &str) -> Result<Option<Owner>, HypervisorError> {
         let (running, label) = self
-            .blocking(domain, |conn, name| {
-                Ok(read_domain(conn, name)?.map_or((false, None), |(d, owner)| (d.running, owner)))
-            })
-            .await?;
+            .read_cached(domain)
+            .await?
+            .map_or((false, None), |(d, owner)| (d.running, owner));
         if !running {
             return Ok(None);
         }
@@ -225,6 +246,38 @@ impl Hypervisor for Libvirt {
 }
 
 impl Libvirt {
+    fn invalidate(&self) {
+        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    async fn read_cached(
+        &self,
+        domain: &str,
+    ) -> Result<Option<(DomainState, Option<Owner>)>, HypervisorError> {
+        // Read the generation before the domain: an event racing the read
+        // makes the entry stale rather than wrongly fresh.
+        let generation = self.events.generation.load(Ordering::SeqCst);
+        if let Some(c) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            if c.name == domain && c.generation == generation && c.read_at.elapsed() < CACHE_MAX_AGE
+            {
+                return Ok(c.state.clone());
+            }
+        }
+        let state = self.blocking(domain, read_domain).await?;
+        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = Some(CachedDomain {
+            name: domain.to_string(),
+            generation,
+            read_at: Instant::now(),
+            state: state.clone(),
+        });
+        Ok(state)
+    }
+
     async fn has_device(&self, domain: &str, alias: &str) -> Result<bool, HypervisorError> {
         Ok(self
             .domain(domain)

@@ -364,7 +364,11 @@ fn plug(
             bridge: names.bridge.clone(),
         });
     }
-    plan.steps.push(Step::Attach { device, xml });
+    plan.steps.push(Step::Attach {
+        device,
+        xml,
+        persistent: domain.persistent,
+    });
     plan.rollback = vec![
         Step::DeleteLink {
             name: names.tap.clone(),
