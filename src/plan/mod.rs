@@ -60,9 +60,11 @@ pub enum Step {
         spec: TapSpec,
         bridge: IfName,
     },
+    /// Attach live, and to the persistent config when the domain is persistent.
     Attach {
         device: InterfaceDevice,
         xml: String,
+        persistent: bool,
     },
     ReleasePodLink {
         pod: IfName,
