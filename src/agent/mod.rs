@@ -359,18 +359,17 @@ impl<N: PodNetwork, H: Hypervisor> Agent<N, H> {
                 self.net.enslave_pod_link(pod, bridge, *mac).await?
             }
             Step::EnsureTap { spec, bridge } => self.net.ensure_tap(spec, bridge).await?,
-            Step::Attach { device, xml } => {
-                let persistent = self
-                    .hyp
-                    .domain(domain_name)
-                    .await?
-                    .is_some_and(|d| d.persistent);
+            Step::Attach {
+                device,
+                xml,
+                persistent,
+            } => {
                 self.hyp
                     .attach(
                         domain_name,
                         xml,
                         &device.alias(),
-                        persistent,
+                        *persistent,
                         self.config.attach_timeout,
                     )
                     .await?
