@@ -1,0 +1,111 @@
+//! CNI networks of the rig: the real `bridge` plugin with `host-local` IPAM on a
+//! link-local subnet, run inside the rig's node netns (as Multus would delegate).
+
+use serde_json::{Value, json};
+
+/// Where Debian's containernetworking-plugins live.
+pub const CNI_PATH: &str = "/usr/lib/cni";
+
+/// A NetworkAttachmentDefinition-like network: a node-side bridge and a link-local subnet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CniNet {
+    /// The network (NAD) name, also the CNI config `name`.
+    pub name: String,
+    /// The bridge in the node netns (at most 15 characters).
+    pub bridge: String,
+    /// `169.254.N.0/24`.
+    pub subnet: String,
+}
+
+impl CniNet {
+    /// A distinct network per `index` (0..=253): `dyniface<index>`, bridge `nicbr<index>`,
+    /// subnet `169.254.<index + 1>.0/24` (169.254.0.0/24 is reserved by RFC 3927).
+    pub fn new(index: u8) -> CniNet {
+        assert!(index <= 253, "CniNet index {index} > 253");
+        CniNet {
+            name: format!("dyniface{index}"),
+            bridge: format!("nicbr{index}"),
+            subnet: format!("169.254.{}.0/24", index as u16 + 1),
+        }
+    }
+
+    /// The subnet's third octet.
+    pub fn octet(&self) -> u8 {
+        self.subnet
+            .split('.')
+            .nth(2)
+            .and_then(|s| s.parse().ok())
+            .expect("subnet is 169.254.N.0/24")
+    }
+
+    /// `169.254.N.<host>`.
+    pub fn addr(&self, host: u8) -> String {
+        format!("169.254.{}.{host}", self.octet())
+    }
+
+    /// The address the node side (its bridge) holds for traffic checks: `.1/24`,
+    /// which host-local reserves as the gateway and never hands out.
+    pub fn node_addr(&self) -> String {
+        format!("{}/24", self.addr(1))
+    }
+
+    /// The CNI network configuration (cniVersion 0.4.0), IPAM state under `ipam_dir`.
+    /// No gateway on the bridge, no masquerading, no default route.
+    pub fn config(&self, ipam_dir: &str) -> Value {
+        json!({
+            "cniVersion": "0.4.0",
+            "name": self.name,
+            "type": "bridge",
+            "bridge": self.bridge,
+            "isGateway": false,
+            "isDefaultGateway": false,
+            "ipMasq": false,
+            "ipam": {
+                "type": "host-local",
+                "subnet": self.subnet,
+                "dataDir": ipam_dir,
+            }
+        })
+    }
+}
+
+/// The parsed result of a CNI ADD.
+#[derive(Clone, Debug)]
+pub struct CniResult {
+    /// The interface name in the pod netns.
+    pub ifname: String,
+    /// Its MAC (lowercase), as the plugin reported it.
+    pub mac: String,
+    /// Its addresses with prefix, e.g. `169.254.2.2/24`.
+    pub ips: Vec<String>,
+    /// The whole result document.
+    pub raw: Value,
+}
+
+impl CniResult {
+    pub fn parse(raw: Value, ifname: &str) -> Result<CniResult, String> {
+        let ifaces = raw["interfaces"].as_array().cloned().unwrap_or_default();
+        let idx = ifaces
+            .iter()
+            .position(|i| i["name"] == ifname && i.get("sandbox").is_some())
+            .ok_or_else(|| format!("CNI result has no sandbox interface {ifname}: {raw}"))?;
+        let mac = ifaces[idx]["mac"]
+            .as_str()
+            .ok_or_else(|| format!("CNI result interface {ifname} has no mac: {raw}"))?
+            .to_ascii_lowercase();
+        let ips = raw["ips"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter(|ip| ip["interface"].as_u64().is_none_or(|i| i as usize == idx))
+            .filter_map(|ip| ip["address"].as_str().map(str::to_string))
+            .collect();
+        Ok(CniResult {
+            ifname: ifname.to_string(),
+            mac,
+            ips,
+            raw,
+        })
+    }
+}

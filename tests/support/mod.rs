@@ -1,0 +1,830 @@
+//! nicplug's end-to-end rig: a "launcher pod" network namespace with its own libvirt
+//! daemon (in a private mount namespace) running a tiny TCG guest, and a "node" network
+//! namespace that runs the real CNI bridge plugin to put `pod<hash>` interfaces into the
+//! pod namespace, as Multus does. See docs/testing.md.
+//!
+//! Used by every end-to-end test (`mod support;`) and by examples
+//! (`#[path = "../tests/support/mod.rs"] mod support;`).
+#![allow(dead_code)]
+
+mod cni;
+mod guest;
+mod util;
+
+pub use cni::{CNI_PATH, CniNet, CniResult};
+pub use guest::{GuestExec, GuestIface};
+pub use util::{Clock, poll};
+
+use serde_json::{Value, json};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Prefix of every rig's namespaces and directories.
+const PREFIX: &str = "nicplug";
+/// Where rig directories go (override with `NICPLUG_RIG_TMP`).
+const DEFAULT_TMP: &str = "/tmp";
+/// Debian's busybox-static, used for `ping` in the node netns.
+const BUSYBOX: &str = "/bin/busybox";
+
+/// Serializes rigs within one process (2 cores, TCG guests).
+static RIG_LOCK: Mutex<()> = Mutex::new(());
+static RIG_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Returns false (after a loud SKIP line) when not root. Under `CI=true` it panics
+/// instead, since CI runs as root and a skipped end-to-end test would hide a failure.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    let msg = format!(
+        "SKIP {test}: needs root (creates network namespaces and a libvirt daemon)"
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{msg}; CI=true, so not skipping");
+    }
+    eprintln!("\n*** {msg} ***\n");
+    false
+}
+
+/// How to build a rig.
+#[derive(Clone, Debug)]
+pub struct RigOptions {
+    /// Spare (empty) `pcie-root-port` controllers the guest can hot-plug into.
+    pub root_ports: u32,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Appended to the guest kernel command line (e.g. `pcie_ports=compat`).
+    pub kernel_cmdline_extra: String,
+    /// `virsh define` + `start` (like KubeVirt) when true, else `virsh create` (transient).
+    pub persistent: bool,
+}
+
+impl Default for RigOptions {
+    fn default() -> Self {
+        RigOptions {
+            root_ports: 4,
+            vcpus: 2,
+            memory_mib: 256,
+            kernel_cmdline_extra: String::new(),
+            persistent: true,
+        }
+    }
+}
+
+/// One launcher pod + node + running guest. Everything is torn down on drop.
+pub struct Rig {
+    /// Network namespace of the launcher pod (libvirtd and QEMU run here).
+    pub pod_ns: String,
+    /// Network namespace of the node (CNI bridge plugin, traffic peer).
+    pub node_ns: String,
+    /// `qemu+unix:///system?socket=<dir>/run/libvirt-sock`.
+    pub libvirt_uri: String,
+    /// `default_vmi-<n>`.
+    pub domain: String,
+    /// The rig's private directory (libvirt state, logs, IPAM, console log).
+    pub dir: PathBuf,
+    /// Unique id `<pid>-<n>`.
+    pub id: String,
+    /// The guest's serial console log.
+    pub console_log: PathBuf,
+    /// Whether the domain is persistent (defined) or transient.
+    pub persistent: bool,
+    clock: Clock,
+    daemon: Option<Child>,
+    qemu_pid: i32,
+    qemu_uid: u32,
+    qemu_gid: u32,
+    netns_made: Vec<String>,
+    domain_started: bool,
+    keep: bool,
+    _guard: MutexGuard<'static, ()>,
+}
+
+fn guest_dir() -> PathBuf {
+    std::env::var_os("NICPLUG_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/nicplug/guest"))
+}
+
+/// Runs `scripts/build-guest` once per process (it is cached and idempotent).
+fn ensure_guest() -> Result<(PathBuf, PathBuf), String> {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-guest");
+            let out = Command::new(&script)
+                .env("NICPLUG_GUEST_DIR", guest_dir())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .output()
+                .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+            let err = String::from_utf8_lossy(&out.stderr);
+            eprint!("{err}");
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!("{} failed: {err}", script.display()))
+            }
+        })
+        .clone()?;
+    let dir = guest_dir();
+    Ok((dir.join("vmlinuz"), dir.join("initramfs.img")))
+}
+
+fn tmp_base() -> PathBuf {
+    std::env::var_os("NICPLUG_RIG_TMP")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_TMP))
+}
+
+/// Shared cache of libvirt's QEMU capabilities: probing takes ~2 s per fresh daemon.
+fn caps_cache() -> PathBuf {
+    guest_dir()
+        .parent()
+        .map(|p| p.join("libvirt-qemu-caps"))
+        .unwrap_or_else(|| PathBuf::from("/var/cache/nicplug/libvirt-qemu-caps"))
+}
+
+fn copy_dir_files(from: &Path, to: &Path) {
+    let Ok(entries) = fs::read_dir(from) else {
+        return;
+    };
+    let _ = fs::create_dir_all(to);
+    for e in entries.flatten() {
+        let dst = to.join(e.file_name());
+        if e.path().is_file() && !dst.exists() {
+            // Write then rename, so a concurrent reader never sees half a file.
+            let tmp = to.join(format!(".{}.{}", e.file_name().to_string_lossy(), std::process::id()));
+            if fs::copy(e.path(), &tmp).is_ok() {
+                let _ = fs::rename(&tmp, &dst);
+            }
+            let _ = fs::remove_file(&tmp);
+        }
+    }
+}
+
+impl Rig {
+    /// Starts a rig: namespaces, libvirt daemon, guest; returns once the guest agent answers.
+    /// Panics with a clear message (console log tail included) after cleaning up.
+    pub fn start(opts: RigOptions) -> Rig {
+        let guard = RIG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let n = RIG_SEQ.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{}-{n}", std::process::id());
+        let dir = tmp_base().join(format!("{PREFIX}-rig-{id}"));
+        let libvirt_uri = format!(
+            "qemu+unix:///system?socket={}",
+            dir.join("run/libvirt-sock").display()
+        );
+        let mut rig = Rig {
+            pod_ns: format!("{PREFIX}-pod-{id}"),
+            node_ns: format!("{PREFIX}-node-{id}"),
+            libvirt_uri,
+            domain: format!("default_vmi-{n}"),
+            console_log: dir.join("console.log"),
+            dir,
+            clock: Clock::new(&id),
+            id,
+            persistent: opts.persistent,
+            daemon: None,
+            qemu_pid: 0,
+            qemu_uid: 0,
+            qemu_gid: 0,
+            netns_made: Vec::new(),
+            domain_started: false,
+            keep: std::env::var("NICPLUG_KEEP_RIG").is_ok_and(|v| v == "1"),
+            _guard: guard,
+        };
+        reap_stale();
+        if let Err(e) = rig.setup(&opts) {
+            let msg = format!(
+                "Rig::start failed: {e}\n--- guest console ({}) ---\n{}\n--- libvirtd log ---\n{}",
+                rig.console_log.display(),
+                rig.console_tail(40),
+                util::tail(&rig.dir.join("libvirtd.log"), 20),
+            );
+            drop(rig);
+            panic!("{msg}");
+        }
+        rig.log(&format!(
+            "ready: pod={} node={} domain={} qemu pid={} uid={} uri={}",
+            rig.pod_ns, rig.node_ns, rig.domain, rig.qemu_pid, rig.qemu_uid, rig.libvirt_uri
+        ));
+        rig
+    }
+
+    fn setup(&mut self, opts: &RigOptions) -> Result<(), String> {
+        let (kernel, initrd) = ensure_guest()?;
+        self.log("guest image ready");
+
+        // Per-rig directories that replace libvirt's system paths inside its mount namespace.
+        for sub in ["run", "lib", "cache/qemu/capabilities", "log", "etc/qemu", "ipam", "cni", "guest"] {
+            fs::create_dir_all(self.dir.join(sub)).map_err(|e| format!("mkdir {sub}: {e}"))?;
+        }
+        // libvirt's qemu user must traverse to the console log and guest files.
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+        fs::write(self.dir.join("etc/libvirtd.conf"), "# nicplug rig: defaults\n")
+            .map_err(|e| e.to_string())?;
+        // stdio_handler=file: no virtlogd. namespaces=[]: QEMU sees the real /dev (taps).
+        // security_driver=none: no AppArmor (DAC still runs, QEMU stays libvirt-qemu).
+        // remember_owner=0: no xattrs left on files when a rig is killed.
+        fs::write(
+            self.dir.join("etc/qemu.conf"),
+            "stdio_handler = \"file\"\nnamespaces = []\nsecurity_driver = \"none\"\nremember_owner = 0\n",
+        )
+        .map_err(|e| e.to_string())?;
+        // libvirt chowns kernel/initrd to the QEMU user: give it private copies.
+        let g_kernel = self.dir.join("guest/vmlinuz");
+        let g_initrd = self.dir.join("guest/initramfs.img");
+        fs::copy(&kernel, &g_kernel).map_err(|e| format!("copy {}: {e}", kernel.display()))?;
+        fs::copy(&initrd, &g_initrd).map_err(|e| format!("copy {}: {e}", initrd.display()))?;
+        copy_dir_files(&caps_cache(), &self.dir.join("cache/qemu/capabilities"));
+        // Hides /dev/kvm from the daemon: with a root-only /dev/kvm libvirt's caps cache is
+        // invalidated on every start ("KVM was enabled when probing...") = 2 s per probe.
+        let nokvm = self.dir.join("nokvm");
+        fs::write(&nokvm, "").map_err(|e| e.to_string())?;
+        fs::set_permissions(&nokvm, fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())?;
+
+        // Network namespaces.
+        for ns in [self.pod_ns.clone(), self.node_ns.clone()] {
+            util::try_run(Command::new("ip").args(["netns", "add", &ns]))?;
+            self.netns_made.push(ns.clone());
+            util::try_run(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]))?;
+        }
+        self.log("namespaces created");
+
+        // libvirtd inside the pod netns, in a private mount namespace.
+        let d = self.dir.display().to_string();
+        let script = format!(
+            "set -e; mkdir -p /run/libvirt; \
+             if [ -e /dev/kvm ]; then mount --bind {d}/nokvm /dev/kvm; fi; \
+             mount --bind {d}/run /run/libvirt; \
+             mount --bind {d}/lib /var/lib/libvirt; \
+             mount --bind {d}/cache /var/cache/libvirt; \
+             mount --bind {d}/log /var/log/libvirt; \
+             mount --bind {d}/etc /etc/libvirt; \
+             exec /usr/sbin/libvirtd --pid-file {d}/libvirtd.pid"
+        );
+        let log = fs::File::create(self.dir.join("libvirtd.log")).map_err(|e| e.to_string())?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.pod_ns, "unshare", "--mount", "--propagation", "private"])
+            .args(["sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("spawn libvirtd: {e}"))?;
+        self.daemon = Some(child);
+        let sock = self.dir.join("run/libvirt-sock");
+        let up = poll(Duration::from_secs(30), Duration::from_millis(50), || {
+            if let Some(Ok(Some(status))) = self.daemon.as_mut().map(|c| c.try_wait()) {
+                return Some(Err(format!("libvirtd exited early: {status}")));
+            }
+            (sock.exists() && self.virsh_try(&["uri"]).is_ok()).then_some(Ok(()))
+        });
+        up.unwrap_or_else(|| Err("libvirtd did not open its socket within 30 s".into()))?;
+        let pid = self.daemon_pid();
+        if util::pid_comm(pid).as_deref() != Some("libvirtd") {
+            return Err(format!("pid {pid} is {:?}, not libvirtd", util::pid_comm(pid)));
+        }
+        self.log(&format!("libvirtd up (pid {pid})"));
+
+        // The domain.
+        let xml = domain_xml(&self.domain, opts, &g_kernel, &g_initrd, &self.console_log);
+        let xml_path = self.dir.join("domain.xml");
+        fs::write(&xml_path, &xml).map_err(|e| e.to_string())?;
+        let xml_arg = xml_path.display().to_string();
+        if opts.persistent {
+            self.virsh_try(&["define", &xml_arg])?;
+            self.log("domain defined");
+            self.virsh_try(&["start", &self.domain.clone()])?;
+        } else {
+            self.virsh_try(&["create", &xml_arg])?;
+        }
+        self.domain_started = true;
+        self.log("domain started");
+        copy_dir_files(&self.dir.join("cache/qemu/capabilities"), &caps_cache());
+
+        // QEMU: its pid, uid, and that it really runs in the pod netns.
+        let pidfile = self.dir.join(format!("run/qemu/{}.pid", self.domain));
+        let qpid: i32 = fs::read_to_string(&pidfile)
+            .map_err(|e| format!("read {}: {e}", pidfile.display()))?
+            .trim()
+            .parse()
+            .map_err(|e| format!("bad QEMU pidfile: {e}"))?;
+        self.qemu_pid = qpid;
+        let (uid, gid) = util::pid_uid_gid(qpid).ok_or("QEMU process vanished")?;
+        self.qemu_uid = uid;
+        self.qemu_gid = gid;
+        let ns_ino = |p: &str| fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+        let want = ns_ino(&format!("/run/netns/{}", self.pod_ns));
+        let got = ns_ino(&format!("/proc/{qpid}/ns/net"));
+        if want.is_none() || want != got {
+            return Err(format!("QEMU pid {qpid} is not in netns {} ({got:?} vs {want:?})", self.pod_ns));
+        }
+
+        // Wait for the guest agent.
+        let t0 = Instant::now();
+        let ping = poll(Duration::from_secs(60), Duration::from_millis(200), || {
+            if self.agent(&json!({"execute": "guest-ping"}), 1).is_ok() {
+                return Some(Ok(()));
+            }
+            match self.virsh_try(&["domstate", &self.domain]) {
+                Ok(s) if s.trim() != "running" => Some(Err(format!("domain is {}", s.trim()))),
+                _ => None,
+            }
+        });
+        ping.unwrap_or_else(|| Err("guest agent did not answer guest-ping within 60 s".into()))?;
+        self.log(&format!("guest agent answers ({} ms after start)", t0.elapsed().as_millis()));
+        Ok(())
+    }
+
+    /// Logs `msg` with the rig id and elapsed ms since the rig started.
+    pub fn log(&self, msg: &str) {
+        self.clock.log(msg);
+    }
+
+    /// Time since `Rig::start` began.
+    pub fn elapsed(&self) -> Duration {
+        self.clock.elapsed()
+    }
+
+    /// libvirtd's pid.
+    pub fn daemon_pid(&self) -> i32 {
+        self.daemon.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    /// The guest's QEMU process.
+    pub fn qemu_pid(&self) -> i32 {
+        self.qemu_pid
+    }
+
+    /// uid QEMU runs as (Debian's `libvirt-qemu`): the owner taps need.
+    pub fn qemu_uid(&self) -> u32 {
+        self.qemu_uid
+    }
+
+    pub fn qemu_gid(&self) -> u32 {
+        self.qemu_gid
+    }
+
+    /// `ip netns exec <pod_ns> <program>`.
+    pub fn pod_cmd(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.pod_ns, program]);
+        c
+    }
+
+    /// `ip netns exec <node_ns> <program>`.
+    pub fn node_cmd(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.node_ns, program]);
+        c
+    }
+
+    /// Runs `ip <args>` in the pod netns, panicking on failure; returns stdout.
+    pub fn pod_ip(&self, args: &[&str]) -> String {
+        util::run(Command::new("ip").args(["-n", &self.pod_ns]).args(args))
+    }
+
+    /// Runs `ip <args>` in the node netns, panicking on failure; returns stdout.
+    pub fn node_ip(&self, args: &[&str]) -> String {
+        util::run(Command::new("ip").args(["-n", &self.node_ns]).args(args))
+    }
+
+    /// `virsh -c <uri> <args>`; panics with stderr on failure.
+    pub fn virsh(&self, args: &[&str]) -> String {
+        self.virsh_try(args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `virsh -c <uri> <args>`; `Err(message)` on failure.
+    pub fn virsh_try(&self, args: &[&str]) -> Result<String, String> {
+        util::try_run(Command::new("virsh").args(["-q", "-c", &self.libvirt_uri]).args(args))
+    }
+
+    /// Live domain XML.
+    pub fn domain_xml(&self) -> String {
+        self.virsh(&["dumpxml", &self.domain])
+    }
+
+    /// Inactive (persistent config) domain XML.
+    pub fn domain_config_xml(&self) -> String {
+        self.virsh(&["dumpxml", "--inactive", &self.domain])
+    }
+
+    /// `pcie-root-port` controllers of the live domain no device sits behind.
+    pub fn free_root_ports(&self) -> u32 {
+        free_root_ports(&self.domain_xml())
+    }
+
+    /// Last `n` lines of the guest's serial console.
+    pub fn console_tail(&self, n: usize) -> String {
+        util::tail(&self.console_log, n)
+    }
+
+    /// Sends one guest-agent command; returns its `return` value.
+    pub fn agent(&self, cmd: &Value, timeout_s: u32) -> Result<Value, String> {
+        let out = self.virsh_try(&[
+            "qemu-agent-command",
+            "--timeout",
+            &timeout_s.to_string(),
+            &self.domain,
+            &cmd.to_string(),
+        ])?;
+        let v: Value = serde_json::from_str(out.trim())
+            .map_err(|e| format!("guest agent reply {out:?}: {e}"))?;
+        Ok(v.get("return").cloned().unwrap_or(Value::Null))
+    }
+
+    /// `guest-network-get-interfaces`, or the error.
+    pub fn try_guest_interfaces(&self) -> Result<Vec<GuestIface>, String> {
+        self.agent(&json!({"execute": "guest-network-get-interfaces"}), 5)
+            .map(|r| GuestIface::parse_all(&r))
+    }
+
+    /// The guest's interfaces as its agent reports them (panics if the agent fails).
+    pub fn guest_interfaces(&self) -> Vec<GuestIface> {
+        self.try_guest_interfaces()
+            .unwrap_or_else(|e| panic!("guest-network-get-interfaces: {e}"))
+    }
+
+    /// Polls the guest agent until it reports an interface with `mac` (any case).
+    pub fn wait_guest_mac(&self, mac: &str, timeout: Duration) -> Option<GuestIface> {
+        let mac = mac.to_ascii_lowercase();
+        poll(timeout, Duration::from_millis(100), || {
+            self.try_guest_interfaces()
+                .ok()?
+                .into_iter()
+                .find(|i| i.mac == mac)
+        })
+    }
+
+    /// Polls the guest agent until no interface has `mac`; true if it went away in time.
+    pub fn wait_guest_mac_gone(&self, mac: &str, timeout: Duration) -> bool {
+        let mac = mac.to_ascii_lowercase();
+        poll(timeout, Duration::from_millis(100), || {
+            let ifaces = self.try_guest_interfaces().ok()?;
+            (!ifaces.iter().any(|i| i.mac == mac)).then_some(())
+        })
+        .is_some()
+    }
+
+    /// Runs argv in the guest (guest-exec, no shell: use `["/bin/sh", "-c", ...]` for one);
+    /// returns (exit code, stdout). Panics if the agent fails or it runs over 30 s.
+    pub fn guest_exec(&self, argv: &[&str]) -> (i32, String) {
+        let r = self.guest_exec_full(argv);
+        (r.code, r.stdout)
+    }
+
+    /// Like `guest_exec`, with stderr too.
+    pub fn guest_exec_full(&self, argv: &[&str]) -> GuestExec {
+        let (path, args) = argv.split_first().expect("guest_exec: empty argv");
+        let ret = self
+            .agent(
+                &json!({"execute": "guest-exec", "arguments": {
+                    "path": path, "arg": args, "capture-output": true}}),
+                10,
+            )
+            .unwrap_or_else(|e| panic!("guest-exec {argv:?}: {e}"));
+        let pid = ret["pid"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("guest-exec {argv:?}: no pid in {ret}"));
+        let status = poll(Duration::from_secs(30), Duration::from_millis(50), || {
+            let s = self
+                .agent(&json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}), 10)
+                .unwrap_or_else(|e| panic!("guest-exec-status {argv:?}: {e}"));
+            s["exited"].as_bool().unwrap_or(false).then_some(s)
+        })
+        .unwrap_or_else(|| panic!("guest-exec {argv:?} did not exit within 30 s"));
+        let text = |k: &str| {
+            String::from_utf8_lossy(&util::base64_decode(status[k].as_str().unwrap_or("")))
+                .into_owned()
+        };
+        GuestExec {
+            code: status["exitcode"]
+                .as_i64()
+                .or_else(|| status["signal"].as_i64().map(|s| 128 + s))
+                .unwrap_or(-1) as i32,
+            stdout: text("out-data"),
+            stderr: text("err-data"),
+        }
+    }
+
+    fn cni(&self, command: &str, net: &CniNet, ifname: &str) -> Result<String, String> {
+        let ipam = self.dir.join("ipam").display().to_string();
+        let conf = net.config(&ipam).to_string();
+        fs::write(self.dir.join(format!("cni/{}.json", net.name)), &conf).map_err(|e| e.to_string())?;
+        let mut cmd = self.node_cmd(&format!("{CNI_PATH}/bridge"));
+        cmd.env("CNI_COMMAND", command)
+            .env("CNI_NETNS", format!("/run/netns/{}", self.pod_ns))
+            .env("CNI_IFNAME", ifname)
+            .env("CNI_CONTAINERID", format!("{PREFIX}-rig-{}", self.id))
+            .env("CNI_PATH", CNI_PATH)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| format!("spawn CNI bridge: {e}"))?;
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(conf.as_bytes())
+            .map_err(|e| e.to_string())?;
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            Ok(stdout)
+        } else {
+            Err(format!(
+                "CNI {command} {} {ifname} failed ({}): {stdout} {}",
+                net.name,
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    /// CNI ADD with the real bridge plugin, run in the node netns: `ifname` appears in the
+    /// pod netns with a link-local address, its peer on `net.bridge` in the node netns.
+    /// The node's bridge also gets `net.node_addr()` so the node can ping the guest.
+    pub fn cni_add(&self, net: &CniNet, ifname: &str) -> CniResult {
+        let t0 = Instant::now();
+        let out = self.cni("ADD", net, ifname).unwrap_or_else(|e| panic!("{e}"));
+        let raw: Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("CNI ADD result {out:?}: {e}"));
+        let res = CniResult::parse(raw, ifname).unwrap_or_else(|e| panic!("{e}"));
+        self.node_ip(&["addr", "replace", &net.node_addr(), "dev", &net.bridge]);
+        self.log(&format!(
+            "cni ADD {} {ifname}: mac {} ips {:?} ({} ms)",
+            net.name,
+            res.mac,
+            res.ips,
+            t0.elapsed().as_millis()
+        ));
+        res
+    }
+
+    /// CNI DEL (panics on failure).
+    pub fn cni_del(&self, net: &CniNet, ifname: &str) {
+        let t0 = Instant::now();
+        self.cni("DEL", net, ifname).unwrap_or_else(|e| panic!("{e}"));
+        self.log(&format!("cni DEL {} {ifname} ({} ms)", net.name, t0.elapsed().as_millis()));
+    }
+
+    /// Pings `addr` from the node netns over `net`'s bridge (a few tries of `ping -c1 -W1`).
+    pub fn ping_from_node(&self, net: &CniNet, addr: &str) -> bool {
+        for _ in 0..5 {
+            let mut cmd = self.node_cmd(BUSYBOX);
+            cmd.args(["ping", "-c1", "-W1"]);
+            if addr.contains(':') {
+                cmd.args(["-I", &net.bridge]);
+            }
+            cmd.arg(addr);
+            if util::output(&mut cmd).status.success() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Normalized `ip -d -j link` + `ip -j addr` of the pod netns (links sorted by name;
+    /// counters, ifindexes and address lifetimes dropped) for before/after comparisons.
+    pub fn pod_links_snapshot(&self) -> String {
+        snapshot(&self.pod_ns)
+    }
+
+    /// Same as `pod_links_snapshot`, for the node netns.
+    pub fn node_links_snapshot(&self) -> String {
+        snapshot(&self.node_ns)
+    }
+}
+
+fn snapshot(ns: &str) -> String {
+    fn strip(v: &mut Value) {
+        const VOLATILE: [&str; 7] = [
+            "stats",
+            "stats64",
+            "ifindex",
+            "link_index",
+            "valid_life_time",
+            "preferred_life_time",
+            "link_netnsid",
+        ];
+        match v {
+            Value::Object(m) => {
+                for k in VOLATILE {
+                    m.remove(k);
+                }
+                m.values_mut().for_each(strip);
+            }
+            Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let parse = |args: &[&str]| -> Vec<Value> {
+        let out = util::run(Command::new("ip").args(["-n", ns]).args(args));
+        let mut v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("ip -j: {e}: {out}"));
+        strip(&mut v);
+        let mut a = v.as_array().cloned().unwrap_or_default();
+        a.sort_by(|x, y| x["ifname"].as_str().cmp(&y["ifname"].as_str()));
+        a
+    };
+    let links = parse(&["-d", "-j", "link", "show"]);
+    let addrs: Vec<Value> = parse(&["-j", "addr", "show"])
+        .into_iter()
+        .map(|a| json!({"ifname": a["ifname"], "addr_info": a["addr_info"]}))
+        .collect();
+    serde_json::to_string_pretty(&json!({"links": links, "addrs": addrs})).expect("json")
+}
+
+/// Counts `pcie-root-port` controllers of a domain XML that no `<address bus=...>` uses.
+pub fn free_root_ports(xml: &str) -> u32 {
+    let mut ports = Vec::new();
+    let mut used = std::collections::HashSet::new();
+    for tag in xml.split('<').skip(1) {
+        let attr = |name: &str| -> Option<String> {
+            let i = tag.find(&format!(" {name}="))? + name.len() + 2;
+            let q = tag[i..].chars().next()?;
+            let rest = &tag[i + 1..];
+            Some(rest[..rest.find(q)?].to_string())
+        };
+        if tag.starts_with("controller ")
+            && attr("type").as_deref() == Some("pci")
+            && attr("model").as_deref() == Some("pcie-root-port")
+        {
+            if let Some(i) = attr("index").and_then(|s| s.parse::<u32>().ok()) {
+                ports.push(i);
+            }
+        } else if tag.starts_with("address ") && attr("type").as_deref() == Some("pci") {
+            if let Some(b) = attr("bus") {
+                let b = b.trim_start_matches("0x");
+                if let Ok(b) = u32::from_str_radix(b, 16) {
+                    used.insert(b);
+                }
+            }
+        }
+    }
+    ports.iter().filter(|p| !used.contains(p)).count() as u32
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\'', "&apos;")
+        .replace('"', "&quot;")
+}
+
+/// The rig's domain: q35 TCG, direct kernel boot, guest agent channel, no NIC, no disk.
+pub fn domain_xml(name: &str, opts: &RigOptions, kernel: &Path, initrd: &Path, console: &Path) -> String {
+    let mut cmdline = String::from("console=ttyS0 quiet panic=-1");
+    if !opts.kernel_cmdline_extra.trim().is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(opts.kernel_cmdline_extra.trim());
+    }
+    let mut ports = String::new();
+    for i in 1..=opts.root_ports {
+        ports.push_str(&format!(
+            "    <controller type='pci' index='{i}' model='pcie-root-port'/>\n"
+        ));
+    }
+    format!(
+        "<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>{mem}</memory>
+  <vcpu>{vcpus}</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>{cmdline}</cmdline>
+  </os>
+  <features><acpi/><apic/></features>
+  <cpu mode='custom'><model>qemu64</model></cpu>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <controller type='pci' index='0' model='pcie-root'/>
+{ports}    <controller type='usb' model='none'/>
+    <controller type='virtio-serial' index='0'>
+      <address type='pci' domain='0x0000' bus='0x00' slot='0x03' function='0x0'/>
+    </controller>
+    <channel type='unix'>
+      <target type='virtio' name='org.qemu.guest_agent.0'/>
+    </channel>
+    <serial type='file'>
+      <source path='{console}'/>
+      <target port='0'/>
+    </serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+",
+        mem = opts.memory_mib,
+        vcpus = opts.vcpus,
+        kernel = xml_escape(&kernel.display().to_string()),
+        initrd = xml_escape(&initrd.display().to_string()),
+        cmdline = xml_escape(&cmdline),
+        console = xml_escape(&console.display().to_string()),
+    )
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let t0 = Instant::now();
+        if self.daemon.is_some() && self.domain_started {
+            if let Err(e) = self.virsh_try(&["destroy", &self.domain]) {
+                self.log(&format!("cleanup: {e}"));
+            }
+            if self.persistent {
+                let _ = self.virsh_try(&["undefine", &self.domain]);
+            }
+        }
+        if let Some(mut child) = self.daemon.take() {
+            let pid = child.id() as i32;
+            util::kill(pid, libc::SIGTERM);
+            let exited = poll(Duration::from_secs(10), Duration::from_millis(20), || {
+                child.try_wait().ok().flatten()
+            });
+            if exited.is_none() {
+                self.log(&format!("cleanup: libvirtd {pid} ignored SIGTERM, killing"));
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        // QEMU should be gone with the destroy; make sure (only the pid this rig recorded).
+        if self.qemu_pid > 0
+            && util::pid_comm(self.qemu_pid).is_some_and(|c| c.starts_with("qemu"))
+        {
+            self.log(&format!("cleanup: QEMU {} still alive, killing", self.qemu_pid));
+            util::terminate_foreign(self.qemu_pid, Duration::from_secs(5));
+        }
+        for ns in self.netns_made.drain(..).rev() {
+            if let Err(e) = util::try_run(Command::new("ip").args(["netns", "del", &ns])) {
+                eprintln!("[rig {}] cleanup: {e}", self.id);
+            }
+        }
+        if self.keep {
+            self.log(&format!("NICPLUG_KEEP_RIG=1: keeping {}", self.dir.display()));
+        } else if self.dir.exists() {
+            if let Err(e) = fs::remove_dir_all(&self.dir) {
+                self.log(&format!("cleanup: rm {}: {e}", self.dir.display()));
+            }
+        }
+        self.log(&format!("torn down ({} ms)", t0.elapsed().as_millis()));
+    }
+}
+
+/// Cleans up after rigs of processes that died without running Drop (SIGKILL, abort):
+/// their QEMU and libvirtd (by the pids their own pidfiles recorded), netns and directory.
+fn reap_stale() {
+    let Ok(out) = util::try_run(Command::new("ip").args(["netns", "list"])) else {
+        return;
+    };
+    let prefixes = [format!("{PREFIX}-pod-"), format!("{PREFIX}-node-")];
+    for line in out.lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(id) = prefixes.iter().find_map(|p| name.strip_prefix(p.as_str())) else {
+            continue;
+        };
+        let Some(owner) = id.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        if util::pid_alive(owner) {
+            continue;
+        }
+        eprintln!("[rig] reaping stale {name} (owner pid {owner} is gone)");
+        let dir = tmp_base().join(format!("{PREFIX}-rig-{id}"));
+        let read_pid = |p: PathBuf| {
+            fs::read_to_string(p)
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok())
+        };
+        if let Ok(entries) = fs::read_dir(dir.join("run/qemu")) {
+            for e in entries.flatten() {
+                if e.path().extension().is_some_and(|x| x == "pid") {
+                    if let Some(p) = read_pid(e.path()) {
+                        if util::pid_comm(p).is_some_and(|c| c.starts_with("qemu")) {
+                            util::terminate_foreign(p, Duration::from_secs(5));
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(p) = read_pid(dir.join("libvirtd.pid")) {
+            if util::pid_comm(p).as_deref() == Some("libvirtd") {
+                util::terminate_foreign(p, Duration::from_secs(10));
+            }
+        }
+        let _ = util::try_run(Command::new("ip").args(["netns", "del", name]));
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
