@@ -1,0 +1,413 @@
+//! Real-kernel tests of the pod-netns layer ([`Netlink`], taps, link events).
+//!
+//! Each test builds its own namespaces (see `netns_support`), runs the
+//! library on a thread inside the pod namespace, and checks the result both
+//! through [`PodNetwork::links`] and through `ip -j` output, so a bug in our
+//! own reader cannot hide a bug in our writer.
+
+mod netns_support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nicplug::model::{IfName, Mac, Owner, PodLinkRecord};
+use nicplug::netns::netlink::Netlink;
+use nicplug::netns::watch::LinkEvents;
+use nicplug::netns::{Link, LinkKind, NetnsError, PodNetwork, TapSpec};
+use serde_json::Value;
+
+use netns_support::{BRIDGE, ORIGINAL_ALIAS, POD_IF, PodEnv, TAP, TestNs, require_root};
+
+const QEMU: Owner = Owner {
+    uid: 64055,
+    gid: 64055,
+};
+
+fn name(s: &str) -> IfName {
+    IfName::new(s).unwrap()
+}
+
+fn bridge_mac() -> Mac {
+    Mac::locally_administered_from(BRIDGE)
+}
+
+fn pod_new_mac() -> Mac {
+    Mac::locally_administered_from("pod link while enslaved")
+}
+
+fn tap_spec(multi_queue: bool) -> TapSpec {
+    TapSpec {
+        name: name(TAP),
+        owner: QEMU,
+        mtu: 1400,
+        multi_queue,
+    }
+}
+
+fn find<'a>(links: &'a [Link], n: &str) -> &'a Link {
+    links
+        .iter()
+        .find(|l| l.name.as_str() == n)
+        .unwrap_or_else(|| panic!("link {n} not listed"))
+}
+
+/// Reads the pod link's original state the way the planner will: into a
+/// record, which then goes into the link's alias.
+async fn record_of_pod_link(net: &Netlink) -> PodLinkRecord {
+    let links = net.links().await.unwrap();
+    let pod = find(&links, POD_IF);
+    PodLinkRecord {
+        mac: pod.mac.unwrap(),
+        mtu: pod.mtu,
+        addresses: pod.addresses.clone(),
+        previous_alias: pod.alias.clone(),
+    }
+}
+
+/// The whole plug sequence nicplug runs for one network.
+async fn plug(net: &Netlink, record: &PodLinkRecord, multi_queue: bool) {
+    net.set_alias(&name(POD_IF), Some(&record.to_alias().unwrap()))
+        .await
+        .unwrap();
+    net.ensure_bridge(&name(BRIDGE), bridge_mac())
+        .await
+        .unwrap();
+    net.enslave_pod_link(&name(POD_IF), &name(BRIDGE), pod_new_mac())
+        .await
+        .unwrap();
+    net.ensure_tap(&tap_spec(multi_queue), &name(BRIDGE))
+        .await
+        .unwrap();
+}
+
+/// The whole unplug sequence.
+async fn unplug(net: &Netlink, record: &PodLinkRecord) {
+    net.release_pod_link(&name(POD_IF), record).await.unwrap();
+    net.delete_link(&name(TAP)).await.unwrap();
+    net.delete_link(&name(BRIDGE)).await.unwrap();
+}
+
+fn user_name(uid: u32) -> String {
+    nix::unistd::User::from_uid(uid.into())
+        .ok()
+        .flatten()
+        .map_or(uid.to_string(), |u| u.name)
+}
+
+fn group_name(gid: u32) -> String {
+    nix::unistd::Group::from_gid(gid.into())
+        .ok()
+        .flatten()
+        .map_or(gid.to_string(), |g| g.name)
+}
+
+fn has_flag(link: &Value, flag: &str) -> bool {
+    link["flags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f.as_str() == Some(flag))
+}
+
+#[test]
+fn plumbing_builds_the_bridge_binding_layout() {
+    if !require_root("plumbing_builds_the_bridge_binding_layout") {
+        return;
+    }
+    let env = PodEnv::new("plumb");
+    let (record, links) = env.pod.run(|| async {
+        let net = Netlink::new().unwrap();
+        let record = record_of_pod_link(&net).await;
+        plug(&net, &record, false).await;
+        (record, net.links().await.unwrap())
+    });
+    assert_eq!(record.addresses.len(), 2, "{record:?}");
+    assert_eq!(record.previous_alias.as_deref(), Some(ORIGINAL_ALIAS));
+
+    // Through our own reader.
+    let bridge = find(&links, BRIDGE);
+    let pod = find(&links, POD_IF);
+    let tap = find(&links, TAP);
+    assert_eq!(bridge.kind, LinkKind::Bridge);
+    assert!(bridge.up);
+    assert_eq!(bridge.mac, Some(bridge_mac()));
+    assert_eq!(pod.kind, LinkKind::Veth);
+    assert_eq!(pod.master, Some(bridge.index));
+    assert!(pod.up);
+    assert_eq!(pod.mac, Some(pod_new_mac()));
+    assert_eq!(pod.addresses, vec![]);
+    assert_eq!(pod.learning, Some(false));
+    assert_eq!(pod.alias, Some(record.to_alias().unwrap()));
+    assert_eq!(
+        PodLinkRecord::from_alias(pod.alias.as_ref().unwrap()).unwrap(),
+        record
+    );
+    assert_eq!(tap.kind, LinkKind::Tun);
+    assert!(tap.mac.is_some(), "a tap (not a tun) has a MAC");
+    let info = tap.tap.as_ref().unwrap();
+    assert_eq!(info.owner, Some(QEMU.uid));
+    assert_eq!(info.group, Some(QEMU.gid));
+    assert!(!info.multi_queue);
+    assert!(info.vnet_hdr);
+    assert!(info.persist);
+    assert_eq!(tap.mtu, 1400);
+    assert_eq!(tap.master, Some(bridge.index));
+    assert!(tap.up);
+
+    // Independently, through iproute2.
+    let br = env.pod.link_json(BRIDGE);
+    assert_eq!(br["linkinfo"]["info_kind"], "bridge");
+    assert!(has_flag(&br, "UP"));
+    assert_eq!(br["address"], bridge_mac().to_string());
+    assert_eq!(br["linkinfo"]["info_data"]["stp_state"], 0);
+    assert_eq!(br["linkinfo"]["info_data"]["vlan_filtering"], 0);
+
+    let p = env.pod.link_json(POD_IF);
+    assert_eq!(p["master"], BRIDGE);
+    assert!(has_flag(&p, "UP"));
+    assert_eq!(p["address"], pod_new_mac().to_string());
+    assert_eq!(p["linkinfo"]["info_slave_kind"], "bridge");
+    assert_eq!(p["linkinfo"]["info_slave_data"]["learning"], false);
+    assert_eq!(p["ifalias"], record.to_alias().unwrap());
+    assert_eq!(p["inet6_addr_gen_mode"], "none");
+    assert_eq!(p["mtu"], 1400);
+    // Give the kernel a chance to (wrongly) re-add a link-local address.
+    env.pod.settle();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(env.pod.addresses(POD_IF), Vec::<String>::new());
+
+    let t = env.pod.link_json(TAP);
+    let data = &t["linkinfo"]["info_data"];
+    assert_eq!(t["linkinfo"]["info_kind"], "tun");
+    assert_eq!(data["type"], "tap");
+    assert_eq!(data["pi"], false);
+    assert_eq!(data["vnet_hdr"], true);
+    assert_eq!(data["multi_queue"], false);
+    assert_eq!(data["persist"], true);
+    assert_eq!(data["user"], user_name(QEMU.uid));
+    assert_eq!(data["group"], group_name(QEMU.gid));
+    assert_eq!(t["mtu"], 1400);
+    assert_eq!(t["master"], BRIDGE);
+    assert!(has_flag(&t, "UP"));
+
+    // The bridge kept its own MAC although its ports have others.
+    assert_eq!(
+        env.pod.link_json(BRIDGE)["address"],
+        bridge_mac().to_string()
+    );
+    drop(env.peer);
+}
+
+#[test]
+fn plumbing_twice_changes_nothing() {
+    if !require_root("plumbing_twice_changes_nothing") {
+        return;
+    }
+    let env = PodEnv::new("twice");
+    let (record, first_links) = env.pod.run(|| async {
+        let net = Netlink::new().unwrap();
+        let record = record_of_pod_link(&net).await;
+        plug(&net, &record, false).await;
+        (record, net.links().await.unwrap())
+    });
+    let first = env.pod.snapshot();
+    let second_links = env.pod.run(move || async move {
+        let net = Netlink::new().unwrap();
+        plug(&net, &record, false).await;
+        net.links().await.unwrap()
+    });
+    let second = env.pod.snapshot();
+    assert_eq!(first, second);
+    // Ignore addresses the kernel gives the bridge on its own timeline.
+    let strip = |links: Vec<Link>| -> Vec<Link> {
+        links
+            .into_iter()
+            .map(|mut l| {
+                if l.name.as_str() == BRIDGE {
+                    l.addresses.clear();
+                }
+                l
+            })
+            .collect()
+    };
+    assert_eq!(strip(first_links), strip(second_links));
+}
+
+#[test]
+fn multi_queue_tap_gets_iff_multi_queue() {
+    if !require_root("multi_queue_tap_gets_iff_multi_queue") {
+        return;
+    }
+    let env = PodEnv::new("mq");
+    let links = env.pod.run(|| async {
+        let net = Netlink::new().unwrap();
+        let record = record_of_pod_link(&net).await;
+        plug(&net, &record, true).await;
+        net.links().await.unwrap()
+    });
+    let tap = find(&links, TAP).tap.clone().unwrap();
+    assert!(tap.multi_queue);
+    assert!(tap.vnet_hdr && tap.persist);
+    let t = env.pod.link_json(TAP);
+    assert_eq!(t["linkinfo"]["info_data"]["multi_queue"], true);
+    assert_eq!(t["linkinfo"]["info_data"]["type"], "tap");
+}
+
+#[test]
+fn a_mismatched_unused_tap_is_recreated() {
+    if !require_root("a_mismatched_unused_tap_is_recreated") {
+        return;
+    }
+    let env = PodEnv::new("retap");
+    env.pod.ip(&["link", "add", BRIDGE, "type", "bridge"]);
+    env.pod.ip(&[
+        "tuntap",
+        "add",
+        "dev",
+        TAP,
+        "mode",
+        "tap",
+        "user",
+        "107",
+        "group",
+        "107",
+        "multi_queue",
+        "vnet_hdr",
+    ]);
+    let links = env.pod.run(|| async {
+        let net = Netlink::new().unwrap();
+        net.ensure_tap(&tap_spec(false), &name(BRIDGE))
+            .await
+            .unwrap();
+        net.links().await.unwrap()
+    });
+    let info = find(&links, TAP).tap.clone().unwrap();
+    assert_eq!((info.owner, info.group), (Some(QEMU.uid), Some(QEMU.gid)));
+    assert!(!info.multi_queue);
+    assert_eq!(
+        env.pod.link_json(TAP)["linkinfo"]["info_data"]["multi_queue"],
+        false
+    );
+}
+
+#[test]
+fn unplug_gives_back_the_pre_plug_state_idempotently() {
+    if !require_root("unplug_gives_back_the_pre_plug_state_idempotently") {
+        return;
+    }
+    let env = PodEnv::new("unplug");
+    let before = env.pod.snapshot();
+    let record = env.pod.run(|| async {
+        let net = Netlink::new().unwrap();
+        let record = record_of_pod_link(&net).await;
+        plug(&net, &record, false).await;
+        record
+    });
+    assert_ne!(env.pod.snapshot(), before, "plug changed nothing?");
+    let again = record.clone();
+    env.pod.run(move || async move {
+        let net = Netlink::new().unwrap();
+        unplug(&net, &record).await;
+    });
+    let after = env.pod.snapshot();
+    assert_eq!(after, before);
+    assert_eq!(
+        env.pod.link_json(POD_IF)["ifalias"],
+        ORIGINAL_ALIAS,
+        "the previous alias is back"
+    );
+    env.pod.run(move || async move {
+        let net = Netlink::new().unwrap();
+        unplug(&net, &again).await;
+    });
+    assert_eq!(env.pod.snapshot(), before);
+}
+
+#[test]
+fn release_clears_the_alias_when_there_was_none() {
+    if !require_root("release_clears_the_alias_when_there_was_none") {
+        return;
+    }
+    let env = PodEnv::new("noalias");
+    env.pod.ip(&["link", "set", "dev", POD_IF, "alias", ""]);
+    let before = env.pod.snapshot();
+    env.pod.run(|| async {
+        let net = Netlink::new().unwrap();
+        let record = record_of_pod_link(&net).await;
+        assert_eq!(record.previous_alias, None);
+        plug(&net, &record, false).await;
+        unplug(&net, &record).await;
+    });
+    assert_eq!(env.pod.snapshot(), before);
+    assert!(env.pod.link_json(POD_IF).get("ifalias").is_none());
+}
+
+#[test]
+fn delete_of_a_missing_link_is_ok_and_kinds_are_checked() {
+    if !require_root("delete_of_a_missing_link_is_ok_and_kinds_are_checked") {
+        return;
+    }
+    let env = PodEnv::new("kinds");
+    env.pod.run(|| async {
+        let net = Netlink::new().unwrap();
+        net.delete_link(&name("nosuchlink0")).await.unwrap();
+        match net.ensure_bridge(&name(POD_IF), bridge_mac()).await {
+            Err(NetnsError::WrongKind {
+                link,
+                found,
+                expected,
+            }) => {
+                assert_eq!(link.as_str(), POD_IF);
+                assert_eq!(found, "veth");
+                assert_eq!(expected, "bridge");
+            }
+            other => panic!("expected WrongKind, got {other:?}"),
+        }
+        net.ensure_bridge(&name(BRIDGE), bridge_mac())
+            .await
+            .unwrap();
+        let tap_over_veth = TapSpec {
+            name: name(POD_IF),
+            ..tap_spec(false)
+        };
+        let err = net
+            .ensure_tap(&tap_over_veth, &name(BRIDGE))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, NetnsError::WrongKind { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "link pod9a6a0c3b4d8 exists but is a veth, not a tap"
+        );
+        let missing = net
+            .enslave_pod_link(&name("nosuchlink0"), &name(BRIDGE), pod_new_mac())
+            .await
+            .unwrap_err();
+        assert!(matches!(missing, NetnsError::NotFound(_)), "{missing:?}");
+    });
+}
+
+#[test]
+fn link_events_notify_after_subscribe() {
+    if !require_root("link_events_notify_after_subscribe") {
+        return;
+    }
+    let ns = TestNs::new("events");
+    let ns_name = ns.name.clone();
+    ns.run(move || async move {
+        let events = LinkEvents::subscribe().await.unwrap();
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let task = tokio::spawn(events.run(notify.clone()));
+        // Made by another process, so the event is the kernel's, not ours.
+        let status = tokio::process::Command::new("ip")
+            .args(["-n", &ns_name, "link", "add", "evbr0", "type", "bridge"])
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success());
+        tokio::time::timeout(Duration::from_secs(10), notify.notified())
+            .await
+            .expect("no link event within 10 s");
+        task.abort();
+    });
+}
