@@ -290,6 +290,118 @@ fn a_mismatched_unused_tap_is_recreated() {
     );
 }
 
+/// Holds a tap open the way QEMU does (TUNSETIFF on /dev/net/tun), on the
+/// calling thread's namespace, until dropped.
+fn hold_tap_open(tap: &str) -> std::fs::File {
+    nix::ioctl_write_ptr_bad!(
+        tunsetiff,
+        nix::request_code_write!(b'T', 202, std::mem::size_of::<libc::c_int>()),
+        libc::ifreq
+    );
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .unwrap();
+    // SAFETY: all-zeroes is a valid `ifreq` (plain integers and arrays).
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(tap.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    // SAFETY: the fd is open for the whole call, `ifr` is a valid ifreq.
+    unsafe { tunsetiff(std::os::fd::AsRawFd::as_raw_fd(&file), &ifr) }.unwrap();
+    file
+}
+
+#[test]
+fn a_mismatched_tap_in_use_is_refused_not_recreated() {
+    if !require_root("a_mismatched_tap_in_use_is_refused_not_recreated") {
+        return;
+    }
+    let env = PodEnv::new("busytap");
+    env.pod.run(|| async {
+        let net = Netlink::new().unwrap();
+        net.ensure_bridge(&name(BRIDGE), bridge_mac())
+            .await
+            .unwrap();
+        let other_owner = TapSpec {
+            owner: Owner { uid: 107, gid: 107 },
+            ..tap_spec(false)
+        };
+        net.ensure_tap(&other_owner, &name(BRIDGE)).await.unwrap();
+        let index = find(&net.links().await.unwrap(), TAP).index;
+        let qemu = hold_tap_open(TAP);
+        let err = net
+            .ensure_tap(&tap_spec(false), &name(BRIDGE))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, NetnsError::TapInUse { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "tap tap9a6a0c3b4d8 is in use but has owner 107, not 64055, \
+             has group 107, not 64055"
+        );
+        let links = net.links().await.unwrap();
+        assert_eq!(
+            find(&links, TAP).index,
+            index,
+            "the busy tap was left alone"
+        );
+        drop(qemu);
+        net.ensure_tap(&tap_spec(false), &name(BRIDGE))
+            .await
+            .unwrap();
+        let info = find(&net.links().await.unwrap(), TAP).tap.clone().unwrap();
+        assert_eq!(info.owner, Some(QEMU.uid));
+    });
+}
+
+/// The Netlink is made in the pod namespace but used from a thread in
+/// another (the peer's): links and the tap must still land in the pod
+/// namespace. (A bug would put the tap into the peer namespace, which the
+/// test also created, never into the machine's own.)
+#[test]
+fn operations_stay_in_the_namespace_of_the_creating_thread() {
+    if !require_root("operations_stay_in_the_namespace_of_the_creating_thread") {
+        return;
+    }
+    let env = PodEnv::new("where");
+    let (net_tx, net_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let pod_path = env.pod.path();
+    // Owns the runtime that drives the Netlink's connection.
+    let driver = std::thread::spawn(move || {
+        netns_support::enter(&pod_path);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            net_tx.send(Netlink::new().unwrap()).unwrap();
+            let _ = done_rx.await;
+        });
+    });
+    let net = net_rx.recv().unwrap();
+    env.peer.run(move || async move {
+        net.ensure_bridge(&name(BRIDGE), bridge_mac())
+            .await
+            .unwrap();
+        net.ensure_tap(&tap_spec(false), &name(BRIDGE))
+            .await
+            .unwrap();
+    });
+    done_tx.send(()).unwrap();
+    driver.join().unwrap();
+    assert_eq!(env.pod.link_json(TAP)["master"], BRIDGE);
+    let peer_links = env.peer.ip_json(&["link", "show"]);
+    assert!(
+        !peer_links.to_string().contains(TAP),
+        "tap leaked into the peer namespace: {peer_links}"
+    );
+}
+
 #[test]
 fn unplug_gives_back_the_pre_plug_state_idempotently() {
     if !require_root("unplug_gives_back_the_pre_plug_state_idempotently") {

@@ -460,6 +460,7 @@ impl PodNetwork for Netlink {
 
 /// What differs between an existing tun link and the tap `spec` asks for.
 fn tap_mismatch(existing: &Observed, spec: &TapSpec) -> Option<String> {
+    let id = |v: Option<u32>| v.map_or_else(|| "none".to_string(), |v| v.to_string());
     let mut problems = Vec::new();
     if existing.tun_type != Some(TUN_TYPE_TAP) {
         problems.push("is a tun, not a tap".to_string());
@@ -469,14 +470,16 @@ fn tap_mismatch(existing: &Observed, spec: &TapSpec) -> Option<String> {
         Some(info) => {
             if info.owner != Some(spec.owner.uid) {
                 problems.push(format!(
-                    "is owned by {:?}, not {}",
-                    info.owner, spec.owner.uid
+                    "has owner {}, not {}",
+                    id(info.owner),
+                    spec.owner.uid
                 ));
             }
             if info.group != Some(spec.owner.gid) {
                 problems.push(format!(
-                    "has group {:?}, not {}",
-                    info.group, spec.owner.gid
+                    "has group {}, not {}",
+                    id(info.group),
+                    spec.owner.gid
                 ));
             }
             if info.multi_queue != spec.multi_queue {
@@ -790,10 +793,7 @@ mod tests {
             ..spec
         };
         let mismatch = tap_mismatch(&o, &multi).unwrap();
-        assert!(
-            mismatch.contains("owned by Some(64055), not 107"),
-            "{mismatch}"
-        );
+        assert!(mismatch.contains("has owner 64055, not 107"), "{mismatch}");
         assert!(
             mismatch.contains("multi_queue false, not true"),
             "{mismatch}"

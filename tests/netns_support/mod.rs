@@ -8,6 +8,7 @@
 //! is never touched (the test thread itself never `setns`es).
 
 use std::future::Future;
+use std::io::Write;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -23,7 +24,12 @@ pub fn require_root(test: &str) -> bool {
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("{test}: needs root (creates network namespaces), and CI must not skip it");
     }
-    println!("SKIP {test}: needs root (creates network namespaces)");
+    // Written to the stderr handle, not with println!, so libtest's output
+    // capture does not swallow it: a skip must be visible.
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIP {test}: needs root (creates network namespaces)"
+    );
     false
 }
 
@@ -121,13 +127,11 @@ impl TestNs {
         Fut: Future<Output = T>,
         T: Send + 'static,
     {
-        let path = format!("/run/netns/{}", self.name);
+        let path = self.path();
         let thread = std::thread::Builder::new()
             .name(format!("in-{}", self.name))
             .spawn(move || {
-                let ns = std::fs::File::open(&path).expect("open netns file");
-                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .expect("setns into the test netns");
+                enter(&path);
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -139,6 +143,20 @@ impl TestNs {
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     }
+}
+
+impl TestNs {
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+}
+
+/// Moves the calling thread into the namespace at `path`. Only for threads
+/// a test spawned for that purpose, never the test's own thread.
+pub fn enter(path: &str) {
+    let ns = std::fs::File::open(path).expect("open netns file");
+    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+        .expect("setns into the test netns");
 }
 
 impl Drop for TestNs {
