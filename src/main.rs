@@ -146,7 +146,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             // Any domain event is only a trigger; the loop reads the state.
             loop {
                 match events.recv().await {
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => wake.notify_one(),
+                    Ok(event) => {
+                        tracing::debug!(?event, "libvirt event");
+                        wake.notify_one();
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => wake.notify_one(),
                     Err(broadcast::error::RecvError::Closed) => break,
                 }
             }

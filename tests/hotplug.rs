@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use support::{CniNet, Rig, RigOptions};
 
 /// `nicplug run` in the rig's pod netns, like the sidecar in the launcher pod.
@@ -23,7 +23,7 @@ struct Nicplug<'a> {
 
 impl<'a> Nicplug<'a> {
     fn new(rig: &'a Rig, networks: &[&str]) -> Self {
-        let mut nicplug = Self {
+        let nicplug = Self {
             rig,
             child: None,
             vmi_path: rig.dir.join("vmi/vmi.json"),
@@ -81,7 +81,11 @@ impl<'a> Nicplug<'a> {
 
     fn phase(&self, name: &str) -> Option<String> {
         let doc = self.status()?;
-        let entry = doc["interfaces"].as_array()?.iter().find(|i| i["name"] == name)?.clone();
+        let entry = doc["interfaces"]
+            .as_array()?
+            .iter()
+            .find(|i| i["name"] == name)?
+            .clone();
         entry["phase"].as_str().map(String::from)
     }
 
@@ -106,7 +110,9 @@ impl<'a> Nicplug<'a> {
     }
 
     fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 
     fn signal(&mut self, signal: i32) {
@@ -191,7 +197,11 @@ fn device_mac(rig: &Rig, alias: &str) -> Option<String> {
 
 /// `ip -d -j link show` of the pod netns, by name.
 fn pod_link(rig: &Rig, name: &str) -> Option<Value> {
-    let out = rig.pod_cmd("ip").args(["-d", "-j", "link", "show", "dev", name]).output().unwrap();
+    let out = rig
+        .pod_cmd("ip")
+        .args(["-N", "-d", "-j", "link", "show", "dev", name])
+        .output()
+        .unwrap();
     if !out.status.success() {
         return None;
     }
@@ -200,32 +210,61 @@ fn pod_link(rig: &Rig, name: &str) -> Option<Value> {
 }
 
 fn pod_addresses(rig: &Rig, name: &str) -> Vec<String> {
-    let out = rig.pod_cmd("ip").args(["-j", "addr", "show", "dev", name]).output().unwrap();
+    let out = rig
+        .pod_cmd("ip")
+        .args(["-j", "addr", "show", "dev", name])
+        .output()
+        .unwrap();
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     v[0]["addr_info"]
         .as_array()
-        .map(|a| a.iter().map(|x| format!("{}/{}", x["local"].as_str().unwrap(), x["prefixlen"])).collect())
+        .map(|a| {
+            a.iter()
+                .map(|x| format!("{}/{}", x["local"].as_str().unwrap(), x["prefixlen"]))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 /// The plumbing of one network is exactly as specified.
 fn assert_plumbing(rig: &Rig, network: &str, mtu: u64) {
-    let (pod, bridge, tap) = (pod_iface(network), format!("k6t-{}", suffix(network)), format!("tap{}", suffix(network)));
+    let (pod, bridge, tap) = (
+        pod_iface(network),
+        format!("k6t-{}", suffix(network)),
+        format!("tap{}", suffix(network)),
+    );
     let b = pod_link(rig, &bridge).expect("bridge exists");
     assert_eq!(b["linkinfo"]["info_kind"], "bridge");
     assert!(b["flags"].as_array().unwrap().iter().any(|f| f == "UP"));
     let p = pod_link(rig, &pod).expect("pod link keeps its name");
     assert_eq!(p["master"], bridge.as_str());
-    assert_eq!(p["address"], b["address"], "pod link carries the bridge's MAC");
+    assert_eq!(
+        p["address"], b["address"],
+        "pod link carries the bridge's MAC"
+    );
     assert_eq!(p["linkinfo"]["info_slave_data"]["learning"], false);
     assert!(p["ifalias"].as_str().unwrap().starts_with("nicplug/v1 "));
-    assert!(pod_addresses(rig, &pod).is_empty(), "pod link has no addresses");
+    assert!(
+        pod_addresses(rig, &pod).is_empty(),
+        "pod link has no addresses"
+    );
     let t = pod_link(rig, &tap).expect("tap exists");
     assert_eq!(t["master"], bridge.as_str());
     assert_eq!(t["mtu"], mtu);
     let tun = &t["linkinfo"]["info_data"];
     assert_eq!(tun["type"], "tap");
-    assert_eq!(tun["user"].as_u64(), Some(rig.qemu_uid() as u64), "tap owned by QEMU's user: {t}");
+    // iproute2 prints the owner by name when it has one.
+    let qemu_user = std::process::Command::new("id")
+        .args(["-nu", &rig.qemu_uid().to_string()])
+        .output()
+        .unwrap();
+    let qemu_user = String::from_utf8_lossy(&qemu_user.stdout)
+        .trim()
+        .to_string();
+    assert!(
+        tun["user"] == qemu_user.as_str() || tun["user"].as_u64() == Some(rig.qemu_uid().into()),
+        "tap owned by QEMU's user {qemu_user}: {t}"
+    );
     assert_eq!(tun["multi_queue"], false);
     // No KubeVirt rename, no dummy.
     assert!(pod_link(rig, &format!("{}-nic", suffix(network))).is_none());
@@ -234,11 +273,24 @@ fn assert_plumbing(rig: &Rig, network: &str, mtu: u64) {
 /// Gives the guest NIC with `mac` a link-local address through the guest
 /// agent and pings it from the node netns over the CNI bridge.
 fn assert_guest_reachable(rig: &Rig, net: &CniNet, mac: &str) {
-    let guest = rig.wait_guest_mac(mac, Duration::from_secs(30)).expect("guest sees the MAC");
+    let guest = rig
+        .wait_guest_mac(mac, Duration::from_secs(30))
+        .expect("guest sees the MAC");
     let addr = net.addr(50);
-    let (code, out) = rig.guest_exec(&["/bin/sh", "-c", &format!("ip addr add {addr}/24 dev {} && ip link set {} up", guest.name, guest.name)]);
+    let (code, out) = rig.guest_exec(&[
+        "/bin/sh",
+        "-c",
+        &format!(
+            "ip addr add {addr}/24 dev {} && ip link set {} up",
+            guest.name, guest.name
+        ),
+    ]);
     assert_eq!(code, 0, "guest address: {out}");
-    assert!(rig.ping_from_node(net, &addr), "node reaches the guest at {addr} over {}", guest.name);
+    assert!(
+        rig.ping_from_node(net, &addr),
+        "node reaches the guest at {addr} over {}",
+        guest.name
+    );
 }
 
 #[test]
@@ -259,16 +311,28 @@ fn hotplug_one_nic_reaches_the_guest() {
     let attached = created.elapsed();
     let guest = rig.wait_guest_mac(&cni.mac, Duration::from_secs(30));
     let seen = created.elapsed();
-    eprintln!("timing: pod interface -> status Attached {attached:?}, -> guest agent reports the MAC {seen:?}");
+    eprintln!(
+        "timing: pod interface -> status Attached {attached:?}, -> guest agent reports the MAC {seen:?}"
+    );
     assert!(guest.is_some(), "guest never reported {}", cni.mac);
 
     assert!(device_aliases(&rig).contains(&"ua-dyniface1".to_string()));
-    assert_eq!(device_mac(&rig, "ua-dyniface1").as_deref(), Some(cni.mac.as_str()), "VM gets the pod link's original MAC");
+    assert_eq!(
+        device_mac(&rig, "ua-dyniface1").as_deref(),
+        Some(cni.mac.as_str()),
+        "VM gets the pod link's original MAC"
+    );
     // The persistent definition has it too (LIVE|CONFIG).
     assert!(rig.domain_config_xml().contains("ua-dyniface1"));
     assert_plumbing(&rig, "dyniface1", 1500);
     let status = nicplug.status().unwrap();
-    let entry = &status["interfaces"].as_array().unwrap().iter().find(|i| i["name"] == "dyniface1").unwrap().clone();
+    let entry = &status["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "dyniface1")
+        .unwrap()
+        .clone();
     assert_eq!(entry["podInterfaceName"], "pod9a6a0c3b4d8");
     assert_eq!(entry["mac"], cni.mac.as_str());
     assert_eq!(nicplug.phase("default").as_deref(), Some("Unsupported"));
@@ -300,7 +364,11 @@ fn hotplug_two_nics_in_one_update() {
     assert_guest_reachable(&rig, &red, &red_cni.mac);
     assert_guest_reachable(&rig, &blue, &blue_cni.mac);
     let aliases = device_aliases(&rig);
-    assert_eq!(aliases.iter().filter(|a| a.starts_with("ua-")).count(), 2, "{aliases:?}");
+    assert_eq!(
+        aliases.iter().filter(|a| a.starts_with("ua-")).count(),
+        2,
+        "{aliases:?}"
+    );
 }
 
 #[test]
@@ -316,7 +384,10 @@ fn pod_interface_before_spec_update() {
     // Not in the spec: nicplug leaves the pod interface alone.
     std::thread::sleep(Duration::from_millis(500));
     assert!(pod_link(&rig, &format!("k6t-{}", suffix("early"))).is_none());
-    assert_eq!(pod_addresses(&rig, &pod_iface("early")).len(), 1 + usize::from(has_ipv6_ll(&rig, &pod_iface("early"))));
+    assert_eq!(
+        pod_addresses(&rig, &pod_iface("early")).len(),
+        1 + usize::from(has_ipv6_ll(&rig, &pod_iface("early")))
+    );
 
     nicplug.set_spec(&["early"]);
     nicplug.wait_phase("early", "Attached", Duration::from_secs(20));
@@ -325,7 +396,9 @@ fn pod_interface_before_spec_update() {
 }
 
 fn has_ipv6_ll(rig: &Rig, name: &str) -> bool {
-    pod_addresses(rig, name).iter().any(|a| a.starts_with("fe80"))
+    pod_addresses(rig, name)
+        .iter()
+        .any(|a| a.starts_with("fe80"))
 }
 
 #[test]
@@ -352,18 +425,39 @@ fn sigkill_between_plumbing_and_attach_then_restart() {
     // SAFETY: as above.
     unsafe { libc::kill(daemon, libc::SIGCONT) };
     plumbed.expect("nicplug reached Plumbed before the kill");
-    assert!(pod_link(&rig, &format!("tap{}", suffix("crash"))).is_some(), "killed with plumbing in place");
+    assert!(
+        pod_link(&rig, &format!("tap{}", suffix("crash"))).is_some(),
+        "killed with plumbing in place"
+    );
 
     nicplug.start();
     nicplug.wait_phase("crash", "Attached", Duration::from_secs(20));
     let aliases = device_aliases(&rig);
-    assert_eq!(aliases.iter().filter(|a| *a == "ua-crash").count(), 1, "exactly one device: {aliases:?}");
+    assert_eq!(
+        aliases.iter().filter(|a| *a == "ua-crash").count(),
+        1,
+        "exactly one device: {aliases:?}"
+    );
     // The MAC came from the record in the pod link's alias: the link itself
     // already carried the bridge's MAC when the second run started.
-    assert_eq!(device_mac(&rig, "ua-crash").as_deref(), Some(cni.mac.as_str()));
+    assert_eq!(
+        device_mac(&rig, "ua-crash").as_deref(),
+        Some(cni.mac.as_str())
+    );
     assert_plumbing(&rig, "crash", 1500);
-    let names: Vec<String> = rig.pod_ip(&["-j", "link"]).lines().collect::<String>().split("\"ifname\":\"").skip(1).map(|s| s.split('"').next().unwrap().to_string()).collect();
-    for name in [pod_iface("crash"), format!("k6t-{}", suffix("crash")), format!("tap{}", suffix("crash"))] {
+    let names: Vec<String> = rig
+        .pod_ip(&["-j", "link"])
+        .lines()
+        .collect::<String>()
+        .split("\"ifname\":\"")
+        .skip(1)
+        .map(|s| s.split('"').next().unwrap().to_string())
+        .collect();
+    for name in [
+        pod_iface("crash"),
+        format!("k6t-{}", suffix("crash")),
+        format!("tap{}", suffix("crash")),
+    ] {
         assert_eq!(names.iter().filter(|n| **n == name).count(), 1, "{names:?}");
     }
     assert_guest_reachable(&rig, &net, &cni.mac);
@@ -387,7 +481,13 @@ fn malformed_vmi_keeps_the_last_good_spec() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let log = nicplug.log();
-    assert!(log.contains(&format!("invalid VMI document in {}", nicplug.vmi_path.display())), "{log}");
+    assert!(
+        log.contains(&format!(
+            "invalid VMI document in {}",
+            nicplug.vmi_path.display()
+        )),
+        "{log}"
+    );
     assert!(nicplug.is_running(), "nicplug keeps running");
     // The last good spec still holds: nothing was unplugged.
     assert_eq!(nicplug.phase("first").as_deref(), Some("Attached"));
@@ -396,5 +496,8 @@ fn malformed_vmi_keeps_the_last_good_spec() {
     nicplug.set_spec(&["first", "second"]);
     let cni = rig.cni_add(&second, &pod_iface("second"));
     nicplug.wait_phase("second", "Attached", Duration::from_secs(20));
-    assert!(rig.wait_guest_mac(&cni.mac, Duration::from_secs(30)).is_some());
+    assert!(
+        rig.wait_guest_mac(&cni.mac, Duration::from_secs(30))
+            .is_some()
+    );
 }

@@ -11,9 +11,14 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 fn doc(name: &str, networks: &[&str]) -> String {
-    let ifaces: Vec<String> = networks.iter().map(|n| format!(r#"{{"name":"{n}","bridge":{{}}}}"#)).collect();
-    let nets: Vec<String> =
-        networks.iter().map(|n| format!(r#"{{"name":"{n}","multus":{{"networkName":"{n}"}}}}"#)).collect();
+    let ifaces: Vec<String> = networks
+        .iter()
+        .map(|n| format!(r#"{{"name":"{n}","bridge":{{}}}}"#))
+        .collect();
+    let nets: Vec<String> = networks
+        .iter()
+        .map(|n| format!(r#"{{"name":"{n}","multus":{{"networkName":"{n}"}}}}"#))
+        .collect();
     format!(
         r#"{{"kind":"VirtualMachineInstance","metadata":{{"name":"{name}","namespace":"ns"}},"spec":{{"domain":{{"devices":{{"interfaces":[{}]}}}},"networks":[{}]}}}}"#,
         ifaces.join(","),

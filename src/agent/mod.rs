@@ -168,6 +168,7 @@ impl<N: PodNetwork, H: Hypervisor> Agent<N, H> {
     /// One observe -> plan -> apply pass over every interface of `vmi`.
     pub async fn reconcile(&mut self, vmi: &Vmi) -> Result<(), AgentError> {
         let domain_name = self.domain_name(vmi);
+        debug!("reconcile");
         let links = self.net.links().await.map_err(AgentError::Observe)?;
         let domain = self
             .hyp

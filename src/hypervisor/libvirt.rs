@@ -167,10 +167,7 @@ fn read_domain(
 
 impl Hypervisor for Libvirt {
     async fn domain(&self, domain: &str) -> Result<Option<DomainState>, HypervisorError> {
-        self.blocking(domain, |conn, name| {
-            Ok(read_domain(conn, name)?.map(|(state, _)| state))
-        })
-        .await
+        Ok(self.read_cached(domain).await?.map(|(state, _)| state))
     }
 
     async fn attach(
@@ -268,6 +265,7 @@ impl Libvirt {
                 return Ok(c.state.clone());
             }
         }
+        tracing::debug!(domain, "reading the live domain");
         let state = self.blocking(domain, read_domain).await?;
         *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = Some(CachedDomain {
             name: domain.to_string(),

@@ -43,9 +43,7 @@ pub fn require_root(test: &str) -> bool {
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    let msg = format!(
-        "SKIP {test}: needs root (creates network namespaces and a libvirt daemon)"
-    );
+    let msg = format!("SKIP {test}: needs root (creates network namespaces and a libvirt daemon)");
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{msg}; CI=true, so not skipping");
     }
@@ -161,7 +159,11 @@ fn copy_dir_files(from: &Path, to: &Path) {
         let dst = to.join(e.file_name());
         if e.path().is_file() && !dst.exists() {
             // Write then rename, so a concurrent reader never sees half a file.
-            let tmp = to.join(format!(".{}.{}", e.file_name().to_string_lossy(), std::process::id()));
+            let tmp = to.join(format!(
+                ".{}.{}",
+                e.file_name().to_string_lossy(),
+                std::process::id()
+            ));
             if fs::copy(e.path(), &tmp).is_ok() {
                 let _ = fs::rename(&tmp, &dst);
             }
@@ -224,13 +226,26 @@ impl Rig {
         self.log("guest image ready");
 
         // Per-rig directories that replace libvirt's system paths inside its mount namespace.
-        for sub in ["run", "lib", "cache/qemu/capabilities", "log", "etc/qemu", "ipam", "cni", "guest"] {
+        for sub in [
+            "run",
+            "lib",
+            "cache/qemu/capabilities",
+            "log",
+            "etc/qemu",
+            "ipam",
+            "cni",
+            "guest",
+        ] {
             fs::create_dir_all(self.dir.join(sub)).map_err(|e| format!("mkdir {sub}: {e}"))?;
         }
         // libvirt's qemu user must traverse to the console log and guest files.
-        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
-        fs::write(self.dir.join("etc/libvirtd.conf"), "# nicplug rig: defaults\n")
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o755))
             .map_err(|e| e.to_string())?;
+        fs::write(
+            self.dir.join("etc/libvirtd.conf"),
+            "# nicplug rig: defaults\n",
+        )
+        .map_err(|e| e.to_string())?;
         // stdio_handler=file: no virtlogd. namespaces=[]: QEMU sees the real /dev (taps).
         // security_driver=none: no AppArmor (DAC still runs, QEMU stays libvirt-qemu).
         // remember_owner=0: no xattrs left on files when a rig is killed.
@@ -249,7 +264,8 @@ impl Rig {
         // invalidated on every start ("KVM was enabled when probing...") = 2 s per probe.
         let nokvm = self.dir.join("nokvm");
         fs::write(&nokvm, "").map_err(|e| e.to_string())?;
-        fs::set_permissions(&nokvm, fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())?;
+        fs::set_permissions(&nokvm, fs::Permissions::from_mode(0o600))
+            .map_err(|e| e.to_string())?;
 
         // Network namespaces.
         for ns in [self.pod_ns.clone(), self.node_ns.clone()] {
@@ -273,7 +289,15 @@ impl Rig {
         );
         let log = fs::File::create(self.dir.join("libvirtd.log")).map_err(|e| e.to_string())?;
         let child = Command::new("ip")
-            .args(["netns", "exec", &self.pod_ns, "unshare", "--mount", "--propagation", "private"])
+            .args([
+                "netns",
+                "exec",
+                &self.pod_ns,
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+            ])
             .args(["sh", "-c", &script])
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
@@ -291,7 +315,10 @@ impl Rig {
         up.unwrap_or_else(|| Err("libvirtd did not open its socket within 30 s".into()))?;
         let pid = self.daemon_pid();
         if util::pid_comm(pid).as_deref() != Some("libvirtd") {
-            return Err(format!("pid {pid} is {:?}, not libvirtd", util::pid_comm(pid)));
+            return Err(format!(
+                "pid {pid} is {:?}, not libvirtd",
+                util::pid_comm(pid)
+            ));
         }
         self.log(&format!("libvirtd up (pid {pid})"));
 
@@ -326,7 +353,10 @@ impl Rig {
         let want = ns_ino(&format!("/run/netns/{}", self.pod_ns));
         let got = ns_ino(&format!("/proc/{qpid}/ns/net"));
         if want.is_none() || want != got {
-            return Err(format!("QEMU pid {qpid} is not in netns {} ({got:?} vs {want:?})", self.pod_ns));
+            return Err(format!(
+                "QEMU pid {qpid} is not in netns {} ({got:?} vs {want:?})",
+                self.pod_ns
+            ));
         }
 
         // Wait for the guest agent.
@@ -341,7 +371,10 @@ impl Rig {
             }
         });
         ping.unwrap_or_else(|| Err("guest agent did not answer guest-ping within 60 s".into()))?;
-        self.log(&format!("guest agent answers ({} ms after start)", t0.elapsed().as_millis()));
+        self.log(&format!(
+            "guest agent answers ({} ms after start)",
+            t0.elapsed().as_millis()
+        ));
         Ok(())
     }
 
@@ -405,7 +438,11 @@ impl Rig {
 
     /// `virsh -c <uri> <args>`; `Err(message)` on failure.
     pub fn virsh_try(&self, args: &[&str]) -> Result<String, String> {
-        util::try_run(Command::new("virsh").args(["-q", "-c", &self.libvirt_uri]).args(args))
+        util::try_run(
+            Command::new("virsh")
+                .args(["-q", "-c", &self.libvirt_uri])
+                .args(args),
+        )
     }
 
     /// Live domain XML.
@@ -497,7 +534,10 @@ impl Rig {
             .unwrap_or_else(|| panic!("guest-exec {argv:?}: no pid in {ret}"));
         let status = poll(Duration::from_secs(30), Duration::from_millis(50), || {
             let s = self
-                .agent(&json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}), 10)
+                .agent(
+                    &json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}),
+                    10,
+                )
                 .unwrap_or_else(|e| panic!("guest-exec-status {argv:?}: {e}"));
             s["exited"].as_bool().unwrap_or(false).then_some(s)
         })
@@ -519,7 +559,8 @@ impl Rig {
     fn cni(&self, command: &str, net: &CniNet, ifname: &str) -> Result<String, String> {
         let ipam = self.dir.join("ipam").display().to_string();
         let conf = net.config(&ipam).to_string();
-        fs::write(self.dir.join(format!("cni/{}.json", net.name)), &conf).map_err(|e| e.to_string())?;
+        fs::write(self.dir.join(format!("cni/{}.json", net.name)), &conf)
+            .map_err(|e| e.to_string())?;
         let mut cmd = self.node_cmd(&format!("{CNI_PATH}/bridge"));
         cmd.env("CNI_COMMAND", command)
             .env("CNI_NETNS", format!("/run/netns/{}", self.pod_ns))
@@ -555,9 +596,11 @@ impl Rig {
     /// The node's bridge also gets `net.node_addr()` so the node can ping the guest.
     pub fn cni_add(&self, net: &CniNet, ifname: &str) -> CniResult {
         let t0 = Instant::now();
-        let out = self.cni("ADD", net, ifname).unwrap_or_else(|e| panic!("{e}"));
-        let raw: Value = serde_json::from_str(&out)
-            .unwrap_or_else(|e| panic!("CNI ADD result {out:?}: {e}"));
+        let out = self
+            .cni("ADD", net, ifname)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let raw: Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("CNI ADD result {out:?}: {e}"));
         let res = CniResult::parse(raw, ifname).unwrap_or_else(|e| panic!("{e}"));
         self.node_ip(&["addr", "replace", &net.node_addr(), "dev", &net.bridge]);
         self.log(&format!(
@@ -573,8 +616,13 @@ impl Rig {
     /// CNI DEL (panics on failure).
     pub fn cni_del(&self, net: &CniNet, ifname: &str) {
         let t0 = Instant::now();
-        self.cni("DEL", net, ifname).unwrap_or_else(|e| panic!("{e}"));
-        self.log(&format!("cni DEL {} {ifname} ({} ms)", net.name, t0.elapsed().as_millis()));
+        self.cni("DEL", net, ifname)
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.log(&format!(
+            "cni DEL {} {ifname} ({} ms)",
+            net.name,
+            t0.elapsed().as_millis()
+        ));
     }
 
     /// Pings `addr` from the node netns over `net`'s bridge (a few tries of `ping -c1 -W1`).
@@ -629,7 +677,8 @@ fn snapshot(ns: &str) -> String {
     }
     let parse = |args: &[&str]| -> Vec<Value> {
         let out = util::run(Command::new("ip").args(["-n", ns]).args(args));
-        let mut v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("ip -j: {e}: {out}"));
+        let mut v: Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("ip -j: {e}: {out}"));
         strip(&mut v);
         let mut a = v.as_array().cloned().unwrap_or_default();
         a.sort_by(|x, y| x["ifname"].as_str().cmp(&y["ifname"].as_str()));
@@ -682,7 +731,13 @@ fn xml_escape(s: &str) -> String {
 }
 
 /// The rig's domain: q35 TCG, direct kernel boot, guest agent channel, no NIC, no disk.
-pub fn domain_xml(name: &str, opts: &RigOptions, kernel: &Path, initrd: &Path, console: &Path) -> String {
+pub fn domain_xml(
+    name: &str,
+    opts: &RigOptions,
+    kernel: &Path,
+    initrd: &Path,
+    console: &Path,
+) -> String {
     let mut cmdline = String::from("console=ttyS0 quiet panic=-1");
     if !opts.kernel_cmdline_extra.trim().is_empty() {
         cmdline.push(' ');
@@ -761,10 +816,12 @@ impl Drop for Rig {
             }
         }
         // QEMU should be gone with the destroy; make sure (only the pid this rig recorded).
-        if self.qemu_pid > 0
-            && util::pid_comm(self.qemu_pid).is_some_and(|c| c.starts_with("qemu"))
+        if self.qemu_pid > 0 && util::pid_comm(self.qemu_pid).is_some_and(|c| c.starts_with("qemu"))
         {
-            self.log(&format!("cleanup: QEMU {} still alive, killing", self.qemu_pid));
+            self.log(&format!(
+                "cleanup: QEMU {} still alive, killing",
+                self.qemu_pid
+            ));
             util::terminate_foreign(self.qemu_pid, Duration::from_secs(5));
         }
         for ns in self.netns_made.drain(..).rev() {
@@ -773,7 +830,10 @@ impl Drop for Rig {
             }
         }
         if self.keep {
-            self.log(&format!("NICPLUG_KEEP_RIG=1: keeping {}", self.dir.display()));
+            self.log(&format!(
+                "NICPLUG_KEEP_RIG=1: keeping {}",
+                self.dir.display()
+            ));
         } else if self.dir.exists() {
             if let Err(e) = fs::remove_dir_all(&self.dir) {
                 self.log(&format!("cleanup: rm {}: {e}", self.dir.display()));
