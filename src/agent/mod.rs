@@ -137,11 +137,11 @@ impl<N: PodNetwork, H: Hypervisor> Agent<N, H> {
         loop {
             let vmi = spec.borrow_and_update().clone();
             let mut deadline = Instant::now() + self.config.resync;
-            if let Some(vmi) = vmi {
-                if let Err(e) = self.reconcile(&vmi).await {
-                    warn!(error = %error_chain(&e), "reconcile failed; retrying");
-                    deadline = Instant::now() + self.config.backoff_base;
-                }
+            if let Some(vmi) = vmi
+                && let Err(e) = self.reconcile(&vmi).await
+            {
+                warn!(error = %error_chain(&e), "reconcile failed; retrying");
+                deadline = Instant::now() + self.config.backoff_base;
             }
             if let Some(retry) = self.tracked.values().filter_map(|t| t.retry_at).min() {
                 deadline = deadline.min(retry);
@@ -334,11 +334,11 @@ impl<N: PodNetwork, H: Hypervisor> Agent<N, H> {
                 StepError::Hypervisor(HypervisorError::AttachTimeout { .. })
             ) {
                 let alias = format!("ua-{}", plan.name);
-                if let Ok(Some(d)) = self.hyp.domain(domain_name).await {
-                    if d.interface_by_alias(&alias).is_some() {
-                        warn!("DEVICE_ADDED missed, but the domain has the device");
-                        return Ok(());
-                    }
+                if let Ok(Some(d)) = self.hyp.domain(domain_name).await
+                    && d.interface_by_alias(&alias).is_some()
+                {
+                    warn!("DEVICE_ADDED missed, but the domain has the device");
+                    return Ok(());
                 }
             }
             for undo in &plan.rollback {
@@ -403,10 +403,10 @@ impl<N: PodNetwork, H: Hypervisor> Agent<N, H> {
             return;
         }
         self.status = doc;
-        if let Some(path) = &self.config.status_file {
-            if let Err(e) = write_atomically(path, &self.status) {
-                warn!(error = %error_chain(&e), "status not written");
-            }
+        if let Some(path) = &self.config.status_file
+            && let Err(e) = write_atomically(path, &self.status)
+        {
+            warn!(error = %error_chain(&e), "status not written");
         }
     }
 }

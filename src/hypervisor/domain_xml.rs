@@ -170,15 +170,17 @@ pub fn parse_devices(xml: &str) -> Result<DomainDevices, DomainXmlError> {
             }
         } else if in_devices && depth == 3 {
             // a direct child of a device
-            if name == "address" && attr(e, "type").as_deref() == Some("pci") {
-                if let Some(bus) = attr(e, "bus").as_deref().and_then(parse_bus) {
-                    used_buses.insert(bus);
-                }
+            if name == "address"
+                && attr(e, "type").as_deref() == Some("pci")
+                && let Some(bus) = attr(e, "bus").as_deref().and_then(parse_bus)
+            {
+                used_buses.insert(bus);
             }
-            if path[2] == "controller" && name == "target" {
-                if let Some(port) = current_port.as_mut() {
-                    port.1 = attr(e, "hotplug").as_deref() != Some("off");
-                }
+            if path[2] == "controller"
+                && name == "target"
+                && let Some(port) = current_port.as_mut()
+            {
+                port.1 = attr(e, "hotplug").as_deref() != Some("off");
             }
             if let (Some(iface), "interface") = (current.as_mut(), path[2].as_str()) {
                 read_interface_child(iface, &name, e)?;

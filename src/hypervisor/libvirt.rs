@@ -259,11 +259,11 @@ impl Libvirt {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
+            && c.name == domain
+            && c.generation == generation
+            && c.read_at.elapsed() < CACHE_MAX_AGE
         {
-            if c.name == domain && c.generation == generation && c.read_at.elapsed() < CACHE_MAX_AGE
-            {
-                return Ok(c.state.clone());
-            }
+            return Ok(c.state.clone());
         }
         tracing::debug!(domain, "reading the live domain");
         let state = self.blocking(domain, read_domain).await?;

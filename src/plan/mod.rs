@@ -397,18 +397,17 @@ fn teardown(names: &PlumbingNames, observed: &Observed<'_>) -> Vec<Step> {
             name: names.tap.clone(),
         });
     }
-    if let Some(pod) = observed.link(&names.pod) {
-        if let Some(Ok(record)) = pod
+    if let Some(pod) = observed.link(&names.pod)
+        && let Some(Ok(record)) = pod
             .alias
             .as_deref()
             .filter(|a| PodLinkRecord::is_record(a))
             .map(PodLinkRecord::from_alias)
-        {
-            steps.push(Step::ReleasePodLink {
-                pod: names.pod.clone(),
-                record,
-            });
-        }
+    {
+        steps.push(Step::ReleasePodLink {
+            pod: names.pod.clone(),
+            record,
+        });
     }
     if observed.link(&names.bridge).is_some() {
         steps.push(Step::DeleteLink {
