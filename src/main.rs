@@ -63,6 +63,9 @@ struct RunArgs {
     /// Seconds to wait for DEVICE_ADDED after an attach.
     #[arg(long, default_value_t = 10.0)]
     attach_timeout: f64,
+    /// Seconds to wait for the guest to release a device after a detach.
+    #[arg(long, default_value_t = 30.0)]
+    detach_timeout: f64,
     /// Seconds between reconciles without any trigger.
     #[arg(long, default_value_t = 30.0)]
     resync: f64,
@@ -116,6 +119,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let wake = Arc::new(Notify::new());
     let config = AgentConfig {
         attach_timeout: seconds(args.attach_timeout, "--attach-timeout")?,
+        detach_timeout: seconds(args.detach_timeout, "--detach-timeout")?,
         resync: seconds(args.resync, "--resync")?,
         tap_owner: args.tap_owner,
         domain: args.domain,

@@ -57,6 +57,7 @@ async fn record_of_pod_link(net: &Netlink) -> PodLinkRecord {
     let links = net.links().await.unwrap();
     let pod = find(&links, POD_IF);
     PodLinkRecord {
+        network: Some("dyniface1".into()),
         mac: pod.mac.unwrap(),
         mtu: pod.mtu,
         addresses: pod.addresses.clone(),

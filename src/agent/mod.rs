@@ -1,15 +1,21 @@
 //! The reconcile loop: observe -> plan -> apply -> status, one pass at a
-//! time, woken by triggers (netlink, libvirt events, spec changes) and by a
-//! slow resync timer. Triggers carry no data; every pass reads the whole
-//! current state, so a missed or coalesced trigger loses nothing and a
-//! restarted nicplug finishes whatever a previous run left half done.
+//! time, woken by triggers (netlink, libvirt events, spec changes, finished
+//! detaches) and by a slow resync timer. Triggers carry no data; every pass
+//! reads the whole current state, so a missed or coalesced trigger loses
+//! nothing and a restarted nicplug finishes whatever a previous run left
+//! half done.
+//!
+//! Waiting for a guest to release a device can take long (or forever, with
+//! a guest that ignores PCIe hot-unplug), so a detach runs as its own task:
+//! the loop goes on serving every other interface, and the task's outcome
+//! comes back through a channel and wakes the loop.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -41,6 +47,8 @@ enum StepError {
 pub struct AgentConfig {
     /// How long to wait for DEVICE_ADDED after an attach call.
     pub attach_timeout: Duration,
+    /// How long to wait for the guest to release a device after a detach.
+    pub detach_timeout: Duration,
     /// Reconcile at least this often even without triggers.
     pub resync: Duration,
     /// The tap owner; detected from the domain's QEMU when `None`.
@@ -57,6 +65,7 @@ impl Default for AgentConfig {
     fn default() -> Self {
         Self {
             attach_timeout: Duration::from_secs(10),
+            detach_timeout: Duration::from_secs(30),
             resync: Duration::from_secs(30),
             tap_owner: None,
             domain: None,
@@ -75,17 +84,30 @@ struct Tracked {
     retry_at: Option<Instant>,
     /// The last failure message, logged once rather than on every retry.
     last_error: Option<String>,
-    /// The status of the last failure, kept while backing off.
+    /// The phase and message of the last failure, shown while backing off.
     failed: Option<(Phase, String)>,
 }
 
+/// How far an interface's steps got in one pass.
+enum Progress {
+    Done,
+    /// A detach is in flight; the remaining steps wait for the device to go.
+    Detaching,
+}
+
+type DetachResult = (String, Result<(), HypervisorError>);
+
 pub struct Agent<N, H> {
     net: N,
-    hyp: H,
+    hyp: Arc<H>,
     config: AgentConfig,
     tracked: HashMap<String, Tracked>,
     status: StatusDocument,
     detected_owner: Option<Owner>,
+    /// Interfaces with a detach task in flight.
+    detaching: HashMap<String, Instant>,
+    detach_tx: mpsc::UnboundedSender<DetachResult>,
+    detach_rx: mpsc::UnboundedReceiver<DetachResult>,
 }
 
 /// "a: b: c" from an error and its sources.
@@ -100,24 +122,24 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-impl<N: PodNetwork, H: Hypervisor> Agent<N, H> {
+impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
     pub fn new(net: N, hyp: H, config: AgentConfig) -> Self {
+        let (detach_tx, detach_rx) = mpsc::unbounded_channel();
         Self {
             net,
-            hyp,
+            hyp: Arc::new(hyp),
             config,
             tracked: HashMap::new(),
             status: StatusDocument::default(),
             detected_owner: None,
+            detaching: HashMap::new(),
+            detach_tx,
+            detach_rx,
         }
     }
 
     pub fn status(&self) -> &StatusDocument {
         &self.status
-    }
-
-    pub fn hypervisor(&self) -> &H {
-        &self.hyp
     }
 
     fn domain_name(&self, vmi: &Vmi) -> String {
@@ -134,6 +156,7 @@ impl<N: PodNetwork, H: Hypervisor> Agent<N, H> {
         wake: Arc<Notify>,
         shutdown: CancellationToken,
     ) {
+        let mut spec_open = true;
         loop {
             let vmi = spec.borrow_and_update().clone();
             let mut deadline = Instant::now() + self.config.resync;
@@ -146,20 +169,19 @@ impl<N: PodNetwork, H: Hypervisor> Agent<N, H> {
             if let Some(retry) = self.tracked.values().filter_map(|t| t.retry_at).min() {
                 deadline = deadline.min(retry);
             }
-            tokio::select! {
+            let finished = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = wake.notified() => {}
-                changed = spec.changed() => {
-                    if changed.is_err() {
-                        // The source is gone; keep the last spec.
-                        tokio::select! {
-                            _ = shutdown.cancelled() => break,
-                            _ = wake.notified() => {}
-                            _ = tokio::time::sleep_until(deadline) => {}
-                        }
-                    }
+                _ = wake.notified() => None,
+                changed = spec.changed(), if spec_open => {
+                    // A closed source keeps the last spec.
+                    spec_open = changed.is_ok();
+                    None
                 }
-                _ = tokio::time::sleep_until(deadline) => {}
+                result = self.detach_rx.recv() => result,
+                _ = tokio::time::sleep_until(deadline) => None,
+            };
+            if let Some(result) = finished {
+                self.detach_finished(result);
             }
         }
         info!("stopped; plugged interfaces stay as they are");
@@ -167,6 +189,9 @@ impl<N: PodNetwork, H: Hypervisor> Agent<N, H> {
 
     /// One observe -> plan -> apply pass over every interface of `vmi`.
     pub async fn reconcile(&mut self, vmi: &Vmi) -> Result<(), AgentError> {
+        while let Ok(result) = self.detach_rx.try_recv() {
+            self.detach_finished(result);
+        }
         let domain_name = self.domain_name(vmi);
         debug!("reconcile");
         let links = self.net.links().await.map_err(AgentError::Observe)?;
@@ -190,11 +215,14 @@ impl<N: PodNetwork, H: Hypervisor> Agent<N, H> {
         let mut statuses = Vec::with_capacity(plans.len());
         for plan in plans {
             let span = info_span!("interface", name = %plan.name, pod = plan.pod_iface.as_ref().map(|p| p.as_str()));
+            let departed = plan.departed;
             let status = self
                 .apply(&domain_name, domain.as_ref(), plan)
                 .instrument(span)
                 .await;
-            statuses.push(status);
+            if !(departed && status.phase == Phase::Detached) {
+                statuses.push(status);
+            }
         }
         self.publish(StatusDocument {
             interfaces: statuses,
@@ -232,6 +260,45 @@ impl<N: PodNetwork, H: Hypervisor> Agent<N, H> {
         self.detected_owner
     }
 
+    fn detach_finished(&mut self, (name, result): DetachResult) {
+        let span = info_span!("interface", %name);
+        let _enter = span.enter();
+        let started = self.detaching.remove(&name);
+        let elapsed = started.map(|s| s.elapsed());
+        match result {
+            Ok(()) => {
+                info!(?elapsed, "device removed");
+                self.tracked.remove(&name);
+            }
+            Err(e @ HypervisorError::DetachTimeout { .. }) => {
+                self.record_failure(&name, Phase::DetachPending, e.to_string());
+            }
+            Err(e) => {
+                let message = format!("detach-device: {}", error_chain(&e));
+                self.record_failure(&name, Phase::Failed, message);
+            }
+        }
+    }
+
+    fn record_failure(&mut self, name: &str, phase: Phase, message: String) -> Duration {
+        let tracked = self.tracked.entry(name.to_string()).or_default();
+        tracked.failures += 1;
+        let delay = self
+            .config
+            .backoff_base
+            .saturating_mul(1 << (tracked.failures - 1).min(16))
+            .min(self.config.backoff_max);
+        tracked.retry_at = Some(Instant::now() + delay);
+        if tracked.last_error.as_deref() != Some(&message) {
+            warn!(error = %message, %phase, retry_in = ?delay, "interface failed");
+            tracked.last_error = Some(message.clone());
+        } else {
+            debug!(error = %message, %phase, retry_in = ?delay, "interface failed again");
+        }
+        tracked.failed = Some((phase, message));
+        delay
+    }
+
     /// Applies one interface's plan and returns its status.
     async fn apply(
         &mut self,
@@ -239,8 +306,6 @@ impl<N: PodNetwork, H: Hypervisor> Agent<N, H> {
         domain: Option<&DomainState>,
         plan: InterfacePlan,
     ) -> InterfaceStatus {
-        let tracked = self.tracked.entry(plan.name.clone()).or_default();
-        let plugging = plan.steps.iter().any(|s| matches!(s, Step::Attach { .. }));
         let mut status = InterfaceStatus {
             name: plan.name.clone(),
             pod_interface_name: plan.pod_iface.as_ref().map(ToString::to_string),
@@ -250,17 +315,25 @@ impl<N: PodNetwork, H: Hypervisor> Agent<N, H> {
             phase: plan.phase,
             message: plan.message.clone(),
         };
-        if let Some(device) = domain.and_then(|d| {
-            d.interfaces
-                .iter()
-                .find(|i| i.alias.as_deref() == Some(&format!("ua-{}", plan.name)))
-        }) {
-            status.link_state = Some(if device.link_up { "up" } else { "down" }.into());
+        let alias = format!("ua-{}", plan.name);
+        if let Some(device) = domain.and_then(|d| d.interface_by_alias(&alias)) {
+            status.link_state = Some(link_state(device.link_up).into());
             status.info_source = Some("domain".into());
         }
 
-        // While backing off, plug attempts wait; everything else proceeds.
-        if plugging && tracked.retry_at.is_some_and(|t| Instant::now() < t) {
+        let hypervisor_step = plan
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::Attach { .. } | Step::Detach { .. }));
+        if self.detaching.contains_key(&plan.name) && hypervisor_step {
+            status.phase = Phase::Detaching;
+            return status;
+        }
+        // While backing off, attach and detach attempts (and plans that
+        // fail before them) wait; clean-up proceeds.
+        let tracked = self.tracked.entry(plan.name.clone()).or_default();
+        let gated = hypervisor_step || plan.phase == Phase::Failed;
+        if gated && tracked.retry_at.is_some_and(|t| Instant::now() < t) {
             if let Some((phase, message)) = &tracked.failed {
                 status.phase = *phase;
                 status.message = Some(message.clone());
@@ -268,61 +341,60 @@ impl<N: PodNetwork, H: Hypervisor> Agent<N, H> {
             return status;
         }
 
-        let outcome = self.run_steps(domain_name, &plan).await;
-        let tracked = self.tracked.entry(plan.name.clone()).or_default();
-        let failure = match outcome {
-            Err(message) => Some(message),
-            Ok(()) if plan.phase == Phase::Failed => plan.message.clone(),
-            Ok(()) => None,
-        };
-        match failure {
-            Some(message) => {
-                tracked.failures += 1;
-                let delay = self
-                    .config
-                    .backoff_base
-                    .saturating_mul(1 << (tracked.failures - 1).min(16))
-                    .min(self.config.backoff_max);
-                tracked.retry_at = Some(Instant::now() + delay);
-                if tracked.last_error.as_deref() != Some(&message) {
-                    warn!(error = %message, retry_in = ?delay, "hot-plug failed");
-                    tracked.last_error = Some(message.clone());
-                } else {
-                    debug!(error = %message, retry_in = ?delay, "hot-plug failed again");
-                }
-                tracked.failed = Some((Phase::Failed, message.clone()));
-                status.phase = Phase::Failed;
-                status.message = Some(message);
+        match self.run_steps(domain_name, &plan).await {
+            Ok(Progress::Detaching) => {
+                status.phase = Phase::Detaching;
+                status.message = None;
             }
-            None => {
-                if plugging {
-                    info!(mac = ?status.mac, "attached");
-                    status.link_state =
-                        Some(
-                            if plan.steps.iter().any(
-                                |s| matches!(s, Step::Attach { device, .. } if !device.link_up),
-                            ) {
-                                "down"
-                            } else {
-                                "up"
-                            }
-                            .into(),
-                        );
-                    status.info_source = Some("domain".into());
+            Ok(Progress::Done) if plan.phase == Phase::Failed => {
+                let message = plan.message.clone().unwrap_or_default();
+                self.record_failure(&plan.name, Phase::Failed, message);
+            }
+            Ok(Progress::Done) => {
+                for step in &plan.steps {
+                    match step {
+                        Step::Attach { device, .. } => {
+                            info!(mac = %device.mac, "attached");
+                            status.link_state = Some(link_state(device.link_up).into());
+                            status.info_source = Some("domain".into());
+                        }
+                        Step::SetLinkState { up, .. } => {
+                            info!(link = link_state(*up), "link state set");
+                            status.link_state = Some(link_state(*up).into());
+                        }
+                        _ => {}
+                    }
                 }
-                *tracked = Tracked::default();
+                self.tracked.remove(&plan.name);
+            }
+            Err(message) => {
+                status.phase = Phase::Failed;
+                status.message = Some(message.clone());
+                self.record_failure(&plan.name, Phase::Failed, message);
             }
         }
         status
     }
 
-    /// Runs the steps in order; on a failure runs the rollback and returns
-    /// the failure's message.
-    async fn run_steps(&mut self, domain_name: &str, plan: &InterfacePlan) -> Result<(), String> {
+    /// Runs the steps in order. On a failure runs the rollback and returns
+    /// the failure's message; at a `Detach` it starts the detach task and
+    /// stops.
+    async fn run_steps(
+        &mut self,
+        domain_name: &str,
+        plan: &InterfacePlan,
+    ) -> Result<Progress, String> {
         for step in &plan.steps {
-            if let Step::Attach { .. } = step {
-                // Everything before the attach is done: say so.
-                self.publish_phase(&plan.name, Phase::Plumbed);
+            match step {
+                Step::Attach { .. } => {
+                    // Everything before the attach is done: say so.
+                    self.publish_phase(&plan.name, Phase::Plumbed);
+                }
+                Step::Detach { alias, persistent } => {
+                    self.start_detach(domain_name, &plan.name, alias, *persistent);
+                    return Ok(Progress::Detaching);
+                }
+                _ => {}
             }
             let result = self.run_step(domain_name, step).await;
             let Err(e) = result else { continue };
@@ -338,7 +410,7 @@ impl<N: PodNetwork, H: Hypervisor> Agent<N, H> {
                     && d.interface_by_alias(&alias).is_some()
                 {
                     warn!("DEVICE_ADDED missed, but the domain has the device");
-                    return Ok(());
+                    return Ok(Progress::Done);
                 }
             }
             for undo in &plan.rollback {
@@ -348,7 +420,23 @@ impl<N: PodNetwork, H: Hypervisor> Agent<N, H> {
             }
             return Err(message);
         }
-        Ok(())
+        Ok(Progress::Done)
+    }
+
+    fn start_detach(&mut self, domain_name: &str, name: &str, alias: &str, persistent: bool) {
+        info!(alias, "detaching");
+        self.detaching.insert(name.to_string(), Instant::now());
+        let hyp = self.hyp.clone();
+        let tx = self.detach_tx.clone();
+        let (domain, name, alias) = (domain_name.to_string(), name.to_string(), alias.to_string());
+        let timeout = self.config.detach_timeout;
+        tokio::spawn(
+            async move {
+                let result = hyp.detach(&domain, &alias, persistent, timeout).await;
+                let _ = tx.send((name, result));
+            }
+            .in_current_span(),
+        );
     }
 
     async fn run_step(&self, domain_name: &str, step: &Step) -> Result<(), StepError> {
@@ -375,6 +463,18 @@ impl<N: PodNetwork, H: Hypervisor> Agent<N, H> {
                     )
                     .await?
             }
+            Step::SetLinkState {
+                interface_xml,
+                up,
+                persistent,
+                ..
+            } => {
+                self.hyp
+                    .set_link_state(domain_name, interface_xml, *up, *persistent)
+                    .await?
+            }
+            // Started by `run_steps` as a task; never run inline.
+            Step::Detach { .. } => {}
             Step::ReleasePodLink { pod, record } => self.net.release_pod_link(pod, record).await?,
             Step::DeleteLink { name } => self.net.delete_link(name).await?,
         }
@@ -409,6 +509,10 @@ impl<N: PodNetwork, H: Hypervisor> Agent<N, H> {
             warn!(error = %error_chain(&e), "status not written");
         }
     }
+}
+
+fn link_state(up: bool) -> &'static str {
+    if up { "up" } else { "down" }
 }
 
 #[cfg(test)]

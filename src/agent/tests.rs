@@ -182,11 +182,22 @@ enum AttachMode {
     EventLost,
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum DetachMode {
+    Works,
+    /// The guest never answers: no DEVICE_REMOVED, the device stays.
+    Ignored,
+    /// DEVICE_REMOVAL_FAILED.
+    Refused,
+}
+
 struct FakeHyp {
     domain: Mutex<DomainState>,
     /// Attach behaviour per alias; `Works` when absent.
     modes: Mutex<HashMap<String, AttachMode>>,
+    detach_mode: Mutex<DetachMode>,
     attaches: Mutex<Vec<String>>,
+    detaches: Mutex<Vec<String>>,
 }
 
 impl FakeHyp {
@@ -202,8 +213,18 @@ impl FakeHyp {
                 },
             }),
             modes: Mutex::default(),
+            detach_mode: Mutex::new(DetachMode::Works),
             attaches: Mutex::default(),
+            detaches: Mutex::default(),
         }
+    }
+
+    fn device(&self, alias: &str) -> Option<crate::hypervisor::DomainInterface> {
+        self.domain
+            .lock()
+            .unwrap()
+            .interface_by_alias(alias)
+            .cloned()
     }
 
     fn set_mode(&self, alias: &str, mode: AttachMode) {
@@ -254,15 +275,69 @@ impl Hypervisor for FakeHyp {
         }
     }
 
+    async fn detach(
+        &self,
+        _domain: &str,
+        alias: &str,
+        _persistent: bool,
+        timeout: Duration,
+    ) -> Result<(), HypervisorError> {
+        self.detaches.lock().unwrap().push(alias.into());
+        let mut domain = self.domain.lock().unwrap();
+        if domain.interface_by_alias(alias).is_none() {
+            return Ok(());
+        }
+        match *self.detach_mode.lock().unwrap() {
+            DetachMode::Works => {
+                domain
+                    .interfaces
+                    .retain(|i| i.alias.as_deref() != Some(alias));
+                domain.root_ports.free += 1;
+                Ok(())
+            }
+            DetachMode::Ignored => Err(HypervisorError::DetachTimeout {
+                alias: alias.into(),
+                timeout,
+            }),
+            DetachMode::Refused => Err(HypervisorError::DetachFailed {
+                alias: alias.into(),
+            }),
+        }
+    }
+
+    async fn set_link_state(
+        &self,
+        _domain: &str,
+        interface_xml: &str,
+        up: bool,
+        _persistent: bool,
+    ) -> Result<(), HypervisorError> {
+        let xml = format!("<domain><devices>{interface_xml}</devices></domain>");
+        let alias = parse_devices(&xml).unwrap().interfaces[0].alias.clone();
+        let mut domain = self.domain.lock().unwrap();
+        let device = domain
+            .interfaces
+            .iter_mut()
+            .find(|i| i.alias == alias)
+            .unwrap();
+        device.link_up = up;
+        Ok(())
+    }
+
     async fn qemu_owner(&self, _domain: &str) -> Result<Option<Owner>, HypervisorError> {
         Ok(Some(Owner { uid: 107, gid: 107 }))
     }
 }
 
 fn vmi(networks: &[&str]) -> Vmi {
+    vmi_with(networks, "")
+}
+
+/// A VMI whose interfaces all carry `extra` (e.g. `,"state":"absent"`).
+fn vmi_with(networks: &[&str], extra: &str) -> Vmi {
     let ifaces: Vec<String> = networks
         .iter()
-        .map(|n| format!(r#"{{"name":"{n}","bridge":{{}}}}"#))
+        .map(|n| format!(r#"{{"name":"{n}","bridge":{{}}{extra}}}"#))
         .collect();
     let nets: Vec<String> = networks
         .iter()
@@ -460,4 +535,174 @@ async fn status_file_follows_the_phases() {
         format!("waiting for pod interface {}", pod("red"))
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Lets spawned detach tasks finish (they are immediate with the fake).
+async fn settle() {
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn absent_detaches_then_removes_every_trace() {
+    let pod_name = pod("blue");
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod_name]), FakeHyp::new(4));
+    let before = agent.net.links.lock().unwrap().clone();
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    assert_eq!(phases(&agent)[0].1, Phase::Attached);
+
+    let absent = vmi_with(&["blue"], r#","state":"absent""#);
+    agent.reconcile(&absent).await.unwrap();
+    assert_eq!(phases(&agent)[0].1, Phase::Detaching);
+    // The tap and bridge stay until the device is gone.
+    assert_eq!(agent.net.links.lock().unwrap().len(), 4);
+    settle().await;
+    agent.reconcile(&absent).await.unwrap();
+    assert_eq!(phases(&agent)[0].1, Phase::Detached);
+    assert_eq!(
+        *agent.net.links.lock().unwrap(),
+        before,
+        "pod namespace as before the plug"
+    );
+    assert!(agent.hyp.device("ua-blue").is_none());
+
+    // And again: nothing left to do.
+    let calls = agent.net.calls.lock().unwrap().len();
+    agent.reconcile(&absent).await.unwrap();
+    assert_eq!(agent.net.calls.lock().unwrap().len(), calls);
+}
+
+#[tokio::test]
+async fn leaving_the_spec_unplugs_and_the_entry_goes() {
+    let mut agent = agent(
+        FakeNet::with_pod_links(&[&pod("blue"), &pod("red")]),
+        FakeHyp::new(4),
+    );
+    agent.reconcile(&vmi(&["blue", "red"])).await.unwrap();
+    agent.reconcile(&vmi(&["red"])).await.unwrap();
+    assert_eq!(
+        phases(&agent),
+        [
+            ("red".to_string(), Phase::Attached),
+            ("blue".to_string(), Phase::Detaching)
+        ]
+    );
+    settle().await;
+    agent.reconcile(&vmi(&["red"])).await.unwrap();
+    assert_eq!(phases(&agent), [("red".to_string(), Phase::Attached)]);
+    assert!(
+        agent
+            .net
+            .get(&format!("tap{}", &pod("blue")[3..]))
+            .is_none()
+    );
+    assert!(
+        agent.net.get(&pod("blue")).unwrap().alias.is_none(),
+        "record removed on release"
+    );
+    assert!(agent.hyp.device("ua-red").is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn ignored_detach_is_pending_keeps_plumbing_and_retries_with_backoff() {
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), FakeHyp::new(4));
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    *agent.hyp.detach_mode.lock().unwrap() = DetachMode::Ignored;
+    let absent = vmi_with(&["blue"], r#","state":"absent""#);
+    agent.reconcile(&absent).await.unwrap();
+    settle().await;
+    for _ in 0..5 {
+        agent.reconcile(&absent).await.unwrap();
+    }
+    let status = &agent.status().interfaces[0];
+    assert_eq!(status.phase, Phase::DetachPending);
+    assert_eq!(
+        status.message.as_deref(),
+        Some("guest has not released the device")
+    );
+    assert_eq!(agent.hyp.detaches.lock().unwrap().len(), 1, "no hot loop");
+    assert_eq!(
+        agent.net.links.lock().unwrap().len(),
+        4,
+        "tap and bridge stay under the device"
+    );
+
+    // After the backoff it tries again; a guest that now answers completes it.
+    *agent.hyp.detach_mode.lock().unwrap() = DetachMode::Works;
+    tokio::time::advance(Duration::from_millis(1100)).await;
+    agent.reconcile(&absent).await.unwrap();
+    settle().await;
+    agent.reconcile(&absent).await.unwrap();
+    assert_eq!(agent.hyp.detaches.lock().unwrap().len(), 2);
+    assert_eq!(phases(&agent)[0].1, Phase::Detached);
+    assert_eq!(agent.net.links.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn refused_detach_fails_with_the_reason() {
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), FakeHyp::new(4));
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    *agent.hyp.detach_mode.lock().unwrap() = DetachMode::Refused;
+    let absent = vmi_with(&["blue"], r#","state":"absent""#);
+    agent.reconcile(&absent).await.unwrap();
+    settle().await;
+    agent.reconcile(&absent).await.unwrap();
+    let status = &agent.status().interfaces[0];
+    assert_eq!(status.phase, Phase::Failed);
+    assert!(
+        status
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("DEVICE_REMOVAL_FAILED"),
+        "{status:?}"
+    );
+    assert_eq!(agent.net.links.lock().unwrap().len(), 4);
+}
+
+#[tokio::test]
+async fn link_state_follows_the_spec() {
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), FakeHyp::new(4));
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    agent
+        .reconcile(&vmi_with(&["blue"], r#","state":"down""#))
+        .await
+        .unwrap();
+    assert!(!agent.hyp.device("ua-blue").unwrap().link_up);
+    assert_eq!(
+        agent.status().interfaces[0].link_state.as_deref(),
+        Some("down")
+    );
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    assert!(agent.hyp.device("ua-blue").unwrap().link_up);
+    assert_eq!(
+        agent.status().interfaces[0].link_state.as_deref(),
+        Some("up")
+    );
+}
+
+#[tokio::test]
+async fn pod_interface_removed_under_the_device_unplugs_and_waits() {
+    let pod_name = pod("blue");
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod_name]), FakeHyp::new(4));
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    // CNI DEL while the spec still lists the network.
+    agent
+        .net
+        .links
+        .lock()
+        .unwrap()
+        .retain(|l| l.name.as_str() != pod_name);
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    settle().await;
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    assert!(agent.hyp.device("ua-blue").is_none());
+    assert_eq!(agent.net.links.lock().unwrap().len(), 1, "only lo is left");
+    let status = &agent.status().interfaces[0];
+    assert_eq!(status.phase, Phase::Pending);
+    // No error loop: further passes change nothing.
+    let calls = agent.net.calls.lock().unwrap().len();
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    assert_eq!(agent.net.calls.lock().unwrap().len(), calls);
 }

@@ -41,6 +41,9 @@ pub struct DomainInterface {
     pub queues: Option<u32>,
     /// `<mtu size>`.
     pub mtu: Option<u32>,
+    /// The element's own XML, as libvirt printed it: the base for a live
+    /// update of the device (libvirt wants the whole device back).
+    pub xml: String,
 }
 
 /// Hot-pluggable PCIe root ports of the domain.
@@ -109,8 +112,10 @@ pub fn parse_devices(xml: &str) -> Result<DomainDevices, DomainXmlError> {
     let mut used_buses = BTreeSet::new();
     let mut in_dac_label = false;
     let mut dac_owner = None;
+    let mut interface_start = 0;
 
     loop {
+        let before = reader.buffer_position() as usize;
         let event = reader.read_event().map_err(|source| DomainXmlError::Xml {
             position: reader.buffer_position(),
             source,
@@ -122,7 +127,13 @@ pub fn parse_devices(xml: &str) -> Result<DomainDevices, DomainXmlError> {
                 let name = path.pop();
                 if path.len() == 2 && path[1] == "devices" {
                     match name.as_deref() {
-                        Some("interface") => interfaces.extend(current.take()),
+                        Some("interface") => {
+                            let end = reader.buffer_position() as usize;
+                            interfaces.extend(current.take().map(|mut iface| {
+                                iface.xml = xml[interface_start..end].to_string();
+                                iface
+                            }));
+                        }
                         Some("controller") => ports.extend(current_port.take()),
                         _ => {}
                     }
@@ -149,6 +160,7 @@ pub fn parse_devices(xml: &str) -> Result<DomainDevices, DomainXmlError> {
             // a device element directly under <devices>
             match name.as_str() {
                 "interface" => {
+                    interface_start = before;
                     current = Some(DomainInterface {
                         link_up: true,
                         ..Default::default()
@@ -191,7 +203,10 @@ pub fn parse_devices(xml: &str) -> Result<DomainDevices, DomainXmlError> {
             // <interface/> or <controller/> closes immediately
             if in_devices && depth == 2 {
                 match name.as_str() {
-                    "interface" => interfaces.extend(current.take()),
+                    "interface" => interfaces.extend(current.take().map(|mut iface| {
+                        iface.xml = xml[before..reader.buffer_position() as usize].to_string();
+                        iface
+                    })),
                     "controller" => ports.extend(current_port.take()),
                     _ => {}
                 }
@@ -214,6 +229,56 @@ pub fn parse_devices(xml: &str) -> Result<DomainDevices, DomainXmlError> {
         },
         dac_owner,
     })
+}
+
+/// `interface_xml` with its `<link>` element replaced by `<link state='up|down'/>`:
+/// the document for `virDomainUpdateDeviceFlags`.
+pub fn with_link_state(interface_xml: &str, up: bool) -> Result<String, DomainXmlError> {
+    use quick_xml::events::BytesStart;
+    let mut reader = Reader::from_str(interface_xml);
+    let mut writer = quick_xml::Writer::new(Vec::new());
+    let mut depth = 0usize;
+    let mut skipping_link = false;
+    let state = if up { "up" } else { "down" };
+    loop {
+        let event = reader.read_event().map_err(|source| DomainXmlError::Xml {
+            position: reader.buffer_position(),
+            source,
+        })?;
+        let write = match &event {
+            Event::Eof => break,
+            Event::Start(e) => {
+                depth += 1;
+                if depth == 2 && e.local_name().as_ref() == "link" {
+                    skipping_link = true;
+                }
+                !skipping_link
+            }
+            Event::Empty(e) => !(depth == 1 && e.local_name().as_ref() == "link") && !skipping_link,
+            Event::End(e) => {
+                let closing_link = skipping_link && depth == 2;
+                depth = depth.saturating_sub(1);
+                if closing_link {
+                    skipping_link = false;
+                    false
+                } else {
+                    if depth == 0 && e.local_name().as_ref() == "interface" {
+                        let mut link = BytesStart::new("link");
+                        link.push_attribute(("state", state));
+                        writer
+                            .write_event(Event::Empty(link))
+                            .expect("writing to a Vec");
+                    }
+                    true
+                }
+            }
+            _ => !skipping_link,
+        };
+        if write {
+            writer.write_event(event).expect("writing to a Vec");
+        }
+    }
+    Ok(String::from_utf8_lossy(&writer.into_inner()).into_owned())
 }
 
 /// Parses a DAC label, `+64055:+64055` or `107:107`.
@@ -272,6 +337,35 @@ mod tests {
         // 5 root ports, one with hotplug off; buses 1 and 2 are taken by the NICs, 3 by the serial controller.
         assert_eq!(devices.root_ports, RootPorts { total: 4, free: 1 });
         assert_eq!(devices.dac_owner, Some(Owner { uid: 107, gid: 107 }));
+    }
+
+    #[test]
+    fn keeps_each_interface_xml_and_rewrites_its_link_state() {
+        let devices = parse_devices(DOMAIN).unwrap();
+        let second = &devices.interfaces[1].xml;
+        assert!(
+            second.starts_with("<interface type='ethernet'>"),
+            "{second}"
+        );
+        assert!(second.ends_with("</interface>"), "{second}");
+        assert!(second.contains("ua-dyniface1"));
+
+        let up = with_link_state(second, true).unwrap();
+        assert!(up.contains("<link state=\"up\"/>"), "{up}");
+        assert!(!up.contains("state='down'"), "{up}");
+        let reparsed = parse_devices(&format!("<domain><devices>{up}</devices></domain>")).unwrap();
+        assert!(reparsed.interfaces[0].link_up);
+        assert_eq!(
+            reparsed.interfaces[0].alias.as_deref(),
+            Some("ua-dyniface1")
+        );
+        assert_eq!(reparsed.interfaces[0].queues, Some(2));
+
+        let first = &devices.interfaces[0].xml;
+        let down = with_link_state(first, false).unwrap();
+        let reparsed =
+            parse_devices(&format!("<domain><devices>{down}</devices></domain>")).unwrap();
+        assert!(!reparsed.interfaces[0].link_up);
     }
 
     #[test]

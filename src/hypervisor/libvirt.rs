@@ -193,35 +193,106 @@ impl Hypervisor for Libvirt {
         })
         .await?;
 
-        let wait = async {
-            loop {
-                match rx.recv().await {
-                    Ok(DomainEvent::DeviceAdded {
-                        domain: d,
-                        alias: a,
-                    }) if d == domain && a == alias => {
-                        return Ok(());
-                    }
-                    Ok(_) => {}
-                    // Missed events: the live XML is the truth.
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        if self.has_device(domain, alias).await? {
-                            return Ok(());
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Closed) => {
-                        return Err(HypervisorError::EventLoop);
-                    }
-                }
-            }
-        };
-        match tokio::time::timeout(timeout, wait).await {
-            Ok(result) => result,
-            Err(_) => Err(HypervisorError::AttachTimeout {
+        let added = self
+            .wait_for(&mut rx, domain, alias, timeout, |e| match e {
+                DomainEvent::DeviceAdded { alias, .. } => Some((alias.clone(), true)),
+                _ => None,
+            })
+            .await?;
+        match added {
+            Some(_) => Ok(()),
+            None if self.has_device(domain, alias).await? => Ok(()),
+            None => Err(HypervisorError::AttachTimeout {
                 alias: alias.to_string(),
                 timeout,
             }),
         }
+    }
+
+    async fn detach(
+        &self,
+        domain: &str,
+        alias: &str,
+        persistent: bool,
+        timeout: Duration,
+    ) -> Result<(), HypervisorError> {
+        let mut rx = self.events.tx.subscribe();
+        self.invalidate();
+        let alias_owned = alias.to_string();
+        let requested = self
+            .blocking(domain, move |conn, name| {
+                let Some(dom) = lookup(conn, name)? else {
+                    return Ok(false);
+                };
+                let mut flags = sys::VIR_DOMAIN_AFFECT_LIVE;
+                if persistent {
+                    flags |= sys::VIR_DOMAIN_AFFECT_CONFIG;
+                }
+                // A device still in the live domain but already gone from the
+                // config (an earlier attempt the guest has not answered yet)
+                // makes LIVE|CONFIG fail as missing: retry live only.
+                match detach_alias(&dom, &alias_owned, flags) {
+                    Err(e) if e.code().is(ErrorNumber::DeviceMissing) && persistent => {
+                        match detach_alias(&dom, &alias_owned, sys::VIR_DOMAIN_AFFECT_LIVE) {
+                            Err(e) if e.code().is(ErrorNumber::DeviceMissing) => Ok(false),
+                            other => other
+                                .map(|()| true)
+                                .map_err(|e| libvirt_error("detach the device", e)),
+                        }
+                    }
+                    Err(e) if e.code().is(ErrorNumber::DeviceMissing) => Ok(false),
+                    other => other
+                        .map(|()| true)
+                        .map_err(|e| libvirt_error("detach the device", e)),
+                }
+            })
+            .await?;
+        if !requested {
+            return Ok(());
+        }
+        let outcome = self
+            .wait_for(&mut rx, domain, alias, timeout, |e| match e {
+                DomainEvent::DeviceRemoved { alias, .. } => Some((alias.clone(), true)),
+                DomainEvent::DeviceRemovalFailed { alias, .. } => Some((alias.clone(), false)),
+                _ => None,
+            })
+            .await?;
+        match outcome {
+            Some(true) => Ok(()),
+            Some(false) => Err(HypervisorError::DetachFailed {
+                alias: alias.to_string(),
+            }),
+            None if !self.has_device(domain, alias).await? => Ok(()),
+            None => Err(HypervisorError::DetachTimeout {
+                alias: alias.to_string(),
+                timeout,
+            }),
+        }
+    }
+
+    async fn set_link_state(
+        &self,
+        domain: &str,
+        interface_xml: &str,
+        up: bool,
+        persistent: bool,
+    ) -> Result<(), HypervisorError> {
+        let xml = super::domain_xml::with_link_state(interface_xml, up)?;
+        self.invalidate();
+        let result = self
+            .blocking(domain, move |conn, name| {
+                let dom =
+                    lookup(conn, name)?.ok_or_else(|| HypervisorError::NoDomain(name.into()))?;
+                let mut flags = sys::VIR_DOMAIN_AFFECT_LIVE;
+                if persistent {
+                    flags |= sys::VIR_DOMAIN_AFFECT_CONFIG;
+                }
+                dom.update_device_flags(&xml, flags)
+                    .map_err(|e| libvirt_error("update the link state", e))
+            })
+            .await;
+        self.invalidate();
+        result
     }
 
     /// From the domain's DAC label (system daemons), else from the QEMU
@@ -276,6 +347,41 @@ impl Libvirt {
         Ok(state)
     }
 
+    /// Waits for the first event of `domain` that `matches` maps to
+    /// `(alias, value)` with our alias; `None` on timeout. A lagging receiver
+    /// (missed events) also ends the wait with `None`, so the caller falls
+    /// back to the live XML.
+    async fn wait_for(
+        &self,
+        rx: &mut broadcast::Receiver<DomainEvent>,
+        domain: &str,
+        alias: &str,
+        timeout: Duration,
+        matches: impl Fn(&DomainEvent) -> Option<(String, bool)>,
+    ) -> Result<Option<bool>, HypervisorError> {
+        let wait = async {
+            loop {
+                match rx.recv().await {
+                    Ok(event) if event.domain() == domain => {
+                        if let Some((a, value)) = matches(&event)
+                            && a == alias
+                        {
+                            return Ok(Some(value));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => return Ok(None),
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return Err(HypervisorError::EventLoop);
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .unwrap_or(Ok(None))
+    }
+
     async fn has_device(&self, domain: &str, alias: &str) -> Result<bool, HypervisorError> {
         Ok(self
             .domain(domain)
@@ -325,4 +431,20 @@ fn session_socket_owner(uri: &str) -> Option<Owner> {
         uid: meta.uid(),
         gid: meta.gid(),
     })
+}
+
+/// `virDomainDetachDeviceAlias`, which the `virt` crate does not wrap.
+fn detach_alias(
+    dom: &virt::domain::Domain,
+    alias: &str,
+    flags: u32,
+) -> Result<(), virt::error::Error> {
+    let alias = std::ffi::CString::new(alias).map_err(|_| virt::error::Error::last_error())?;
+    // SAFETY: `dom` is a live domain handle for the duration of the call and
+    // `alias` a NUL-terminated string that outlives it.
+    let rc = unsafe { sys::virDomainDetachDeviceAlias(dom.as_ptr(), alias.as_ptr(), flags) };
+    if rc < 0 {
+        return Err(virt::error::Error::last_error());
+    }
+    Ok(())
 }

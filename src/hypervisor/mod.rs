@@ -8,6 +8,12 @@
 //! 3. [`Hypervisor::attach`] registers a DEVICE_ADDED waiter for the alias,
 //!    *then* calls `virDomainAttachDeviceFlags` (LIVE, plus CONFIG when the
 //!    domain is persistent), then waits for the event with a timeout.
+//!
+//! And of an unplug: [`Hypervisor::detach`] registers DEVICE_REMOVED and
+//! DEVICE_REMOVAL_FAILED waiters, *then* calls `virDomainDetachDeviceAlias`
+//! (asynchronous: the guest must acknowledge the PCIe unplug), then waits. A
+//! guest that does not answer leaves the device in place: the caller keeps
+//! the plumbing and retries.
 
 use std::future::Future;
 use std::time::Duration;
@@ -31,6 +37,10 @@ pub enum HypervisorError {
     DomainXml(#[from] domain_xml::DomainXmlError),
     #[error("no DEVICE_ADDED event for {alias} within {timeout:?}")]
     AttachTimeout { alias: String, timeout: Duration },
+    #[error("guest has not released the device")]
+    DetachTimeout { alias: String, timeout: Duration },
+    #[error("the guest refused to release {alias} (DEVICE_REMOVAL_FAILED)")]
+    DetachFailed { alias: String },
     #[error("libvirt event loop is not running")]
     EventLoop,
 }
@@ -53,6 +63,28 @@ pub trait Hypervisor: Send + Sync {
         alias: &str,
         persistent: bool,
         timeout: Duration,
+    ) -> impl Future<Output = Result<(), HypervisorError>> + Send;
+
+    /// Detaches the device `alias` live (and from the persistent config when
+    /// `persistent`); returns once DEVICE_REMOVED arrived or the live domain no
+    /// longer has it. A device that is already gone is success: KubeVirt's
+    /// launcher may have detached it first.
+    fn detach(
+        &self,
+        domain: &str,
+        alias: &str,
+        persistent: bool,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), HypervisorError>> + Send;
+
+    /// Sets the link state of a device, given its live XML
+    /// (`virDomainUpdateDeviceFlags`).
+    fn set_link_state(
+        &self,
+        domain: &str,
+        interface_xml: &str,
+        up: bool,
+        persistent: bool,
     ) -> impl Future<Output = Result<(), HypervisorError>> + Send;
 
     /// The uid/gid the domain's QEMU process runs as, when it runs.

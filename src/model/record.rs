@@ -3,8 +3,10 @@
 //! with the link (no state file can go stale).
 //!
 //! Format (at most 255 bytes, the kernel's IFALIASZ - 1):
-//! `nicplug/v1 mac=02:00:00:00:00:01 mtu=1500 addr=169.254.1.5/24,fe80::1/64 was=<original alias>`
-//! `addr=` and `was=` are optional; `was=` is last and takes the rest of the line.
+//! `nicplug/v1 net=blue mac=02:00:00:00:00:01 mtu=1500 addr=169.254.1.5/24,fe80::1/64 was=<original alias>`
+//! `net=`, `addr=` and `was=` are optional; `was=` is last and takes the rest of the line.
+//! `net=` names the VMI network, so plumbing whose network left the spec can
+//! still be found and removed.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -30,6 +32,8 @@ pub enum RecordError {
     TooLong { len: usize },
     #[error("invalid address {0:?}: expected ADDRESS/PREFIX")]
     Cidr(String),
+    #[error("network name {0:?} cannot be recorded: it contains whitespace")]
+    Network(String),
 }
 
 /// An interface address with its prefix length.
@@ -70,6 +74,8 @@ impl FromStr for IpCidr {
 /// The original state of a pod link that nicplug enslaved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodLinkRecord {
+    /// The VMI network the link was plumbed for.
+    pub network: Option<String>,
     pub mac: Mac,
     pub mtu: u32,
     pub addresses: Vec<IpCidr>,
@@ -85,7 +91,15 @@ impl PodLinkRecord {
 
     /// The ifalias value, or an error if it would not fit.
     pub fn to_alias(&self) -> Result<String, RecordError> {
-        let mut out = format!("{MAGIC} mac={} mtu={}", self.mac, self.mtu);
+        let mut out = MAGIC.to_string();
+        if let Some(network) = &self.network {
+            if network.is_empty() || network.contains(char::is_whitespace) {
+                return Err(RecordError::Network(network.clone()));
+            }
+            out.push_str(" net=");
+            out.push_str(network);
+        }
+        out.push_str(&format!(" mac={} mtu={}", self.mac, self.mtu));
         if !self.addresses.is_empty() {
             let addrs: Vec<String> = self.addresses.iter().map(ToString::to_string).collect();
             out.push_str(" addr=");
@@ -110,10 +124,11 @@ impl PodLinkRecord {
             Some((fields, was)) => (fields, Some(was.to_string())),
             None => (rest, None),
         };
-        let (mut mac, mut mtu, mut addresses) = (None, None, Vec::new());
+        let (mut network, mut mac, mut mtu, mut addresses) = (None, None, None, Vec::new());
         for field in fields.split(' ') {
             let bad = || RecordError::Field(field.to_string());
             match field.split_once('=').ok_or_else(bad)? {
+                ("net", v) => network = Some(v.to_string()),
                 ("mac", v) => mac = Some(v.parse::<Mac>().map_err(|_| bad())?),
                 ("mtu", v) => mtu = Some(v.parse::<u32>().map_err(|_| bad())?),
                 ("addr", v) => {
@@ -123,6 +138,7 @@ impl PodLinkRecord {
             }
         }
         Ok(Self {
+            network,
             mac: mac.ok_or(RecordError::Missing("mac"))?,
             mtu: mtu.ok_or(RecordError::Missing("mtu"))?,
             addresses,
@@ -137,6 +153,7 @@ mod tests {
 
     fn record() -> PodLinkRecord {
         PodLinkRecord {
+            network: Some("dyniface1".into()),
             mac: "0a:58:a9:fe:01:05".parse().unwrap(),
             mtu: 1400,
             addresses: vec![
@@ -152,7 +169,7 @@ mod tests {
         let alias = record().to_alias().unwrap();
         assert_eq!(
             alias,
-            "nicplug/v1 mac=0a:58:a9:fe:01:05 mtu=1400 addr=169.254.1.5/24,fe80::858:a9ff:fefe:105/64"
+            "nicplug/v1 net=dyniface1 mac=0a:58:a9:fe:01:05 mtu=1400 addr=169.254.1.5/24,fe80::858:a9ff:fefe:105/64"
         );
         assert_eq!(PodLinkRecord::from_alias(&alias).unwrap(), record());
     }
@@ -183,5 +200,10 @@ mod tests {
         );
         assert!(PodLinkRecord::from_alias("nicplug/v1 mac=zz mtu=1500").is_err());
         assert!("169.254.1.1/33".parse::<IpCidr>().is_err());
+        let rec = PodLinkRecord {
+            network: Some("a b".into()),
+            ..record()
+        };
+        assert_eq!(rec.to_alias(), Err(RecordError::Network("a b".into())));
     }
 }

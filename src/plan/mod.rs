@@ -30,6 +30,13 @@ pub enum Phase {
     Failed,
     /// Not an interface nicplug hot-plugs (binding or network type).
     Unsupported,
+    /// A detach was requested; waiting for the guest to release the device.
+    Detaching,
+    /// The guest did not release the device within the detach timeout;
+    /// plumbing stays, the detach is retried with backoff.
+    DetachPending,
+    /// The spec says `absent` and nothing of the interface is left.
+    Detached,
 }
 
 impl fmt::Display for Phase {
@@ -66,6 +73,19 @@ pub enum Step {
         xml: String,
         persistent: bool,
     },
+    /// Request the device's removal. The agent waits for the guest off the
+    /// loop and stops this interface's steps here until the device is gone.
+    Detach {
+        alias: String,
+        persistent: bool,
+    },
+    /// Update the live device's `<link state>`, starting from its live XML.
+    SetLinkState {
+        alias: String,
+        interface_xml: String,
+        up: bool,
+        persistent: bool,
+    },
     ReleasePodLink {
         pod: IfName,
         record: PodLinkRecord,
@@ -84,6 +104,8 @@ impl Step {
             Step::EnslavePodLink { .. } => "enslave-pod-link",
             Step::EnsureTap { .. } => "ensure-tap",
             Step::Attach { .. } => "attach-device",
+            Step::Detach { .. } => "detach-device",
+            Step::SetLinkState { .. } => "set-link-state",
             Step::ReleasePodLink { .. } => "release-pod-link",
             Step::DeleteLink { .. } => "delete-link",
         }
@@ -103,18 +125,21 @@ pub struct InterfacePlan {
     pub steps: Vec<Step>,
     /// Undoes whatever `steps` may have done; applied when a step fails.
     pub rollback: Vec<Step>,
+    /// The network left the spec: its status entry goes once it is unplugged.
+    pub departed: bool,
 }
 
 impl InterfacePlan {
-    fn new(spec: &SpecInterface, phase: Phase) -> Self {
+    fn new(name: &str, phase: Phase) -> Self {
         Self {
-            name: spec.name.clone(),
+            name: name.to_string(),
             pod_iface: None,
             mac: None,
             phase,
             message: None,
             steps: Vec::new(),
             rollback: Vec::new(),
+            departed: false,
         }
     }
 
@@ -156,14 +181,18 @@ pub fn pod_iface_scheme(vmi: &Vmi, links: &[Link]) -> PodIfaceScheme {
 }
 
 /// Plans every interface of the spec, in spec order (which is also the order
-/// devices are attached in, so guest NIC order follows the spec).
+/// devices are attached in, so guest NIC order follows the spec), then the
+/// networks nicplug plugged that have left the spec.
 pub fn plan(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
     let scheme = pod_iface_scheme(vmi, observed.links);
     let mut free_ports = observed.domain.map_or(0, |d| d.root_ports.free);
-    vmi.interfaces
+    let mut plans: Vec<InterfacePlan> = vmi
+        .interfaces
         .iter()
         .map(|spec| plan_interface(vmi, spec, scheme, observed, &mut free_ports))
-        .collect()
+        .collect();
+    plans.extend(plan_departed(vmi, observed));
+    plans
 }
 
 fn plan_interface(
@@ -174,30 +203,62 @@ fn plan_interface(
     free_ports: &mut usize,
 ) -> InterfacePlan {
     if let Some(reason) = spec.unsupported_reason() {
-        return InterfacePlan::new(spec, Phase::Unsupported).with_message(reason);
+        return InterfacePlan::new(&spec.name, Phase::Unsupported).with_message(reason);
     }
     let names = PlumbingNames::for_pod_iface(&spec.pod_iface(scheme));
-    let mut plan = InterfacePlan::new(spec, Phase::Pending);
+    let mut plan = InterfacePlan::new(&spec.name, Phase::Pending);
     plan.pod_iface = Some(names.pod.clone());
 
     let Some(domain) = observed.domain else {
         return plan.with_message("the domain is not defined");
     };
-    if let Some(device) = domain.interface_by_alias(&spec.alias()) {
-        // Attached by nicplug or by KubeVirt: adopt it, never re-plumb it.
-        plan.mac = device.mac;
-        plan.phase = Phase::Attached;
-        return plan;
-    }
+    let device = domain.interface_by_alias(&spec.alias());
+    let kubevirt_layout = observed.link(&names.kubevirt_renamed_pod).is_some();
+    plan.mac = device.and_then(|d| d.mac);
+
     if spec.state == SpecState::Absent {
-        plan.rollback = teardown(&names, observed);
-        plan.steps = plan.rollback.clone();
-        return plan.with_message("the spec asks for no device");
+        return unplug(
+            plan,
+            &spec.alias(),
+            &names,
+            observed,
+            domain,
+            Phase::Detached,
+        );
+    }
+    if let Some(device) = device {
+        // Attached by nicplug or by KubeVirt: adopt it, never re-plumb it.
+        let pod_gone = observed.link(&names.pod).is_none();
+        if pod_gone && !kubevirt_layout && observed.link(&names.bridge).is_some() {
+            // Multus removed the pod interface under a device nicplug plugged:
+            // the device has no uplink any more. Unplug, and wait for the pod
+            // interface to come back.
+            let plan = unplug(
+                plan,
+                &spec.alias(),
+                &names,
+                observed,
+                domain,
+                Phase::Pending,
+            );
+            return plan.with_message(format!("pod interface {} is gone", names.pod));
+        }
+        plan.phase = Phase::Attached;
+        let want_up = spec.state != SpecState::Down;
+        if device.link_up != want_up {
+            plan.steps.push(Step::SetLinkState {
+                alias: spec.alias(),
+                interface_xml: device.xml.clone(),
+                up: want_up,
+                persistent: domain.persistent,
+            });
+        }
+        return plan;
     }
     if !domain.running {
         return plan.with_message("the domain is not running");
     }
-    if observed.link(&names.kubevirt_renamed_pod).is_some() {
+    if kubevirt_layout {
         return plan.with_message(format!(
             "KubeVirt is plumbing this network ({} exists)",
             names.kubevirt_renamed_pod
@@ -209,6 +270,103 @@ fn plan_interface(
         return plan.with_message(format!("waiting for pod interface {}", names.pod));
     };
     plug(vmi, spec, &names, pod, observed, domain, free_ports, plan)
+}
+
+/// Detaches the device if there is one, then removes nicplug's plumbing.
+/// The agent stops at `Detach` until the device is gone, so tap and bridge
+/// are never removed from under a live device. `done` is the phase once
+/// nothing is left.
+fn unplug(
+    mut plan: InterfacePlan,
+    alias: &str,
+    names: &PlumbingNames,
+    observed: &Observed<'_>,
+    domain: &DomainState,
+    done: Phase,
+) -> InterfacePlan {
+    let kubevirt_layout = observed.link(&names.kubevirt_renamed_pod).is_some();
+    if domain.interface_by_alias(alias).is_some() {
+        plan.phase = Phase::Detaching;
+        plan.steps.push(Step::Detach {
+            alias: alias.to_string(),
+            persistent: domain.persistent,
+        });
+    } else {
+        plan.phase = done;
+    }
+    // KubeVirt's layout (renamed pod link, dummy) is KubeVirt's to remove.
+    if !kubevirt_layout {
+        plan.steps.extend(teardown(names, observed));
+    }
+    plan
+}
+
+/// Networks that left the spec but still have a device that nicplug plugged,
+/// or nicplug's plumbing: unplug them. Devices nicplug cannot prove it made
+/// (no record naming the network, KubeVirt's layout) are left alone.
+fn plan_departed(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
+    let in_spec = |network: &str| vmi.interfaces.iter().any(|i| i.name == network);
+    let record_of = |link: &Link| {
+        link.alias
+            .as_deref()
+            .filter(|a| PodLinkRecord::is_record(a))
+            .and_then(|a| PodLinkRecord::from_alias(a).ok())
+    };
+    let mut departed: Vec<(String, PlumbingNames)> = Vec::new();
+    // Pod links carrying a record of a network that left the spec.
+    for link in observed.links {
+        if let Some(network) = record_of(link).and_then(|r| r.network)
+            && !in_spec(&network)
+        {
+            departed.push((network, PlumbingNames::for_pod_iface(&link.name)));
+        }
+    }
+    // Devices whose pod link is already gone (CNI DEL came first) but whose
+    // bridge, which only nicplug creates without an `H-nic`, is still there.
+    if let Some(domain) = observed.domain {
+        for device in &domain.interfaces {
+            let Some(network) = device.alias.as_deref().and_then(|a| a.strip_prefix("ua-")) else {
+                continue;
+            };
+            let Some(pod) = device.target_dev.as_deref().and_then(pod_iface_of_tap) else {
+                continue;
+            };
+            let names = PlumbingNames::for_pod_iface(&pod);
+            let ours = observed.link(&names.pod).is_none()
+                && observed.link(&names.bridge).is_some()
+                && observed.link(&names.kubevirt_renamed_pod).is_none();
+            if !in_spec(network) && ours && !departed.iter().any(|(n, _)| n == network) {
+                departed.push((network.to_string(), names));
+            }
+        }
+    }
+    let Some(domain) = observed.domain else {
+        return Vec::new();
+    };
+    departed
+        .into_iter()
+        .map(|(network, names)| {
+            let mut plan = InterfacePlan::new(&network, Phase::Detaching);
+            plan.departed = true;
+            plan.pod_iface = Some(names.pod.clone());
+            let alias = format!("ua-{network}");
+            plan.mac = domain.interface_by_alias(&alias).and_then(|d| d.mac);
+            unplug(plan, &alias, &names, observed, domain, Phase::Detached)
+                .with_message("the network left the spec")
+        })
+        .collect()
+}
+
+/// The pod interface a KubeVirt tap name belongs to: `tapH` -> `podH` for
+/// hashed names, `tapN` -> `netN` for ordinal ones.
+fn pod_iface_of_tap(tap: &str) -> Option<IfName> {
+    let suffix = tap.strip_prefix("tap")?;
+    let pod = if !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit()) {
+        format!("net{suffix}")
+    } else {
+        format!("pod{suffix}")
+    };
+    IfName::new(pod).ok()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -254,6 +412,7 @@ fn plug(
                 );
             };
             let record = PodLinkRecord {
+                network: Some(spec.name.clone()),
                 mac,
                 mtu: pod.mtu,
                 addresses: pod.addresses.clone(),

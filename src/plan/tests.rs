@@ -80,6 +80,7 @@ fn step_names(plan: &InterfacePlan) -> Vec<&'static str> {
 fn plumbed_links() -> Vec<Link> {
     let original = fresh_pod_link();
     let record = PodLinkRecord {
+        network: Some("dyniface1".into()),
         mac: original.mac.unwrap(),
         mtu: 1400,
         addresses: original.addresses.clone(),
@@ -139,7 +140,7 @@ fn fresh_pod_link_gets_the_whole_plug_sequence() {
     };
     assert_eq!(
         alias,
-        "nicplug/v1 mac=0a:58:00:00:00:03 mtu=1400 addr=169.254.1.5/24"
+        "nicplug/v1 net=dyniface1 mac=0a:58:00:00:00:03 mtu=1400 addr=169.254.1.5/24"
     );
     let Step::EnsureTap { spec, .. } = &p.steps[3] else {
         panic!()
@@ -319,6 +320,7 @@ fn an_existing_device_is_adopted_untouched() {
     ];
     let device = DomainInterface {
         alias: Some("ua-dyniface1".into()),
+        link_up: true,
         ..Default::default()
     };
     let dom = domain(3, vec![device]);
@@ -416,4 +418,94 @@ fn absent_without_device_tears_down() {
         step_names(p),
         ["delete-link", "release-pod-link", "delete-link"]
     );
+}
+
+fn attached_device(link_up: bool) -> DomainInterface {
+    DomainInterface {
+        alias: Some("ua-dyniface1".into()),
+        mac: fresh_pod_link().mac,
+        target_dev: Some(TAP.into()),
+        link_up,
+        xml: "<interface type='ethernet'><alias name='ua-dyniface1'/></interface>".into(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn absent_with_device_detaches_before_any_teardown() {
+    let vmi = vmi(r#","state":"absent""#);
+    let links = plumbed_links();
+    let dom = domain(3, vec![attached_device(true)]);
+    let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
+    assert_eq!(p.phase, Phase::Detaching);
+    assert_eq!(
+        step_names(p),
+        [
+            "detach-device",
+            "delete-link",
+            "release-pod-link",
+            "delete-link"
+        ]
+    );
+    assert!(p.rollback.is_empty());
+}
+
+#[test]
+fn link_state_change_is_one_update() {
+    let links = plumbed_links();
+    let dom = domain(3, vec![attached_device(true)]);
+    let p = &plan(&vmi(r#","state":"down""#), &observed(&links, Some(&dom)))[1];
+    assert_eq!(p.phase, Phase::Attached);
+    assert_eq!(step_names(p), ["set-link-state"]);
+    let Step::SetLinkState {
+        up, interface_xml, ..
+    } = &p.steps[0]
+    else {
+        panic!()
+    };
+    assert!(!up);
+    assert!(interface_xml.contains("ua-dyniface1"));
+    let dom = domain(3, vec![attached_device(false)]);
+    let p = &plan(&vmi(r#","state":"down""#), &observed(&links, Some(&dom)))[1];
+    assert!(p.steps.is_empty());
+}
+
+#[test]
+fn departed_network_with_record_is_unplugged() {
+    let vmi = Vmi::parse(r#"{"metadata":{"name":"vm"},"spec":{}}"#).unwrap();
+    let links = plumbed_links();
+    let dom = domain(3, vec![attached_device(true)]);
+    let plans = plan(&vmi, &observed(&links, Some(&dom)));
+    assert_eq!(plans.len(), 1);
+    let p = &plans[0];
+    assert!(p.departed);
+    assert_eq!(p.name, "dyniface1");
+    assert_eq!(step_names(p)[0], "detach-device");
+    // Without the device only the teardown is left.
+    let dom = domain(4, vec![]);
+    let p = &plan(&vmi, &observed(&links, Some(&dom)))[0];
+    assert_eq!(
+        step_names(p),
+        ["delete-link", "release-pod-link", "delete-link"]
+    );
+}
+
+#[test]
+fn departed_devices_nicplug_cannot_prove_are_left_alone() {
+    let vmi = Vmi::parse(r#"{"metadata":{"name":"vm"},"spec":{}}"#).unwrap();
+    // A device of another party: no bridge, no record.
+    let links = [eth0()];
+    let dom = domain(3, vec![attached_device(true)]);
+    assert!(plan(&vmi, &observed(&links, Some(&dom))).is_empty());
+    // KubeVirt's layout for that device.
+    let links = [
+        eth0(),
+        link(3, "9a6a0c3b4d8-nic", LinkKind::Veth),
+        link(10, BRIDGE, LinkKind::Bridge),
+    ];
+    assert!(plan(&vmi, &observed(&links, Some(&dom))).is_empty());
+    // nicplug's bridge with the pod link already gone (CNI DEL came first).
+    let links = [eth0(), link(10, BRIDGE, LinkKind::Bridge)];
+    let plans = plan(&vmi, &observed(&links, Some(&dom)));
+    assert_eq!(step_names(&plans[0]), ["detach-device", "delete-link"]);
 }
