@@ -32,6 +32,18 @@ const DEFAULT_TMP: &str = "/tmp";
 /// Debian's busybox-static, used for `ping` in the node netns.
 const BUSYBOX: &str = "/bin/busybox";
 
+/// Runs its argv (libvirtd) as a child and reaps every orphan reparented to it: QEMU
+/// daemonizes, so its parent is the nearest child subreaper, else PID 1, and this machine's
+/// PID 1 reaps lazily; libvirt's destroy waits (kill(pid, 0)) until the zombie is gone,
+/// which made every teardown ~1.2 s slower. perl is in perl-base (Essential).
+/// SIGTERM/SIGINT are forwarded; exits with the child's status. 157 = SYS_prctl,
+/// 36 = PR_SET_CHILD_SUBREAPER (x86_64).
+const REAPER: &str = "syscall(157, 36, 1, 0, 0, 0) == 0 or die qq(prctl: $!); \
+    my $c = fork() // die qq(fork: $!); if ($c == 0) { exec(@ARGV) or die qq(exec: $!) } \
+    $SIG{TERM} = $SIG{INT} = sub { kill(q(TERM), $c) }; \
+    while (1) { my $w = waitpid(-1, 0); if ($w == $c) { exit($? & 127 ? 1 : $? >> 8) } \
+    exit(0) if $w == -1 }";
+
 /// Serializes rigs within one process (2 cores, TCG guests).
 static RIG_LOCK: Mutex<()> = Mutex::new(());
 static RIG_SEQ: AtomicU32 = AtomicU32::new(0);
@@ -135,7 +147,13 @@ fn ensure_guest() -> Result<(PathBuf, PathBuf), String> {
         })
         .clone()?;
     let dir = guest_dir();
-    Ok((dir.join("vmlinuz"), dir.join("initramfs.img")))
+    // The decompressed ELF kernel boots ~3.5 s faster under TCG (PVH entry, no XZ).
+    let kernel = ["vmlinux", "vmlinuz"]
+        .iter()
+        .map(|k| dir.join(k))
+        .find(|k| k.exists())
+        .ok_or_else(|| format!("no kernel in {}", dir.display()))?;
+    Ok((kernel, dir.join("initramfs.img")))
 }
 
 fn tmp_base() -> PathBuf {
@@ -240,7 +258,7 @@ impl Rig {
         )
         .map_err(|e| e.to_string())?;
         // libvirt chowns kernel/initrd to the QEMU user: give it private copies.
-        let g_kernel = self.dir.join("guest/vmlinuz");
+        let g_kernel = self.dir.join("guest").join(kernel.file_name().unwrap_or_default());
         let g_initrd = self.dir.join("guest/initramfs.img");
         fs::copy(&kernel, &g_kernel).map_err(|e| format!("copy {}: {e}", kernel.display()))?;
         fs::copy(&initrd, &g_initrd).map_err(|e| format!("copy {}: {e}", initrd.display()))?;
@@ -269,7 +287,7 @@ impl Rig {
              mount --bind {d}/cache /var/cache/libvirt; \
              mount --bind {d}/log /var/log/libvirt; \
              mount --bind {d}/etc /etc/libvirt; \
-             exec /usr/sbin/libvirtd --pid-file {d}/libvirtd.pid"
+             exec perl -e '{REAPER}' /usr/sbin/libvirtd --pid-file {d}/libvirtd.pid"
         );
         let log = fs::File::create(self.dir.join("libvirtd.log")).map_err(|e| e.to_string())?;
         let child = Command::new("ip")
@@ -286,7 +304,8 @@ impl Rig {
             if let Some(Ok(Some(status))) = self.daemon.as_mut().map(|c| c.try_wait()) {
                 return Some(Err(format!("libvirtd exited early: {status}")));
             }
-            (sock.exists() && self.virsh_try(&["uri"]).is_ok()).then_some(Ok(()))
+            (sock.exists() && self.daemon_pid() > 0 && self.virsh_try(&["uri"]).is_ok())
+                .then_some(Ok(()))
         });
         up.unwrap_or_else(|| Err("libvirtd did not open its socket within 30 s".into()))?;
         let pid = self.daemon_pid();
@@ -355,8 +374,16 @@ impl Rig {
         self.clock.elapsed()
     }
 
-    /// libvirtd's pid.
+    /// libvirtd's pid (from its pidfile).
     pub fn daemon_pid(&self) -> i32 {
+        fs::read_to_string(self.dir.join("libvirtd.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The pid of the rig's direct child: the reaper that runs libvirtd.
+    pub fn reaper_pid(&self) -> i32 {
         self.daemon.as_ref().map(|c| c.id() as i32).unwrap_or(0)
     }
 
@@ -742,23 +769,31 @@ impl Drop for Rig {
         let t0 = Instant::now();
         if self.daemon.is_some() && self.domain_started {
             if let Err(e) = self.virsh_try(&["destroy", &self.domain]) {
-                self.log(&format!("cleanup: {e}"));
+                if !e.contains("not running") {
+                    self.log(&format!("cleanup: {e}"));
+                }
             }
+            self.log("cleanup: domain destroyed");
             if self.persistent {
                 let _ = self.virsh_try(&["undefine", &self.domain]);
             }
         }
         if let Some(mut child) = self.daemon.take() {
-            let pid = child.id() as i32;
-            util::kill(pid, libc::SIGTERM);
+            let daemon = self.daemon_pid();
+            // SIGTERM to the reaper, which forwards it to libvirtd and exits with it.
+            util::kill(child.id() as i32, libc::SIGTERM);
             let exited = poll(Duration::from_secs(10), Duration::from_millis(20), || {
                 child.try_wait().ok().flatten()
             });
             if exited.is_none() {
-                self.log(&format!("cleanup: libvirtd {pid} ignored SIGTERM, killing"));
+                self.log(&format!("cleanup: libvirtd {daemon} ignored SIGTERM, killing"));
+                if util::pid_comm(daemon).as_deref() == Some("libvirtd") {
+                    util::kill(daemon, libc::SIGKILL);
+                }
                 let _ = child.kill();
                 let _ = child.wait();
             }
+            self.log("cleanup: libvirtd stopped");
         }
         // QEMU should be gone with the destroy; make sure (only the pid this rig recorded).
         if self.qemu_pid > 0
