@@ -21,8 +21,16 @@ fn data_path_by_hand() {
     }
     let rig = Rig::start(RigOptions::default());
     let boot = rig.elapsed();
-    assert_eq!(rig.free_root_ports(), 4, "the rig promises 4 spare root ports");
-    assert_ne!(rig.qemu_uid(), 0, "QEMU must run as Debian's libvirt-qemu, not root");
+    assert_eq!(
+        rig.free_root_ports(),
+        4,
+        "the rig promises 4 spare root ports"
+    );
+    assert_ne!(
+        rig.qemu_uid(),
+        0,
+        "QEMU must run as Debian's libvirt-qemu, not root"
+    );
 
     let net = CniNet::new(1);
     let pod_if = format!("pod{HASH}");
@@ -41,16 +49,28 @@ fn data_path_by_hand() {
     mark("cni ADD", &mut times);
     assert_eq!(cni.ips.len(), 1, "one link-local address: {:?}", cni.raw);
     assert!(cni.ips[0].starts_with(&net.addr(0)[..net.addr(0).len() - 1]));
-    assert!(rig.pod_ip(&["-br", "addr", "show", "dev", &pod_if]).contains(&cni.ips[0]));
+    assert!(
+        rig.pod_ip(&["-br", "addr", "show", "dev", &pod_if])
+            .contains(&cni.ips[0])
+    );
 
     // Plumbing, KubeVirt's way minus the rename/dummy: bridge, pod link into it, tap.
     let uid = rig.qemu_uid().to_string();
-    let port_mac = format!("02:{}:{}:{}:{}:{}", &HASH[0..2], &HASH[2..4], &HASH[4..6], &HASH[6..8], &HASH[8..10]);
+    let port_mac = format!(
+        "02:{}:{}:{}:{}:{}",
+        &HASH[0..2],
+        &HASH[2..4],
+        &HASH[4..6],
+        &HASH[6..8],
+        &HASH[8..10]
+    );
     rig.pod_ip(&["link", "add", &bridge, "type", "bridge"]);
     rig.pod_ip(&["addr", "flush", "dev", &pod_if]);
     rig.pod_ip(&["link", "set", &pod_if, "address", &port_mac]);
     rig.pod_ip(&["link", "set", &pod_if, "master", &bridge]);
-    rig.pod_ip(&["tuntap", "add", "dev", &tap, "mode", "tap", "user", &uid, "vnet_hdr"]);
+    rig.pod_ip(&[
+        "tuntap", "add", "dev", &tap, "mode", "tap", "user", &uid, "vnet_hdr",
+    ]);
     rig.pod_ip(&["link", "set", &tap, "master", &bridge]);
     for l in [&tap, &pod_if, &bridge] {
         rig.pod_ip(&["link", "set", l, "up"]);
@@ -69,7 +89,10 @@ fn data_path_by_hand() {
     rig.virsh(&["attach-device", &rig.domain, &xml_arg, "--live", "--config"]);
     mark("virsh attach-device", &mut times);
     assert!(rig.domain_xml().contains(alias));
-    assert!(rig.domain_config_xml().contains(alias), "--config must persist it");
+    assert!(
+        rig.domain_config_xml().contains(alias),
+        "--config must persist it"
+    );
     assert_eq!(rig.free_root_ports(), 3);
 
     let gi = rig
@@ -85,9 +108,17 @@ fn data_path_by_hand() {
     mark("guest agent reports MAC", &mut times);
 
     let guest_addr = net.addr(50);
-    let (code, out) = rig.guest_exec(&["/bin/ip", "addr", "add", &format!("{guest_addr}/24"), "dev", &gi.name]);
+    let (code, out) = rig.guest_exec(&[
+        "/bin/ip",
+        "addr",
+        "add",
+        &format!("{guest_addr}/24"),
+        "dev",
+        &gi.name,
+    ]);
     assert_eq!(code, 0, "ip addr add in guest: {out}");
-    let (code, out) = rig.guest_exec(&["/bin/sh", "-c", &format!("ip -o addr show dev {}", gi.name)]);
+    let (code, out) =
+        rig.guest_exec(&["/bin/sh", "-c", &format!("ip -o addr show dev {}", gi.name)]);
     assert_eq!(code, 0);
     assert!(out.contains(&guest_addr), "guest address missing: {out}");
     mark("guest address set (guest-exec)", &mut times);
@@ -98,11 +129,19 @@ fn data_path_by_hand() {
         rig.pod_ip(&["-d", "link"])
     );
     mark("ping node -> guest", &mut times);
-    let seen = rig.wait_guest_mac(&cni.mac, Duration::from_secs(5)).unwrap();
+    let seen = rig
+        .wait_guest_mac(&cni.mac, Duration::from_secs(5))
+        .unwrap();
     assert!(seen.has_ip(&guest_addr), "agent reports {:?}", seen.ips);
 
     // Unplug.
-    rig.virsh(&["detach-device-alias", &rig.domain, alias, "--live", "--config"]);
+    rig.virsh(&[
+        "detach-device-alias",
+        &rig.domain,
+        alias,
+        "--live",
+        "--config",
+    ]);
     let gone = support::poll(Duration::from_secs(20), Duration::from_millis(50), || {
         (!rig.domain_xml().contains(alias)).then_some(())
     });
@@ -123,6 +162,25 @@ fn data_path_by_hand() {
 
     let after = rig.pod_links_snapshot();
     assert_eq!(before, after, "pod netns differs after unplug + CNI DEL");
+
+    // The guest's /init restarts qemu-ga when it dies (later tests stop it on purpose).
+    let old_pid = rig.guest_exec(&["/bin/cat", "/run/qemu-ga.pid"]).1;
+    let r = rig.agent(
+        &serde_json::json!({"execute": "guest-exec", "arguments": {
+            "path": "/bin/sh", "arg": ["-c", "sleep 0.3; kill $(cat /run/qemu-ga.pid)"]}}),
+        5,
+    );
+    assert!(r.is_ok(), "{r:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    let back = support::poll(Duration::from_secs(20), Duration::from_millis(200), || {
+        let (code, pid) = rig.guest_exec_try(&["/bin/cat", "/run/qemu-ga.pid"])?;
+        (code == 0 && !pid.trim().is_empty() && pid != old_pid).then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "qemu-ga did not come back after being killed"
+    );
+    mark("qemu-ga killed and back", &mut times);
 
     eprintln!("\n=== rig_smoke timings ===");
     for (what, d) in &times {
@@ -162,7 +220,12 @@ fn drop_cleans_up_on_panic() {
     let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
     let list = String::from_utf8_lossy(&list.stdout);
     for ns in [&pod, &node] {
-        assert!(!list.lines().any(|l| l.split_whitespace().next() == Some(ns)), "{ns} left behind");
+        assert!(
+            !list
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(ns)),
+            "{ns} left behind"
+        );
     }
     let gone = |pid: i32| {
         support::poll(Duration::from_secs(5), Duration::from_millis(50), || {
@@ -173,4 +236,42 @@ fn drop_cleans_up_on_panic() {
     assert!(gone(daemon), "libvirtd {daemon} still running");
     assert!(gone(qemu), "QEMU {qemu} still running");
     assert!(!dir.exists(), "{} left behind", dir.display());
+}
+
+#[test]
+fn failed_start_cleans_up() {
+    if !require_root("failed_start_cleans_up") {
+        return;
+    }
+    let before = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap()
+        .stdout;
+    // The guest kernel panics (no such init) -> panic=-1 reboots -> on_reboot destroy.
+    let err = std::panic::catch_unwind(|| {
+        Rig::start(RigOptions {
+            root_ports: 1,
+            vcpus: 1,
+            kernel_cmdline_extra: "rdinit=/nonexistent".into(),
+            ..RigOptions::default()
+        })
+    })
+    .err()
+    .expect("Rig::start must fail when the guest cannot boot");
+    let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(msg.contains("Rig::start failed"), "{msg}");
+    assert!(
+        msg.contains("Kernel panic") || msg.contains("rdinit"),
+        "console tail expected: {msg}"
+    );
+    let after = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap()
+        .stdout;
+    assert_eq!(
+        String::from_utf8_lossy(&before),
+        String::from_utf8_lossy(&after)
+    );
 }

@@ -45,9 +45,7 @@ impl GuestIface {
 
     /// True if the guest reports this address (without prefix) on the interface.
     pub fn has_ip(&self, addr: &str) -> bool {
-        self.ips
-            .iter()
-            .any(|ip| ip.split('/').next() == Some(addr))
+        self.ips.iter().any(|ip| ip.split('/').next() == Some(addr))
     }
 }
 

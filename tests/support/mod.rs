@@ -55,9 +55,7 @@ pub fn require_root(test: &str) -> bool {
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    let msg = format!(
-        "SKIP {test}: needs root (creates network namespaces and a libvirt daemon)"
-    );
+    let msg = format!("SKIP {test}: needs root (creates network namespaces and a libvirt daemon)");
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{msg}; CI=true, so not skipping");
     }
@@ -179,7 +177,11 @@ fn copy_dir_files(from: &Path, to: &Path) {
         let dst = to.join(e.file_name());
         if e.path().is_file() && !dst.exists() {
             // Write then rename, so a concurrent reader never sees half a file.
-            let tmp = to.join(format!(".{}.{}", e.file_name().to_string_lossy(), std::process::id()));
+            let tmp = to.join(format!(
+                ".{}.{}",
+                e.file_name().to_string_lossy(),
+                std::process::id()
+            ));
             if fs::copy(e.path(), &tmp).is_ok() {
                 let _ = fs::rename(&tmp, &dst);
             }
@@ -242,13 +244,26 @@ impl Rig {
         self.log("guest image ready");
 
         // Per-rig directories that replace libvirt's system paths inside its mount namespace.
-        for sub in ["run", "lib", "cache/qemu/capabilities", "log", "etc/qemu", "ipam", "cni", "guest"] {
+        for sub in [
+            "run",
+            "lib",
+            "cache/qemu/capabilities",
+            "log",
+            "etc/qemu",
+            "ipam",
+            "cni",
+            "guest",
+        ] {
             fs::create_dir_all(self.dir.join(sub)).map_err(|e| format!("mkdir {sub}: {e}"))?;
         }
         // libvirt's qemu user must traverse to the console log and guest files.
-        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
-        fs::write(self.dir.join("etc/libvirtd.conf"), "# nicplug rig: defaults\n")
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o755))
             .map_err(|e| e.to_string())?;
+        fs::write(
+            self.dir.join("etc/libvirtd.conf"),
+            "# nicplug rig: defaults\n",
+        )
+        .map_err(|e| e.to_string())?;
         // stdio_handler=file: no virtlogd. namespaces=[]: QEMU sees the real /dev (taps).
         // security_driver=none: no AppArmor (DAC still runs, QEMU stays libvirt-qemu).
         // remember_owner=0: no xattrs left on files when a rig is killed.
@@ -258,7 +273,10 @@ impl Rig {
         )
         .map_err(|e| e.to_string())?;
         // libvirt chowns kernel/initrd to the QEMU user: give it private copies.
-        let g_kernel = self.dir.join("guest").join(kernel.file_name().unwrap_or_default());
+        let g_kernel = self
+            .dir
+            .join("guest")
+            .join(kernel.file_name().unwrap_or_default());
         let g_initrd = self.dir.join("guest/initramfs.img");
         fs::copy(&kernel, &g_kernel).map_err(|e| format!("copy {}: {e}", kernel.display()))?;
         fs::copy(&initrd, &g_initrd).map_err(|e| format!("copy {}: {e}", initrd.display()))?;
@@ -267,7 +285,8 @@ impl Rig {
         // invalidated on every start ("KVM was enabled when probing...") = 2 s per probe.
         let nokvm = self.dir.join("nokvm");
         fs::write(&nokvm, "").map_err(|e| e.to_string())?;
-        fs::set_permissions(&nokvm, fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())?;
+        fs::set_permissions(&nokvm, fs::Permissions::from_mode(0o600))
+            .map_err(|e| e.to_string())?;
 
         // Network namespaces.
         for ns in [self.pod_ns.clone(), self.node_ns.clone()] {
@@ -291,7 +310,15 @@ impl Rig {
         );
         let log = fs::File::create(self.dir.join("libvirtd.log")).map_err(|e| e.to_string())?;
         let child = Command::new("ip")
-            .args(["netns", "exec", &self.pod_ns, "unshare", "--mount", "--propagation", "private"])
+            .args([
+                "netns",
+                "exec",
+                &self.pod_ns,
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+            ])
             .args(["sh", "-c", &script])
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
@@ -310,7 +337,10 @@ impl Rig {
         up.unwrap_or_else(|| Err("libvirtd did not open its socket within 30 s".into()))?;
         let pid = self.daemon_pid();
         if util::pid_comm(pid).as_deref() != Some("libvirtd") {
-            return Err(format!("pid {pid} is {:?}, not libvirtd", util::pid_comm(pid)));
+            return Err(format!(
+                "pid {pid} is {:?}, not libvirtd",
+                util::pid_comm(pid)
+            ));
         }
         self.log(&format!("libvirtd up (pid {pid})"));
 
@@ -345,7 +375,10 @@ impl Rig {
         let want = ns_ino(&format!("/run/netns/{}", self.pod_ns));
         let got = ns_ino(&format!("/proc/{qpid}/ns/net"));
         if want.is_none() || want != got {
-            return Err(format!("QEMU pid {qpid} is not in netns {} ({got:?} vs {want:?})", self.pod_ns));
+            return Err(format!(
+                "QEMU pid {qpid} is not in netns {} ({got:?} vs {want:?})",
+                self.pod_ns
+            ));
         }
 
         // Wait for the guest agent.
@@ -360,7 +393,10 @@ impl Rig {
             }
         });
         ping.unwrap_or_else(|| Err("guest agent did not answer guest-ping within 60 s".into()))?;
-        self.log(&format!("guest agent answers ({} ms after start)", t0.elapsed().as_millis()));
+        self.log(&format!(
+            "guest agent answers ({} ms after start)",
+            t0.elapsed().as_millis()
+        ));
         Ok(())
     }
 
@@ -432,7 +468,11 @@ impl Rig {
 
     /// `virsh -c <uri> <args>`; `Err(message)` on failure.
     pub fn virsh_try(&self, args: &[&str]) -> Result<String, String> {
-        util::try_run(Command::new("virsh").args(["-q", "-c", &self.libvirt_uri]).args(args))
+        util::try_run(
+            Command::new("virsh")
+                .args(["-q", "-c", &self.libvirt_uri])
+                .args(args),
+        )
     }
 
     /// Live domain XML.
@@ -509,6 +549,33 @@ impl Rig {
         (r.code, r.stdout)
     }
 
+    /// Like `guest_exec`, but `None` instead of a panic when the agent does not answer.
+    pub fn guest_exec_try(&self, argv: &[&str]) -> Option<(i32, String)> {
+        let (path, args) = argv.split_first()?;
+        let ret = self
+            .agent(
+                &json!({"execute": "guest-exec", "arguments": {
+                    "path": path, "arg": args, "capture-output": true}}),
+                2,
+            )
+            .ok()?;
+        let pid = ret["pid"].as_i64()?;
+        let status = poll(Duration::from_secs(10), Duration::from_millis(50), || {
+            let s = self
+                .agent(
+                    &json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}),
+                    2,
+                )
+                .ok()?;
+            s["exited"].as_bool().unwrap_or(false).then_some(s)
+        })?;
+        let out = util::base64_decode(status["out-data"].as_str().unwrap_or(""));
+        Some((
+            status["exitcode"].as_i64().unwrap_or(-1) as i32,
+            String::from_utf8_lossy(&out).into_owned(),
+        ))
+    }
+
     /// Like `guest_exec`, with stderr too.
     pub fn guest_exec_full(&self, argv: &[&str]) -> GuestExec {
         let (path, args) = argv.split_first().expect("guest_exec: empty argv");
@@ -524,7 +591,10 @@ impl Rig {
             .unwrap_or_else(|| panic!("guest-exec {argv:?}: no pid in {ret}"));
         let status = poll(Duration::from_secs(30), Duration::from_millis(50), || {
             let s = self
-                .agent(&json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}), 10)
+                .agent(
+                    &json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}),
+                    10,
+                )
                 .unwrap_or_else(|e| panic!("guest-exec-status {argv:?}: {e}"));
             s["exited"].as_bool().unwrap_or(false).then_some(s)
         })
@@ -546,7 +616,8 @@ impl Rig {
     fn cni(&self, command: &str, net: &CniNet, ifname: &str) -> Result<String, String> {
         let ipam = self.dir.join("ipam").display().to_string();
         let conf = net.config(&ipam).to_string();
-        fs::write(self.dir.join(format!("cni/{}.json", net.name)), &conf).map_err(|e| e.to_string())?;
+        fs::write(self.dir.join(format!("cni/{}.json", net.name)), &conf)
+            .map_err(|e| e.to_string())?;
         let mut cmd = self.node_cmd(&format!("{CNI_PATH}/bridge"));
         cmd.env("CNI_COMMAND", command)
             .env("CNI_NETNS", format!("/run/netns/{}", self.pod_ns))
@@ -582,9 +653,11 @@ impl Rig {
     /// The node's bridge also gets `net.node_addr()` so the node can ping the guest.
     pub fn cni_add(&self, net: &CniNet, ifname: &str) -> CniResult {
         let t0 = Instant::now();
-        let out = self.cni("ADD", net, ifname).unwrap_or_else(|e| panic!("{e}"));
-        let raw: Value = serde_json::from_str(&out)
-            .unwrap_or_else(|e| panic!("CNI ADD result {out:?}: {e}"));
+        let out = self
+            .cni("ADD", net, ifname)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let raw: Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("CNI ADD result {out:?}: {e}"));
         let res = CniResult::parse(raw, ifname).unwrap_or_else(|e| panic!("{e}"));
         self.node_ip(&["addr", "replace", &net.node_addr(), "dev", &net.bridge]);
         self.log(&format!(
@@ -600,8 +673,13 @@ impl Rig {
     /// CNI DEL (panics on failure).
     pub fn cni_del(&self, net: &CniNet, ifname: &str) {
         let t0 = Instant::now();
-        self.cni("DEL", net, ifname).unwrap_or_else(|e| panic!("{e}"));
-        self.log(&format!("cni DEL {} {ifname} ({} ms)", net.name, t0.elapsed().as_millis()));
+        self.cni("DEL", net, ifname)
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.log(&format!(
+            "cni DEL {} {ifname} ({} ms)",
+            net.name,
+            t0.elapsed().as_millis()
+        ));
     }
 
     /// Pings `addr` from the node netns over `net`'s bridge (a few tries of `ping -c1 -W1`).
@@ -656,7 +734,8 @@ fn snapshot(ns: &str) -> String {
     }
     let parse = |args: &[&str]| -> Vec<Value> {
         let out = util::run(Command::new("ip").args(["-n", ns]).args(args));
-        let mut v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("ip -j: {e}: {out}"));
+        let mut v: Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("ip -j: {e}: {out}"));
         strip(&mut v);
         let mut a = v.as_array().cloned().unwrap_or_default();
         a.sort_by(|x, y| x["ifname"].as_str().cmp(&y["ifname"].as_str()));
@@ -688,13 +767,12 @@ pub fn free_root_ports(xml: &str) -> u32 {
             if let Some(i) = attr("index").and_then(|s| s.parse::<u32>().ok()) {
                 ports.push(i);
             }
-        } else if tag.starts_with("address ") && attr("type").as_deref() == Some("pci") {
-            if let Some(b) = attr("bus") {
-                let b = b.trim_start_matches("0x");
-                if let Ok(b) = u32::from_str_radix(b, 16) {
-                    used.insert(b);
-                }
-            }
+        } else if tag.starts_with("address ")
+            && attr("type").as_deref() == Some("pci")
+            && let Some(b) = attr("bus")
+            && let Ok(b) = u32::from_str_radix(b.trim_start_matches("0x"), 16)
+        {
+            used.insert(b);
         }
     }
     ports.iter().filter(|p| !used.contains(p)).count() as u32
@@ -709,7 +787,13 @@ fn xml_escape(s: &str) -> String {
 }
 
 /// The rig's domain: q35 TCG, direct kernel boot, guest agent channel, no NIC, no disk.
-pub fn domain_xml(name: &str, opts: &RigOptions, kernel: &Path, initrd: &Path, console: &Path) -> String {
+pub fn domain_xml(
+    name: &str,
+    opts: &RigOptions,
+    kernel: &Path,
+    initrd: &Path,
+    console: &Path,
+) -> String {
     let mut cmdline = String::from("console=ttyS0 quiet panic=-1");
     if !opts.kernel_cmdline_extra.trim().is_empty() {
         cmdline.push(' ');
@@ -768,10 +852,10 @@ impl Drop for Rig {
     fn drop(&mut self) {
         let t0 = Instant::now();
         if self.daemon.is_some() && self.domain_started {
-            if let Err(e) = self.virsh_try(&["destroy", &self.domain]) {
-                if !e.contains("not running") {
-                    self.log(&format!("cleanup: {e}"));
-                }
+            if let Err(e) = self.virsh_try(&["destroy", &self.domain])
+                && !e.contains("not running")
+            {
+                self.log(&format!("cleanup: {e}"));
             }
             self.log("cleanup: domain destroyed");
             if self.persistent {
@@ -786,7 +870,9 @@ impl Drop for Rig {
                 child.try_wait().ok().flatten()
             });
             if exited.is_none() {
-                self.log(&format!("cleanup: libvirtd {daemon} ignored SIGTERM, killing"));
+                self.log(&format!(
+                    "cleanup: libvirtd {daemon} ignored SIGTERM, killing"
+                ));
                 if util::pid_comm(daemon).as_deref() == Some("libvirtd") {
                     util::kill(daemon, libc::SIGKILL);
                 }
@@ -796,10 +882,12 @@ impl Drop for Rig {
             self.log("cleanup: libvirtd stopped");
         }
         // QEMU should be gone with the destroy; make sure (only the pid this rig recorded).
-        if self.qemu_pid > 0
-            && util::pid_comm(self.qemu_pid).is_some_and(|c| c.starts_with("qemu"))
+        if self.qemu_pid > 0 && util::pid_comm(self.qemu_pid).is_some_and(|c| c.starts_with("qemu"))
         {
-            self.log(&format!("cleanup: QEMU {} still alive, killing", self.qemu_pid));
+            self.log(&format!(
+                "cleanup: QEMU {} still alive, killing",
+                self.qemu_pid
+            ));
             util::terminate_foreign(self.qemu_pid, Duration::from_secs(5));
         }
         for ns in self.netns_made.drain(..).rev() {
@@ -808,11 +896,14 @@ impl Drop for Rig {
             }
         }
         if self.keep {
-            self.log(&format!("NICPLUG_KEEP_RIG=1: keeping {}", self.dir.display()));
-        } else if self.dir.exists() {
-            if let Err(e) = fs::remove_dir_all(&self.dir) {
-                self.log(&format!("cleanup: rm {}: {e}", self.dir.display()));
-            }
+            self.log(&format!(
+                "NICPLUG_KEEP_RIG=1: keeping {}",
+                self.dir.display()
+            ));
+        } else if self.dir.exists()
+            && let Err(e) = fs::remove_dir_all(&self.dir)
+        {
+            self.log(&format!("cleanup: rm {}: {e}", self.dir.display()));
         }
         self.log(&format!("torn down ({} ms)", t0.elapsed().as_millis()));
     }
@@ -845,19 +936,18 @@ fn reap_stale() {
         };
         if let Ok(entries) = fs::read_dir(dir.join("run/qemu")) {
             for e in entries.flatten() {
-                if e.path().extension().is_some_and(|x| x == "pid") {
-                    if let Some(p) = read_pid(e.path()) {
-                        if util::pid_comm(p).is_some_and(|c| c.starts_with("qemu")) {
-                            util::terminate_foreign(p, Duration::from_secs(5));
-                        }
-                    }
+                if e.path().extension().is_some_and(|x| x == "pid")
+                    && let Some(p) = read_pid(e.path())
+                    && util::pid_comm(p).is_some_and(|c| c.starts_with("qemu"))
+                {
+                    util::terminate_foreign(p, Duration::from_secs(5));
                 }
             }
         }
-        if let Some(p) = read_pid(dir.join("libvirtd.pid")) {
-            if util::pid_comm(p).as_deref() == Some("libvirtd") {
-                util::terminate_foreign(p, Duration::from_secs(10));
-            }
+        if let Some(p) = read_pid(dir.join("libvirtd.pid"))
+            && util::pid_comm(p).as_deref() == Some("libvirtd")
+        {
+            util::terminate_foreign(p, Duration::from_secs(10));
         }
         let _ = util::try_run(Command::new("ip").args(["netns", "del", name]));
         let _ = fs::remove_dir_all(&dir);
