@@ -163,6 +163,25 @@ fn data_path_by_hand() {
     let after = rig.pod_links_snapshot();
     assert_eq!(before, after, "pod netns differs after unplug + CNI DEL");
 
+    // The guest's /init restarts qemu-ga when it dies (later tests stop it on purpose).
+    let old_pid = rig.guest_exec(&["/bin/cat", "/run/qemu-ga.pid"]).1;
+    let r = rig.agent(
+        &serde_json::json!({"execute": "guest-exec", "arguments": {
+            "path": "/bin/sh", "arg": ["-c", "sleep 0.3; kill $(cat /run/qemu-ga.pid)"]}}),
+        5,
+    );
+    assert!(r.is_ok(), "{r:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    let back = support::poll(Duration::from_secs(20), Duration::from_millis(200), || {
+        let (code, pid) = rig.guest_exec_try(&["/bin/cat", "/run/qemu-ga.pid"])?;
+        (code == 0 && !pid.trim().is_empty() && pid != old_pid).then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "qemu-ga did not come back after being killed"
+    );
+    mark("qemu-ga killed and back", &mut times);
+
     eprintln!("\n=== rig_smoke timings ===");
     for (what, d) in &times {
         eprintln!("{:>8} ms  {what}", d.as_millis());
@@ -217,4 +236,42 @@ fn drop_cleans_up_on_panic() {
     assert!(gone(daemon), "libvirtd {daemon} still running");
     assert!(gone(qemu), "QEMU {qemu} still running");
     assert!(!dir.exists(), "{} left behind", dir.display());
+}
+
+#[test]
+fn failed_start_cleans_up() {
+    if !require_root("failed_start_cleans_up") {
+        return;
+    }
+    let before = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap()
+        .stdout;
+    // The guest kernel panics (no such init) -> panic=-1 reboots -> on_reboot destroy.
+    let err = std::panic::catch_unwind(|| {
+        Rig::start(RigOptions {
+            root_ports: 1,
+            vcpus: 1,
+            kernel_cmdline_extra: "rdinit=/nonexistent".into(),
+            ..RigOptions::default()
+        })
+    })
+    .err()
+    .expect("Rig::start must fail when the guest cannot boot");
+    let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(msg.contains("Rig::start failed"), "{msg}");
+    assert!(
+        msg.contains("Kernel panic") || msg.contains("rdinit"),
+        "console tail expected: {msg}"
+    );
+    let after = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap()
+        .stdout;
+    assert_eq!(
+        String::from_utf8_lossy(&before),
+        String::from_utf8_lossy(&after)
+    );
 }

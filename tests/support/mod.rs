@@ -32,6 +32,18 @@ const DEFAULT_TMP: &str = "/tmp";
 /// Debian's busybox-static, used for `ping` in the node netns.
 const BUSYBOX: &str = "/bin/busybox";
 
+/// Runs its argv (libvirtd) as a child and reaps every orphan reparented to it: QEMU
+/// daemonizes, so its parent is the nearest child subreaper, else PID 1, and this machine's
+/// PID 1 reaps lazily; libvirt's destroy waits (kill(pid, 0)) until the zombie is gone,
+/// which made every teardown ~1.2 s slower. perl is in perl-base (Essential).
+/// SIGTERM/SIGINT are forwarded; exits with the child's status. 157 = SYS_prctl,
+/// 36 = PR_SET_CHILD_SUBREAPER (x86_64).
+const REAPER: &str = "syscall(157, 36, 1, 0, 0, 0) == 0 or die qq(prctl: $!); \
+    my $c = fork() // die qq(fork: $!); if ($c == 0) { exec(@ARGV) or die qq(exec: $!) } \
+    $SIG{TERM} = $SIG{INT} = sub { kill(q(TERM), $c) }; \
+    while (1) { my $w = waitpid(-1, 0); if ($w == $c) { exit($? & 127 ? 1 : $? >> 8) } \
+    exit(0) if $w == -1 }";
+
 /// Serializes rigs within one process (2 cores, TCG guests).
 static RIG_LOCK: Mutex<()> = Mutex::new(());
 static RIG_SEQ: AtomicU32 = AtomicU32::new(0);
@@ -133,7 +145,13 @@ fn ensure_guest() -> Result<(PathBuf, PathBuf), String> {
         })
         .clone()?;
     let dir = guest_dir();
-    Ok((dir.join("vmlinuz"), dir.join("initramfs.img")))
+    // The decompressed ELF kernel boots ~3.5 s faster under TCG (PVH entry, no XZ).
+    let kernel = ["vmlinux", "vmlinuz"]
+        .iter()
+        .map(|k| dir.join(k))
+        .find(|k| k.exists())
+        .ok_or_else(|| format!("no kernel in {}", dir.display()))?;
+    Ok((kernel, dir.join("initramfs.img")))
 }
 
 fn tmp_base() -> PathBuf {
@@ -255,7 +273,10 @@ impl Rig {
         )
         .map_err(|e| e.to_string())?;
         // libvirt chowns kernel/initrd to the QEMU user: give it private copies.
-        let g_kernel = self.dir.join("guest/vmlinuz");
+        let g_kernel = self
+            .dir
+            .join("guest")
+            .join(kernel.file_name().unwrap_or_default());
         let g_initrd = self.dir.join("guest/initramfs.img");
         fs::copy(&kernel, &g_kernel).map_err(|e| format!("copy {}: {e}", kernel.display()))?;
         fs::copy(&initrd, &g_initrd).map_err(|e| format!("copy {}: {e}", initrd.display()))?;
@@ -285,7 +306,7 @@ impl Rig {
              mount --bind {d}/cache /var/cache/libvirt; \
              mount --bind {d}/log /var/log/libvirt; \
              mount --bind {d}/etc /etc/libvirt; \
-             exec /usr/sbin/libvirtd --pid-file {d}/libvirtd.pid"
+             exec perl -e '{REAPER}' /usr/sbin/libvirtd --pid-file {d}/libvirtd.pid"
         );
         let log = fs::File::create(self.dir.join("libvirtd.log")).map_err(|e| e.to_string())?;
         let child = Command::new("ip")
@@ -310,7 +331,8 @@ impl Rig {
             if let Some(Ok(Some(status))) = self.daemon.as_mut().map(|c| c.try_wait()) {
                 return Some(Err(format!("libvirtd exited early: {status}")));
             }
-            (sock.exists() && self.virsh_try(&["uri"]).is_ok()).then_some(Ok(()))
+            (sock.exists() && self.daemon_pid() > 0 && self.virsh_try(&["uri"]).is_ok())
+                .then_some(Ok(()))
         });
         up.unwrap_or_else(|| Err("libvirtd did not open its socket within 30 s".into()))?;
         let pid = self.daemon_pid();
@@ -388,8 +410,16 @@ impl Rig {
         self.clock.elapsed()
     }
 
-    /// libvirtd's pid.
+    /// libvirtd's pid (from its pidfile).
     pub fn daemon_pid(&self) -> i32 {
+        fs::read_to_string(self.dir.join("libvirtd.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The pid of the rig's direct child: the reaper that runs libvirtd.
+    pub fn reaper_pid(&self) -> i32 {
         self.daemon.as_ref().map(|c| c.id() as i32).unwrap_or(0)
     }
 
@@ -517,6 +547,33 @@ impl Rig {
     pub fn guest_exec(&self, argv: &[&str]) -> (i32, String) {
         let r = self.guest_exec_full(argv);
         (r.code, r.stdout)
+    }
+
+    /// Like `guest_exec`, but `None` instead of a panic when the agent does not answer.
+    pub fn guest_exec_try(&self, argv: &[&str]) -> Option<(i32, String)> {
+        let (path, args) = argv.split_first()?;
+        let ret = self
+            .agent(
+                &json!({"execute": "guest-exec", "arguments": {
+                    "path": path, "arg": args, "capture-output": true}}),
+                2,
+            )
+            .ok()?;
+        let pid = ret["pid"].as_i64()?;
+        let status = poll(Duration::from_secs(10), Duration::from_millis(50), || {
+            let s = self
+                .agent(
+                    &json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}),
+                    2,
+                )
+                .ok()?;
+            s["exited"].as_bool().unwrap_or(false).then_some(s)
+        })?;
+        let out = util::base64_decode(status["out-data"].as_str().unwrap_or(""));
+        Some((
+            status["exitcode"].as_i64().unwrap_or(-1) as i32,
+            String::from_utf8_lossy(&out).into_owned(),
+        ))
     }
 
     /// Like `guest_exec`, with stderr too.
@@ -710,13 +767,12 @@ pub fn free_root_ports(xml: &str) -> u32 {
             if let Some(i) = attr("index").and_then(|s| s.parse::<u32>().ok()) {
                 ports.push(i);
             }
-        } else if tag.starts_with("address ") && attr("type").as_deref() == Some("pci") {
-            if let Some(b) = attr("bus") {
-                let b = b.trim_start_matches("0x");
-                if let Ok(b) = u32::from_str_radix(b, 16) {
-                    used.insert(b);
-                }
-            }
+        } else if tag.starts_with("address ")
+            && attr("type").as_deref() == Some("pci")
+            && let Some(b) = attr("bus")
+            && let Ok(b) = u32::from_str_radix(b.trim_start_matches("0x"), 16)
+        {
+            used.insert(b);
         }
     }
     ports.iter().filter(|p| !used.contains(p)).count() as u32
@@ -796,24 +852,34 @@ impl Drop for Rig {
     fn drop(&mut self) {
         let t0 = Instant::now();
         if self.daemon.is_some() && self.domain_started {
-            if let Err(e) = self.virsh_try(&["destroy", &self.domain]) {
+            if let Err(e) = self.virsh_try(&["destroy", &self.domain])
+                && !e.contains("not running")
+            {
                 self.log(&format!("cleanup: {e}"));
             }
+            self.log("cleanup: domain destroyed");
             if self.persistent {
                 let _ = self.virsh_try(&["undefine", &self.domain]);
             }
         }
         if let Some(mut child) = self.daemon.take() {
-            let pid = child.id() as i32;
-            util::kill(pid, libc::SIGTERM);
+            let daemon = self.daemon_pid();
+            // SIGTERM to the reaper, which forwards it to libvirtd and exits with it.
+            util::kill(child.id() as i32, libc::SIGTERM);
             let exited = poll(Duration::from_secs(10), Duration::from_millis(20), || {
                 child.try_wait().ok().flatten()
             });
             if exited.is_none() {
-                self.log(&format!("cleanup: libvirtd {pid} ignored SIGTERM, killing"));
+                self.log(&format!(
+                    "cleanup: libvirtd {daemon} ignored SIGTERM, killing"
+                ));
+                if util::pid_comm(daemon).as_deref() == Some("libvirtd") {
+                    util::kill(daemon, libc::SIGKILL);
+                }
                 let _ = child.kill();
                 let _ = child.wait();
             }
+            self.log("cleanup: libvirtd stopped");
         }
         // QEMU should be gone with the destroy; make sure (only the pid this rig recorded).
         if self.qemu_pid > 0 && util::pid_comm(self.qemu_pid).is_some_and(|c| c.starts_with("qemu"))
@@ -834,10 +900,10 @@ impl Drop for Rig {
                 "NICPLUG_KEEP_RIG=1: keeping {}",
                 self.dir.display()
             ));
-        } else if self.dir.exists() {
-            if let Err(e) = fs::remove_dir_all(&self.dir) {
-                self.log(&format!("cleanup: rm {}: {e}", self.dir.display()));
-            }
+        } else if self.dir.exists()
+            && let Err(e) = fs::remove_dir_all(&self.dir)
+        {
+            self.log(&format!("cleanup: rm {}: {e}", self.dir.display()));
         }
         self.log(&format!("torn down ({} ms)", t0.elapsed().as_millis()));
     }
@@ -870,19 +936,18 @@ fn reap_stale() {
         };
         if let Ok(entries) = fs::read_dir(dir.join("run/qemu")) {
             for e in entries.flatten() {
-                if e.path().extension().is_some_and(|x| x == "pid") {
-                    if let Some(p) = read_pid(e.path()) {
-                        if util::pid_comm(p).is_some_and(|c| c.starts_with("qemu")) {
-                            util::terminate_foreign(p, Duration::from_secs(5));
-                        }
-                    }
+                if e.path().extension().is_some_and(|x| x == "pid")
+                    && let Some(p) = read_pid(e.path())
+                    && util::pid_comm(p).is_some_and(|c| c.starts_with("qemu"))
+                {
+                    util::terminate_foreign(p, Duration::from_secs(5));
                 }
             }
         }
-        if let Some(p) = read_pid(dir.join("libvirtd.pid")) {
-            if util::pid_comm(p).as_deref() == Some("libvirtd") {
-                util::terminate_foreign(p, Duration::from_secs(10));
-            }
+        if let Some(p) = read_pid(dir.join("libvirtd.pid"))
+            && util::pid_comm(p).as_deref() == Some("libvirtd")
+        {
+            util::terminate_foreign(p, Duration::from_secs(10));
         }
         let _ = util::try_run(Command::new("ip").args(["netns", "del", name]));
         let _ = fs::remove_dir_all(&dir);

@@ -187,13 +187,3 @@ impl Clock {
         );
     }
 }
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn base64() {
-        assert_eq!(super::base64_decode("aGVsbG8K"), b"hello\n");
-        assert_eq!(super::base64_decode("aGk="), b"hi");
-        assert_eq!(super::base64_decode(""), b"");
-    }
-}
