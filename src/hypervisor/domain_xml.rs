@@ -254,7 +254,10 @@ pub fn with_link_state(interface_xml: &str, up: bool) -> Result<String, DomainXm
                 }
                 !skipping_link
             }
-            Event::Empty(e) => !(depth == 1 && e.local_name().as_ref() == "link") && !skipping_link,
+            Event::Empty(e) => {
+                let is_link = depth == 1 && e.local_name().as_ref() == "link";
+                !(skipping_link || is_link)
+            }
             Event::End(e) => {
                 let closing_link = skipping_link && depth == 2;
                 depth = depth.saturating_sub(1);

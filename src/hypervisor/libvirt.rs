@@ -105,6 +105,9 @@ impl Libvirt {
             *guard = None;
         }
         events::ensure_event_loop()?;
+        // Errors come back as values; libvirt's default handler would also
+        // print each one to stderr.
+        virt::error::clear_error_callback();
         let conn = Connect::open(Some(&self.uri)).map_err(|e| libvirt_error("connect", e))?;
         let registration = events::register(&conn, &self.events)?;
         let conn = Arc::new(conn);
@@ -224,22 +227,34 @@ impl Hypervisor for Libvirt {
                 let Some(dom) = lookup(conn, name)? else {
                     return Ok(false);
                 };
-                let mut flags = sys::VIR_DOMAIN_AFFECT_LIVE;
-                if persistent {
+                // Detach from each definition that still has the device: after
+                // an attempt the guest did not answer, the persistent config
+                // no longer has it while the live domain still does.
+                let has = |flags: u32| -> Result<bool, HypervisorError> {
+                    let xml = dom
+                        .xml_desc(flags)
+                        .map_err(|e| libvirt_error("read the domain XML", e))?;
+                    Ok(parse_devices(&xml)?
+                        .interfaces
+                        .iter()
+                        .any(|i| i.alias.as_deref() == Some(alias_owned.as_str())))
+                };
+                let mut flags = 0;
+                if has(0)? {
+                    flags |= sys::VIR_DOMAIN_AFFECT_LIVE;
+                }
+                if persistent && has(sys::VIR_DOMAIN_XML_INACTIVE)? {
                     flags |= sys::VIR_DOMAIN_AFFECT_CONFIG;
                 }
-                // A device still in the live domain but already gone from the
-                // config (an earlier attempt the guest has not answered yet)
-                // makes LIVE|CONFIG fail as missing: retry live only.
-                match detach_alias(&dom, &alias_owned, flags) {
-                    Err(e) if e.code().is(ErrorNumber::DeviceMissing) && persistent => {
-                        match detach_alias(&dom, &alias_owned, sys::VIR_DOMAIN_AFFECT_LIVE) {
-                            Err(e) if e.code().is(ErrorNumber::DeviceMissing) => Ok(false),
-                            other => other
-                                .map(|()| true)
-                                .map_err(|e| libvirt_error("detach the device", e)),
-                        }
+                if flags & sys::VIR_DOMAIN_AFFECT_LIVE == 0 {
+                    if flags != 0 {
+                        detach_alias(&dom, &alias_owned, flags)
+                            .map_err(|e| libvirt_error("detach the device", e))?;
                     }
+                    return Ok(false);
+                }
+                match detach_alias(&dom, &alias_owned, flags) {
+                    // Someone else (KubeVirt's launcher) was faster.
                     Err(e) if e.code().is(ErrorNumber::DeviceMissing) => Ok(false),
                     other => other
                         .map(|()| true)

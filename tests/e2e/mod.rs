@@ -1,0 +1,359 @@
+//! Helpers shared by the end-to-end suites: nicplug running in a rig's pod
+//! netns, VMI documents, and checks of the pod namespace and the domain.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::{CniNet, Rig};
+
+/// `nicplug run` in the rig's pod netns, like the sidecar in the launcher pod.
+pub struct Nicplug<'a> {
+    rig: &'a Rig,
+    child: Option<Child>,
+    pub vmi_path: PathBuf,
+    pub status_path: PathBuf,
+    pub log_path: PathBuf,
+    /// Extra `nicplug run` arguments.
+    pub args: Vec<String>,
+}
+
+impl<'a> Nicplug<'a> {
+    pub fn new(rig: &'a Rig, networks: &[&str]) -> Self {
+        let nicplug = Self {
+            rig,
+            child: None,
+            vmi_path: rig.dir.join("vmi/vmi.json"),
+            status_path: rig.dir.join("status.json"),
+            log_path: rig.dir.join("nicplug.log"),
+            args: Vec::new(),
+        };
+        std::fs::create_dir_all(nicplug.vmi_path.parent().unwrap()).unwrap();
+        nicplug.set_spec(networks);
+        nicplug
+    }
+
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        let child = self
+            .rig
+            .pod_cmd(env!("CARGO_BIN_EXE_nicplug"))
+            .args(["run", "--vmi"])
+            .arg(&self.vmi_path)
+            .args(["--libvirt-uri", &self.rig.libvirt_uri, "--status-file"])
+            .arg(&self.status_path)
+            .args(&self.args)
+            .env("NICPLUG_LOG", "nicplug=debug,info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("nicplug starts");
+        self.child = Some(child);
+    }
+
+    /// Replaces the VMI document atomically (write + rename), as a
+    /// downward-API or `kubectl get -o json > tmp && mv` update would.
+    pub fn write_vmi(&self, doc: &Value) {
+        self.write_vmi_text(&serde_json::to_string_pretty(doc).unwrap());
+    }
+
+    pub fn write_vmi_text(&self, text: &str) {
+        let tmp = self.vmi_path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.vmi_path).unwrap();
+    }
+
+    pub fn set_spec(&self, networks: &[&str]) {
+        self.write_vmi(&vmi_doc(self.rig, networks));
+    }
+
+    pub fn set_spec_states(&self, networks: &[(&str, &str)]) {
+        self.write_vmi(&vmi_doc_states(self.rig, networks));
+    }
+
+    /// The status entry of interface `name`.
+    pub fn entry(&self, name: &str) -> Option<Value> {
+        self.status()?["interfaces"]
+            .as_array()?
+            .iter()
+            .find(|i| i["name"] == name)
+            .cloned()
+    }
+
+    /// Waits until interface `name` has no status entry.
+    pub fn wait_gone(&self, name: &str, timeout: Duration) -> Duration {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if self.status().is_some() && self.entry(name).is_none() {
+                return start.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        panic!(
+            "{name} still listed after {timeout:?}: {:?}\nnicplug log:\n{}",
+            self.status(),
+            self.log()
+        );
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn status(&self) -> Option<Value> {
+        serde_json::from_slice(&std::fs::read(&self.status_path).ok()?).ok()
+    }
+
+    pub fn phase(&self, name: &str) -> Option<String> {
+        let doc = self.status()?;
+        let entry = doc["interfaces"]
+            .as_array()?
+            .iter()
+            .find(|i| i["name"] == name)?
+            .clone();
+        entry["phase"].as_str().map(String::from)
+    }
+
+    /// Waits until interface `name` is in `phase`; panics with the log tail.
+    pub fn wait_phase(&self, name: &str, phase: &str, timeout: Duration) -> Duration {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if self.phase(name).as_deref() == Some(phase) {
+                return start.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        panic!(
+            "{name} not {phase} within {timeout:?}; status: {:?}\nnicplug log:\n{}",
+            self.status(),
+            self.log()
+        );
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    pub fn signal(&mut self, signal: i32) {
+        if let Some(child) = &self.child {
+            // SAFETY: kill(2) on the pid of a child this test spawned and has
+            // not reaped yet.
+            unsafe { libc::kill(child.id() as i32, signal) };
+        }
+    }
+
+    /// SIGTERM and wait; returns whether it exited successfully.
+    pub fn stop(&mut self) -> bool {
+        self.signal(libc::SIGTERM);
+        let ok = self.child.take().map(|mut c| c.wait().unwrap().success());
+        ok.unwrap_or(true)
+    }
+
+    pub fn kill(&mut self) {
+        self.signal(libc::SIGKILL);
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Nicplug<'_> {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A VMI document as `kubectl get vmi -o json` prints it: the pod network
+/// (masquerade) plus a bridge-bound Multus network per name.
+pub fn vmi_doc(rig: &Rig, networks: &[&str]) -> Value {
+    let with_state: Vec<(&str, &str)> = networks.iter().map(|n| (*n, "up")).collect();
+    vmi_doc_states(rig, &with_state)
+}
+
+/// Like [`vmi_doc`], each network with its `state` (up, down, absent).
+pub fn vmi_doc_states(rig: &Rig, networks: &[(&str, &str)]) -> Value {
+    let (namespace, name) = rig.domain.split_once('_').unwrap();
+    let mut interfaces = vec![json!({"name": "default", "masquerade": {}})];
+    let mut nets = vec![json!({"name": "default", "pod": {}})];
+    for (n, state) in networks {
+        interfaces.push(json!({"name": n, "bridge": {}, "state": state}));
+        nets.push(json!({"name": n, "multus": {"networkName": format!("{namespace}/{n}-nad")}}));
+    }
+    json!({
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachineInstance",
+        "metadata": {"name": name, "namespace": namespace, "uid": "0b6d7e52-2f7c-4a8e-9d0e-1d2c3b4a5f60"},
+        "spec": {
+            "domain": {"devices": {"interfaces": interfaces}, "cpu": {"cores": 2}},
+            "networks": nets
+        },
+        "status": {"phase": "Running"}
+    })
+}
+
+pub fn pod_iface(network: &str) -> String {
+    nicplug::model::names::hashed_pod_iface(network).to_string()
+}
+
+pub fn suffix(network: &str) -> String {
+    pod_iface(network)[3..].to_string()
+}
+
+/// Aliases of the interfaces in the live domain.
+pub fn device_aliases(rig: &Rig) -> Vec<String> {
+    let xml = rig.domain_xml();
+    nicplug::hypervisor::domain_xml::parse_devices(&xml)
+        .unwrap()
+        .interfaces
+        .into_iter()
+        .filter_map(|i| i.alias)
+        .collect()
+}
+
+pub fn device_mac(rig: &Rig, alias: &str) -> Option<String> {
+    let xml = rig.domain_xml();
+    nicplug::hypervisor::domain_xml::parse_devices(&xml)
+        .unwrap()
+        .interfaces
+        .into_iter()
+        .find(|i| i.alias.as_deref() == Some(alias))
+        .and_then(|i| i.mac.map(|m| m.to_string()))
+}
+
+/// `ip -d -j link show` of the pod netns, by name.
+pub fn pod_link(rig: &Rig, name: &str) -> Option<Value> {
+    let out = rig
+        .pod_cmd("ip")
+        .args(["-N", "-d", "-j", "link", "show", "dev", name])
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()?.first().cloned()
+}
+
+pub fn pod_addresses(rig: &Rig, name: &str) -> Vec<String> {
+    let out = rig
+        .pod_cmd("ip")
+        .args(["-j", "addr", "show", "dev", name])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    v[0]["addr_info"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| format!("{}/{}", x["local"].as_str().unwrap(), x["prefixlen"]))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The plumbing of one network is exactly as specified.
+pub fn assert_plumbing(rig: &Rig, network: &str, mtu: u64) {
+    let (pod, bridge, tap) = (
+        pod_iface(network),
+        format!("k6t-{}", suffix(network)),
+        format!("tap{}", suffix(network)),
+    );
+    let b = pod_link(rig, &bridge).expect("bridge exists");
+    assert_eq!(b["linkinfo"]["info_kind"], "bridge");
+    assert!(b["flags"].as_array().unwrap().iter().any(|f| f == "UP"));
+    let p = pod_link(rig, &pod).expect("pod link keeps its name");
+    assert_eq!(p["master"], bridge.as_str());
+    assert_eq!(
+        p["address"], b["address"],
+        "pod link carries the bridge's MAC"
+    );
+    assert_eq!(p["linkinfo"]["info_slave_data"]["learning"], false);
+    assert!(p["ifalias"].as_str().unwrap().starts_with("nicplug/v1 "));
+    assert!(
+        pod_addresses(rig, &pod).is_empty(),
+        "pod link has no addresses"
+    );
+    let t = pod_link(rig, &tap).expect("tap exists");
+    assert_eq!(t["master"], bridge.as_str());
+    assert_eq!(t["mtu"], mtu);
+    let tun = &t["linkinfo"]["info_data"];
+    assert_eq!(tun["type"], "tap");
+    // iproute2 prints the owner by name when it has one.
+    let qemu_user = std::process::Command::new("id")
+        .args(["-nu", &rig.qemu_uid().to_string()])
+        .output()
+        .unwrap();
+    let qemu_user = String::from_utf8_lossy(&qemu_user.stdout)
+        .trim()
+        .to_string();
+    assert!(
+        tun["user"] == qemu_user.as_str() || tun["user"].as_u64() == Some(rig.qemu_uid().into()),
+        "tap owned by QEMU's user {qemu_user}: {t}"
+    );
+    assert_eq!(tun["multi_queue"], false);
+    // No KubeVirt rename, no dummy.
+    assert!(pod_link(rig, &format!("{}-nic", suffix(network))).is_none());
+}
+
+/// Gives the guest NIC with `mac` a link-local address through the guest
+/// agent and pings it from the node netns over the CNI bridge.
+pub fn assert_guest_reachable(rig: &Rig, net: &CniNet, mac: &str) {
+    let guest = rig
+        .wait_guest_mac(mac, Duration::from_secs(30))
+        .expect("guest sees the MAC");
+    let addr = net.addr(50);
+    let (code, out) = rig.guest_exec(&[
+        "/bin/sh",
+        "-c",
+        &format!(
+            "ip addr add {addr}/24 dev {} && ip link set {} up",
+            guest.name, guest.name
+        ),
+    ]);
+    assert_eq!(code, 0, "guest address: {out}");
+    assert!(
+        rig.ping_from_node(net, &addr),
+        "node reaches the guest at {addr} over {}",
+        guest.name
+    );
+}
+
+/// The names of all links of the pod netns.
+pub fn pod_link_names(rig: &Rig) -> Vec<String> {
+    let out = rig.pod_cmd("ip").args(["-j", "link"]).output().unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["ifname"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Whether nicplug's plumbing of `network` is entirely gone.
+pub fn assert_no_plumbing(rig: &Rig, network: &str) {
+    let names = pod_link_names(rig);
+    for link in [
+        format!("k6t-{}", suffix(network)),
+        format!("tap{}", suffix(network)),
+    ] {
+        assert!(!names.contains(&link), "{link} left behind: {names:?}");
+    }
+    if let Some(pod) = pod_link(rig, &pod_iface(network)) {
+        assert!(pod.get("master").is_none(), "pod link released: {pod}");
+        assert!(pod.get("ifalias").is_none(), "record removed: {pod}");
+    }
+}
