@@ -44,7 +44,7 @@ impl<'a> Nicplug<'a> {
             .unwrap();
         let child = self
             .rig
-            .pod_cmd(env!("CARGO_BIN_EXE_nicplug"))
+            .pod_cmd(nicplug_binary().to_str().unwrap())
             .args(["run", "--vmi"])
             .arg(&self.vmi_path)
             .args(["--libvirt-uri", &self.rig.libvirt_uri, "--status-file"])
@@ -175,6 +175,16 @@ impl Drop for Nicplug<'_> {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The nicplug binary: cargo names it for integration tests; examples (the
+/// demo) find it next to their own directory.
+pub fn nicplug_binary() -> PathBuf {
+    if let Some(path) = option_env!("CARGO_BIN_EXE_nicplug") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(|examples| examples.parent()).unwrap().join("nicplug")
 }
 
 /// A VMI document as `kubectl get vmi -o json` prints it: the pod network
