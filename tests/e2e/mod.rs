@@ -184,7 +184,10 @@ pub fn nicplug_binary() -> PathBuf {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(|examples| examples.parent()).unwrap().join("nicplug")
+    exe.parent()
+        .and_then(|examples| examples.parent())
+        .unwrap()
+        .join("nicplug")
 }
 
 /// A VMI document as `kubectl get vmi -o json` prints it: the pod network
