@@ -5,33 +5,155 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
 
 use crate::plan::Phase;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// A point in time on two clocks: wall time for people, CLOCK_MONOTONIC
+/// nanoseconds for comparing with other processes on the same machine
+/// (benchmark harnesses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Timestamp {
+    #[serde(with = "rfc3339")]
+    pub time: SystemTime,
+    pub monotonic_ns: u64,
+}
+
+impl Timestamp {
+    pub fn now() -> Self {
+        Self {
+            time: SystemTime::now(),
+            monotonic_ns: monotonic_ns(),
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+mod rfc3339 {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_millis(*t))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_rfc3339_weak(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// When an interface entered a phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PhaseTransition {
+    pub phase: Phase,
+    #[serde(flatten)]
+    pub at: Timestamp,
+}
+
+/// One VMI interface: KubeVirt's `status.interfaces` fields, then nicplug's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct InterfaceStatus {
     /// The VMI interface (and network) name.
     pub name: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pod_interface_name: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The interface name inside the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
-    /// `up` or `down`, as the domain has it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub link_state: Option<String>,
-    /// Comma-joined sources of this entry, as KubeVirt writes them.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The first of `ip_addresses`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_address: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_addresses: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_interface_name: Option<String>,
+    /// Comma-joined sources of this entry, as KubeVirt writes them
+    /// (`domain, guest-agent, multus-status`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub info_source: Option<String>,
+    /// `up` or `down`, as the domain has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_count: Option<u32>,
     pub phase: Phase,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// When nicplug first saw the pod interface of this attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_interface_seen: Option<Timestamp>,
+    /// When each phase was entered, oldest first (the latest entry per phase).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phase_transitions: Vec<PhaseTransition>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+impl InterfaceStatus {
+    pub fn new(name: impl Into<String>, phase: Phase) -> Self {
+        Self {
+            name: name.into(),
+            interface_name: None,
+            mac: None,
+            ip_address: None,
+            ip_addresses: Vec::new(),
+            pod_interface_name: None,
+            info_source: None,
+            link_state: None,
+            queue_count: None,
+            phase,
+            message: None,
+            pod_interface_seen: None,
+            phase_transitions: Vec::new(),
+        }
+    }
+
+    /// When the current phase was entered.
+    pub fn phase_since(&self) -> Option<&Timestamp> {
+        self.phase_transitions
+            .iter()
+            .rev()
+            .find(|t| t.phase == self.phase)
+            .map(|t| &t.at)
+    }
+}
+
+/// An interface the guest agent reports that matches no domain device
+/// (loopback excluded), like KubeVirt's guest-only entries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GuestInterfaceStatus {
+    pub interface_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_addresses: Vec<String>,
+}
+
+/// KubeVirt caps guest-only interfaces at this many.
+pub const MAX_GUEST_ONLY: usize = 10;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct StatusDocument {
     pub interfaces: Vec<InterfaceStatus>,
+    /// Interfaces only the guest knows, at most [`MAX_GUEST_ONLY`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guest_interfaces: Vec<GuestInterfaceStatus>,
+    /// Whether the guest agent answers (`None` while nothing is known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_agent_connected: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,14 +202,17 @@ mod tests {
     fn kubevirt_field_names_and_atomic_replace() {
         let doc = StatusDocument {
             interfaces: vec![InterfaceStatus {
-                name: "dyniface1".into(),
                 pod_interface_name: Some("pod9a6a0c3b4d8".into()),
                 mac: Some("02:00:00:aa:bb:01".into()),
                 link_state: Some("up".into()),
                 info_source: Some("domain".into()),
-                phase: Phase::Attached,
-                message: None,
+                phase_transitions: vec![PhaseTransition {
+                    phase: Phase::Attached,
+                    at: Timestamp::now(),
+                }],
+                ..InterfaceStatus::new("dyniface1", Phase::Attached)
             }],
+            ..StatusDocument::default()
         };
         let dir = std::env::temp_dir().join(format!("nicplug-status-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -102,6 +227,22 @@ mod tests {
         assert_eq!(iface["linkState"], "up");
         assert_eq!(iface["phase"], "Attached");
         assert!(iface.get("message").is_none());
+        assert_eq!(iface["phaseTransitions"][0]["phase"], "Attached");
+        assert!(
+            iface["phaseTransitions"][0]["time"]
+                .as_str()
+                .unwrap()
+                .ends_with('Z')
+        );
+        assert!(
+            iface["phaseTransitions"][0]["monotonicNs"]
+                .as_u64()
+                .unwrap()
+                > 0
+        );
+        // The document reads back (the CLI and tests parse it).
+        let back: StatusDocument = serde_json::from_value(value.clone()).unwrap();
+        assert_eq!(back.interfaces[0].name, "dyniface1");
         // only the status file is left, no temp files
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
         std::fs::remove_dir_all(&dir).unwrap();

@@ -226,6 +226,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         }
         self.publish(StatusDocument {
             interfaces: statuses,
+            ..StatusDocument::default()
         });
         Ok(())
     }
@@ -307,13 +308,10 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         plan: InterfacePlan,
     ) -> InterfaceStatus {
         let mut status = InterfaceStatus {
-            name: plan.name.clone(),
             pod_interface_name: plan.pod_iface.as_ref().map(ToString::to_string),
             mac: plan.mac.map(|m| m.to_string()),
-            link_state: None,
-            info_source: None,
-            phase: plan.phase,
             message: plan.message.clone(),
+            ..InterfaceStatus::new(plan.name.clone(), plan.phase)
         };
         let alias = format!("ua-{}", plan.name);
         if let Some(device) = domain.and_then(|d| d.interface_by_alias(&alias)) {

@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::hypervisor::DomainState;
 use crate::hypervisor::device_xml::InterfaceDevice;
@@ -18,7 +18,7 @@ use crate::model::{IfName, Mac, Owner, PlumbingNames, PodLinkRecord};
 use crate::netns::{Link, LinkKind, TapSpec};
 
 /// Where an interface stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Phase {
     /// In the spec; waiting for the pod interface or the domain.
     Pending,
