@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::hypervisor::DomainState;
 use crate::hypervisor::device_xml::InterfaceDevice;
 use crate::model::vmi::{PodIfaceScheme, SpecInterface, SpecState, Vmi};
-use crate::model::{IfName, Mac, Owner, PlumbingNames, PodLinkRecord};
+use crate::model::{IfName, IpCidr, Mac, Owner, PlumbingNames, PodLinkRecord};
 use crate::netns::{Link, LinkKind, TapSpec};
 
 /// Where an interface stands.
@@ -244,6 +244,11 @@ fn plan_interface(
             return plan.with_message(format!("pod interface {} is gone", names.pod));
         }
         plan.phase = Phase::Attached;
+        if let Some(pod) = observed.link(&names.pod)
+            && !kubevirt_layout
+        {
+            plan.steps.extend(clear_late_addresses(pod, &names));
+        }
         let want_up = spec.state != SpecState::Down;
         if device.link_up != want_up {
             plan.steps.push(Step::SetLinkState {
@@ -270,6 +275,48 @@ fn plan_interface(
         return plan.with_message(format!("waiting for pod interface {}", names.pod));
     };
     plug(vmi, spec, &names, pod, observed, domain, free_ports, plan)
+}
+
+/// An enslaved pod link carries no address; one that CNI added late (after
+/// the attach) is recorded as original state and removed again.
+fn clear_late_addresses(pod: &Link, names: &PlumbingNames) -> Vec<Step> {
+    let Some(Ok(mut record)) = pod
+        .alias
+        .as_deref()
+        .filter(|a| PodLinkRecord::is_record(a))
+        .map(PodLinkRecord::from_alias)
+    else {
+        return Vec::new();
+    };
+    if pod.addresses.is_empty() || pod.master.is_none() {
+        return Vec::new();
+    }
+    let mut steps = Vec::new();
+    let late: Vec<IpCidr> = pod
+        .addresses
+        .iter()
+        .filter(|a| !record.addresses.contains(a))
+        .copied()
+        .collect();
+    if !late.is_empty() {
+        record.addresses.extend(late);
+        let Ok(alias) = record.to_alias() else {
+            return Vec::new();
+        };
+        steps.push(Step::RecordPodLink {
+            pod: names.pod.clone(),
+            alias,
+        });
+    }
+    let Some(mac) = pod.mac else {
+        return steps;
+    };
+    steps.push(Step::EnslavePodLink {
+        pod: names.pod.clone(),
+        bridge: names.bridge.clone(),
+        mac,
+    });
+    steps
 }
 
 /// Detaches the device if there is one, then removes nicplug's plumbing.
@@ -391,7 +438,36 @@ fn plug(
     // enslaved it, otherwise as it is now.
     let (record, record_step) = match pod.alias.as_deref() {
         Some(alias) if PodLinkRecord::is_record(alias) => match PodLinkRecord::from_alias(alias) {
-            Ok(record) => (record, None),
+            // nicplug removes every address right after recording, so an
+            // address on the link that the record lacks was added by CNI
+            // after nicplug first acted (IPAM runs after the link appears):
+            // it belongs to the original state. Record it before it is removed.
+            Ok(mut record) => {
+                let late: Vec<IpCidr> = pod
+                    .addresses
+                    .iter()
+                    .filter(|a| !record.addresses.contains(a))
+                    .copied()
+                    .collect();
+                if late.is_empty() {
+                    (record, None)
+                } else {
+                    record.addresses.extend(late);
+                    match record.to_alias() {
+                        Ok(alias) => {
+                            let step = Step::RecordPodLink {
+                                pod: names.pod.clone(),
+                                alias,
+                            };
+                            (record, Some(step))
+                        }
+                        Err(e) => {
+                            let message = format!("cannot record the state of {}: {e}", names.pod);
+                            return fail(plan, message);
+                        }
+                    }
+                }
+            }
             Err(e) => {
                 let message = format!(
                     "pod interface {} has a corrupt nicplug record: {e}",

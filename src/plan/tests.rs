@@ -509,3 +509,46 @@ fn departed_devices_nicplug_cannot_prove_are_left_alone() {
     let plans = plan(&vmi, &observed(&links, Some(&dom)));
     assert_eq!(step_names(&plans[0]), ["detach-device", "delete-link"]);
 }
+
+#[test]
+fn addresses_cni_adds_after_the_record_join_it_before_removal() {
+    // CNI's IPAM configured the address after nicplug had already recorded
+    // and enslaved the link.
+    let vmi = vmi("");
+    let mut links = plumbed_links();
+    let late: IpCidr = "169.254.9.9/24".parse().unwrap();
+    links[1].addresses.push(late);
+    let dom = domain(4, vec![]);
+    let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
+    assert_eq!(
+        step_names(p),
+        ["record-pod-link", "enslave-pod-link", "attach-device"]
+    );
+    let Step::RecordPodLink { alias, .. } = &p.steps[0] else {
+        panic!()
+    };
+    let record = PodLinkRecord::from_alias(alias).unwrap();
+    assert_eq!(
+        record.addresses,
+        vec!["169.254.1.5/24".parse().unwrap(), late]
+    );
+    let Step::ReleasePodLink { record, .. } = &p.rollback[1] else {
+        panic!()
+    };
+    assert!(
+        record.addresses.contains(&late),
+        "a rollback restores it too"
+    );
+}
+
+#[test]
+fn an_address_cni_adds_after_the_attach_is_recorded_and_removed() {
+    let vmi = vmi("");
+    let mut links = plumbed_links();
+    let late: IpCidr = "169.254.9.9/24".parse().unwrap();
+    links[1].addresses.push(late);
+    let dom = domain(3, vec![attached_device(true)]);
+    let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
+    assert_eq!(p.phase, Phase::Attached);
+    assert_eq!(step_names(p), ["record-pod-link", "enslave-pod-link"]);
+}

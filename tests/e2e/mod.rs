@@ -296,9 +296,17 @@ pub fn assert_plumbing(rig: &Rig, network: &str, mtu: u64) {
     );
     assert_eq!(p["linkinfo"]["info_slave_data"]["learning"], false);
     assert!(p["ifalias"].as_str().unwrap().starts_with("nicplug/v1 "));
+    // CNI's IPAM may still be adding its address when nicplug has already
+    // attached; nicplug records and removes it on the next pass.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut addresses = pod_addresses(rig, &pod);
+    while !addresses.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        addresses = pod_addresses(rig, &pod);
+    }
     assert!(
-        pod_addresses(rig, &pod).is_empty(),
-        "pod link has no addresses"
+        addresses.is_empty(),
+        "pod link has no addresses: {addresses:?} {p}"
     );
     let t = pod_link(rig, &tap).expect("tap exists");
     assert_eq!(t["master"], bridge.as_str());
