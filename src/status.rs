@@ -9,7 +9,10 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::hypervisor::{DomainState, GuestView};
+use crate::model::{IpCidr, Mac};
 use crate::plan::Phase;
+use crate::sources::network_status::NetworkStatus;
 
 /// A point in time on two clocks: wall time for people, CLOCK_MONOTONIC
 /// nanoseconds for comparing with other processes on the same machine
@@ -246,5 +249,273 @@ mod tests {
         // only the status file is left, no temp files
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// What the status reads besides the plan: the live domain, the guest
+/// agent's answer and Multus' network-status annotation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sources<'a> {
+    pub domain: Option<&'a DomainState>,
+    /// `None` until the guest agent was asked.
+    pub guest: Option<&'a GuestView>,
+    pub multus: Option<&'a [NetworkStatus]>,
+}
+
+/// KubeVirt leaves IPv6 link-local addresses out of `ipAddresses`.
+fn reportable(cidr: &IpCidr) -> bool {
+    match cidr.addr {
+        std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
+        std::net::IpAddr::V4(_) => true,
+    }
+}
+
+/// Fills KubeVirt's fields of `status` (built from the plan) from the
+/// sources, matching guest data to the device by MAC, and promotes
+/// `Attached` to `Ready` once the guest agent reports the device's MAC.
+pub fn enrich(status: &mut InterfaceStatus, sources: &Sources<'_>) {
+    let mut info = Vec::new();
+    let alias = format!("ua-{}", status.name);
+    let device = sources.domain.and_then(|d| d.interface_by_alias(&alias));
+    if let Some(device) = device {
+        info.push("domain");
+        status.link_state = Some(if device.link_up { "up" } else { "down" }.into());
+        status.queue_count = Some(device.queues.unwrap_or(1));
+        if let Some(mac) = device.mac {
+            status.mac = Some(mac.to_string());
+        }
+    }
+    let mac: Option<Mac> = status.mac.as_deref().and_then(|m| m.parse().ok());
+    match sources.guest {
+        Some(GuestView::Interfaces(guest)) => {
+            if let Some(iface) = mac.and_then(|mac| guest.iter().find(|g| g.mac == Some(mac))) {
+                info.push("guest-agent");
+                status.interface_name = Some(iface.name.clone());
+                status.ip_addresses = iface
+                    .addresses
+                    .iter()
+                    .filter(|a| reportable(a))
+                    .map(|a| a.addr.to_string())
+                    .collect();
+                if device.is_some() && status.phase == Phase::Attached {
+                    status.phase = Phase::Ready;
+                }
+            }
+        }
+        Some(GuestView::NotConnected(reason)) if status.phase == Phase::Attached => {
+            status.message = Some(format!("guest agent is not connected: {reason}"));
+        }
+        _ => {}
+    }
+    let pod = status.pod_interface_name.as_deref();
+    if let Some(entry) = sources.multus.and_then(|m| {
+        m.iter()
+            .find(|e| pod.is_some() && e.interface.as_deref() == pod)
+    }) {
+        info.push("multus-status");
+        if status.ip_addresses.is_empty() {
+            status.ip_addresses = entry.ips.clone();
+        }
+        if status.mac.is_none() {
+            status.mac = entry
+                .mac
+                .as_deref()
+                .and_then(|m| m.parse::<Mac>().ok())
+                .map(|m| m.to_string());
+        }
+    }
+    status.ip_address = status.ip_addresses.first().cloned();
+    status.info_source = (!info.is_empty()).then(|| info.join(", "));
+}
+
+/// Interfaces the guest agent reports that match no domain device by MAC
+/// (loopback excluded), at most [`MAX_GUEST_ONLY`].
+pub fn guest_only(sources: &Sources<'_>) -> Vec<GuestInterfaceStatus> {
+    let Some(GuestView::Interfaces(guest)) = sources.guest else {
+        return Vec::new();
+    };
+    let known = |mac: &Mac| {
+        sources
+            .domain
+            .is_some_and(|d| d.interfaces.iter().any(|i| i.mac.as_ref() == Some(mac)))
+    };
+    guest
+        .iter()
+        .filter(|g| g.name != "lo")
+        .filter(|g| g.mac.is_some_and(|m| m.octets() != [0; 6] && !known(&m)))
+        .take(MAX_GUEST_ONLY)
+        .map(|g| GuestInterfaceStatus {
+            interface_name: g.name.clone(),
+            mac: g.mac.map(|m| m.to_string()),
+            ip_addresses: g
+                .addresses
+                .iter()
+                .filter(|a| reportable(a))
+                .map(|a| a.addr.to_string())
+                .collect(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod merge_tests {
+    use super::*;
+    use crate::hypervisor::{DomainInterface, GuestInterface};
+
+    fn domain() -> DomainState {
+        DomainState {
+            running: true,
+            persistent: true,
+            interfaces: vec![DomainInterface {
+                alias: Some("ua-blue".into()),
+                mac: Some("02:00:00:AA:BB:01".parse().unwrap()),
+                link_up: true,
+                queues: Some(4),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn guest(mac: &str) -> GuestView {
+        GuestView::Interfaces(vec![
+            GuestInterface {
+                name: "lo".into(),
+                mac: "00:00:00:00:00:00".parse().ok(),
+                addresses: vec!["127.0.0.1/8".parse().unwrap()],
+            },
+            GuestInterface {
+                name: "eth1".into(),
+                mac: mac.parse().ok(),
+                addresses: vec![
+                    "fe80::1/64".parse().unwrap(),
+                    "169.254.2.50/24".parse().unwrap(),
+                    "2001:db8::5/64".parse().unwrap(),
+                ],
+            },
+            GuestInterface {
+                name: "dummy0".into(),
+                mac: "02:99:00:00:00:01".parse().ok(),
+                addresses: vec![],
+            },
+        ])
+    }
+
+    fn multus() -> Vec<NetworkStatus> {
+        crate::sources::network_status::parse(
+            r#"[{"name":"ns/blue-nad","interface":"pod9a6a0c3b4d8","ips":["169.254.2.2"],"mac":"76:44:89:E5:FF:34"}]"#,
+        )
+        .unwrap()
+    }
+
+    fn attached() -> InterfaceStatus {
+        InterfaceStatus {
+            pod_interface_name: Some("pod9a6a0c3b4d8".into()),
+            mac: Some("02:00:00:aa:bb:01".into()),
+            ..InterfaceStatus::new("blue", Phase::Attached)
+        }
+    }
+
+    #[test]
+    fn all_three_sources_in_kubevirts_shape() {
+        let (dom, guest, multus) = (domain(), guest("02-00-00-aa-bb-01"), multus());
+        let sources = Sources {
+            domain: Some(&dom),
+            guest: Some(&guest),
+            multus: Some(&multus),
+        };
+        let mut status = attached();
+        enrich(&mut status, &sources);
+        assert_eq!(status.phase, Phase::Ready);
+        assert_eq!(status.interface_name.as_deref(), Some("eth1"));
+        assert_eq!(status.ip_address.as_deref(), Some("169.254.2.50"));
+        assert_eq!(status.ip_addresses, ["169.254.2.50", "2001:db8::5"]);
+        assert_eq!(
+            status.info_source.as_deref(),
+            Some("domain, guest-agent, multus-status")
+        );
+        assert_eq!(status.link_state.as_deref(), Some("up"));
+        assert_eq!(status.queue_count, Some(4));
+        assert_eq!(status.mac.as_deref(), Some("02:00:00:aa:bb:01"));
+        let extra = guest_only(&sources);
+        assert_eq!(extra.len(), 1);
+        assert_eq!(extra[0].interface_name, "dummy0");
+    }
+
+    #[test]
+    fn missing_sources_degrade_gracefully() {
+        let dom = domain();
+        let not_connected = GuestView::NotConnected("QEMU guest agent is not connected".into());
+        let mut status = attached();
+        enrich(
+            &mut status,
+            &Sources {
+                domain: Some(&dom),
+                guest: Some(&not_connected),
+                multus: None,
+            },
+        );
+        assert_eq!(status.phase, Phase::Attached);
+        assert_eq!(status.info_source.as_deref(), Some("domain"));
+        assert!(
+            status
+                .message
+                .as_deref()
+                .unwrap()
+                .starts_with("guest agent is not connected")
+        );
+
+        // The guest has not reported the MAC yet: Attached, no guest fields.
+        let other = guest("02:00:00:00:00:77");
+        let mut status = attached();
+        enrich(
+            &mut status,
+            &Sources {
+                domain: Some(&dom),
+                guest: Some(&other),
+                multus: None,
+            },
+        );
+        assert_eq!(status.phase, Phase::Attached);
+        assert!(status.interface_name.is_none());
+
+        // Only Multus knows the interface (no device yet): its IPs and MAC.
+        let multus = multus();
+        let mut status = InterfaceStatus {
+            pod_interface_name: Some("pod9a6a0c3b4d8".into()),
+            ..InterfaceStatus::new("blue", Phase::Pending)
+        };
+        enrich(
+            &mut status,
+            &Sources {
+                domain: None,
+                guest: None,
+                multus: Some(&multus),
+            },
+        );
+        assert_eq!(status.info_source.as_deref(), Some("multus-status"));
+        assert_eq!(status.ip_address.as_deref(), Some("169.254.2.2"));
+        assert_eq!(status.mac.as_deref(), Some("76:44:89:e5:ff:34"));
+        assert_eq!(status.phase, Phase::Pending);
+    }
+
+    #[test]
+    fn guest_only_entries_are_capped() {
+        let many = GuestView::Interfaces(
+            (0..20)
+                .map(|i| GuestInterface {
+                    name: format!("vlan{i}"),
+                    mac: format!("02:00:00:00:01:{i:02x}").parse().ok(),
+                    addresses: vec![],
+                })
+                .collect(),
+        );
+        let dom = domain();
+        let sources = Sources {
+            domain: Some(&dom),
+            guest: Some(&many),
+            multus: None,
+        };
+        assert_eq!(guest_only(&sources).len(), MAX_GUEST_ONLY);
     }
 }

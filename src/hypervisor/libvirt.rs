@@ -4,7 +4,7 @@
 //! connection is reopened (and events re-registered) when libvirt reports it
 //! dead, e.g. after the daemon restarted.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,8 +15,8 @@ use virt_sys as sys;
 
 use super::domain_xml::{DomainState, parse_devices};
 use super::events::{self, DomainEvent, EventSink, Registration};
-use super::{Hypervisor, HypervisorError};
-use crate::model::Owner;
+use super::{GuestInterface, GuestView, Hypervisor, HypervisorError};
+use crate::model::{IpCidr, Owner};
 
 /// KubeVirt's non-root launcher socket.
 pub const KUBEVIRT_SOCKET: &str = "/var/run/libvirt/virtqemud-sock";
@@ -45,6 +45,10 @@ struct CachedDomain {
     state: Option<(DomainState, Option<Owner>)>,
 }
 
+/// How long a guest agent query may take before the agent counts as not
+/// answering (the call itself goes on in the background).
+const AGENT_QUERY_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Safety net for events lost without a reconnect.
 const CACHE_MAX_AGE: Duration = Duration::from_secs(10);
 
@@ -57,6 +61,7 @@ pub struct Libvirt {
     connection: Mutex<Option<Connection>>,
     cache: Mutex<Option<CachedDomain>>,
     reconnects: AtomicU64,
+    agent_query_busy: Arc<AtomicBool>,
 }
 
 fn libvirt_error(op: &'static str, e: virt::error::Error) -> HypervisorError {
@@ -82,14 +87,10 @@ impl Libvirt {
             connection: Mutex::new(None),
             cache: Mutex::new(None),
             reconnects: AtomicU64::new(0),
+            agent_query_busy: Arc::default(),
         };
         libvirt.connection()?;
         Ok(libvirt)
-    }
-
-    /// How often the connection had to be reopened.
-    pub fn reconnects(&self) -> u64 {
-        self.reconnects.load(Ordering::Relaxed)
     }
 
     /// The live connection, reopened if libvirt closed it.
@@ -310,6 +311,50 @@ impl Hypervisor for Libvirt {
         result
     }
 
+    fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// `virDomainInterfaceAddresses` with the agent as source. A hung agent
+    /// would block the call for libvirt's agent timeout, so the wait is
+    /// bounded here and only one query is in flight at a time.
+    async fn guest_interfaces(&self, domain: &str) -> Result<GuestView, HypervisorError> {
+        if self.agent_query_busy.swap(true, Ordering::SeqCst) {
+            return Ok(GuestView::NotConnected(
+                "the previous guest agent query has not returned".into(),
+            ));
+        }
+        let busy = self.agent_query_busy.clone();
+        let query = self.blocking(domain, move |conn, name| {
+            let result = (|| {
+                let Some(dom) = lookup(conn, name)? else {
+                    return Ok(GuestView::NotConnected("the domain is not defined".into()));
+                };
+                match agent_interfaces(&dom) {
+                    Ok(ifaces) => Ok(GuestView::Interfaces(ifaces)),
+                    Err(e)
+                        if e.code().is_any(vec![
+                            ErrorNumber::AgentUnresponsive,
+                            ErrorNumber::AgentUnsynced,
+                            ErrorNumber::OperationInvalid,
+                        ]) =>
+                    {
+                        Ok(GuestView::NotConnected(e.message().to_string()))
+                    }
+                    Err(e) => Err(libvirt_error("query the guest agent", e)),
+                }
+            })();
+            busy.store(false, Ordering::SeqCst);
+            result
+        });
+        match tokio::time::timeout(AGENT_QUERY_TIMEOUT, query).await {
+            Ok(result) => result,
+            Err(_) => Ok(GuestView::NotConnected(format!(
+                "the guest agent did not answer within {AGENT_QUERY_TIMEOUT:?}"
+            ))),
+        }
+    }
+
     /// From the domain's DAC label (system daemons), else from the QEMU
     /// process itself (when its pid namespace is visible), else from the
     /// owner of a session daemon's socket (KubeVirt's non-root launcher runs
@@ -462,4 +507,70 @@ fn detach_alias(
         return Err(virt::error::Error::last_error());
     }
     Ok(())
+}
+
+/// The guest agent's view of the interfaces, through
+/// `virDomainInterfaceAddresses` (the `virt` wrapper leaks the result).
+fn agent_interfaces(dom: &virt::domain::Domain) -> Result<Vec<GuestInterface>, virt::error::Error> {
+    let mut raw: *mut sys::virDomainInterfacePtr = std::ptr::null_mut();
+    // SAFETY: `dom` is live for the call; libvirt allocates the array and
+    // its elements and hands ownership to us through `raw`.
+    let count = unsafe {
+        sys::virDomainInterfaceAddresses(
+            dom.as_ptr(),
+            &mut raw,
+            sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT,
+            0,
+        )
+    };
+    if count < 0 {
+        return Err(virt::error::Error::last_error());
+    }
+    let text = |p: *const std::ffi::c_char| -> String {
+        if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: a NUL-terminated string owned by the libvirt struct,
+            // valid until that struct is freed below; copied at once.
+            unsafe { std::ffi::CStr::from_ptr(p) }
+                .to_string_lossy()
+                .into_owned()
+        }
+    };
+    let mut interfaces = Vec::with_capacity(count as usize);
+    for i in 0..count as usize {
+        // SAFETY: libvirt returned `count` valid element pointers.
+        let iface = unsafe { *raw.add(i) };
+        // SAFETY: each element is a valid virDomainInterface.
+        let (name, hwaddr, naddrs, addrs) = unsafe {
+            (
+                (*iface).name,
+                (*iface).hwaddr,
+                (*iface).naddrs,
+                (*iface).addrs,
+            )
+        };
+        let mut addresses = Vec::new();
+        for j in 0..naddrs as usize {
+            // SAFETY: `addrs` has `naddrs` elements.
+            let a = unsafe { *addrs.add(j) };
+            if let Ok(addr) = text(a.addr).parse() {
+                if let Ok(cidr) = IpCidr::new(addr, a.prefix as u8) {
+                    addresses.push(cidr);
+                }
+            }
+        }
+        interfaces.push(GuestInterface {
+            name: text(name),
+            mac: text(hwaddr).parse().ok(),
+            addresses,
+        });
+        // SAFETY: frees the element (and its strings and addresses) once.
+        unsafe { sys::virDomainInterfaceFree(iface) };
+    }
+    if !raw.is_null() {
+        // SAFETY: the array itself was allocated by libvirt with malloc.
+        unsafe { libc::free(raw.cast()) };
+    }
+    Ok(interfaces)
 }

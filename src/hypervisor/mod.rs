@@ -18,7 +18,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::model::Owner;
+use crate::model::{IpCidr, Mac, Owner};
 
 pub mod device_xml;
 pub mod domain_xml;
@@ -43,6 +43,23 @@ pub enum HypervisorError {
     DetachFailed { alias: String },
     #[error("libvirt event loop is not running")]
     EventLoop,
+}
+
+/// One interface as the guest agent reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestInterface {
+    /// The name inside the guest (`eth0`).
+    pub name: String,
+    pub mac: Option<Mac>,
+    pub addresses: Vec<IpCidr>,
+}
+
+/// What the guest agent says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestView {
+    Interfaces(Vec<GuestInterface>),
+    /// No agent answers; the reason as libvirt gives it.
+    NotConnected(String),
 }
 
 /// Operations on the VM's libvirt domain.
@@ -86,6 +103,17 @@ pub trait Hypervisor: Send + Sync {
         up: bool,
         persistent: bool,
     ) -> impl Future<Output = Result<(), HypervisorError>> + Send;
+
+    /// The guest's interfaces through the guest agent.
+    fn guest_interfaces(
+        &self,
+        domain: &str,
+    ) -> impl Future<Output = Result<GuestView, HypervisorError>> + Send;
+
+    /// How often the connection to the hypervisor was re-established.
+    fn reconnects(&self) -> u64 {
+        0
+    }
 
     /// The uid/gid the domain's QEMU process runs as, when it runs.
     fn qemu_owner(

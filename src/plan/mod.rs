@@ -26,6 +26,8 @@ pub enum Phase {
     Plumbed,
     /// The domain has the device.
     Attached,
+    /// The guest agent reports the device's MAC: the guest sees the NIC.
+    Ready,
     /// The last attempt failed; `message` says why. Retried with backoff.
     Failed,
     /// Not an interface nicplug hot-plugs (binding or network type).
