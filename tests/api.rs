@@ -554,3 +554,32 @@ fn assert_same(got: &StatusDocument, want: &StatusDocument) {
     );
     assert_eq!(got.interfaces.len(), want.interfaces.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_prompt_with_an_idle_keep_alive_client() {
+    let dir = TempDir::new("idle");
+    let socket = dir.0.join("nicplug.sock");
+    let running = Running::start(Server::bind(fixture().state, &socket, None).await.unwrap());
+    let stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let driver = tokio::spawn(conn);
+    let req = Request::get("/healthz")
+        .header("host", "localhost")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    resp.into_body().collect().await.unwrap();
+    // The connection stays open (keep-alive) while the server stops.
+    let started = std::time::Instant::now();
+    running.stop().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "idle connection held shutdown for {:?}",
+        started.elapsed()
+    );
+    assert!(!socket.exists());
+    drop(sender);
+    driver.abort();
+}
