@@ -3,7 +3,9 @@
 //! See `docs/design.md` for the reconcile loop and its seams.
 
 pub mod agent;
+pub mod api;
 pub mod hypervisor;
+pub mod metrics;
 pub mod model;
 pub mod netns;
 pub mod plan;
