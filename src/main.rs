@@ -1,8 +1,10 @@
-//! The `nicplug` binary: argument parsing, logging, signals; the work is in
-//! the library.
+//! The `nicplug` binary: argument parsing, logging, signals and task wiring;
+//! the work is in the library.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -11,12 +13,16 @@ use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use nicplug::agent::{Agent, AgentConfig, error_chain};
+use nicplug::agent::{Agent, AgentConfig, ReportConfig, error_chain};
+use nicplug::api::{ApiState, DEFAULT_SOCKET, Readiness, Server};
+use nicplug::hypervisor::events::DomainEvent;
 use nicplug::hypervisor::libvirt::{Libvirt, default_uri};
+use nicplug::metrics::Metrics;
 use nicplug::model::Owner;
 use nicplug::netns::netlink::Netlink;
 use nicplug::netns::watch::LinkEvents;
-use nicplug::sources::vmi_file;
+use nicplug::sources::{network_status, vmi_file};
+use nicplug::status::StatusDocument;
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +47,8 @@ enum LogFormat {
 enum Command {
     /// Run the agent in the current network namespace (the launcher pod's).
     Run(RunArgs),
+    /// Show the interfaces of the running agent.
+    Status(StatusArgs),
 }
 
 #[derive(clap::Args)]
@@ -48,6 +56,9 @@ struct RunArgs {
     /// VirtualMachineInstance document (`kubectl get vmi NAME -o json|yaml`), watched.
     #[arg(long)]
     vmi: PathBuf,
+    /// Multus network-status: the raw JSON array or a downward-API annotations file, watched.
+    #[arg(long)]
+    network_status: Option<PathBuf>,
     /// libvirt URI [default: KubeVirt's non-root socket if present, else qemu:///system].
     #[arg(long)]
     libvirt_uri: Option<String>,
@@ -69,6 +80,32 @@ struct RunArgs {
     /// Seconds between reconciles without any trigger.
     #[arg(long, default_value_t = 30.0)]
     resync: f64,
+    /// Seconds between guest-agent refreshes when nothing else prompts one.
+    #[arg(long, default_value_t = 30.0)]
+    guest_refresh: f64,
+    /// Unix socket of the status/health/metrics API (owner-only, mode 0600).
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    api_socket: PathBuf,
+    /// Also serve the API on this TCP address (for probes and scrapes). Off
+    /// unless given; anything that reaches the address can read the status.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// The agent's API socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
 }
 
 fn main() -> std::process::ExitCode {
@@ -85,14 +122,26 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let result = match cli.command {
-        Command::Run(args) => runtime.block_on(run(args)),
-    };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            error!(error = %format!("{e:#}"), "nicplug failed");
-            std::process::ExitCode::FAILURE
+    match cli.command {
+        Command::Run(args) => match runtime.block_on(run(args)) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                error!(error = %format!("{e:#}"), "nicplug failed");
+                std::process::ExitCode::FAILURE
+            }
+        },
+        Command::Status(args) => {
+            let json = matches!(args.output, Output::Json);
+            match runtime.block_on(nicplug::api::client::status_command(&args.socket, json)) {
+                Ok(text) => {
+                    print!("{text}");
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("nicplug status: {}", error_chain(&e));
+                    std::process::ExitCode::FAILURE
+                }
+            }
         }
     }
 }
@@ -117,57 +166,7 @@ fn seconds(value: f64, flag: &str) -> anyhow::Result<Duration> {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let wake = Arc::new(Notify::new());
-    let config = AgentConfig {
-        attach_timeout: seconds(args.attach_timeout, "--attach-timeout")?,
-        detach_timeout: seconds(args.detach_timeout, "--detach-timeout")?,
-        resync: seconds(args.resync, "--resync")?,
-        tap_owner: args.tap_owner,
-        domain: args.domain,
-        status_file: args.status_file,
-        ..AgentConfig::default()
-    };
-
-    // 1. Link events first, so nothing between the subscription and the
-    //    first dump is missed.
-    let link_events = LinkEvents::subscribe()
-        .await
-        .context("cannot subscribe to link events")?;
-    let net = Netlink::new().context("cannot open rtnetlink")?;
-
-    // 2. libvirt, with its event loop and callbacks registered.
-    let uri = args.libvirt_uri.unwrap_or_else(default_uri);
-    let (events_tx, mut events) = broadcast::channel(256);
-    let hyp = connect_libvirt(&uri, events_tx, &shutdown).await?;
-    info!(%uri, "connected to libvirt");
-
-    // 3. The spec.
-    let (spec_tx, spec_rx) = watch::channel(None);
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(link_events.run(wake.clone()));
-    {
-        let wake = wake.clone();
-        tasks.spawn(async move {
-            // Any domain event is only a trigger; the loop reads the state.
-            loop {
-                match events.recv().await {
-                    Ok(event) => {
-                        tracing::debug!(?event, "libvirt event");
-                        wake.notify_one();
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => wake.notify_one(),
-                    Err(broadcast::error::RecvError::Closed) => break,
-                }
-            }
-        });
-    }
-    {
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            if let Err(e) = vmi_file::watch_file(args.vmi, spec_tx, shutdown).await {
-                error!(error = %error_chain(&e), "VMI file source stopped");
-            }
-        });
-    }
     {
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
@@ -177,17 +176,130 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         });
     }
 
-    Agent::new(net, hyp, config)
-        .run(spec_rx, wake, shutdown.clone())
-        .await;
+    // The API first: /healthz answers and /readyz says what is missing
+    // while the rest comes up.
+    let readiness = Arc::new(Readiness::new());
+    let metrics = Arc::new(Metrics::new());
+    let (status_tx, status_rx) = watch::channel(StatusDocument::default());
+    let api = Server::bind(
+        ApiState {
+            status: status_rx,
+            readiness: readiness.clone(),
+            metrics: metrics.clone(),
+        },
+        &args.api_socket,
+        args.listen,
+    )
+    .await
+    .context("cannot start the API")?;
+    let api_task = tokio::spawn(api.run(shutdown.clone()));
+
+    // 1. Link events before the first dump, so nothing in between is missed.
+    let link_events = LinkEvents::subscribe()
+        .await
+        .context("cannot subscribe to link events")?;
+    let net = Netlink::new().context("cannot open rtnetlink")?;
+    readiness.set_netlink(true);
+
+    // 2. libvirt, with its event loop and callbacks registered.
+    let uri = args.libvirt_uri.unwrap_or_else(default_uri);
+    let (events_tx, events) = broadcast::channel(256);
+    let hyp = connect_libvirt(&uri, events_tx, &shutdown).await?;
+    readiness.set_libvirt(true);
+    info!(%uri, "connected to libvirt");
+
+    // 3. The spec and the CNI results.
+    let (spec_tx, spec_rx) = watch::channel(None);
+    let network_status_rx = args.network_status.map(|path| {
+        let (tx, rx) = watch::channel(None);
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = network_status::watch_file(path, tx, shutdown).await {
+                error!(error = %error_chain(&e), "network-status source stopped");
+            }
+        });
+        rx
+    });
+    let config = AgentConfig {
+        attach_timeout: seconds(args.attach_timeout, "--attach-timeout")?,
+        detach_timeout: seconds(args.detach_timeout, "--detach-timeout")?,
+        resync: seconds(args.resync, "--resync")?,
+        tap_owner: args.tap_owner,
+        domain: args.domain,
+        report: ReportConfig {
+            status_file: args.status_file,
+            status_tx: Some(status_tx),
+            metrics: Some(metrics),
+            network_status: network_status_rx,
+            guest_refresh: seconds(args.guest_refresh, "--guest-refresh")?,
+        },
+        ..AgentConfig::default()
+    };
+    let agent = Agent::new(net, hyp, config);
+
+    tasks.spawn(link_events.run(wake.clone()));
+    tasks.spawn(forward_domain_events(
+        events,
+        wake.clone(),
+        agent.guest_stale_flag(),
+    ));
+    {
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = vmi_file::watch_file(args.vmi, spec_tx, shutdown).await {
+                error!(error = %error_chain(&e), "VMI file source stopped");
+            }
+        });
+    }
+    {
+        let mut spec = spec_rx.clone();
+        let readiness = readiness.clone();
+        tasks.spawn(async move {
+            if spec.wait_for(Option::is_some).await.is_ok() {
+                readiness.set_spec(true);
+            }
+        });
+    }
+
+    agent.run(spec_rx, wake, shutdown.clone()).await;
     shutdown.cancel();
     tasks.abort_all();
+    match api_task.await {
+        Ok(Err(e)) => error!(error = %error_chain(&e), "API stopped with an error"),
+        Err(e) => error!(error = %e, "API task failed"),
+        Ok(Ok(())) => {}
+    }
     Ok(())
+}
+
+/// Domain events are only triggers; device and agent events also mark the
+/// guest agent's view stale.
+async fn forward_domain_events(
+    mut events: broadcast::Receiver<DomainEvent>,
+    wake: Arc<Notify>,
+    guest_stale: Arc<AtomicBool>,
+) {
+    loop {
+        match events.recv().await {
+            Ok(event) => {
+                tracing::debug!(?event, "libvirt event");
+                if !matches!(event, DomainEvent::Lifecycle { .. }) {
+                    guest_stale.store(true, Ordering::SeqCst);
+                }
+                wake.notify_one();
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                guest_stale.store(true, Ordering::SeqCst);
+                wake.notify_one();
+            }
+            Err(broadcast::error::RecvError::Closed) => break,
+        }
+    }
 }
 
 async fn connect_libvirt(
     uri: &str,
-    events: broadcast::Sender<nicplug::hypervisor::events::DomainEvent>,
+    events: broadcast::Sender<DomainEvent>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Libvirt> {
     let mut delay = Duration::from_millis(200);
@@ -200,7 +312,6 @@ async fn connect_libvirt(
         }
         tokio::select! {
             _ = shutdown.cancelled() => anyhow::bail!("stopped before libvirt was reachable"),
-            _ = wait_for_signal() => anyhow::bail!("stopped before libvirt was reachable"),
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(10));

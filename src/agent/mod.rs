@@ -11,7 +11,6 @@
 //! comes back through a channel and wakes the loop.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +24,11 @@ use crate::model::Owner;
 use crate::model::vmi::Vmi;
 use crate::netns::{NetnsError, PodNetwork};
 use crate::plan::{InterfacePlan, Observed, Phase, Step, plan};
-use crate::status::{InterfaceStatus, StatusDocument, write_atomically};
+use crate::status::{InterfaceStatus, StatusDocument, Timestamp};
+
+mod report;
+pub use report::ReportConfig;
+use report::Reporter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -55,7 +58,8 @@ pub struct AgentConfig {
     pub tap_owner: Option<Owner>,
     /// libvirt domain name; `<namespace>_<name>` of the VMI when `None`.
     pub domain: Option<String>,
-    pub status_file: Option<PathBuf>,
+    /// Where the status goes and what it reads besides the plan.
+    pub report: ReportConfig,
     /// First retry delay after a failure; doubles up to `backoff_max`.
     pub backoff_base: Duration,
     pub backoff_max: Duration,
@@ -69,7 +73,10 @@ impl Default for AgentConfig {
             resync: Duration::from_secs(30),
             tap_owner: None,
             domain: None,
-            status_file: None,
+            report: ReportConfig {
+                guest_refresh: Duration::from_secs(30),
+                ..ReportConfig::default()
+            },
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
         }
@@ -102,7 +109,7 @@ pub struct Agent<N, H> {
     hyp: Arc<H>,
     config: AgentConfig,
     tracked: HashMap<String, Tracked>,
-    status: StatusDocument,
+    report: Reporter,
     detected_owner: Option<Owner>,
     /// Interfaces with a detach task in flight.
     detaching: HashMap<String, Instant>,
@@ -128,9 +135,9 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         Self {
             net,
             hyp: Arc::new(hyp),
+            report: Reporter::new(config.report.clone()),
             config,
             tracked: HashMap::new(),
-            status: StatusDocument::default(),
             detected_owner: None,
             detaching: HashMap::new(),
             detach_tx,
@@ -139,7 +146,13 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
     }
 
     pub fn status(&self) -> &StatusDocument {
-        &self.status
+        self.report.document()
+    }
+
+    /// Set it (from a domain-event listener) to have the guest agent asked
+    /// again on the next pass.
+    pub fn guest_stale_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.report.guest_stale_flag()
     }
 
     fn domain_name(&self, vmi: &Vmi) -> String {
@@ -169,6 +182,9 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             if let Some(retry) = self.tracked.values().filter_map(|t| t.retry_at).min() {
                 deadline = deadline.min(retry);
             }
+            if let Some(guest) = self.report.next_wake() {
+                deadline = deadline.min(guest);
+            }
             let finished = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = wake.notified() => None,
@@ -195,6 +211,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         let domain_name = self.domain_name(vmi);
         debug!("reconcile");
         let links = self.net.links().await.map_err(AgentError::Observe)?;
+        let observed_at = Timestamp::now();
         let domain = self
             .hyp
             .domain(&domain_name)
@@ -213,21 +230,40 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         self.tracked
             .retain(|name, _| plans.iter().any(|p| &p.name == name));
         let mut statuses = Vec::with_capacity(plans.len());
+        let mut domain_changed = false;
         for plan in plans {
+            if plan.steps.iter().any(|s| matches!(s, Step::Attach { .. })) {
+                self.report.pod_seen(&plan.name, observed_at);
+            }
+            domain_changed |= plan.steps.iter().any(|s| {
+                matches!(
+                    s,
+                    Step::Attach { .. } | Step::Detach { .. } | Step::SetLinkState { .. }
+                )
+            });
             let span = info_span!("interface", name = %plan.name, pod = plan.pod_iface.as_ref().map(|p| p.as_str()));
             let departed = plan.departed;
-            let status = self
-                .apply(&domain_name, domain.as_ref(), plan)
-                .instrument(span)
-                .await;
+            let status = self.apply(&domain_name, plan).instrument(span).await;
             if !(departed && status.phase == Phase::Detached) {
                 statuses.push(status);
             }
         }
-        self.publish(StatusDocument {
-            interfaces: statuses,
-            ..StatusDocument::default()
-        });
+        // The status shows the domain as this pass left it.
+        let domain = if domain_changed {
+            self.hyp.domain(&domain_name).await.ok().flatten()
+        } else {
+            domain
+        };
+        let reconnects = self.hyp.reconnects();
+        self.report
+            .finish(
+                self.hyp.as_ref(),
+                &domain_name,
+                domain.as_ref(),
+                statuses,
+                reconnects,
+            )
+            .await;
         Ok(())
     }
 
@@ -270,18 +306,20 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             Ok(()) => {
                 info!(?elapsed, "device removed");
                 self.tracked.remove(&name);
+                self.report.device_removed(&name);
             }
             Err(e @ HypervisorError::DetachTimeout { .. }) => {
-                self.record_failure(&name, Phase::DetachPending, e.to_string());
+                self.record_failure(&name, "detach-timeout", Phase::DetachPending, e.to_string());
             }
             Err(e) => {
                 let message = format!("detach-device: {}", error_chain(&e));
-                self.record_failure(&name, Phase::Failed, message);
+                self.record_failure(&name, "detach-device", Phase::Failed, message);
             }
         }
     }
 
-    fn record_failure(&mut self, name: &str, phase: Phase, message: String) -> Duration {
+    fn record_failure(&mut self, name: &str, reason: &str, phase: Phase, message: String) {
+        self.report.failure(reason);
         let tracked = self.tracked.entry(name.to_string()).or_default();
         tracked.failures += 1;
         let delay = self
@@ -297,28 +335,16 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             debug!(error = %message, %phase, retry_in = ?delay, "interface failed again");
         }
         tracked.failed = Some((phase, message));
-        delay
     }
 
     /// Applies one interface's plan and returns its status.
-    async fn apply(
-        &mut self,
-        domain_name: &str,
-        domain: Option<&DomainState>,
-        plan: InterfacePlan,
-    ) -> InterfaceStatus {
+    async fn apply(&mut self, domain_name: &str, plan: InterfacePlan) -> InterfaceStatus {
         let mut status = InterfaceStatus {
             pod_interface_name: plan.pod_iface.as_ref().map(ToString::to_string),
             mac: plan.mac.map(|m| m.to_string()),
             message: plan.message.clone(),
             ..InterfaceStatus::new(plan.name.clone(), plan.phase)
         };
-        let alias = format!("ua-{}", plan.name);
-        if let Some(device) = domain.and_then(|d| d.interface_by_alias(&alias)) {
-            status.link_state = Some(link_state(device.link_up).into());
-            status.info_source = Some("domain".into());
-        }
-
         let hypervisor_step = plan
             .steps
             .iter()
@@ -346,29 +372,27 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             }
             Ok(Progress::Done) if plan.phase == Phase::Failed => {
                 let message = plan.message.clone().unwrap_or_default();
-                self.record_failure(&plan.name, Phase::Failed, message);
+                self.record_failure(&plan.name, "plan", Phase::Failed, message);
             }
             Ok(Progress::Done) => {
                 for step in &plan.steps {
                     match step {
                         Step::Attach { device, .. } => {
                             info!(mac = %device.mac, "attached");
-                            status.link_state = Some(link_state(device.link_up).into());
-                            status.info_source = Some("domain".into());
+                            self.report.plugged();
                         }
                         Step::SetLinkState { up, .. } => {
-                            info!(link = link_state(*up), "link state set");
-                            status.link_state = Some(link_state(*up).into());
+                            info!(link = if *up { "up" } else { "down" }, "link state set");
                         }
                         _ => {}
                     }
                 }
                 self.tracked.remove(&plan.name);
             }
-            Err(message) => {
+            Err((reason, message)) => {
                 status.phase = Phase::Failed;
                 status.message = Some(message.clone());
-                self.record_failure(&plan.name, Phase::Failed, message);
+                self.record_failure(&plan.name, reason, Phase::Failed, message);
             }
         }
         status
@@ -381,14 +405,15 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         &mut self,
         domain_name: &str,
         plan: &InterfacePlan,
-    ) -> Result<Progress, String> {
+    ) -> Result<Progress, (&'static str, String)> {
         for step in &plan.steps {
             match step {
                 Step::Attach { .. } => {
                     // Everything before the attach is done: say so.
-                    self.publish_phase(&plan.name, Phase::Plumbed);
+                    self.report.enter_now(&plan.name, Phase::Plumbed);
                 }
                 Step::Detach { alias, persistent } => {
+                    self.report.detach_started(&plan.name);
                     self.start_detach(domain_name, &plan.name, alias, *persistent);
                     return Ok(Progress::Detaching);
                 }
@@ -416,7 +441,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                     warn!(step = undo.name(), error = %error_chain(&e), "rollback step failed");
                 }
             }
-            return Err(message);
+            return Err((step.name(), message));
         }
         Ok(Progress::Done)
     }
@@ -483,34 +508,6 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         );
         Ok(())
     }
-
-    fn publish_phase(&mut self, name: &str, phase: Phase) {
-        let mut doc = self.status.clone();
-        match doc.interfaces.iter_mut().find(|i| i.name == name) {
-            Some(entry) => {
-                entry.phase = phase;
-                entry.message = None;
-            }
-            None => return,
-        }
-        self.publish(doc);
-    }
-
-    fn publish(&mut self, doc: StatusDocument) {
-        if doc == self.status {
-            return;
-        }
-        self.status = doc;
-        if let Some(path) = &self.config.status_file
-            && let Err(e) = write_atomically(path, &self.status)
-        {
-            warn!(error = %error_chain(&e), "status not written");
-        }
-    }
-}
-
-fn link_state(up: bool) -> &'static str {
-    if up { "up" } else { "down" }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 
 use super::*;
 use crate::hypervisor::domain_xml::{RootPorts, parse_devices};
+use crate::hypervisor::{GuestInterface, GuestView};
 use crate::model::{IfName, IpCidr, Mac, PodLinkRecord};
 use crate::netns::{Link, LinkKind, TapInfo, TapSpec};
 
@@ -198,6 +199,7 @@ struct FakeHyp {
     detach_mode: Mutex<DetachMode>,
     attaches: Mutex<Vec<String>>,
     detaches: Mutex<Vec<String>>,
+    agent_connected: Mutex<bool>,
 }
 
 impl FakeHyp {
@@ -216,6 +218,7 @@ impl FakeHyp {
             detach_mode: Mutex::new(DetachMode::Works),
             attaches: Mutex::default(),
             detaches: Mutex::default(),
+            agent_connected: Mutex::new(true),
         }
     }
 
@@ -324,6 +327,29 @@ impl Hypervisor for FakeHyp {
         Ok(())
     }
 
+    /// A guest that sees every attached device (as eth0, eth1, ...), unless
+    /// its agent is switched off.
+    async fn guest_interfaces(&self, _domain: &str) -> Result<GuestView, HypervisorError> {
+        if !*self.agent_connected.lock().unwrap() {
+            return Ok(GuestView::NotConnected(
+                "QEMU guest agent is not connected".into(),
+            ));
+        }
+        let domain = self.domain.lock().unwrap();
+        Ok(GuestView::Interfaces(
+            domain
+                .interfaces
+                .iter()
+                .enumerate()
+                .map(|(i, d)| GuestInterface {
+                    name: format!("eth{i}"),
+                    mac: d.mac,
+                    addresses: vec![],
+                })
+                .collect(),
+        ))
+    }
+
     async fn qemu_owner(&self, _domain: &str) -> Result<Option<Owner>, HypervisorError> {
         Ok(Some(Owner { uid: 107, gid: 107 }))
     }
@@ -374,7 +400,7 @@ async fn plugs_in_one_pass_and_then_has_nothing_to_do() {
     let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), FakeHyp::new(4));
     let original_mac = agent.net.get(&pod("blue")).unwrap().mac;
     agent.reconcile(&vmi).await.unwrap();
-    assert_eq!(phases(&agent), [("blue".to_string(), Phase::Attached)]);
+    assert_eq!(phases(&agent), [("blue".to_string(), Phase::Ready)]);
     let status = &agent.status().interfaces[0];
     assert_eq!(status.mac, original_mac.map(|m| m.to_string()));
     assert_eq!(status.link_state.as_deref(), Some("up"));
@@ -421,6 +447,10 @@ async fn failed_attach_rolls_back_and_retries_with_backoff() {
     agent.reconcile(&vmi).await.unwrap();
     assert_eq!(agent.hyp.attaches.lock().unwrap().len(), 2);
     assert_eq!(phases(&agent)[0].1, Phase::Attached);
+    // The guest is asked again shortly after the plug.
+    tokio::time::advance(Duration::from_millis(150)).await;
+    agent.reconcile(&vmi).await.unwrap();
+    assert_eq!(phases(&agent)[0].1, Phase::Ready);
 }
 
 #[tokio::test(start_paused = true)]
@@ -463,7 +493,7 @@ async fn lost_event_with_device_present_keeps_the_plumbing() {
     let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), FakeHyp::new(4));
     agent.hyp.set_mode("ua-blue", AttachMode::EventLost);
     agent.reconcile(&vmi).await.unwrap();
-    assert_eq!(phases(&agent)[0].1, Phase::Attached);
+    assert_eq!(phases(&agent)[0].1, Phase::Ready);
     assert_eq!(
         agent.net.links.lock().unwrap().len(),
         4,
@@ -484,9 +514,9 @@ async fn one_failing_interface_does_not_block_the_others() {
     assert_eq!(
         phases(&agent),
         [
-            ("red".to_string(), Phase::Attached),
+            ("red".to_string(), Phase::Ready),
             ("green".to_string(), Phase::Failed),
-            ("blue".to_string(), Phase::Attached),
+            ("blue".to_string(), Phase::Ready),
         ]
     );
     // Attached in spec order: guest NIC order follows the spec.
@@ -516,10 +546,8 @@ async fn status_file_follows_the_phases() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("status.json");
     let vmi = vmi(&["blue", "red"]);
-    let config = AgentConfig {
-        status_file: Some(path.clone()),
-        ..AgentConfig::default()
-    };
+    let mut config = AgentConfig::default();
+    config.report.status_file = Some(path.clone());
     let mut agent = Agent::new(
         FakeNet::with_pod_links(&[&pod("blue")]),
         FakeHyp::new(4),
@@ -527,7 +555,7 @@ async fn status_file_follows_the_phases() {
     );
     agent.reconcile(&vmi).await.unwrap();
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    assert_eq!(doc["interfaces"][0]["phase"], "Attached");
+    assert_eq!(doc["interfaces"][0]["phase"], "Ready");
     assert_eq!(doc["interfaces"][0]["podInterfaceName"], pod("blue"));
     assert_eq!(doc["interfaces"][1]["phase"], "Pending");
     assert_eq!(
@@ -550,7 +578,7 @@ async fn absent_detaches_then_removes_every_trace() {
     let mut agent = agent(FakeNet::with_pod_links(&[&pod_name]), FakeHyp::new(4));
     let before = agent.net.links.lock().unwrap().clone();
     agent.reconcile(&vmi(&["blue"])).await.unwrap();
-    assert_eq!(phases(&agent)[0].1, Phase::Attached);
+    assert_eq!(phases(&agent)[0].1, Phase::Ready);
 
     let absent = vmi_with(&["blue"], r#","state":"absent""#);
     agent.reconcile(&absent).await.unwrap();
@@ -584,13 +612,13 @@ async fn leaving_the_spec_unplugs_and_the_entry_goes() {
     assert_eq!(
         phases(&agent),
         [
-            ("red".to_string(), Phase::Attached),
+            ("red".to_string(), Phase::Ready),
             ("blue".to_string(), Phase::Detaching)
         ]
     );
     settle().await;
     agent.reconcile(&vmi(&["red"])).await.unwrap();
-    assert_eq!(phases(&agent), [("red".to_string(), Phase::Attached)]);
+    assert_eq!(phases(&agent), [("red".to_string(), Phase::Ready)]);
     assert!(
         agent
             .net
@@ -705,4 +733,70 @@ async fn pod_interface_removed_under_the_device_unplugs_and_waits() {
     let calls = agent.net.calls.lock().unwrap().len();
     agent.reconcile(&vmi(&["blue"])).await.unwrap();
     assert_eq!(agent.net.calls.lock().unwrap().len(), calls);
+}
+
+#[tokio::test]
+async fn without_a_guest_agent_it_stays_attached_and_says_why() {
+    let hyp = FakeHyp::new(4);
+    *hyp.agent_connected.lock().unwrap() = false;
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), hyp);
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    let status = &agent.status().interfaces[0];
+    assert_eq!(status.phase, Phase::Attached);
+    assert_eq!(
+        status.message.as_deref(),
+        Some("guest agent is not connected: QEMU guest agent is not connected")
+    );
+    assert_eq!(agent.status().guest_agent_connected, Some(false));
+    // The agent connects (an AGENT_LIFECYCLE event marks the view stale).
+    *agent.hyp.agent_connected.lock().unwrap() = true;
+    agent
+        .guest_stale_flag()
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    let status = &agent.status().interfaces[0];
+    assert_eq!(status.phase, Phase::Ready);
+    assert_eq!(status.interface_name.as_deref(), Some("eth0"));
+    assert_eq!(status.info_source.as_deref(), Some("domain, guest-agent"));
+}
+
+#[tokio::test]
+async fn phases_are_timed_and_measured() {
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let mut config = AgentConfig::default();
+    config.report.metrics = Some(metrics.clone());
+    let mut agent = Agent::new(
+        FakeNet::with_pod_links(&[&pod("blue")]),
+        FakeHyp::new(4),
+        config,
+    );
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    let status = &agent.status().interfaces[0];
+    let phases: Vec<Phase> = status.phase_transitions.iter().map(|t| t.phase).collect();
+    assert_eq!(phases, [Phase::Plumbed, Phase::Ready]);
+    let seen = status.pod_interface_seen.expect("pod interface seen");
+    assert!(status.phase_transitions[0].at.monotonic_ns >= seen.monotonic_ns);
+    let text = metrics.encode();
+    assert!(
+        text.contains("nicplug_plug_stage_seconds_count{stage=\"ready\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("nicplug_interfaces{phase=\"Ready\"} 1"),
+        "{text}"
+    );
+
+    let absent = vmi_with(&["blue"], r#","state":"absent""#);
+    agent.reconcile(&absent).await.unwrap();
+    settle().await;
+    agent.reconcile(&absent).await.unwrap();
+    let text = metrics.encode();
+    assert!(
+        text.contains("nicplug_unplug_stage_seconds_count{stage=\"removed\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("nicplug_unplug_stage_seconds_count{stage=\"cleaned\"} 1"),
+        "{text}"
+    );
 }

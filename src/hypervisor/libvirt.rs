@@ -554,10 +554,10 @@ fn agent_interfaces(dom: &virt::domain::Domain) -> Result<Vec<GuestInterface>, v
         for j in 0..naddrs as usize {
             // SAFETY: `addrs` has `naddrs` elements.
             let a = unsafe { *addrs.add(j) };
-            if let Ok(addr) = text(a.addr).parse() {
-                if let Ok(cidr) = IpCidr::new(addr, a.prefix as u8) {
-                    addresses.push(cidr);
-                }
+            if let Ok(addr) = text(a.addr).parse()
+                && let Ok(cidr) = IpCidr::new(addr, a.prefix as u8)
+            {
+                addresses.push(cidr);
             }
         }
         interfaces.push(GuestInterface {

@@ -17,6 +17,7 @@ pub struct Nicplug<'a> {
     pub vmi_path: PathBuf,
     pub status_path: PathBuf,
     pub log_path: PathBuf,
+    pub api_socket: PathBuf,
     /// Extra `nicplug run` arguments.
     pub args: Vec<String>,
 }
@@ -29,6 +30,7 @@ impl<'a> Nicplug<'a> {
             vmi_path: rig.dir.join("vmi/vmi.json"),
             status_path: rig.dir.join("status.json"),
             log_path: rig.dir.join("nicplug.log"),
+            api_socket: rig.dir.join("api/nicplug.sock"),
             args: Vec::new(),
         };
         std::fs::create_dir_all(nicplug.vmi_path.parent().unwrap()).unwrap();
@@ -49,6 +51,8 @@ impl<'a> Nicplug<'a> {
             .arg(&self.vmi_path)
             .args(["--libvirt-uri", &self.rig.libvirt_uri, "--status-file"])
             .arg(&self.status_path)
+            .arg("--api-socket")
+            .arg(&self.api_socket)
             .args(&self.args)
             .env("NICPLUG_LOG", "nicplug=debug,info")
             .stdin(Stdio::null())
@@ -126,7 +130,11 @@ impl<'a> Nicplug<'a> {
     pub fn wait_phase(&self, name: &str, phase: &str, timeout: Duration) -> Duration {
         let start = Instant::now();
         while start.elapsed() < timeout {
-            if self.phase(name).as_deref() == Some(phase) {
+            let now = self.phase(name);
+            // Ready is Attached and confirmed by the guest: it satisfies a wait for Attached.
+            if now.as_deref() == Some(phase)
+                || (phase == "Attached" && now.as_deref() == Some("Ready"))
+            {
                 return start.elapsed();
             }
             std::thread::sleep(Duration::from_millis(2));
