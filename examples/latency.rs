@@ -71,7 +71,10 @@ fn main() {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(10);
-    let rig = Rig::start(RigOptions::default());
+    let rig = Rig::start(RigOptions {
+        root_ports: 6,
+        ..RigOptions::default()
+    });
     let mut listener = rig
         .pod_cmd("virsh")
         .args([
@@ -145,7 +148,75 @@ fn main() {
     summary("pod interface created -> guest agent reports MAC", to_guest);
     summary("spec change -> DEVICE_REMOVED", to_removed);
     summary("spec change -> all plumbing gone (entry gone)", to_clean);
+
+    // Idle footprint with 4 interfaces plugged.
+    let idle_networks = ["idle1", "idle2", "idle3", "idle4"];
+    nicplug.set_spec(&idle_networks);
+    for (i, network) in idle_networks.iter().enumerate() {
+        rig.cni_add(&CniNet::new(40 + i as u8), &pod_iface(network));
+    }
+    for network in idle_networks {
+        nicplug.wait_phase(network, "Ready", Duration::from_secs(30));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = nicplug.pid().unwrap();
+    let before = footprint(pid);
+    let idle = Duration::from_secs(60);
+    std::thread::sleep(idle);
+    let after = footprint(pid);
+    let ticks = (after.cpu_ticks - before.cpu_ticks) as f64;
+    let hz = 100.0; // USER_HZ
+    println!(
+        "idle {}s with 4 interfaces Ready: CPU {:.3}% of one core, {} voluntary context switches, RSS {} kB",
+        idle.as_secs(),
+        ticks / hz / idle.as_secs_f64() * 100.0,
+        after.voluntary_switches - before.voluntary_switches,
+        after.rss_kb
+    );
     nicplug.stop();
     let _ = listener.kill();
     let _ = listener.wait();
+}
+
+struct Footprint {
+    cpu_ticks: u64,
+    voluntary_switches: u64,
+    rss_kb: u64,
+}
+
+/// CPU time (utime + stime of all threads), voluntary context switches (all
+/// threads) and RSS of a process.
+fn footprint(pid: u32) -> Footprint {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let cpu_ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let mut voluntary_switches = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        voluntary_switches += status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Footprint {
+        cpu_ticks,
+        voluntary_switches,
+        rss_kb,
+    }
 }
