@@ -105,3 +105,46 @@ async fn downward_api_data_symlink_swap() {
     task.await.unwrap().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn an_unchanged_file_is_not_read_again() {
+    use notify::{EventKind, RecursiveMode, Watcher, event::AccessKind};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let dir = temp_dir("vmi-idle");
+    let path = dir.join("vmi.json");
+    std::fs::write(&path, doc("vm", &["a"])).unwrap();
+    let (tx, mut rx) = watch::channel(None);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(watch_file(path.clone(), tx, stop.clone()));
+    expect_interfaces(&mut rx, 1).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // Count how often anyone opens the file while nothing changes: the
+    // watcher's own reads are access events in the directory it watches,
+    // and must not make it read again.
+    let opens = Arc::new(AtomicUsize::new(0));
+    let counter = opens.clone();
+    let watched = path.clone();
+    let mut spy = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(e) = event
+            && matches!(e.kind, EventKind::Access(AccessKind::Open(_)))
+            && e.paths.contains(&watched)
+        {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    })
+    .unwrap();
+    spy.watch(&dir, RecursiveMode::NonRecursive).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        opens.load(Ordering::SeqCst),
+        0,
+        "the idle watcher keeps reading its file"
+    );
+
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

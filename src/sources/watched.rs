@@ -11,7 +11,7 @@ use std::fmt::Display;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
+use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -84,8 +84,12 @@ pub async fn watch_file<T: PartialEq>(
         path: dir.clone(),
         source,
     };
-    let mut watcher = notify::recommended_watcher(move |_event| {
-        let _ = events_tx.send(());
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Reading the file is an access event of the watched directory:
+        // reacting to it would re-read forever.
+        if event.is_ok_and(|e| !matches!(e.kind, EventKind::Access(_))) {
+            let _ = events_tx.send(());
+        }
     })
     .map_err(watch_error)?;
     watcher
