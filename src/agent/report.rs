@@ -167,10 +167,27 @@ impl Reporter {
         hyp: &H,
         domain_name: &str,
         domain: Option<&DomainState>,
+        statuses: Vec<InterfaceStatus>,
+        reconnects: u64,
+    ) {
+        // Publish what this pass did first, with what is known of the guest;
+        // a guest agent round trip must not delay it.
+        if self.guest.is_some() {
+            self.compose(domain, statuses.clone(), reconnects);
+        }
+        if self.refresh_guest(hyp, domain_name, domain).await || self.guest.is_none() {
+            self.compose(domain, statuses, reconnects);
+        }
+    }
+
+    /// Builds and publishes the document from this pass's statuses and the
+    /// current guest view.
+    fn compose(
+        &mut self,
+        domain: Option<&DomainState>,
         mut statuses: Vec<InterfaceStatus>,
         reconnects: u64,
     ) {
-        self.refresh_guest(hyp, domain_name, domain).await;
         let multus = self
             .config
             .network_status
@@ -187,8 +204,7 @@ impl Reporter {
             self.record(status);
         }
         let guest_interfaces = guest_only(&sources);
-        let connected = self
-            .guest
+        let connected = guest
             .as_ref()
             .map(|g| matches!(g, GuestView::Interfaces(_)));
         // Entries that went away finished their unplug: forget them.
@@ -264,16 +280,17 @@ impl Reporter {
         status.phase_transitions = history.transitions.clone();
     }
 
+    /// Asks the guest agent when due; returns whether it did.
     async fn refresh_guest<H: Hypervisor>(
         &mut self,
         hyp: &H,
         domain_name: &str,
         domain: Option<&DomainState>,
-    ) {
+    ) -> bool {
         if !domain.is_some_and(|d| d.running) {
             self.guest = None;
             self.guest_read_at = None;
-            return;
+            return false;
         }
         let now = Instant::now();
         let stale = self.guest_stale.swap(false, Ordering::SeqCst);
@@ -282,7 +299,7 @@ impl Reporter {
             .guest_read_at
             .is_none_or(|t| t + self.config.guest_refresh <= now);
         if !(stale || poll_due || refresh_due || self.guest.is_none()) {
-            return;
+            return false;
         }
         let view = match hyp.guest_interfaces(domain_name).await {
             Ok(view) => view,
@@ -301,6 +318,7 @@ impl Reporter {
             poll.interval = (poll.interval * 2).min(FAST_POLL_MAX);
             poll.next = Instant::now() + poll.interval;
         }
+        true
     }
 
     /// Keeps polling fast while an attached interface waits for the guest
