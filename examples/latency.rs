@@ -170,7 +170,7 @@ fn main() {
         "idle {}s with 4 interfaces Ready: CPU {:.3}% of one core, {} voluntary context switches, RSS {} kB",
         idle.as_secs(),
         ticks / hz / idle.as_secs_f64() * 100.0,
-        after.voluntary_switches - before.voluntary_switches,
+        after.switches_since(&before),
         after.rss_kb
     );
     nicplug.stop();
@@ -180,12 +180,23 @@ fn main() {
 
 struct Footprint {
     cpu_ticks: u64,
-    voluntary_switches: u64,
+    /// Voluntary context switches per thread id.
+    switches: std::collections::HashMap<String, u64>,
     rss_kb: u64,
 }
 
-/// CPU time (utime + stime of all threads), voluntary context switches (all
-/// threads) and RSS of a process.
+impl Footprint {
+    /// Voluntary context switches since `before`, over threads alive in both.
+    fn switches_since(&self, before: &Footprint) -> u64 {
+        self.switches
+            .iter()
+            .filter_map(|(tid, n)| before.switches.get(tid).map(|b| n.saturating_sub(*b)))
+            .sum()
+    }
+}
+
+/// CPU time (utime + stime of all threads), voluntary context switches per
+/// thread, and RSS of a process.
 fn footprint(pid: u32) -> Footprint {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let fields: Vec<&str> = stat
@@ -195,17 +206,19 @@ fn footprint(pid: u32) -> Footprint {
         .split_whitespace()
         .collect();
     let cpu_ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    let mut voluntary_switches = 0;
+    let mut switches = std::collections::HashMap::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .flatten()
     {
         let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-        voluntary_switches += status
+        if let Some(n) = status
             .lines()
             .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
+        {
+            switches.insert(task.file_name().to_string_lossy().into_owned(), n);
+        }
     }
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let rss_kb = status
@@ -216,7 +229,7 @@ fn footprint(pid: u32) -> Footprint {
         .unwrap_or(0);
     Footprint {
         cpu_ticks,
-        voluntary_switches,
+        switches,
         rss_kb,
     }
 }

@@ -186,9 +186,11 @@ pub fn write_atomically(path: &Path, doc: &StatusDocument) -> Result<(), StatusE
         .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
     let result = (|| {
+        // No fsync: the rename alone makes the replacement atomic for
+        // readers, and after a crash the next pass rewrites the document;
+        // an fsync would put disk latency on the hot-plug path.
         let mut file = std::fs::File::create(&tmp)?;
         file.write_all(&json)?;
-        file.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
     if result.is_err() {
