@@ -116,7 +116,8 @@ fn main() {
     nicplug.wait_phase("default", "Unsupported", Duration::from_secs(10));
     let net = CniNet::new(1);
     let network = "dyniface1";
-    let (mut to_added, mut to_status, mut to_guest) = (vec![], vec![], vec![]);
+    let (mut to_added, mut to_status, mut to_ready, mut to_guest) =
+        (vec![], vec![], vec![], vec![]);
     let (mut to_removed, mut to_clean) = (vec![], vec![]);
     for _ in 0..runs {
         nicplug.set_spec(&[network]);
@@ -145,7 +146,11 @@ fn main() {
     );
     summary("pod interface created -> DEVICE_ADDED", to_added);
     summary("pod interface created -> status Attached", to_status);
-    summary("pod interface created -> guest agent reports MAC", to_guest);
+    summary("pod interface created -> status Ready", to_ready);
+    summary(
+        "pod interface created -> harness's agent query sees MAC",
+        to_guest,
+    );
     summary("spec change -> DEVICE_REMOVED", to_removed);
     summary("spec change -> all plumbing gone (entry gone)", to_clean);
 
