@@ -128,6 +128,8 @@ fn main() {
         let _ = status;
         to_status.push(now_ms() - created);
         to_added.push(wait_event("device-added") - created);
+        nicplug.wait_phase(network, "Ready", Duration::from_secs(20));
+        to_ready.push(now_ms() - created);
         rig.wait_guest_mac(&cni.mac, Duration::from_secs(30))
             .expect("guest sees the NIC");
         to_guest.push(now_ms() - created);
