@@ -302,7 +302,9 @@ impl Reporter {
             return false;
         }
         let view = match hyp.guest_interfaces(domain_name).await {
-            Ok(view) => view,
+            Ok(Some(view)) => view,
+            // An earlier query is still running: keep what is known.
+            Ok(None) => return false,
             Err(e) => GuestView::NotConnected(error_chain(&e)),
         };
         if let GuestView::NotConnected(reason) = &view

@@ -329,14 +329,14 @@ impl Hypervisor for FakeHyp {
 
     /// A guest that sees every attached device (as eth0, eth1, ...), unless
     /// its agent is switched off.
-    async fn guest_interfaces(&self, _domain: &str) -> Result<GuestView, HypervisorError> {
+    async fn guest_interfaces(&self, _domain: &str) -> Result<Option<GuestView>, HypervisorError> {
         if !*self.agent_connected.lock().unwrap() {
-            return Ok(GuestView::NotConnected(
+            return Ok(Some(GuestView::NotConnected(
                 "QEMU guest agent is not connected".into(),
-            ));
+            )));
         }
         let domain = self.domain.lock().unwrap();
-        Ok(GuestView::Interfaces(
+        Ok(Some(GuestView::Interfaces(
             domain
                 .interfaces
                 .iter()
@@ -347,7 +347,7 @@ impl Hypervisor for FakeHyp {
                     addresses: vec![],
                 })
                 .collect(),
-        ))
+        )))
     }
 
     async fn qemu_owner(&self, _domain: &str) -> Result<Option<Owner>, HypervisorError> {

@@ -318,11 +318,9 @@ impl Hypervisor for Libvirt {
     /// `virDomainInterfaceAddresses` with the agent as source. A hung agent
     /// would block the call for libvirt's agent timeout, so the wait is
     /// bounded here and only one query is in flight at a time.
-    async fn guest_interfaces(&self, domain: &str) -> Result<GuestView, HypervisorError> {
+    async fn guest_interfaces(&self, domain: &str) -> Result<Option<GuestView>, HypervisorError> {
         if self.agent_query_busy.swap(true, Ordering::SeqCst) {
-            return Ok(GuestView::NotConnected(
-                "the previous guest agent query has not returned".into(),
-            ));
+            return Ok(None);
         }
         let busy = self.agent_query_busy.clone();
         let query = self.blocking(domain, move |conn, name| {
@@ -348,10 +346,10 @@ impl Hypervisor for Libvirt {
             result
         });
         match tokio::time::timeout(AGENT_QUERY_TIMEOUT, query).await {
-            Ok(result) => result,
-            Err(_) => Ok(GuestView::NotConnected(format!(
+            Ok(result) => result.map(Some),
+            Err(_) => Ok(Some(GuestView::NotConnected(format!(
                 "the guest agent did not answer within {AGENT_QUERY_TIMEOUT:?}"
-            ))),
+            )))),
         }
     }
 

@@ -104,11 +104,12 @@ pub trait Hypervisor: Send + Sync {
         persistent: bool,
     ) -> impl Future<Output = Result<(), HypervisorError>> + Send;
 
-    /// The guest's interfaces through the guest agent.
+    /// The guest's interfaces through the guest agent; `None` when no answer
+    /// is available this time (an earlier query is still running).
     fn guest_interfaces(
         &self,
         domain: &str,
-    ) -> impl Future<Output = Result<GuestView, HypervisorError>> + Send;
+    ) -> impl Future<Output = Result<Option<GuestView>, HypervisorError>> + Send;
 
     /// How often the connection to the hypervisor was re-established.
     fn reconnects(&self) -> u64 {
