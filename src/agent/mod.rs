@@ -60,6 +60,9 @@ pub struct AgentConfig {
     pub domain: Option<String>,
     /// Where the status goes and what it reads besides the plan.
     pub report: ReportConfig,
+    /// Coexistence with KubeVirt's own hotplug: also clean up the bridges
+    /// and taps KubeVirt leaves behind (see `plan::Observed`).
+    pub coexist: bool,
     /// First retry delay after a failure; doubles up to `backoff_max`.
     pub backoff_base: Duration,
     pub backoff_max: Duration,
@@ -77,6 +80,7 @@ impl Default for AgentConfig {
                 guest_refresh: Duration::from_secs(30),
                 ..ReportConfig::default()
             },
+            coexist: false,
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
         }
@@ -224,6 +228,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 links: &links,
                 domain: domain.as_ref(),
                 tap_owner,
+                clean_kubevirt_leftovers: self.config.coexist,
             },
         );
 

@@ -150,9 +150,7 @@ fn read_domain(
     let Some(dom) = lookup(conn, name)? else {
         return Ok(None);
     };
-    let running = dom
-        .is_active()
-        .map_err(|e| libvirt_error("read the domain state", e))?;
+    let running = accepts_hotplug(&dom)?;
     let persistent = dom
         .is_persistent()
         .map_err(|e| libvirt_error("read the domain state", e))?;
@@ -571,4 +569,21 @@ fn agent_interfaces(dom: &virt::domain::Domain) -> Result<Vec<GuestInterface>, v
         unsafe { libc::free(raw.cast()) };
     }
     Ok(interfaces)
+}
+
+/// Whether the domain runs *here* and takes devices: running, or paused by a
+/// user. An incoming migration (paused, reason migration or starting up) is
+/// not: its devices arrive with the migration, nicplug must attach nothing.
+fn accepts_hotplug(dom: &virt::domain::Domain) -> Result<bool, HypervisorError> {
+    let (mut state, mut reason) = (-1, -1);
+    // SAFETY: `dom` is live for the call; the out-pointers are valid ints.
+    let rc = unsafe { sys::virDomainGetState(dom.as_ptr(), &mut state, &mut reason, 0) };
+    if rc < 0 {
+        return Err(libvirt_error(
+            "read the domain state",
+            virt::error::Error::last_error(),
+        ));
+    }
+    Ok(state == sys::VIR_DOMAIN_RUNNING as i32
+        || (state == sys::VIR_DOMAIN_PAUSED as i32 && reason == sys::VIR_DOMAIN_PAUSED_USER as i32))
 }

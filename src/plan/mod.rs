@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::hypervisor::DomainState;
 use crate::hypervisor::device_xml::InterfaceDevice;
+use crate::model::names::is_ordinal_pod_iface;
 use crate::model::vmi::{PodIfaceScheme, SpecInterface, SpecState, Vmi};
 use crate::model::{IfName, IpCidr, Mac, Owner, PlumbingNames, PodLinkRecord};
 use crate::netns::{Link, LinkKind, TapSpec};
@@ -158,6 +159,11 @@ pub struct Observed<'a> {
     pub domain: Option<&'a DomainState>,
     /// The uid/gid taps are created for; `None` when unknown.
     pub tap_owner: Option<Owner>,
+    /// Coexistence with KubeVirt's own hotplug: also remove the `k6t-H` and
+    /// `tapH` KubeVirt built (and leaks) once their network is gone from
+    /// both the spec and the domain. Only safe when the spec is complete and
+    /// authoritative (the VMI from the API).
+    pub clean_kubevirt_leftovers: bool,
 }
 
 impl Observed<'_> {
@@ -231,7 +237,8 @@ fn plan_interface(
     if let Some(device) = device {
         // Attached by nicplug or by KubeVirt: adopt it, never re-plumb it.
         let pod_gone = observed.link(&names.pod).is_none();
-        if pod_gone && !kubevirt_layout && observed.link(&names.bridge).is_some() {
+        if pod_gone && domain.running && !kubevirt_layout && observed.link(&names.bridge).is_some()
+        {
             // Multus removed the pod interface under a device nicplug plugged:
             // the device has no uplink any more. Unplug, and wait for the pod
             // interface to come back.
@@ -334,7 +341,15 @@ fn unplug(
     done: Phase,
 ) -> InterfacePlan {
     let kubevirt_layout = observed.link(&names.kubevirt_renamed_pod).is_some();
-    if domain.interface_by_alias(alias).is_some() {
+    let in_use = domain.interfaces.iter().any(|i| {
+        i.alias.as_deref() == Some(alias) || i.target_dev.as_deref() == Some(names.tap.as_str())
+    });
+    if in_use {
+        if !domain.running {
+            // Only the domain that runs here is ours to change (a migration
+            // target receives its devices with the migration).
+            return plan.with_message("the domain is not running here");
+        }
         plan.phase = Phase::Detaching;
         plan.steps.push(Step::Detach {
             alias: alias.to_string(),
@@ -343,11 +358,23 @@ fn unplug(
     } else {
         plan.phase = done;
     }
-    // KubeVirt's layout (renamed pod link, dummy) is KubeVirt's to remove.
     if !kubevirt_layout {
         plan.steps.extend(teardown(names, observed));
+    } else if observed.clean_kubevirt_leftovers {
+        // KubeVirt's renamed pod link and dummy stay KubeVirt's and CNI's;
+        // its bridge and tap are removed once no device uses them.
+        plan.steps.extend(delete_bridge_and_tap(names, observed));
     }
     plan
+}
+
+/// Deletes the tap and the bridge of `names`, those that exist.
+fn delete_bridge_and_tap(names: &PlumbingNames, observed: &Observed<'_>) -> Vec<Step> {
+    [&names.tap, &names.bridge]
+        .into_iter()
+        .filter(|name| observed.link(name).is_some())
+        .map(|name| Step::DeleteLink { name: name.clone() })
+        .collect()
 }
 
 /// Networks that left the spec but still have a device that nicplug plugged,
@@ -389,10 +416,10 @@ fn plan_departed(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
             }
         }
     }
-    let Some(domain) = observed.domain else {
+    let Some(domain) = observed.domain.filter(|d| d.running) else {
         return Vec::new();
     };
-    departed
+    let mut plans: Vec<InterfacePlan> = departed
         .into_iter()
         .map(|(network, names)| {
             let mut plan = InterfacePlan::new(&network, Phase::Detaching);
@@ -402,6 +429,60 @@ fn plan_departed(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
             plan.mac = domain.interface_by_alias(&alias).and_then(|d| d.mac);
             unplug(plan, &alias, &names, observed, domain, Phase::Detached)
                 .with_message("the network left the spec")
+        })
+        .collect();
+    if observed.clean_kubevirt_leftovers {
+        plans.extend(kubevirt_leftovers(vmi, observed, domain, &plans));
+    }
+    plans
+}
+
+/// KubeVirt's bridges (`k6t-H` with its `tapH`) of networks in neither the
+/// spec nor the domain: KubeVirt leaks them on unplug (kubevirt#14074) and
+/// they break the next plug of the same network.
+fn kubevirt_leftovers(
+    vmi: &Vmi,
+    observed: &Observed<'_>,
+    domain: &DomainState,
+    planned: &[InterfacePlan],
+) -> Vec<InterfacePlan> {
+    let spec_bridges: Vec<IfName> = vmi
+        .interfaces
+        .iter()
+        .flat_map(|i| {
+            [
+                i.pod_iface(PodIfaceScheme::Hashed),
+                i.pod_iface(PodIfaceScheme::Ordinal),
+            ]
+        })
+        .map(|pod| PlumbingNames::for_pod_iface(&pod).bridge)
+        .collect();
+    observed
+        .links
+        .iter()
+        .filter(|l| l.kind == LinkKind::Bridge && !spec_bridges.contains(&l.name))
+        .filter_map(|bridge| {
+            let suffix = bridge.name.as_str().strip_prefix("k6t-")?;
+            let pod = if is_ordinal_pod_iface(suffix) {
+                IfName::new(suffix).ok()?
+            } else {
+                IfName::new(format!("pod{suffix}")).ok()?
+            };
+            let names = PlumbingNames::for_pod_iface(&pod);
+            let in_use = domain
+                .interfaces
+                .iter()
+                .any(|i| i.target_dev.as_deref() == Some(names.tap.as_str()));
+            let already = planned
+                .iter()
+                .any(|p| p.pod_iface.as_ref() == Some(&names.pod));
+            if in_use || already || observed.link(&names.pod).is_some() {
+                return None;
+            }
+            let mut plan = InterfacePlan::new(bridge.name.as_str(), Phase::Detached);
+            plan.departed = true;
+            plan.steps = delete_bridge_and_tap(&names, observed);
+            Some(plan.with_message("KubeVirt's plumbing of a network that is gone"))
         })
         .collect()
 }

@@ -69,6 +69,7 @@ fn observed<'a>(links: &'a [Link], domain: Option<&'a DomainState>) -> Observed<
         links,
         domain,
         tap_owner: Some(OWNER),
+        clean_kubevirt_leftovers: false,
     }
 }
 
@@ -551,4 +552,106 @@ fn an_address_cni_adds_after_the_attach_is_recorded_and_removed() {
     let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
     assert_eq!(p.phase, Phase::Attached);
     assert_eq!(step_names(p), ["record-pod-link", "enslave-pod-link"]);
+}
+
+#[test]
+fn an_incoming_migration_gets_nothing_attached_or_detached() {
+    // Migration target: pod interfaces present, the domain paused for the
+    // incoming migration (not running here), devices arriving with it.
+    let links = plumbed_links();
+    let incoming = DomainState {
+        running: false,
+        ..domain(3, vec![attached_device(true)])
+    };
+    let p = &plan(
+        &vmi(r#","state":"absent""#),
+        &observed(&links, Some(&incoming)),
+    )[1];
+    assert!(p.steps.is_empty(), "{p:?}");
+    let empty = DomainState {
+        running: false,
+        ..domain(4, vec![])
+    };
+    let p = &plan(
+        &vmi(""),
+        &observed(&[eth0(), fresh_pod_link()], Some(&empty)),
+    )[1];
+    assert!(p.steps.is_empty());
+    assert_eq!(p.phase, Phase::Pending);
+    let departed = Vmi::parse(r#"{"metadata":{"name":"vm"},"spec":{}}"#).unwrap();
+    assert!(plan(&departed, &observed(&links, Some(&incoming))).is_empty());
+    // When the domain arrives running with its devices, they are adopted.
+    let running = domain(3, vec![attached_device(true)]);
+    let p = &plan(&vmi(""), &observed(&links, Some(&running)))[1];
+    assert_eq!((p.phase, p.steps.len()), (Phase::Attached, 0));
+}
+
+fn kubevirt_layout_links() -> Vec<Link> {
+    vec![
+        eth0(),
+        Link {
+            master: Some(10),
+            ..link(3, "9a6a0c3b4d8-nic", LinkKind::Veth)
+        },
+        link(4, POD, LinkKind::Other("dummy".into())),
+        link(10, BRIDGE, LinkKind::Bridge),
+        Link {
+            master: Some(10),
+            ..link(11, TAP, LinkKind::Tun)
+        },
+    ]
+}
+
+#[test]
+fn kubevirts_leftovers_go_only_in_coexistence_mode_and_only_when_unused() {
+    let absent = vmi(r#","state":"absent""#);
+    let links = kubevirt_layout_links();
+    let gone = domain(4, vec![]);
+    // Without coexistence: KubeVirt's plumbing is KubeVirt's.
+    let p = &plan(&absent, &observed(&links, Some(&gone)))[1];
+    assert_eq!((p.phase, p.steps.len()), (Phase::Detached, 0));
+    // With it: tap and bridge go once the device is gone; the renamed pod
+    // link and the dummy stay.
+    let coexist = Observed {
+        clean_kubevirt_leftovers: true,
+        ..observed(&links, Some(&gone))
+    };
+    let p = &plan(&absent, &coexist)[1];
+    assert_eq!(step_names(p), ["delete-link", "delete-link"]);
+    // While the device is there, it is detached first (someone else may
+    // already have: "device not found" counts as done).
+    let attached = domain(3, vec![attached_device(true)]);
+    let coexist = Observed {
+        clean_kubevirt_leftovers: true,
+        ..observed(&links, Some(&attached))
+    };
+    let p = &plan(&absent, &coexist)[1];
+    assert_eq!(
+        step_names(p),
+        ["detach-device", "delete-link", "delete-link"]
+    );
+
+    // A network gone from the spec whose dummy CNI DEL already removed.
+    let empty = Vmi::parse(r#"{"metadata":{"name":"vm"},"spec":{}}"#).unwrap();
+    let mut leftovers = kubevirt_layout_links();
+    leftovers.retain(|l| l.name.as_str() != POD);
+    let coexist = Observed {
+        clean_kubevirt_leftovers: true,
+        ..observed(&leftovers, Some(&gone))
+    };
+    let plans = plan(&empty, &coexist);
+    assert_eq!(plans.len(), 1);
+    assert!(plans[0].departed);
+    assert_eq!(step_names(&plans[0]), ["delete-link", "delete-link"]);
+    // Never while a device still uses the tap, and never outside coexistence.
+    let coexist = Observed {
+        clean_kubevirt_leftovers: true,
+        ..observed(&leftovers, Some(&attached))
+    };
+    assert!(
+        plan(&empty, &coexist)
+            .iter()
+            .all(|p| !p.steps.iter().any(|s| matches!(s, Step::DeleteLink { .. })))
+    );
+    assert!(plan(&empty, &observed(&leftovers, Some(&gone))).is_empty());
 }
