@@ -227,6 +227,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tap_owner: args.tap_owner,
         domain: args.domain,
         report: ReportConfig {
+            outcomes: None,
             status_file: args.status_file,
             status_tx: Some(status_tx),
             metrics: Some(metrics),

@@ -27,8 +27,8 @@ use crate::plan::{InterfacePlan, Observed, Phase, Step, plan};
 use crate::status::{InterfaceStatus, StatusDocument, Timestamp};
 
 mod report;
-pub use report::ReportConfig;
 use report::Reporter;
+pub use report::{Outcome, OutcomeKind, ReportConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {

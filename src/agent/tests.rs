@@ -800,3 +800,40 @@ async fn phases_are_timed_and_measured() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn outcomes_for_operators_once_per_change() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut config = AgentConfig::default();
+    config.report.outcomes = Some(tx);
+    let mut agent = Agent::new(
+        FakeNet::with_pod_links(&[&pod("blue")]),
+        FakeHyp::new(4),
+        config,
+    );
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    let plugged = rx.try_recv().unwrap();
+    assert_eq!(
+        (plugged.interface.as_str(), plugged.kind),
+        ("blue", OutcomeKind::Plugged)
+    );
+    assert!(
+        plugged.message.contains("plumbed") && plugged.message.contains("ready"),
+        "{}",
+        plugged.message
+    );
+    assert!(rx.try_recv().is_err(), "one outcome per change");
+
+    agent.reconcile(&vmi(&[])).await.unwrap();
+    settle().await;
+    agent.reconcile(&vmi(&[])).await.unwrap();
+    let unplugged = rx.try_recv().unwrap();
+    assert_eq!(unplugged.kind, OutcomeKind::Unplugged);
+    assert!(
+        unplugged.message.starts_with("unplugged in "),
+        "{}",
+        unplugged.message
+    );
+    assert!(rx.try_recv().is_err());
+}

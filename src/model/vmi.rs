@@ -136,6 +136,12 @@ impl Vmi {
         doc.into_vmi()
     }
 
+    /// Reads a VMI object as the Kubernetes API serves it.
+    pub fn from_json_value(value: serde_json::Value) -> Result<Self, VmiError> {
+        let doc: Document = serde_json::from_value(value)?;
+        doc.into_vmi()
+    }
+
     /// KubeVirt's libvirt domain name, `<namespace>_<name>`.
     pub fn domain_name(&self) -> String {
         format!("{}_{}", self.namespace, self.name)
