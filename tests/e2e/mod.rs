@@ -386,3 +386,45 @@ pub fn assert_no_plumbing(rig: &Rig, network: &str) {
         assert!(pod.get("ifalias").is_none(), "record removed: {pod}");
     }
 }
+
+/// What nicplug could change about the pod's links, one line per link:
+/// name, kind, master, MAC, MTU, alias, addresses. Leaves out what the
+/// kernel changes by itself (timers, counters, DAD state).
+pub fn pod_link_state(rig: &Rig) -> Vec<String> {
+    let out = rig
+        .pod_cmd("ip")
+        .args(["-d", "-j", "addr"])
+        .output()
+        .unwrap();
+    let links: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut lines: Vec<String> = links
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let mut addrs: Vec<String> = l["addr_info"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|x| {
+                            format!("{}/{}", x["local"].as_str().unwrap_or(""), x["prefixlen"])
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            addrs.sort();
+            format!(
+                "{} kind={} master={} mac={} mtu={} alias={} addrs={}",
+                l["ifname"].as_str().unwrap_or(""),
+                l["linkinfo"]["info_kind"].as_str().unwrap_or("-"),
+                l["master"].as_str().unwrap_or("-"),
+                l["address"].as_str().unwrap_or("-"),
+                l["mtu"],
+                l["ifalias"].as_str().unwrap_or("-"),
+                addrs.join(",")
+            )
+        })
+        .collect();
+    lines.sort();
+    lines
+}
