@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::hypervisor::DomainState;
 use crate::hypervisor::device_xml::InterfaceDevice;
 use crate::model::names::is_ordinal_pod_iface;
+use crate::model::record::RecordError;
 use crate::model::vmi::{PodIfaceScheme, SpecInterface, SpecState, Vmi};
 use crate::model::{IfName, IpCidr, Mac, Owner, PlumbingNames, PodLinkRecord};
 use crate::netns::{Link, LinkKind, TapSpec};
@@ -289,43 +290,65 @@ fn plan_interface(
 /// An enslaved pod link carries no address; one that CNI added late (after
 /// the attach) is recorded as original state and removed again.
 fn clear_late_addresses(pod: &Link, names: &PlumbingNames) -> Vec<Step> {
-    let Some(Ok(mut record)) = pod
-        .alias
-        .as_deref()
-        .filter(|a| PodLinkRecord::is_record(a))
-        .map(PodLinkRecord::from_alias)
-    else {
+    let Some(Ok(record)) = record_of(pod) else {
         return Vec::new();
     };
-    if pod.addresses.is_empty() || pod.master.is_none() {
+    let (Some(mac), false, Some(_)) = (pod.mac, pod.addresses.is_empty(), pod.master) else {
         return Vec::new();
-    }
+    };
     let mut steps = Vec::new();
-    let late: Vec<IpCidr> = pod
-        .addresses
-        .iter()
-        .filter(|a| !record.addresses.contains(a))
-        .copied()
-        .collect();
-    if !late.is_empty() {
-        record.addresses.extend(late);
-        let Ok(alias) = record.to_alias() else {
-            return Vec::new();
-        };
-        steps.push(Step::RecordPodLink {
-            pod: names.pod.clone(),
-            alias,
-        });
+    match absorb_late_addresses(pod, names, record) {
+        Ok((_, record_step)) => steps.extend(record_step),
+        Err(_) => return steps,
     }
-    let Some(mac) = pod.mac else {
-        return steps;
-    };
     steps.push(Step::EnslavePodLink {
         pod: names.pod.clone(),
         bridge: names.bridge.clone(),
         mac,
     });
     steps
+}
+
+/// The nicplug record in a link's alias, if it carries one.
+fn record_of(link: &Link) -> Option<Result<PodLinkRecord, RecordError>> {
+    link.alias
+        .as_deref()
+        .filter(|a| PodLinkRecord::is_record(a))
+        .map(PodLinkRecord::from_alias)
+}
+
+/// The step writing `record` into the pod link's alias.
+fn record_step(names: &PlumbingNames, record: &PodLinkRecord) -> Result<Step, String> {
+    let alias = record
+        .to_alias()
+        .map_err(|e| format!("cannot record the state of {}: {e}", names.pod))?;
+    Ok(Step::RecordPodLink {
+        pod: names.pod.clone(),
+        alias,
+    })
+}
+
+/// nicplug removes every address right after recording, so an address on
+/// the link that the record lacks was added by CNI after nicplug first acted
+/// (IPAM runs after the link appears): it belongs to the original state.
+/// Returns the record with such addresses, and the step to save it.
+fn absorb_late_addresses(
+    pod: &Link,
+    names: &PlumbingNames,
+    mut record: PodLinkRecord,
+) -> Result<(PodLinkRecord, Option<Step>), String> {
+    let late: Vec<IpCidr> = pod
+        .addresses
+        .iter()
+        .filter(|a| !record.addresses.contains(a))
+        .copied()
+        .collect();
+    if late.is_empty() {
+        return Ok((record, None));
+    }
+    record.addresses.extend(late);
+    let step = record_step(names, &record)?;
+    Ok((record, Some(step)))
 }
 
 /// Detaches the device if there is one, then removes nicplug's plumbing.
@@ -382,16 +405,10 @@ fn delete_bridge_and_tap(names: &PlumbingNames, observed: &Observed<'_>) -> Vec<
 /// (no record naming the network, KubeVirt's layout) are left alone.
 fn plan_departed(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
     let in_spec = |network: &str| vmi.interfaces.iter().any(|i| i.name == network);
-    let record_of = |link: &Link| {
-        link.alias
-            .as_deref()
-            .filter(|a| PodLinkRecord::is_record(a))
-            .and_then(|a| PodLinkRecord::from_alias(a).ok())
-    };
     let mut departed: Vec<(String, PlumbingNames)> = Vec::new();
     // Pod links carrying a record of a network that left the spec.
     for link in observed.links {
-        if let Some(network) = record_of(link).and_then(|r| r.network)
+        if let Some(network) = record_of(link).and_then(Result::ok).and_then(|r| r.network)
             && !in_spec(&network)
         {
             departed.push((network, PlumbingNames::for_pod_iface(&link.name)));
@@ -519,78 +536,36 @@ fn plug(
 
     // The pod link's original state: from its record when nicplug already
     // enslaved it, otherwise as it is now.
-    let (record, record_step) = match pod.alias.as_deref() {
-        Some(alias) if PodLinkRecord::is_record(alias) => match PodLinkRecord::from_alias(alias) {
-            // nicplug removes every address right after recording, so an
-            // address on the link that the record lacks was added by CNI
-            // after nicplug first acted (IPAM runs after the link appears):
-            // it belongs to the original state. Record it before it is removed.
-            Ok(mut record) => {
-                let late: Vec<IpCidr> = pod
-                    .addresses
-                    .iter()
-                    .filter(|a| !record.addresses.contains(a))
-                    .copied()
-                    .collect();
-                if late.is_empty() {
-                    (record, None)
-                } else {
-                    record.addresses.extend(late);
-                    match record.to_alias() {
-                        Ok(alias) => {
-                            let step = Step::RecordPodLink {
-                                pod: names.pod.clone(),
-                                alias,
-                            };
-                            (record, Some(step))
-                        }
-                        Err(e) => {
-                            let message = format!("cannot record the state of {}: {e}", names.pod);
-                            return fail(plan, message);
-                        }
-                    }
-                }
+    let recorded = match record_of(pod) {
+        Some(Ok(record)) => absorb_late_addresses(pod, names, record),
+        Some(Err(e)) => {
+            let message = format!(
+                "pod interface {} has a corrupt nicplug record: {e}",
+                names.pod
+            );
+            return InterfacePlan {
+                phase: Phase::Failed,
+                ..plan
             }
-            Err(e) => {
-                let message = format!(
-                    "pod interface {} has a corrupt nicplug record: {e}",
-                    names.pod
-                );
-                return InterfacePlan {
-                    phase: Phase::Failed,
-                    ..plan
-                }
-                .with_message(message);
+            .with_message(message);
+        }
+        None => match pod.mac {
+            None => Err(format!("pod interface {} has no MAC address", names.pod)),
+            Some(mac) => {
+                let record = PodLinkRecord {
+                    network: Some(spec.name.clone()),
+                    mac,
+                    mtu: pod.mtu,
+                    addresses: pod.addresses.clone(),
+                    previous_alias: pod.alias.clone(),
+                };
+                record_step(names, &record).map(|step| (record, Some(step)))
             }
         },
-        _ => {
-            let Some(mac) = pod.mac else {
-                return fail(
-                    plan,
-                    format!("pod interface {} has no MAC address", names.pod),
-                );
-            };
-            let record = PodLinkRecord {
-                network: Some(spec.name.clone()),
-                mac,
-                mtu: pod.mtu,
-                addresses: pod.addresses.clone(),
-                previous_alias: pod.alias.clone(),
-            };
-            match record.to_alias() {
-                Ok(alias) => {
-                    let step = Step::RecordPodLink {
-                        pod: names.pod.clone(),
-                        alias,
-                    };
-                    (record, Some(step))
-                }
-                Err(e) => {
-                    let message = format!("cannot record the state of {}: {e}", names.pod);
-                    return fail(plan, message);
-                }
-            }
-        }
+    };
+    let (record, record_step) = match recorded {
+        Ok(recorded) => recorded,
+        Err(message) => return fail(plan, message),
     };
     let vm_mac = match &spec.mac {
         Some(Ok(mac)) => *mac,
@@ -716,11 +691,7 @@ fn teardown(names: &PlumbingNames, observed: &Observed<'_>) -> Vec<Step> {
         });
     }
     if let Some(pod) = observed.link(&names.pod)
-        && let Some(Ok(record)) = pod
-            .alias
-            .as_deref()
-            .filter(|a| PodLinkRecord::is_record(a))
-            .map(PodLinkRecord::from_alias)
+        && let Some(Ok(record)) = record_of(pod)
     {
         steps.push(Step::ReleasePodLink {
             pod: names.pod.clone(),
