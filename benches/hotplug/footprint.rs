@@ -58,6 +58,33 @@ fn threads(pid: u32) -> BTreeMap<u32, ThreadSample> {
     out
 }
 
+/// Resident KiB per mapped file (`/proc/<pid>/smaps`), largest first.
+fn top_files(pid: u32, n: usize) -> Vec<(String, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut per: BTreeMap<String, u64> = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            // "start-end perms offset dev inode [path]"
+            current = words
+                .nth(4)
+                .filter(|p| p.starts_with('/'))
+                .map(str::to_string);
+        } else if first == "Rss:"
+            && let Some(path) = &current
+        {
+            *per.entry(path.clone()).or_default() +=
+                words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        }
+    }
+    let mut v: Vec<(String, u64)> = per.into_iter().collect();
+    v.sort_by_key(|e| std::cmp::Reverse(e.1));
+    v.truncate(n);
+    v
+}
+
 /// utime + stime of the whole process, in clock ticks.
 fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -68,12 +95,18 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
-fn rss_kib(pid: u32) -> (u64, u64) {
+/// VmRSS, VmHWM, RssAnon, RssFile in KiB.
+fn rss_kib(pid: u32) -> [u64; 4] {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    (
-        status_field(&status, "VmRSS:").unwrap_or(0),
-        status_field(&status, "VmHWM:").unwrap_or(0),
-    )
+    ["VmRSS:", "VmHWM:", "RssAnon:", "RssFile:"].map(|k| status_field(&status, k).unwrap_or(0))
+}
+
+#[derive(Debug, Clone)]
+pub struct Activity {
+    pub from_s: f64,
+    pub to_s: f64,
+    pub switches: u64,
+    pub threads: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -81,6 +114,9 @@ pub struct Footprint {
     pub seconds: f64,
     pub rss_mib: f64,
     pub hwm_mib: f64,
+    /// Private memory (heap, stacks) vs pages of mapped files (shared libraries).
+    pub anon_mib: f64,
+    pub file_mib: f64,
     pub cpu_ticks: u64,
     pub cpu_percent: f64,
     pub run_ns: u64,
@@ -88,8 +124,10 @@ pub struct Footprint {
     pub nonvoluntary: u64,
     pub switches_per_s: f64,
     /// Sampling intervals in which any thread switched, merged when adjacent:
-    /// (start s, end s, voluntary switches).
-    pub activity: Vec<(f64, f64, u64)>,
+    /// (start s, end s, context switches, the threads that switched).
+    pub activity: Vec<Activity>,
+    /// The largest file mappings by resident size: (path, KiB).
+    pub top_files: Vec<(String, u64)>,
     /// comm -> (threads, voluntary, nonvoluntary, run ns)
     pub per_thread: BTreeMap<String, (u32, u64, u64, u64)>,
     pub threads: usize,
@@ -106,33 +144,49 @@ pub fn measure(pid: u32, window: Duration, every: Duration) -> Footprint {
     let first = threads(pid);
     let ticks0 = cpu_ticks(pid).unwrap_or(0);
     let mut last = first.clone();
-    let mut activity: Vec<(f64, f64, u64)> = Vec::new();
-    let mut prev_total: u64 = first.values().map(|t| t.voluntary + t.nonvoluntary).sum();
+    let mut activity: Vec<Activity> = Vec::new();
     let mut prev_t = 0.0;
+    let switches = |t: &ThreadSample| t.voluntary + t.nonvoluntary;
     while start.elapsed() < window {
         std::thread::sleep(every);
         let now = threads(pid);
+        let t = start.elapsed().as_secs_f64();
+        let mut delta = 0;
+        let mut woke = Vec::new();
         for (tid, s) in now {
+            let before = last.get(&tid).map_or(0, switches);
+            if switches(&s) > before {
+                delta += switches(&s) - before;
+                if !woke.contains(&s.comm) {
+                    woke.push(s.comm.clone());
+                }
+            }
             last.insert(tid, s);
         }
-        let total: u64 = last.values().map(|t| t.voluntary + t.nonvoluntary).sum();
-        let t = start.elapsed().as_secs_f64();
-        if total > prev_total {
-            let delta = total - prev_total;
+        if delta > 0 {
             match activity.last_mut() {
-                Some(a) if (a.1 - prev_t).abs() < 1e-6 => {
-                    a.1 = t;
-                    a.2 += delta;
+                Some(a) if (a.to_s - prev_t).abs() < 1e-6 => {
+                    a.to_s = t;
+                    a.switches += delta;
+                    for w in woke {
+                        if !a.threads.contains(&w) {
+                            a.threads.push(w);
+                        }
+                    }
                 }
-                _ => activity.push((prev_t, t, delta)),
+                _ => activity.push(Activity {
+                    from_s: prev_t,
+                    to_s: t,
+                    switches: delta,
+                    threads: woke,
+                }),
             }
         }
-        prev_total = total;
         prev_t = t;
     }
     let seconds = start.elapsed().as_secs_f64();
     let ticks1 = cpu_ticks(pid).unwrap_or(ticks0);
-    let (rss, hwm) = rss_kib(pid);
+    let [rss, hwm, anon, file] = rss_kib(pid);
     let mut per_thread: BTreeMap<String, (u32, u64, u64, u64)> = BTreeMap::new();
     let (mut voluntary, mut nonvoluntary, mut run_ns) = (0, 0, 0);
     for (tid, end) in &last {
@@ -154,6 +208,8 @@ pub fn measure(pid: u32, window: Duration, every: Duration) -> Footprint {
         seconds,
         rss_mib: rss as f64 / 1024.0,
         hwm_mib: hwm as f64 / 1024.0,
+        anon_mib: anon as f64 / 1024.0,
+        file_mib: file as f64 / 1024.0,
         cpu_ticks,
         cpu_percent: cpu_ticks as f64 / tck / seconds * 100.0,
         run_ns,
@@ -161,6 +217,7 @@ pub fn measure(pid: u32, window: Duration, every: Duration) -> Footprint {
         nonvoluntary,
         switches_per_s: (voluntary + nonvoluntary) as f64 / seconds,
         activity,
+        top_files: top_files(pid, 6),
         per_thread,
         threads: last.len(),
     }
@@ -169,7 +226,10 @@ pub fn measure(pid: u32, window: Duration, every: Duration) -> Footprint {
 impl Footprint {
     /// Gaps between the starts of consecutive activity bursts, in s.
     pub fn wake_gaps(&self) -> Vec<f64> {
-        self.activity.windows(2).map(|w| w[1].0 - w[0].0).collect()
+        self.activity
+            .windows(2)
+            .map(|w| w[1].from_s - w[0].from_s)
+            .collect()
     }
 
     pub fn to_json(&self) -> Value {
@@ -177,6 +237,8 @@ impl Footprint {
             "window_s": self.seconds,
             "rss_mib": self.rss_mib,
             "rss_high_water_mib": self.hwm_mib,
+            "rss_anon_mib": self.anon_mib,
+            "rss_file_mib": self.file_mib,
             "cpu_ticks": self.cpu_ticks,
             "cpu_percent_of_one_core": self.cpu_percent,
             "cpu_run_ms_schedstat": self.run_ns as f64 / 1e6,
@@ -185,7 +247,10 @@ impl Footprint {
             "nonvoluntary_ctxt_switches": self.nonvoluntary,
             "ctxt_switches_per_s": self.switches_per_s,
             "threads": self.threads,
-            "activity_bursts": self.activity.iter().map(|(a, b, n)| json!({"from_s": a, "to_s": b, "switches": n})).collect::<Vec<_>>(),
+            "activity_bursts": self.activity.iter().map(|a| json!({
+                "from_s": a.from_s, "to_s": a.to_s, "switches": a.switches, "threads": a.threads
+            })).collect::<Vec<_>>(),
+            "top_file_mappings_kib": self.top_files.iter().map(|(p, k)| json!({"path": p, "rss_kib": k})).collect::<Vec<_>>(),
             "wake_gaps_s": self.wake_gaps(),
             "per_thread": self.per_thread.iter().map(|(comm, (n, v, nv, r))| json!({
                 "comm": comm, "threads": n, "voluntary": v, "nonvoluntary": nv, "run_ms": *r as f64 / 1e6

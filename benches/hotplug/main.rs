@@ -12,7 +12,7 @@
 //! DEVICE_REMOVED, stamped on arrival), and line arrival for the script.
 //! It reports numbers; it never fails because of one. See docs/benchmarks.md.
 //!
-//! Knobs (env): NICPLUG_BENCH_RUNS (plug/unplug cycles per variant, 20),
+//! Knobs (env): NICPLUG_BENCH_RUNS (plug/unplug cycles per variant, 40),
 //! NICPLUG_BENCH_BURSTS (3), NICPLUG_BENCH_IDLE_SECS (60),
 //! NICPLUG_BENCH_OUT (results/), NICPLUG_BENCH_FLOOR (the floor binary).
 
@@ -86,6 +86,11 @@ impl Observers {
             // This thread alone moves into the pod netns; the socket stays there.
             let f = std::fs::File::open(&ns).expect("pod netns");
             nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            // Real-time priority (best effort) so the "exists" stamp is not
+            // late behind busy CFS tasks; it sleeps in poll otherwise.
+            let param = libc::sched_param { sched_priority: 10 };
+            // SAFETY: sets this thread's own scheduling policy.
+            unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
             let mut watch = LinkWatch::open().expect("netlink link watch");
             ready_tx.send(()).unwrap();
             while !stop2.load(Ordering::Relaxed) {
@@ -305,9 +310,28 @@ fn transition(entry: &Value, phase: &str) -> u64 {
     try_transition(entry, phase).unwrap_or_else(|| panic!("no {phase} transition in {entry}"))
 }
 
+/// `text` without ANSI colour escapes (nicplug's text log has them).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// nicplug's debug log line for the attach step: its duration in µs.
 fn attach_elapsed_us(log: &str) -> Option<u64> {
-    log.lines()
+    strip_ansi(log)
+        .lines()
         .rev()
         .find(|l| l.contains("step done") && l.contains("attach-device"))
         .and_then(|l| l.split("elapsed_us=").nth(1))
@@ -623,7 +647,7 @@ fn main() {
     if !support::require_root("bench hotplug") {
         return;
     }
-    let runs = env_num("NICPLUG_BENCH_RUNS", 20) as usize;
+    let runs = env_num("NICPLUG_BENCH_RUNS", 40) as usize;
     let bursts = env_num("NICPLUG_BENCH_BURSTS", 3).max(1) as usize;
     let idle = Duration::from_secs(env_num("NICPLUG_BENCH_IDLE_SECS", 60));
     let out_dir = std::env::var_os("NICPLUG_BENCH_OUT")

@@ -50,7 +50,8 @@ pub fn draw(r: &Report, path: &Path, date: &str) -> Result<(), Box<dyn Error>> {
 
     let root = BitMapBackend::new(path, (1600, 1100)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
+    let (main, foot) = root.split_vertically(1070);
+    let mut chart = ChartBuilder::on(&main)
         .caption(
             format!(
                 "nicplug hot-plug latency per phase: {} runs per variant, {date}",
@@ -119,14 +120,15 @@ pub fn draw(r: &Report, path: &Path, date: &str) -> Result<(), Box<dyn Error>> {
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(SeriesLabelPosition::UpperRight)
         .label_font(("sans-serif", 18))
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
         .draw()?;
-    root.draw(&Text::new(
-        "dots: every run; black bar: median. Plug rows start at 'pod interface exists' (RTM_NEWLINK), unplug rows at the VMI change.",
-        (320, 1075),
+    foot.draw(&Text::new(
+        "dots: every run (upper: nicplug, middle: floor, lower: script); black bar: median. \
+         Plug rows start at 'pod interface exists' (RTM_NEWLINK in the pod netns), unplug rows at the VMI change.",
+        (20, 5),
         ("sans-serif", 16),
     ))?;
     root.present()?;

@@ -96,18 +96,34 @@ impl Report<'_> {
         });
         t.push(Target {
             text: "idle with 8 interfaces: RSS under 20 MB",
-            measured: format!("{:.1} MiB (high water {:.1} MiB)", fp.rss_mib, fp.hwm_mib),
+            measured: format!(
+                "{:.1} MiB = {:.1} MiB anonymous + {:.1} MiB file-backed (high water {:.1} MiB)",
+                fp.rss_mib, fp.anon_mib, fp.file_mib, fp.hwm_mib
+            ),
             met: fp.rss_mib * 1.048_576 < 20.0,
         });
         let gaps = fp.wake_gaps();
         let min_gap = gaps.iter().cloned().fold(f64::INFINITY, f64::min);
+        // The agent loop runs on the main thread (`block_on`), named `nicplug`.
+        let agent: Vec<f64> = fp
+            .activity
+            .iter()
+            .filter(|a| a.threads.iter().any(|t| t == "nicplug"))
+            .map(|a| a.from_s)
+            .collect();
+        let libvirt_only = fp
+            .activity
+            .iter()
+            .filter(|a| a.threads.iter().all(|t| t == "libvirt-events"))
+            .count();
         // Each wake-up source should fire at most once per resync period
         // (resync and guest refresh are both 30 s and may fall apart).
         let allowed = 2.0 * (fp.seconds / self.resync_s).ceil() + 1.0;
         t.push(Target {
             text: "idle with 8 interfaces: no wake-ups more frequent than the resync period (30 s)",
             measured: format!(
-                "{} wake-up bursts in {:.0} s, {:.2} context switches/s, shortest gap {}",
+                "{} wake-up bursts in {:.0} s ({:.2} context switches/s), shortest gap {}; \
+                 {} of them only the libvirt-events thread; the agent loop woke {} times (at {})",
                 fp.activity.len(),
                 fp.seconds,
                 fp.switches_per_s,
@@ -115,7 +131,14 @@ impl Report<'_> {
                     format!("{min_gap:.1} s")
                 } else {
                     "-".into()
-                }
+                },
+                libvirt_only,
+                agent.len(),
+                agent
+                    .iter()
+                    .map(|t| format!("{t:.1} s"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             met: (fp.activity.len() as f64) <= allowed,
         });
@@ -198,9 +221,11 @@ impl Report<'_> {
         let fp = &self.footprint;
         let _ = writeln!(
             o,
-            "\nIdle footprint, 8 interfaces plugged, {:.0} s: RSS {:.1} MiB (high water {:.1} MiB), CPU {} ticks = {:.3}% of one core (schedstat: {:.1} ms = {:.3}%), {} voluntary + {} involuntary context switches over {} threads = {:.2}/s; wake-up bursts at {}.\n",
+            "\nIdle footprint, 8 interfaces plugged, {:.0} s: RSS {:.1} MiB ({:.1} MiB anonymous, {:.1} MiB file-backed: shared libraries; high water {:.1} MiB), CPU {} ticks = {:.3}% of one core (schedstat: {:.1} ms = {:.3}%), {} voluntary + {} involuntary context switches over {} threads = {:.2}/s; wake-up bursts at {}.\n",
             fp.seconds,
             fp.rss_mib,
+            fp.anon_mib,
+            fp.file_mib,
             fp.hwm_mib,
             fp.cpu_ticks,
             fp.cpu_percent,
@@ -215,10 +240,26 @@ impl Report<'_> {
             } else {
                 fp.activity
                     .iter()
-                    .map(|(a, _, n)| format!("{a:.1} s ({n})"))
+                    .map(|a| {
+                        format!(
+                            "{:.1} s ({}: {})",
+                            a.from_s,
+                            a.switches,
+                            a.threads.join("+")
+                        )
+                    })
                     .collect::<Vec<_>>()
                     .join(", ")
             }
+        );
+        let _ = writeln!(
+            o,
+            "Largest resident file mappings: {}.\n",
+            fp.top_files
+                .iter()
+                .map(|(p, k)| format!("{} {:.1} MiB", p, *k as f64 / 1024.0))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         let _ = writeln!(o, "| thread | count | voluntary | involuntary | CPU ms |");
         let _ = writeln!(o, "|---|---:|---:|---:|---:|");
