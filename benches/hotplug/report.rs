@@ -313,7 +313,8 @@ impl Report<'_> {
         })
     }
 
-    pub fn write(&self, dir: &Path) {
+    /// Writes everything under `dir`; returns the file stem used.
+    pub fn write(&self, dir: &Path) -> String {
         let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
         let stem = format!("hotplug-{}", date.replace(':', ""));
         std::fs::create_dir_all(dir).unwrap();
@@ -339,5 +340,6 @@ impl Report<'_> {
             "results: {}/{stem}.{{json,md,png}} (and hotplug-latest.*)",
             dir.display()
         );
+        stem
     }
 }
