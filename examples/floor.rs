@@ -142,7 +142,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // 4. The guest reports the MAC.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let GuestView::Interfaces(ifaces) = hyp.guest_interfaces(&args.domain).await?
+        if let Some(GuestView::Interfaces(ifaces)) = hyp.guest_interfaces(&args.domain).await?
             && ifaces.iter().any(|i| i.mac == Some(mac))
         {
             say("guest", mono_ns());
