@@ -419,6 +419,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 }
                 Step::Detach { alias, persistent } => {
                     self.report.detach_started(&plan.name);
+                    self.report.enter_now(&plan.name, Phase::Detaching);
                     self.start_detach(domain_name, &plan.name, alias, *persistent);
                     return Ok(Progress::Detaching);
                 }

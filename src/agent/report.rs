@@ -3,7 +3,7 @@
 //! each phase was entered, the metrics, and when to ask the guest agent next.
 //!
 //! The guest agent is asked when something may have changed (a device or
-//! agent event marked the view stale), fast after a plug (100 ms, doubling
+//! agent event marked the view stale), fast after a plug (20 ms, doubling
 //! to 2 s, for up to 30 s) until the guest reports the new MAC, and
 //! otherwise every `guest_refresh`. Idle, nothing wakes more often than that.
 
@@ -27,7 +27,7 @@ use crate::status::{
     monotonic_ns, write_atomically,
 };
 
-const FAST_POLL_FIRST: Duration = Duration::from_millis(100);
+const FAST_POLL_FIRST: Duration = Duration::from_millis(20);
 const FAST_POLL_MAX: Duration = Duration::from_secs(2);
 const FAST_POLL_FOR: Duration = Duration::from_secs(30);
 
