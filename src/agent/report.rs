@@ -331,9 +331,12 @@ impl Reporter {
         let now = Instant::now();
         let stale = self.guest_stale.swap(false, Ordering::SeqCst);
         let poll_due = self.fast_poll.as_ref().is_some_and(|p| p.next <= now);
+        // Half a period early is due too: a pass woken for something else
+        // (the resync) takes the refresh along, so the two timers fall into
+        // one wake-up instead of drifting apart.
         let refresh_due = self
             .guest_read_at
-            .is_none_or(|t| t + self.config.guest_refresh <= now);
+            .is_none_or(|t| t + self.config.guest_refresh / 2 <= now);
         if !(stale || poll_due || refresh_due || self.guest.is_none()) {
             return false;
         }
