@@ -207,7 +207,11 @@ fn malformed_vmi_keeps_the_last_good_spec() {
     );
     assert!(nicplug.is_running(), "nicplug keeps running");
     // The last good spec still holds: nothing was unplugged.
-    assert_eq!(nicplug.phase("first").as_deref(), Some("Attached"));
+    let phase = nicplug.phase("first");
+    assert!(
+        matches!(phase.as_deref(), Some("Attached" | "Ready")),
+        "{phase:?}"
+    );
 
     // A later good document is applied.
     nicplug.set_spec(&["first", "second"]);
