@@ -47,7 +47,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent in the current network namespace (the launcher pod's).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show the interfaces of the running agent.
     Status(StatusArgs),
 }
@@ -143,7 +143,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     match cli.command {
-        Command::Run(args) => match runtime.block_on(run(args)) {
+        Command::Run(args) => match runtime.block_on(run(*args)) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 error!(error = %format!("{e:#}"), "nicplug failed");

@@ -126,6 +126,7 @@ struct StandIn {
 
 impl StandIn {
     async fn start() -> Self {
+        init_logging();
         let shared = Arc::new(Shared::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -397,6 +398,17 @@ fn watch_response(rx: Option<mpsc::UnboundedReceiver<Frame>>) -> Response {
 
 // ---------------------------------------------------------------------------
 // Helpers
+
+/// nicplug's logs in the test output (shown for failing tests), filtered by
+/// NICPLUG_LOG (default: nicplug at debug).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NICPLUG_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("nicplug=debug"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
 
 async fn eventually(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     let start = Instant::now();

@@ -341,10 +341,11 @@ impl EventLimiter {
         let mut out = Vec::new();
         // Held Events of this interface's other reasons first, in order.
         for ((iface, r), state) in self.keys.iter_mut() {
-            if *iface == outcome.interface && *r != reason {
-                if let Some(emit) = state.flush(iface, self.window, now) {
-                    out.push(emit);
-                }
+            if *iface == outcome.interface
+                && *r != reason
+                && let Some(emit) = state.flush(iface, self.window, now)
+            {
+                out.push(emit);
             }
         }
         let key = (outcome.interface.clone(), reason);
@@ -387,10 +388,10 @@ impl EventLimiter {
         let window = self.window;
         let mut out = Vec::new();
         for ((iface, _), state) in self.keys.iter_mut() {
-            if now >= state.last_sent + window {
-                if let Some(emit) = state.flush(iface, window, now) {
-                    out.push(emit);
-                }
+            if now >= state.last_sent + window
+                && let Some(emit) = state.flush(iface, window, now)
+            {
+                out.push(emit);
             }
         }
         self.keys
