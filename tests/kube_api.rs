@@ -1070,3 +1070,53 @@ async fn annotation_survives_restart_and_api_errors() {
     shutdown.cancel();
     task.await.unwrap();
 }
+
+// ---------------------------------------------------------------------------
+// The `--kube` wiring
+
+#[tokio::test]
+async fn kube_spawn_feeds_the_spec_and_names_the_watched_vmi_uid_in_events() {
+    let standin = StandIn::start().await;
+    standin.push_list(fixture_json("vmi-list.json"));
+    standin.set_pod(fixture_json("pod.json"));
+    let kube = nicplug::k8s::Kube {
+        client: standin.client().await,
+        namespace: NS.into(),
+        vmi: VMI.into(),
+        pod: POD.into(),
+    };
+    let (spec_tx, spec_rx) = watch::channel(None);
+    let specs = record(spec_rx);
+    let (status_tx, status_rx) = watch::channel(StatusDocument::default());
+    let shutdown = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let spawned = kube.spawn(&mut tasks, spec_tx, status_rx, false, shutdown.clone());
+    assert!(spawned.network_status.is_none());
+
+    eventually("the spec", Duration::from_secs(10), || {
+        specs.lock().unwrap().len() == 1
+    })
+    .await;
+    // The uid comes from the watched object, not from configuration.
+    spawned
+        .outcomes
+        .send(outcome(
+            "dyniface1",
+            OutcomeKind::Plugged,
+            "plugged in 0.2s",
+        ))
+        .unwrap();
+    status_tx.send(doc(Phase::Ready, None)).unwrap();
+    eventually("the event and the patch", Duration::from_secs(5), || {
+        standin.events().len() == 1 && standin.patches().len() == 1
+    })
+    .await;
+    assert_eq!(standin.events()[0]["regarding"]["uid"], VMI_UID);
+    assert!(annotation_of(&standin.patches()[0]).contains(r#""phase":"Ready""#));
+
+    shutdown.cancel();
+    let all = async { while tasks.join_next().await.is_some() {} };
+    tokio::time::timeout(Duration::from_secs(5), all)
+        .await
+        .expect("every task stops on shutdown");
+}

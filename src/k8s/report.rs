@@ -94,7 +94,11 @@ pub async fn publish_annotation(
     shutdown: CancellationToken,
 ) {
     let pods: Api<Pod> = Api::namespaced(client, namespace);
-    let mut written = match pods.get(pod).await {
+    let current = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        current = pods.get(pod) => current,
+    };
+    let mut written = match current {
         Ok(p) => p
             .metadata
             .annotations
