@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod api;
 pub mod hypervisor;
+pub mod k8s;
 pub mod metrics;
 pub mod model;
 pub mod netns;

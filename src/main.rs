@@ -17,6 +17,7 @@ use nicplug::agent::{Agent, AgentConfig, ReportConfig, error_chain};
 use nicplug::api::{ApiState, DEFAULT_SOCKET, Readiness, Server};
 use nicplug::hypervisor::events::DomainEvent;
 use nicplug::hypervisor::libvirt::{Libvirt, default_uri};
+use nicplug::k8s::Kube;
 use nicplug::metrics::Metrics;
 use nicplug::model::Owner;
 use nicplug::netns::netlink::Netlink;
@@ -46,7 +47,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent in the current network namespace (the launcher pod's).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show the interfaces of the running agent.
     Status(StatusArgs),
 }
@@ -54,8 +55,27 @@ enum Command {
 #[derive(clap::Args)]
 struct RunArgs {
     /// VirtualMachineInstance document (`kubectl get vmi NAME -o json|yaml`), watched.
+    #[arg(long, required_unless_present = "kube", conflicts_with = "kube")]
+    vmi: Option<PathBuf>,
+    /// Follow the VMI through the Kubernetes API (in-cluster credentials or
+    /// KUBECONFIG); annotate this pod with the status, record Events on the VMI.
     #[arg(long)]
-    vmi: PathBuf,
+    kube: bool,
+    /// With --kube: the VMI's name.
+    #[arg(long, env = "VMI_NAME")]
+    vmi_name: Option<String>,
+    /// With --kube: the namespace of the VMI and this pod [default: the service account's].
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: Option<String>,
+    /// With --kube: this (virt-launcher) pod's name, for the annotation and Events.
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// With --kube: read Multus network-status from this pod's annotation in the API.
+    #[arg(long, requires = "kube", conflicts_with = "network_status")]
+    kube_network_status: bool,
+    /// With --kube: turn off coexistence with KubeVirt's own hotplug (on by default).
+    #[arg(long, requires = "kube")]
+    no_coexist: bool,
     /// Multus network-status: the raw JSON array or a downward-API annotations file, watched.
     #[arg(long)]
     network_status: Option<PathBuf>,
@@ -123,7 +143,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     match cli.command {
-        Command::Run(args) => match runtime.block_on(run(args)) {
+        Command::Run(args) => match runtime.block_on(run(*args)) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 error!(error = %format!("{e:#}"), "nicplug failed");
@@ -181,6 +201,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let readiness = Arc::new(Readiness::new());
     let metrics = Arc::new(Metrics::new());
     let (status_tx, status_rx) = watch::channel(StatusDocument::default());
+    let annotation_rx = status_rx.clone();
     let api = Server::bind(
         ApiState {
             status: status_rx,
@@ -193,6 +214,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     .await
     .context("cannot start the API")?;
     let api_task = tokio::spawn(api.run(shutdown.clone()));
+
+    // The API server, when asked: bad credentials fail the start.
+    let kube = match args.kube {
+        true => Some(
+            Kube::connect(
+                args.vmi_name
+                    .context("--kube needs the VMI's name (--vmi-name or VMI_NAME)")?,
+                args.pod_name
+                    .context("--kube needs this pod's name (--pod-name or POD_NAME)")?,
+                args.namespace,
+            )
+            .await?,
+        ),
+        false => None,
+    };
 
     // 1. Link events before the first dump, so nothing in between is missed.
     let link_events = LinkEvents::subscribe()
@@ -210,15 +246,32 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // 3. The spec and the CNI results.
     let (spec_tx, spec_rx) = watch::channel(None);
-    let network_status_rx = args.network_status.map(|path| {
-        let (tx, rx) = watch::channel(None);
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            if let Err(e) = network_status::watch_file(path, tx, shutdown).await {
-                error!(error = %error_chain(&e), "network-status source stopped");
-            }
-        });
-        rx
+    let coexist = kube.is_some() && !args.no_coexist;
+    let (outcomes, kube_network_status, spec_tx) = match kube {
+        Some(k) => {
+            info!(namespace = %k.namespace, vmi = %k.vmi, pod = %k.pod, "following the VMI through the Kubernetes API");
+            let s = k.spawn(
+                &mut tasks,
+                spec_tx,
+                annotation_rx,
+                args.kube_network_status,
+                shutdown.clone(),
+            );
+            (Some(s.outcomes), s.network_status, None)
+        }
+        None => (None, None, Some(spec_tx)),
+    };
+    let network_status_rx = kube_network_status.or_else(|| {
+        args.network_status.map(|path| {
+            let (tx, rx) = watch::channel(None);
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                if let Err(e) = network_status::watch_file(path, tx, shutdown).await {
+                    error!(error = %error_chain(&e), "network-status source stopped");
+                }
+            });
+            rx
+        })
     });
     let config = AgentConfig {
         attach_timeout: seconds(args.attach_timeout, "--attach-timeout")?,
@@ -227,13 +280,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tap_owner: args.tap_owner,
         domain: args.domain,
         report: ReportConfig {
-            outcomes: None,
+            outcomes,
             status_file: args.status_file,
             status_tx: Some(status_tx),
             metrics: Some(metrics),
             network_status: network_status_rx,
             guest_refresh: seconds(args.guest_refresh, "--guest-refresh")?,
         },
+        coexist,
         ..AgentConfig::default()
     };
     let agent = Agent::new(net, hyp, config);
@@ -244,10 +298,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         wake.clone(),
         agent.guest_stale_flag(),
     ));
-    {
+    if let (Some(path), Some(spec_tx)) = (args.vmi, spec_tx) {
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            if let Err(e) = vmi_file::watch_file(args.vmi, spec_tx, shutdown).await {
+            if let Err(e) = vmi_file::watch_file(path, spec_tx, shutdown).await {
                 error!(error = %error_chain(&e), "VMI file source stopped");
             }
         });
