@@ -10,9 +10,9 @@ use super::names::{IfName, Mac, hashed_pod_iface, ordinal_pod_iface};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmiError {
-    #[error("not a JSON document")]
+    #[error("invalid VMI JSON")]
     Json(#[from] serde_json::Error),
-    #[error("not a YAML document")]
+    #[error("invalid VMI YAML")]
     Yaml(#[from] serde_yaml::Error),
     #[error("kind is {0:?}, expected VirtualMachineInstance")]
     Kind(String),
