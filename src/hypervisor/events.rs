@@ -92,6 +92,14 @@ pub struct EventSink {
 
 type Sender = EventSink;
 
+type GenericCallback = unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void);
+type DeviceCallback =
+    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *const c_char, *mut c_void);
+type LifecycleCallback =
+    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, c_int, c_int, *mut c_void) -> c_int;
+type AgentLifecycleCallback =
+    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, c_int, c_int, *mut c_void);
+
 /// Callback registrations on one connection; deregistered on drop.
 pub struct Registration {
     conn: Connect,
@@ -120,72 +128,27 @@ pub fn register(conn: &Connect, tx: &Sender) -> Result<Registration, HypervisorE
     // signature that belongs to its event ID; registering through the
     // generic type and casting is the documented VIR_DOMAIN_EVENT_CALLBACK
     // idiom of the C API.
-    let callbacks: [(
-        sys::virDomainEventID,
-        sys::virConnectDomainEventGenericCallback,
-    ); 5] = unsafe {
+    let callbacks: [(sys::virDomainEventID, GenericCallback); 5] = unsafe {
         [
             (
                 sys::VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
-                Some(std::mem::transmute::<
-                    unsafe extern "C" fn(
-                        sys::virConnectPtr,
-                        sys::virDomainPtr,
-                        *const c_char,
-                        *mut c_void,
-                    ),
-                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
-                >(device_added)),
+                std::mem::transmute::<DeviceCallback, GenericCallback>(device_added),
             ),
             (
                 sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
-                Some(std::mem::transmute::<
-                    unsafe extern "C" fn(
-                        sys::virConnectPtr,
-                        sys::virDomainPtr,
-                        *const c_char,
-                        *mut c_void,
-                    ),
-                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
-                >(device_removed)),
+                std::mem::transmute::<DeviceCallback, GenericCallback>(device_removed),
             ),
             (
                 sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED,
-                Some(std::mem::transmute::<
-                    unsafe extern "C" fn(
-                        sys::virConnectPtr,
-                        sys::virDomainPtr,
-                        *const c_char,
-                        *mut c_void,
-                    ),
-                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
-                >(device_removal_failed)),
+                std::mem::transmute::<DeviceCallback, GenericCallback>(device_removal_failed),
             ),
             (
                 sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-                Some(std::mem::transmute::<
-                    unsafe extern "C" fn(
-                        sys::virConnectPtr,
-                        sys::virDomainPtr,
-                        c_int,
-                        c_int,
-                        *mut c_void,
-                    ) -> c_int,
-                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
-                >(lifecycle)),
+                std::mem::transmute::<LifecycleCallback, GenericCallback>(lifecycle),
             ),
             (
                 sys::VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE,
-                Some(std::mem::transmute::<
-                    unsafe extern "C" fn(
-                        sys::virConnectPtr,
-                        sys::virDomainPtr,
-                        c_int,
-                        c_int,
-                        *mut c_void,
-                    ),
-                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
-                >(agent_lifecycle)),
+                std::mem::transmute::<AgentLifecycleCallback, GenericCallback>(agent_lifecycle),
             ),
         ]
     };
@@ -199,7 +162,7 @@ pub fn register(conn: &Connect, tx: &Sender) -> Result<Registration, HypervisorE
                 conn.as_ptr(),
                 std::ptr::null_mut(),
                 event_id as c_int,
-                callback,
+                Some(callback),
                 opaque,
                 Some(free_sender),
             )
@@ -259,53 +222,30 @@ unsafe fn alias_of(alias: *const c_char) -> String {
         .into_owned()
 }
 
-unsafe extern "C" fn device_added(
-    _: sys::virConnectPtr,
-    dom: sys::virDomainPtr,
-    alias: *const c_char,
-    opaque: *mut c_void,
-) {
-    // SAFETY: libvirt passes a valid domain, alias and our opaque.
-    unsafe {
-        let alias = alias_of(alias);
-        send(dom, opaque, |domain| DomainEvent::DeviceAdded {
-            domain,
-            alias,
-        });
-    }
+/// A DEVICE_* callback forwarding the event as `DomainEvent::$variant`.
+macro_rules! device_callback {
+    ($name:ident, $variant:ident) => {
+        unsafe extern "C" fn $name(
+            _: sys::virConnectPtr,
+            dom: sys::virDomainPtr,
+            alias: *const c_char,
+            opaque: *mut c_void,
+        ) {
+            // SAFETY: libvirt passes a valid domain, alias and our opaque.
+            unsafe {
+                let alias = alias_of(alias);
+                send(dom, opaque, |domain| DomainEvent::$variant {
+                    domain,
+                    alias,
+                });
+            }
+        }
+    };
 }
 
-unsafe extern "C" fn device_removed(
-    _: sys::virConnectPtr,
-    dom: sys::virDomainPtr,
-    alias: *const c_char,
-    opaque: *mut c_void,
-) {
-    // SAFETY: libvirt passes a valid domain, alias and our opaque.
-    unsafe {
-        let alias = alias_of(alias);
-        send(dom, opaque, |domain| DomainEvent::DeviceRemoved {
-            domain,
-            alias,
-        });
-    }
-}
-
-unsafe extern "C" fn device_removal_failed(
-    _: sys::virConnectPtr,
-    dom: sys::virDomainPtr,
-    alias: *const c_char,
-    opaque: *mut c_void,
-) {
-    // SAFETY: libvirt passes a valid domain, alias and our opaque.
-    unsafe {
-        let alias = alias_of(alias);
-        send(dom, opaque, |domain| DomainEvent::DeviceRemovalFailed {
-            domain,
-            alias,
-        });
-    }
-}
+device_callback!(device_added, DeviceAdded);
+device_callback!(device_removed, DeviceRemoved);
+device_callback!(device_removal_failed, DeviceRemovalFailed);
 
 unsafe extern "C" fn lifecycle(
     _: sys::virConnectPtr,
