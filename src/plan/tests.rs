@@ -305,20 +305,7 @@ fn root_ports_are_shared_in_spec_order() {
 #[test]
 fn an_existing_device_is_adopted_untouched() {
     let vmi = vmi("");
-    // KubeVirt's layout: renamed pod link, dummy podH, its own bridge and tap.
-    let links = [
-        eth0(),
-        Link {
-            master: Some(10),
-            ..link(3, "9a6a0c3b4d8-nic", LinkKind::Veth)
-        },
-        link(4, POD, LinkKind::Other("dummy".into())),
-        link(10, BRIDGE, LinkKind::Bridge),
-        Link {
-            master: Some(10),
-            ..link(11, TAP, LinkKind::Tun)
-        },
-    ];
+    let links = kubevirt_layout_links();
     let device = DomainInterface {
         alias: Some("ua-dyniface1".into()),
         link_up: true,
@@ -586,6 +573,7 @@ fn an_incoming_migration_gets_nothing_attached_or_detached() {
     assert_eq!((p.phase, p.steps.len()), (Phase::Attached, 0));
 }
 
+/// KubeVirt's layout: renamed pod link, dummy podH, its own bridge and tap.
 fn kubevirt_layout_links() -> Vec<Link> {
     vec![
         eth0(),
