@@ -1,6 +1,6 @@
 //! The VMI document from a file (`kubectl get vmi NAME -o json|yaml`), watched.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -14,11 +14,6 @@ fn document() -> Document<Vmi> {
         parse: |text| Vmi::parse(text).map_err(Into::into),
         summary: |vmi| format!("{} interfaces", vmi.interfaces.len()),
     }
-}
-
-/// Reads and parses the VMI document at `path`.
-pub fn load(path: &Path) -> Result<Vmi, SourceError> {
-    watched::load(path, &document())
 }
 
 /// Publishes the VMI at `path` into `tx` now and after every change.

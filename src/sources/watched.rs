@@ -52,20 +52,6 @@ pub struct Document<T> {
     pub summary: fn(&T) -> String,
 }
 
-/// Reads and parses the document at `path` once.
-pub fn load<T>(path: &Path, doc: &Document<T>) -> Result<T, SourceError> {
-    let text = std::fs::read_to_string(path).map_err(|source| SourceError::Read {
-        what: doc.what,
-        path: path.to_path_buf(),
-        source,
-    })?;
-    (doc.parse)(&text).map_err(|source| SourceError::Parse {
-        what: doc.what,
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
 /// Publishes the document at `path` into `tx` now and after every change,
 /// until `shutdown`.
 pub async fn watch_file<T: PartialEq>(
