@@ -131,8 +131,10 @@ enum Output {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread runs the loop and its triggers: a netlink event wakes the
+    // reconcile without a hand-off between threads. Blocking libvirt calls
+    // go to tokio's blocking pool, libvirt's events to their own thread.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

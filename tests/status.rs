@@ -150,7 +150,7 @@ fn guest_status_in_kubevirts_shape_through_every_channel() {
         .collect();
     assert!(
         phases.ends_with(&["Plumbed", "Attached", "Ready"]),
-        "{phases:?}"
+        "{phases:?} {entry}"
     );
     assert!(entry["podInterfaceSeen"]["monotonicNs"].as_u64().unwrap() > 0);
 
@@ -276,7 +276,8 @@ fn guest_agent_going_away_and_coming_back() {
     assert!(rig.wait_guest_mac(&cni.mac, WAIT).is_some());
 
     // Stop the guest's agent for 8 s: freeze its restart loop, kill it.
-    let script = "pid=$(cat /run/qemu-ga.pid); loop=$(cut -d' ' -f4 /proc/$pid/stat); \
+    // The sleep lets guest-exec-status collect this command before the agent dies.
+    let script = "sleep 1; pid=$(cat /run/qemu-ga.pid); loop=$(cut -d' ' -f4 /proc/$pid/stat); \
                   kill -STOP $loop; kill $pid; sleep 8; kill -CONT $loop";
     let (code, out) = rig.guest_exec(&["/bin/sh", "-c", &format!("({script}) >/dev/null 2>&1 &")]);
     assert_eq!(code, 0, "{out}");

@@ -194,12 +194,11 @@ impl Reporter {
         statuses: Vec<InterfaceStatus>,
         reconnects: u64,
     ) {
-        // Publish what this pass did first, with what is known of the guest;
-        // a guest agent round trip must not delay it.
-        if self.guest.is_some() {
-            self.compose(domain, statuses.clone(), reconnects);
-        }
-        if self.refresh_guest(hyp, domain_name, domain).await || self.guest.is_none() {
+        // Publish what this pass did first, with what is known of the guest:
+        // a guest agent round trip must neither delay it nor hide a phase
+        // the interface went through (Attached before Ready).
+        self.compose(domain, statuses.clone(), reconnects);
+        if self.refresh_guest(hyp, domain_name, domain).await {
             self.compose(domain, statuses, reconnects);
         }
     }

@@ -773,7 +773,7 @@ async fn phases_are_timed_and_measured() {
     agent.reconcile(&vmi(&["blue"])).await.unwrap();
     let status = &agent.status().interfaces[0];
     let phases: Vec<Phase> = status.phase_transitions.iter().map(|t| t.phase).collect();
-    assert_eq!(phases, [Phase::Plumbed, Phase::Ready]);
+    assert_eq!(phases, [Phase::Plumbed, Phase::Attached, Phase::Ready]);
     let seen = status.pod_interface_seen.expect("pod interface seen");
     assert!(status.phase_transitions[0].at.monotonic_ns >= seen.monotonic_ns);
     let text = metrics.encode();
