@@ -89,15 +89,7 @@ fn main() {
     );
 
     let addr = net.addr(50);
-    let (code, out) = rig.guest_exec(&[
-        "/bin/sh",
-        "-c",
-        &format!(
-            "ip addr add {addr}/24 dev {0} && ip link set {0} up",
-            guest.name
-        ),
-    ]);
-    assert_eq!(code, 0, "{out}");
+    e2e::set_guest_address(&rig, &guest.name, None, &addr);
     step(
         start,
         &format!(

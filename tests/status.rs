@@ -99,18 +99,6 @@ fn api_get(socket: &Path, path: &str) -> (u16, String) {
         .unwrap()
 }
 
-fn set_guest_ip(rig: &Rig, iface: &str, old: Option<&str>, new: &str) {
-    let del = old
-        .map(|o| format!("ip addr del {o}/24 dev {iface}; "))
-        .unwrap_or_default();
-    let (code, out) = rig.guest_exec(&[
-        "/bin/sh",
-        "-c",
-        &format!("{del}ip addr add {new}/24 dev {iface} && ip link set {iface} up"),
-    ]);
-    assert_eq!(code, 0, "{out}");
-}
-
 #[test]
 fn guest_status_in_kubevirts_shape_through_every_channel() {
     if !support::require_root("guest_status_in_kubevirts_shape_through_every_channel") {
@@ -156,12 +144,12 @@ fn guest_status_in_kubevirts_shape_through_every_channel() {
 
     // The address configured in the guest shows up, and so does a change.
     let first = net.addr(50);
-    set_guest_ip(&rig, &guest.name, None, &first);
+    set_guest_address(&rig, &guest.name, None, &first);
     wait_entry(&nicplug, "purple", "guest IP", |e| {
         e["ipAddress"] == first.as_str()
     });
     let second = net.addr(51);
-    set_guest_ip(&rig, &guest.name, Some(&first), &second);
+    set_guest_address(&rig, &guest.name, Some(&first), &second);
     let entry = wait_entry(&nicplug, "purple", "changed guest IP", |e| {
         e["ipAddresses"] == json!([second])
     });

@@ -78,15 +78,7 @@ fn unplug_by_leaving_the_spec_and_plug_again() {
             // Traffic flows after re-plugs.
             let guest = rig.wait_guest_mac(&mac, PLUG).unwrap();
             let addr = net.addr(60);
-            let (code, out) = rig.guest_exec(&[
-                "/bin/sh",
-                "-c",
-                &format!(
-                    "ip addr add {addr}/24 dev {0} && ip link set {0} up",
-                    guest.name
-                ),
-            ]);
-            assert_eq!(code, 0, "{out}");
+            set_guest_address(&rig, &guest.name, None, &addr);
             assert!(
                 rig.ping_from_node(&net, &addr),
                 "ping after re-plug {round}"

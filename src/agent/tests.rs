@@ -75,19 +75,7 @@ impl FakeNet {
 }
 
 fn link(index: u32, name: &str, kind: LinkKind) -> Link {
-    Link {
-        index,
-        name: IfName::new(name).unwrap(),
-        kind,
-        mac: Some(Mac::from_bytes([0x0a, 0x58, 0, 0, 0, index as u8])),
-        mtu: 1400,
-        master: None,
-        up: true,
-        alias: None,
-        addresses: vec![],
-        learning: None,
-        tap: None,
-    }
+    Link::fixture(index, name, kind)
 }
 
 impl PodNetwork for FakeNet {

@@ -96,10 +96,6 @@ impl Readiness {
         self.spec.store(ready, Ordering::Relaxed);
     }
 
-    pub fn is_ready(&self) -> bool {
-        self.missing().is_empty()
-    }
-
     /// The parts that are not ready, in a fixed order.
     pub fn missing(&self) -> Vec<&'static str> {
         [

@@ -93,6 +93,26 @@ pub struct Link {
     pub tap: Option<TapInfo>,
 }
 
+#[cfg(test)]
+impl Link {
+    /// A plain up link for unit tests: MTU 1400, MAC 0a:58:00:00:00:<index>.
+    pub(crate) fn fixture(index: u32, name: &str, kind: LinkKind) -> Self {
+        Self {
+            index,
+            name: IfName::new(name).expect("valid test link name"),
+            kind,
+            mac: Some(Mac::from_bytes([0x0a, 0x58, 0, 0, 0, index as u8])),
+            mtu: 1400,
+            master: None,
+            up: true,
+            alias: None,
+            addresses: vec![],
+            learning: None,
+            tap: None,
+        }
+    }
+}
+
 /// What a tap must look like for QEMU to open it with the device XML nicplug
 /// attaches: single-queue taps must not carry IFF_MULTI_QUEUE (facts.md).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -25,20 +25,8 @@ fn vmi(extra: &str) -> Vmi {
     .unwrap()
 }
 
-fn link(index: u32, n: &str, kind: LinkKind) -> Link {
-    Link {
-        index,
-        name: name(n),
-        kind,
-        mac: Some(Mac::from_bytes([0x0a, 0x58, 0, 0, 0, index as u8])),
-        mtu: 1400,
-        master: None,
-        up: true,
-        alias: None,
-        addresses: vec![],
-        learning: None,
-        tap: None,
-    }
+fn link(index: u32, name: &str, kind: LinkKind) -> Link {
+    Link::fixture(index, name, kind)
 }
 
 fn eth0() -> Link {

@@ -345,20 +345,26 @@ pub fn assert_guest_reachable(rig: &Rig, net: &CniNet, mac: &str) {
         .wait_guest_mac(mac, Duration::from_secs(30))
         .expect("guest sees the MAC");
     let addr = net.addr(50);
-    let (code, out) = rig.guest_exec(&[
-        "/bin/sh",
-        "-c",
-        &format!(
-            "ip addr add {addr}/24 dev {} && ip link set {} up",
-            guest.name, guest.name
-        ),
-    ]);
-    assert_eq!(code, 0, "guest address: {out}");
+    set_guest_address(rig, &guest.name, None, &addr);
     assert!(
         rig.ping_from_node(net, &addr),
         "node reaches the guest at {addr} over {}",
         guest.name
     );
+}
+
+/// Sets `new`/24 on the guest's `iface` (removing `old` first) and brings
+/// it up, through the guest agent.
+pub fn set_guest_address(rig: &Rig, iface: &str, old: Option<&str>, new: &str) {
+    let del = old
+        .map(|o| format!("ip addr del {o}/24 dev {iface}; "))
+        .unwrap_or_default();
+    let (code, out) = rig.guest_exec(&[
+        "/bin/sh",
+        "-c",
+        &format!("{del}ip addr add {new}/24 dev {iface} && ip link set {iface} up"),
+    ]);
+    assert_eq!(code, 0, "guest address {new} on {iface}: {out}");
 }
 
 /// The names of all links of the pod netns.
