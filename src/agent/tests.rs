@@ -6,6 +6,7 @@
 use std::sync::Mutex;
 
 use super::*;
+use crate::health::Readiness;
 use crate::hypervisor::domain_xml::{RootPorts, parse_devices};
 use crate::hypervisor::{GuestInterface, GuestView};
 use crate::model::{IfName, IpCidr, Mac, PodLinkRecord};
@@ -169,6 +170,9 @@ enum AttachMode {
     TimesOut,
     /// No DEVICE_ADDED within the timeout, but the device is there.
     EventLost,
+    /// Another agent attached the same alias first: the call fails, the
+    /// device is there.
+    LosesRace,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -188,6 +192,11 @@ struct FakeHyp {
     attaches: Mutex<Vec<String>>,
     detaches: Mutex<Vec<String>>,
     agent_connected: Mutex<bool>,
+    /// Domain reads fail as with libvirt gone; each read is counted.
+    unreachable: Mutex<bool>,
+    domain_reads: Mutex<u32>,
+    /// Cancelled after this many domain reads, so a loop that spins stops.
+    stop_after_reads: Mutex<Option<(u32, CancellationToken)>>,
 }
 
 impl FakeHyp {
@@ -207,6 +216,9 @@ impl FakeHyp {
             attaches: Mutex::default(),
             detaches: Mutex::default(),
             agent_connected: Mutex::new(true),
+            unreachable: Mutex::new(false),
+            domain_reads: Mutex::new(0),
+            stop_after_reads: Mutex::new(None),
         }
     }
 
@@ -225,6 +237,22 @@ impl FakeHyp {
 
 impl Hypervisor for FakeHyp {
     async fn domain(&self, _domain: &str) -> Result<Option<DomainState>, HypervisorError> {
+        let reads = {
+            let mut reads = self.domain_reads.lock().unwrap();
+            *reads += 1;
+            *reads
+        };
+        if let Some((limit, stop)) = &*self.stop_after_reads.lock().unwrap()
+            && reads >= *limit
+        {
+            stop.cancel();
+        }
+        if *self.unreachable.lock().unwrap() {
+            return Err(HypervisorError::Connect {
+                uri: "qemu:///system".into(),
+                message: "Failed to connect socket: No such file or directory".into(),
+            });
+        }
         Ok(Some(self.domain.lock().unwrap().clone()))
     }
 
@@ -259,6 +287,10 @@ impl Hypervisor for FakeHyp {
         }
         match mode {
             AttachMode::Works => Ok(()),
+            AttachMode::LosesRace => Err(HypervisorError::Libvirt {
+                op: "attach the device",
+                message: "operation failed: non unique alias detected: ua-blue".into(),
+            }),
             _ => Err(HypervisorError::AttachTimeout {
                 alias: alias.into(),
                 timeout,
@@ -824,4 +856,192 @@ async fn outcomes_for_operators_once_per_change() {
         unplugged.message
     );
     assert!(rx.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn an_attach_lost_to_another_agent_keeps_the_plumbing_under_its_device() {
+    let vmi = vmi(&["blue"]);
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), FakeHyp::new(4));
+    agent.hyp.set_mode("ua-blue", AttachMode::LosesRace);
+    agent.reconcile(&vmi).await.unwrap();
+    let calls = agent.net.calls.lock().unwrap().clone();
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.starts_with("delete_link") || c.starts_with("release_pod_link")),
+        "no rollback under a live device: {calls:?}"
+    );
+    assert!(
+        agent
+            .net
+            .get(&format!("tap{}", &pod("blue")[3..]))
+            .is_some()
+    );
+    assert_eq!(phases(&agent)[0].1, Phase::Ready);
+}
+
+#[tokio::test]
+async fn a_failed_clean_up_step_does_not_stop_the_others() {
+    let pod_name = pod("blue");
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod_name]), FakeHyp::new(4));
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    let absent = vmi_with(&["blue"], r#","state":"absent""#);
+    agent.reconcile(&absent).await.unwrap();
+    settle().await;
+    *agent.net.fail.lock().unwrap() = Some("delete_link");
+    agent.reconcile(&absent).await.unwrap();
+    let calls = agent.net.calls.lock().unwrap().clone();
+    let teardown: Vec<&str> = calls
+        .iter()
+        .rev()
+        .take(3)
+        .rev()
+        .map(|c| c.split(' ').next().unwrap())
+        .collect();
+    assert_eq!(teardown, ["delete_link", "release_pod_link", "delete_link"]);
+    let status = &agent.status().interfaces[0];
+    assert_eq!(status.phase, Phase::Failed);
+    let message = status.message.as_deref().unwrap();
+    assert_eq!(message.matches("delete-link").count(), 2, "{message}");
+    // The pod link is back as it was, although tap and bridge are not gone.
+    assert_eq!(agent.net.get(&pod_name).unwrap().master, None);
+}
+
+#[tokio::test]
+async fn absent_then_leaving_the_spec_is_one_unplug() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let mut config = AgentConfig::default();
+    config.report.outcomes = Some(tx);
+    config.report.metrics = Some(metrics.clone());
+    let mut agent = Agent::new(
+        FakeNet::with_pod_links(&[&pod("blue")]),
+        FakeHyp::new(4),
+        config,
+    );
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    let absent = vmi_with(&["blue"], r#","state":"absent""#);
+    agent.reconcile(&absent).await.unwrap();
+    settle().await;
+    agent.reconcile(&absent).await.unwrap();
+    assert_eq!(phases(&agent)[0].1, Phase::Detached);
+    agent.reconcile(&vmi(&[])).await.unwrap();
+    agent.reconcile(&vmi(&[])).await.unwrap();
+    let kinds: Vec<OutcomeKind> = std::iter::from_fn(|| rx.try_recv().ok())
+        .map(|o| o.kind)
+        .collect();
+    assert_eq!(kinds, [OutcomeKind::Plugged, OutcomeKind::Unplugged]);
+    let text = metrics.encode();
+    let cleaned = text
+        .lines()
+        .find(|l| l.starts_with("nicplug_unplug_stage_seconds_count") && l.contains("cleaned"))
+        .unwrap_or_else(|| panic!("no cleaned count in\n{text}"));
+    assert!(cleaned.ends_with(" 1"), "{cleaned}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_freed_root_port_ends_the_backoff_of_who_waits_for_one() {
+    let mut agent = agent(
+        FakeNet::with_pod_links(&[&pod("blue"), &pod("red")]),
+        FakeHyp::new(1),
+    );
+    agent.reconcile(&vmi(&["blue", "red"])).await.unwrap();
+    let red = agent.status().interfaces[1].clone();
+    assert_eq!(red.phase, Phase::Failed);
+    assert_eq!(
+        red.message.as_deref(),
+        Some("no free PCIe root port for hotplug: 4 of 4 in use")
+    );
+    // blue goes: its port frees; red does not wait out its backoff.
+    let spec = vmi_with(&["blue"], r#","state":"absent""#);
+    let mut spec_red = vmi(&["red"]);
+    spec_red.interfaces.insert(0, spec.interfaces[0].clone());
+    agent.reconcile(&spec_red).await.unwrap();
+    settle().await;
+    agent.reconcile(&spec_red).await.unwrap();
+    assert_eq!(
+        phases(&agent),
+        [
+            ("blue".to_string(), Phase::Detached),
+            ("red".to_string(), Phase::Ready)
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_interface_attached_while_the_guest_agent_is_not_up_yet_is_polled_fast() {
+    let hyp = FakeHyp::new(4);
+    *hyp.agent_connected.lock().unwrap() = false;
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), hyp);
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    assert_eq!(phases(&agent)[0].1, Phase::Attached);
+    // The guest's agent connects (the guest finished booting).
+    *agent.hyp.agent_connected.lock().unwrap() = true;
+    let next = agent.report.next_wake().expect("a guest poll is due");
+    assert!(
+        next <= Instant::now() + Duration::from_secs(2),
+        "the next guest poll is {:?} away, not a fast poll",
+        next - Instant::now()
+    );
+    tokio::time::sleep_until(next).await;
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    assert_eq!(phases(&agent)[0].1, Phase::Ready);
+}
+
+#[tokio::test]
+async fn a_device_of_a_shut_off_domain_is_not_attached() {
+    let vmi = vmi(&["blue"]);
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), FakeHyp::new(4));
+    agent.reconcile(&vmi).await.unwrap();
+    agent.hyp.domain.lock().unwrap().running = false;
+    agent.reconcile(&vmi).await.unwrap();
+    let status = &agent.status().interfaces[0];
+    assert_eq!(status.phase, Phase::Pending);
+    assert_eq!(status.message.as_deref(), Some("the domain is not running"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_libvirt_gone_passes_back_off_and_readiness_says_why() {
+    let readiness = Arc::new(Readiness::new());
+    let config = AgentConfig {
+        readiness: Some(readiness.clone()),
+        ..AgentConfig::default()
+    };
+    // red fails first (no root port), so its retry time passes during the outage.
+    let agent = Agent::new(
+        FakeNet::with_pod_links(&[&pod("blue"), &pod("red")]),
+        FakeHyp::new(1),
+        config,
+    );
+    let stop = CancellationToken::new();
+    *agent.hyp.stop_after_reads.lock().unwrap() = Some((200, stop.clone()));
+    let hyp = agent.hyp.clone();
+    let (spec_tx, spec_rx) = watch::channel(Some(vmi(&["blue", "red"])));
+    let wake = Arc::new(Notify::new());
+    let run = tokio::spawn(agent.run(spec_rx, wake, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!readiness.missing().contains(&"netlink"));
+    assert!(!readiness.missing().contains(&"libvirt"));
+    *hyp.unreachable.lock().unwrap() = true;
+    let reads_before = *hyp.domain_reads.lock().unwrap();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let reads = *hyp.domain_reads.lock().unwrap() - reads_before;
+    assert!(
+        (2..=12).contains(&reads),
+        "{reads} passes in 20 s of outage (backoff from 250 ms to 5 s)"
+    );
+    // (The spec part is the spec source's to set, not the loop's.)
+    let not_ready = readiness.not_ready();
+    let libvirt = not_ready.iter().find(|(part, _)| *part == "libvirt");
+    assert!(
+        libvirt.is_some_and(|(_, why)| why.contains("No such file")),
+        "{not_ready:?}"
+    );
+    assert!(!readiness.missing().contains(&"netlink"));
+    *hyp.unreachable.lock().unwrap() = false;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(!readiness.missing().contains(&"libvirt"));
+    stop.cancel();
+    run.await.unwrap();
+    drop(spec_tx);
 }
