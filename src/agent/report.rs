@@ -3,9 +3,10 @@
 //! each phase was entered, the metrics, and when to ask the guest agent next.
 //!
 //! The guest agent is asked when something may have changed (a device or
-//! agent event marked the view stale), fast after a plug (20 ms, doubling
-//! to 2 s, for up to 30 s) until the guest reports the new MAC, and
-//! otherwise every `guest_refresh`. Idle, nothing wakes more often than that.
+//! agent event marked the view stale), fast whenever an interface becomes
+//! Attached (20 ms, doubling to 2 s, for up to 30 s) until the guest reports
+//! the new MAC, and otherwise every `guest_refresh`. Idle, nothing wakes more
+//! often than that.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -1045,3 +1045,175 @@ async fn with_libvirt_gone_passes_back_off_and_readiness_says_why() {
     run.await.unwrap();
     drop(spec_tx);
 }
+
+/// Properties over generated specs and pod namespaces: applying the plan to
+/// the fakes converges (planning again finds nothing to do), and no step
+/// ever names a link nicplug does not own.
+mod properties {
+    use super::*;
+    use crate::plan::Observed;
+    use proptest::prelude::*;
+
+    const NETWORKS: [&str; 4] = ["red", "blue", "green", "yellow"];
+
+    #[derive(Debug, Clone)]
+    struct NetCase {
+        in_spec: bool,
+        state: &'static str,
+        mac: Option<u8>,
+        pod_link: bool,
+    }
+
+    fn net_case() -> impl Strategy<Value = NetCase> {
+        (
+            any::<bool>(),
+            prop_oneof![Just("up"), Just("down"), Just("absent")],
+            proptest::option::of(0u8..3),
+            any::<bool>(),
+        )
+            .prop_map(|(in_spec, state, mac, pod_link)| NetCase {
+                in_spec,
+                state,
+                mac,
+                pod_link,
+            })
+    }
+
+    fn spec(cases: &[NetCase], states: bool) -> Vmi {
+        let mut ifaces = Vec::new();
+        let mut nets = Vec::new();
+        for (name, case) in NETWORKS.iter().zip(cases).filter(|(_, c)| c.in_spec) {
+            let mut extra = String::new();
+            if states {
+                extra.push_str(&format!(r#","state":"{}""#, case.state));
+            }
+            if let Some(m) = case.mac {
+                extra.push_str(&format!(r#","macAddress":"02:00:00:00:00:0{m}""#));
+            }
+            ifaces.push(format!(r#"{{"name":"{name}","bridge":{{}}{extra}}}"#));
+            nets.push(format!(
+                r#"{{"name":"{name}","multus":{{"networkName":"{name}"}}}}"#
+            ));
+        }
+        Vmi::parse(&format!(
+            r#"{{"kind":"VirtualMachineInstance","metadata":{{"name":"vm","namespace":"ns"}},"spec":{{"domain":{{"devices":{{"interfaces":[{}]}}}},"networks":[{}]}}}}"#,
+            ifaces.join(","),
+            nets.join(",")
+        ))
+        .unwrap()
+    }
+
+    /// Links nicplug must never touch.
+    fn decoys() -> Vec<Link> {
+        vec![
+            Link {
+                addresses: vec!["169.254.200.1/24".parse().unwrap()],
+                ..link(50, "eth0", LinkKind::Veth)
+            },
+            Link {
+                alias: Some("not a record".into()),
+                ..link(51, pod("decoy").as_str(), LinkKind::Veth)
+            },
+            link(52, "k6t-foreign", LinkKind::Bridge),
+            Link {
+                master: Some(52),
+                ..link(53, "tapforeign", LinkKind::Tun)
+            },
+            Link {
+                addresses: vec!["169.254.201.1/24".parse().unwrap()],
+                ..link(54, "veth-other", LinkKind::Veth)
+            },
+        ]
+    }
+
+    fn owned(name: &IfName) -> bool {
+        NETWORKS.iter().any(|n| {
+            let pod = crate::model::names::hashed_pod_iface(n);
+            let names = crate::model::PlumbingNames::for_pod_iface(&pod);
+            [&names.pod, &names.bridge, &names.tap].contains(&name)
+        })
+    }
+
+    fn links_named(step: &Step) -> Vec<&IfName> {
+        match step {
+            Step::RecordPodLink { pod, .. } | Step::ReleasePodLink { pod, .. } => vec![pod],
+            Step::EnsureBridge { bridge, .. } => vec![bridge],
+            Step::EnslavePodLink { pod, bridge, .. } => vec![pod, bridge],
+            Step::EnsureTap { spec, bridge } => vec![&spec.name, bridge],
+            Step::DeleteLink { name } => vec![name],
+            Step::Attach { .. } | Step::Detach { .. } | Step::SetLinkState { .. } => vec![],
+        }
+    }
+
+    /// Plans against the fakes' current state.
+    fn plan_now(agent: &Agent<FakeNet, FakeHyp>, vmi: &Vmi) -> Vec<InterfacePlan> {
+        let links = agent.net.links.lock().unwrap().clone();
+        let domain = agent.hyp.domain.lock().unwrap().clone();
+        crate::plan::plan(
+            vmi,
+            &Observed {
+                links: &links,
+                domain: Some(&domain),
+                tap_owner: Some(Owner { uid: 107, gid: 107 }),
+                clean_kubevirt_leftovers: false,
+            },
+        )
+    }
+
+    async fn converge(agent: &mut Agent<FakeNet, FakeHyp>, vmi: &Vmi) {
+        for _ in 0..6 {
+            for plan in plan_now(agent, vmi) {
+                for step in &plan.steps {
+                    for name in links_named(step) {
+                        assert!(owned(name), "{} names {name}: {plan:?}", step.name());
+                    }
+                }
+            }
+            agent.reconcile(vmi).await.unwrap();
+            settle().await;
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        #[test]
+        fn plans_converge_and_touch_only_what_nicplug_owns(
+            before in proptest::collection::vec(net_case(), 4),
+            after in proptest::collection::vec(net_case(), 4),
+            free_ports in 0usize..=4,
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let mut net = FakeNet::with_pod_links(&[]);
+                for (i, (name, case)) in NETWORKS.iter().zip(&before).enumerate() {
+                    if case.pod_link {
+                        net.links.get_mut().unwrap().push(Link {
+                            addresses: vec![format!("169.254.{i}.5/24").parse().unwrap()],
+                            ..link(10 + i as u32, pod(name).as_str(), LinkKind::Veth)
+                        });
+                    }
+                }
+                net.links.get_mut().unwrap().extend(decoys());
+                let mut agent = agent(net, FakeHyp::new(free_ports));
+                // A first spec plugs some, then another changes, unplugs or
+                // drops them: departed networks and leftovers included.
+                let first = spec(&before, false);
+                converge(&mut agent, &first).await;
+                let second = spec(&after, true);
+                converge(&mut agent, &second).await;
+                let left: Vec<_> = plan_now(&agent, &second)
+                    .into_iter()
+                    .filter(|p| !p.steps.is_empty())
+                    .collect();
+                assert!(left.is_empty(), "not converged: {left:?}");
+                let links = agent.net.links.lock().unwrap().clone();
+                for decoy in decoys() {
+                    assert!(links.contains(&decoy), "decoy changed: {decoy:?} in {links:?}");
+                }
+            });
+        }
+    }
+}
