@@ -794,6 +794,14 @@ fn entry_of(snapshot: &Value, list: &str, dev: &str) -> Value {
         .unwrap_or_else(|| panic!("no {dev} in {list}"))
 }
 
+/// Whether a `/proc/sys/net/ipv*/conf/<link>/...` line is about the pod
+/// link, the bridge or the tap.
+fn ours_in_path(line: &str) -> bool {
+    [POD_IF, BRIDGE, TAP]
+        .iter()
+        .any(|dev| line.contains(&format!("/conf/{dev}/")))
+}
+
 /// Ownership: with decoys in the namespace (another network's pod link with
 /// an address and a foreign alias, a foreign bridge and tap, an unrelated
 /// veth with an address and a route, a primary `eth0` with a default route),
@@ -874,6 +882,7 @@ fn plug_and_unplug_touch_no_decoy() {
     }
 
     let before = pod.snapshot_with_routes();
+    let sysctls_before = pod.interface_sysctls();
     let record = pod.run(|| async {
         let net = Netlink::new().unwrap();
         let record = record_of_pod_link(&net).await;
@@ -881,11 +890,28 @@ fn plug_and_unplug_touch_no_decoy() {
         record
     });
     let plugged = pod.snapshot_with_routes();
+    let sysctls_plugged = pod.interface_sysctls();
     pod.run(move || async move {
         let net = Netlink::new().unwrap();
         unplug(&net, &record).await;
     });
     let after = pod.snapshot_with_routes();
+
+    // Settings: no other link's (nor `all`/`default`) changed while plugged;
+    // afterwards everything, the pod link's included, is as before.
+    let not_ours = |lines: &[String]| -> Vec<String> {
+        lines.iter().filter(|l| !ours_in_path(l)).cloned().collect()
+    };
+    assert_eq!(
+        not_ours(&sysctls_plugged),
+        not_ours(&sysctls_before),
+        "sysctls of other links (or all/default) changed while plugged"
+    );
+    assert_eq!(
+        pod.interface_sysctls(),
+        sysctls_before,
+        "sysctls differ after unplug"
+    );
 
     let ours = [POD_IF, BRIDGE, TAP];
     for list in ["links", "addrs", "routes"] {

@@ -255,6 +255,27 @@ impl TestNs {
         snapshot
     }
 
+    /// Every per-interface IPv4 and IPv6 sysctl of the namespace (including
+    /// `all` and `default`) as sorted `path:value` lines, for "nicplug
+    /// changed no other link's settings" checks. Unreadable entries
+    /// (`stable_secret` when unset) are left out.
+    pub fn interface_sysctls(&self) -> Vec<String> {
+        let out = run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.name,
+                "sh",
+                "-c",
+                "grep -r . /proc/sys/net/ipv4/conf /proc/sys/net/ipv6/conf 2>/dev/null; true",
+            ],
+        );
+        let mut lines: Vec<String> = out.lines().map(String::from).collect();
+        lines.sort();
+        lines
+    }
+
     /// `/proc/sys/<key>` as the namespace sees it (read by `ip netns exec`).
     pub fn sysctl(&self, key: &str) -> String {
         run(
