@@ -61,7 +61,7 @@ pub enum NetnsError {
     /// Several independent sub-steps of one operation failed; every other
     /// sub-step was done. Each failure is shown with its whole cause chain,
     /// since a list has no single source.
-    #[error("{op} of {link} is incomplete ({}): {}", .errors.len(), chains(.errors))]
+    #[error("{op} of {link} is incomplete, {} sub-steps failed: {}", .errors.len(), chains(.errors))]
     Incomplete {
         op: &'static str,
         link: IfName,

@@ -17,6 +17,24 @@
 //!   mode, so a link whose CNI had chosen another mode gets the default back;
 //!   changing the mode does not regenerate addresses, and the recorded
 //!   link-local itself is restored explicitly like every other address.
+//! - **Only recorded addresses are removed.** The record in the pod link's
+//!   alias is the crash-safe state; an address CNI adds after it was written
+//!   is left on the link, and the planner records it before it plans the
+//!   enslave again (so release can give it back).
+//! - **Silent plumbing.** Bridge and tap get `addr_gen_mode none`,
+//!   `accept_dad=0` and `accept_ra=0` before they are up, and the bridge is
+//!   created with multicast snooping off (snooping joins 224.0.0.106 and
+//!   ff02::6a and reports them): otherwise the bridge's own IGMP/MLD reports,
+//!   DAD and router solicitations leave through the pod link. The pod link
+//!   gets `force_mld_version=1` before its addresses go: under MLDv2 the
+//!   kernel reports leaving each solicited-node group, and those reports
+//!   went out after the MAC change, from the bridge's MAC. Release sets the
+//!   namespace default back. Sysctls are written from a thread in the
+//!   [`Netlink`]'s namespace ([`NetnsHandle::run`]).
+//! - **Release does all it can.** Its sub-steps (nomaster, MAC, MTU, IPv6
+//!   settings, each address) are independent: all are tried, all failures
+//!   come back in one [`NetnsError::Incomplete`], and the alias keeps the
+//!   record unless every one succeeded.
 //! - **Learning** is turned off through `IFLA_INFO_SLAVE_DATA`
 //!   (`IFLA_BRPORT_LEARNING = 0`) in an RTM_NEWLINK on the port, which is
 //!   also where the kernel reports it in every link dump.
