@@ -106,11 +106,12 @@ impl PodNetwork for FakeNet {
         pod: &IfName,
         bridge: &IfName,
         mac: Mac,
+        recorded: &[IpCidr],
     ) -> Result<(), NetnsError> {
         self.call("enslave_pod_link", pod)?;
         let master = self.index_of(bridge);
         self.edit(pod, |l| {
-            l.addresses.clear();
+            l.addresses.retain(|a| !recorded.contains(a));
             l.mac = Some(mac);
             l.master = master;
             l.learning = Some(false);

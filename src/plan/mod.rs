@@ -62,10 +62,13 @@ pub enum Step {
         bridge: IfName,
         mac: Mac,
     },
+    /// Enslave the pod link, removing only the `addresses` of its record (an
+    /// address CNI adds later stays until the next pass records it).
     EnslavePodLink {
         pod: IfName,
         bridge: IfName,
         mac: Mac,
+        addresses: Vec<IpCidr>,
     },
     EnsureTap {
         spec: TapSpec,
@@ -383,6 +386,7 @@ fn repair_plumbing(
             pod: names.pod.clone(),
             bridge: names.bridge.clone(),
             mac: Mac::locally_administered_from(names.pod.as_str()),
+            addresses: record.addresses.clone(),
         });
     }
     if !tap.is_some_and(enslaved) {
@@ -420,14 +424,18 @@ fn clear_late_addresses(pod: &Link, names: &PlumbingNames) -> Vec<Step> {
         return Vec::new();
     };
     let mut steps = Vec::new();
-    match absorb_late_addresses(pod, names, record) {
-        Ok((_, record_step)) => steps.extend(record_step),
+    let record = match absorb_late_addresses(pod, names, record) {
+        Ok((record, record_step)) => {
+            steps.extend(record_step);
+            record
+        }
         Err(_) => return steps,
-    }
+    };
     steps.push(Step::EnslavePodLink {
         pod: names.pod.clone(),
         bridge: names.bridge.clone(),
         mac,
+        addresses: record.addresses,
     });
     steps
 }
@@ -783,6 +791,7 @@ fn plug(
             pod: names.pod.clone(),
             bridge: names.bridge.clone(),
             mac: bridge_mac,
+            addresses: record.addresses.clone(),
         });
     }
     let tap_done = tap.is_some_and(|t| {

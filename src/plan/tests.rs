@@ -509,6 +509,10 @@ fn addresses_cni_adds_after_the_record_join_it_before_removal() {
         record.addresses,
         vec!["169.254.1.5/24".parse().unwrap(), late]
     );
+    let Step::EnslavePodLink { addresses, .. } = &p.steps[1] else {
+        panic!()
+    };
+    assert_eq!(addresses, &record.addresses, "removes exactly the record's");
     let Step::ReleasePodLink { record, .. } = &p.rollback[1] else {
         panic!()
     };
@@ -528,6 +532,10 @@ fn an_address_cni_adds_after_the_attach_is_recorded_and_removed() {
     let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
     assert_eq!(p.phase, Phase::Attached);
     assert_eq!(step_names(p), ["record-pod-link", "enslave-pod-link"]);
+    let Step::EnslavePodLink { addresses, .. } = &p.steps[1] else {
+        panic!()
+    };
+    assert!(addresses.contains(&late), "{addresses:?}");
 }
 
 #[test]
