@@ -1198,7 +1198,13 @@ mod properties {
                     }
                 }
                 net.links.get_mut().unwrap().extend(decoys());
-                let mut agent = agent(net, FakeHyp::new(free_ports));
+                // No backoff: an interface that failed (a MAC another one held)
+                // retries as soon as it can.
+                let config = AgentConfig {
+                    backoff_base: Duration::ZERO,
+                    ..AgentConfig::default()
+                };
+                let mut agent = Agent::new(net, FakeHyp::new(free_ports), config);
                 // A first spec plugs some, then another changes, unplugs or
                 // drops them: departed networks and leftovers included.
                 let first = spec(&before, false);
