@@ -358,7 +358,7 @@ fn vmi_with(networks: &[&str], extra: &str) -> Vmi {
         .map(|n| format!(r#"{{"name":"{n}","multus":{{"networkName":"{n}"}}}}"#))
         .collect();
     Vmi::parse(&format!(
-        r#"{{"metadata":{{"name":"vm","namespace":"ns"}},"spec":{{"domain":{{"devices":{{"interfaces":[{}]}}}},"networks":[{}]}}}}"#,
+        r#"{{"kind":"VirtualMachineInstance","metadata":{{"name":"vm","namespace":"ns"}},"spec":{{"domain":{{"devices":{{"interfaces":[{}]}}}},"networks":[{}]}}}}"#,
         ifaces.join(","),
         nets.join(",")
     ))

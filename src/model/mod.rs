@@ -1,6 +1,7 @@
 //! nicplug's vocabulary: validated names, the VMI subset it reads, and the
 //! record it keeps of a pod link's original state.
 
+pub mod depth;
 pub mod names;
 pub mod record;
 pub mod vmi;
