@@ -375,8 +375,8 @@ mod tests {
                 );
             }
         }
-        let names = PlumbingNames::for_pod_iface(&IfName::new("aéé").unwrap());
-        assert_eq!(names.tap.as_str(), "tapé");
+        let names = PlumbingNames::for_pod_iface(&IfName::new("neté1").unwrap());
+        assert_eq!(names.tap.as_str(), "tapé1");
     }
 
     #[test]
