@@ -433,3 +433,42 @@ async fn bad_network_status_files_keep_the_last_good_status() {
     task.await.unwrap().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Threads the parser below ran on.
+static PARSED_ON: Mutex<Vec<std::thread::ThreadId>> = Mutex::new(Vec::new());
+
+fn recording_parse(text: &str) -> Result<String, Box<dyn Error + Send + Sync>> {
+    PARSED_ON.lock().unwrap().push(std::thread::current().id());
+    Ok(text.to_string())
+}
+
+/// The agent's runtime is single-threaded: a document that takes long to
+/// parse must not stall it, so parsing runs on the blocking pool.
+#[tokio::test(flavor = "current_thread")]
+async fn parsing_runs_off_the_runtime_thread() {
+    use nicplug::sources::watched::{Document, watch_file};
+    let dir = temp_dir("thread");
+    let path = dir.join("doc");
+    std::fs::write(&path, "one").unwrap();
+    let doc = Document {
+        what: "test",
+        max_bytes: 16,
+        parse: recording_parse,
+        summary: |s: &String| s.clone(),
+    };
+    let (tx, mut rx) = watch::channel(None);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(watch_file(path.clone(), doc, tx, stop.clone()));
+    wait_value(&mut rx, |v: &String| v == "one", "first document").await;
+
+    let runtime_thread = std::thread::current().id();
+    let threads = PARSED_ON.lock().unwrap().clone();
+    assert!(!threads.is_empty());
+    assert!(
+        threads.iter().all(|t| *t != runtime_thread),
+        "parsed on the runtime thread"
+    );
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
