@@ -16,6 +16,13 @@ pub struct Owner {
     pub gid: u32,
 }
 
+/// `UID:GID`, what [`Owner::from_str`](std::str::FromStr) reads.
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.uid, self.gid)
+    }
+}
+
 impl std::str::FromStr for Owner {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
