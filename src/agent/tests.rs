@@ -391,7 +391,7 @@ fn vmi_with(networks: &[&str], extra: &str) -> Vmi {
         .map(|n| format!(r#"{{"name":"{n}","multus":{{"networkName":"{n}"}}}}"#))
         .collect();
     Vmi::parse(&format!(
-        r#"{{"metadata":{{"name":"vm","namespace":"ns"}},"spec":{{"domain":{{"devices":{{"interfaces":[{}]}}}},"networks":[{}]}}}}"#,
+        r#"{{"kind":"VirtualMachineInstance","metadata":{{"name":"vm","namespace":"ns"}},"spec":{{"domain":{{"devices":{{"interfaces":[{}]}}}},"networks":[{}]}}}}"#,
         ifaces.join(","),
         nets.join(",")
     ))
@@ -1083,12 +1083,16 @@ mod properties {
     fn spec(cases: &[NetCase], states: bool) -> Vmi {
         let mut ifaces = Vec::new();
         let mut nets = Vec::new();
+        let mut macs = Vec::new();
         for (name, case) in NETWORKS.iter().zip(cases).filter(|(_, c)| c.in_spec) {
             let mut extra = String::new();
             if states {
                 extra.push_str(&format!(r#","state":"{}""#, case.state));
             }
-            if let Some(m) = case.mac {
+            // Unique within a spec (the VMI reader refuses duplicates); one
+            // spec may reuse a MAC the other gave a network that is leaving.
+            if let Some(m) = case.mac.filter(|m| !macs.contains(m)) {
+                macs.push(m);
                 extra.push_str(&format!(r#","macAddress":"02:00:00:00:00:0{m}""#));
             }
             ifaces.push(format!(r#"{{"name":"{name}","bridge":{{}}{extra}}}"#));

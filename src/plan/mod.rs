@@ -698,11 +698,7 @@ fn plug(
         Ok(recorded) => recorded,
         Err(message) => return fail(plan, message),
     };
-    let vm_mac = match &spec.mac {
-        Some(Ok(mac)) => *mac,
-        Some(Err(e)) => return fail(plan, format!("macAddress of {}: {e}", spec.name)),
-        None => record.mac,
-    };
+    let vm_mac = spec.mac.unwrap_or(record.mac);
     let source = if spec.mac.is_some() {
         "macAddress".to_string()
     } else {
