@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod error;
 pub mod health;
 pub mod hypervisor;
 pub mod instance;

@@ -13,8 +13,9 @@ use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use nicplug::agent::{Agent, AgentConfig, ReportConfig, error_chain};
+use nicplug::agent::{Agent, AgentConfig, ReportConfig};
 use nicplug::api::{ApiState, DEFAULT_SOCKET, Readiness, Server};
+use nicplug::error::error_chain;
 use nicplug::health::Part;
 use nicplug::hypervisor::events::DomainEvent;
 use nicplug::hypervisor::libvirt::{Libvirt, default_uri};

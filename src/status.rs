@@ -10,9 +10,9 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::hypervisor::{DomainState, GuestView};
+use crate::model::network_status::NetworkStatus;
 use crate::model::{IpCidr, Mac};
 use crate::plan::Phase;
-use crate::sources::network_status::NetworkStatus;
 
 /// A point in time on two clocks: wall time for people, CLOCK_MONOTONIC
 /// nanoseconds for comparing with other processes on the same machine
@@ -404,7 +404,7 @@ mod merge_tests {
     }
 
     fn multus() -> Vec<NetworkStatus> {
-        crate::sources::network_status::parse(
+        crate::model::network_status::parse(
             r#"[{"name":"ns/blue-nad","interface":"pod9a6a0c3b4d8","ips":["169.254.2.2"],"mac":"76:44:89:E5:FF:34"}]"#,
         )
         .unwrap()

@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use nicplug::hypervisor::domain_xml::parse_devices;
 use nicplug::model::PodLinkRecord;
+use nicplug::model::network_status::{self, NetworkStatus};
 use nicplug::model::vmi::Vmi;
-use nicplug::sources::network_status::{self, NetworkStatus};
+use nicplug::sources::network_status::{MAX_FILE_BYTES, watch_file};
 use nicplug::sources::vmi_file;
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -196,7 +197,7 @@ struct Generated {
 fn generated() -> Vec<Generated> {
     use Content::Sparse;
     let over_vmi = vmi_file::MAX_FILE_BYTES as usize;
-    let over_status = network_status::MAX_FILE_BYTES as usize;
+    let over_status = MAX_FILE_BYTES as usize;
     vec![
         Generated {
             what: "valid VMI over the size limit",
@@ -416,7 +417,7 @@ async fn bad_network_status_files_keep_the_last_good_status() {
     let path = dir.join("annotations");
     let (tx, mut rx) = watch::channel(None);
     let stop = CancellationToken::new();
-    let task = tokio::spawn(network_status::watch_file(path.clone(), tx, stop.clone()));
+    let task = tokio::spawn(watch_file(path.clone(), tx, stop.clone()));
 
     let count = through_the_source(
         Parser::NetworkStatus,

@@ -32,9 +32,9 @@ use tokio_util::sync::CancellationToken;
 use nicplug::agent::{Outcome, OutcomeKind};
 use nicplug::k8s::report::{self, VmiRef};
 use nicplug::k8s::vmi_source;
+use nicplug::model::network_status::NetworkStatus;
 use nicplug::model::vmi::{SpecState, Vmi};
 use nicplug::plan::Phase;
-use nicplug::sources::network_status::NetworkStatus;
 use nicplug::status::{InterfaceStatus, PhaseTransition, StatusDocument, Timestamp};
 
 const NS: &str = "default";

@@ -7,9 +7,9 @@ use std::net::IpAddr;
 use nicplug::hypervisor::device_xml::InterfaceDevice;
 use nicplug::hypervisor::domain_xml::parse_devices;
 use nicplug::model::names::PlumbingNames;
+use nicplug::model::network_status;
 use nicplug::model::vmi::Vmi;
 use nicplug::model::{IfName, IpCidr, Mac, Owner, PodLinkRecord};
-use nicplug::sources::network_status;
 use proptest::prelude::*;
 
 /// Interface names the kernel takes: 1..=15 bytes without '/', ':',

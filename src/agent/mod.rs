@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::error::error_chain;
 use crate::health::{Part, Readiness};
 use crate::hypervisor::{DomainState, Hypervisor, HypervisorError};
 use crate::model::Owner;
@@ -142,18 +143,6 @@ fn wanted_secondaries(vmi: &Vmi) -> Vec<String> {
         .filter(|i| i.is_hotpluggable() && i.state != crate::model::vmi::SpecState::Absent)
         .map(|i| i.name.clone())
         .collect()
-}
-
-/// "a: b: c" from an error and its sources.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {

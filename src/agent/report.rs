@@ -18,11 +18,11 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::error_chain;
+use crate::error::error_chain;
 use crate::hypervisor::{DomainState, GuestView, Hypervisor};
 use crate::metrics::{Metrics, PlugStage, UnplugStage};
+use crate::model::network_status::NetworkStatus;
 use crate::plan::Phase;
-use crate::sources::network_status::NetworkStatus;
 use crate::status::{
     InterfaceStatus, PhaseTransition, Sources, StatusDocument, Timestamp, enrich, guest_only,
     monotonic_ns, write_atomically,

@@ -21,9 +21,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
-use crate::agent::{Outcome, error_chain};
+use crate::agent::Outcome;
+use crate::error::error_chain;
+use crate::model::network_status::NetworkStatus;
 use crate::model::vmi::Vmi;
-use crate::sources::network_status::NetworkStatus;
 use crate::status::StatusDocument;
 
 /// The Kubernetes client from in-cluster credentials (the pod's projected

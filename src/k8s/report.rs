@@ -48,7 +48,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::agent::{Outcome, OutcomeKind, error_chain};
+use crate::agent::{Outcome, OutcomeKind};
+use crate::error::error_chain;
 use crate::status::StatusDocument;
 
 /// The launcher pod annotation with the interfaces' status.

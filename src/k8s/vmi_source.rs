@@ -35,9 +35,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::K8sError;
-use crate::agent::error_chain;
+use crate::error::error_chain;
+use crate::model::network_status::{self, NetworkStatus};
 use crate::model::vmi::Vmi;
-use crate::sources::network_status::{self, NetworkStatus};
 
 /// kubevirt.io/v1 VirtualMachineInstance.
 pub fn vmi_resource() -> ApiResource {

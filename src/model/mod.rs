@@ -1,8 +1,9 @@
-//! nicplug's vocabulary: validated names, the VMI subset it reads, and the
-//! record it keeps of a pod link's original state.
+//! nicplug's vocabulary: validated names, the VMI subset it reads, Multus'
+//! network-status, and the record it keeps of a pod link's original state.
 
 pub mod depth;
 pub mod names;
+pub mod network_status;
 pub mod record;
 pub mod vmi;
 

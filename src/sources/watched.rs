@@ -203,7 +203,7 @@ pub async fn watch_file<T: PartialEq + Send + 'static>(
                 }
             }
             Some(Err(e)) => {
-                let message = crate::agent::error_chain(&e);
+                let message = crate::error::error_chain(&e);
                 if last_error.as_deref() != Some(&message) {
                     error!(error = %message, "keeping the last good {}", doc.what);
                     last_error = Some(message);
