@@ -27,7 +27,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use tokio::sync::broadcast;
 
-use nicplug::hypervisor::device_xml::InterfaceDevice;
+use nicplug::hypervisor::InterfaceDevice;
 use nicplug::hypervisor::libvirt::Libvirt;
 use nicplug::hypervisor::{GuestView, Hypervisor};
 use nicplug::model::names::hashed_pod_iface;
@@ -124,19 +124,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         queues: None,
         link_up: true,
     };
-    let xml = device.to_xml()?;
+    device.validate()?;
     say("plumbed", mono_ns());
 
     // 3. Attach: returns once DEVICE_ADDED for the alias arrived.
-    let alias = device.alias();
-    hyp.attach(
-        &args.domain,
-        &xml,
-        &alias,
-        persistent,
-        Duration::from_secs(10),
-    )
-    .await?;
+    hyp.attach(&args.domain, &device, persistent, Duration::from_secs(10))
+        .await?;
     say("attached", mono_ns());
 
     // 4. The guest reports the MAC.
@@ -161,8 +154,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         bail!("expected `unplug` on stdin, got {line:?}");
     }
     say("detach", mono_ns());
-    hyp.detach(&args.domain, &alias, persistent, Duration::from_secs(30))
-        .await?;
+    hyp.detach(
+        &args.domain,
+        &device.alias(),
+        persistent,
+        Duration::from_secs(30),
+    )
+    .await?;
     say("removed", mono_ns());
     net.delete_link(&names.tap).await?;
     net.release_pod_link(&pod, &record).await?;

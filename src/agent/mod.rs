@@ -586,29 +586,18 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                     .await?
             }
             Step::EnsureTap { spec, bridge } => self.net.ensure_tap(spec, bridge).await?,
-            Step::Attach {
-                device,
-                xml,
-                persistent,
-            } => {
+            Step::Attach { device, persistent } => {
                 self.hyp
-                    .attach(
-                        domain_name,
-                        xml,
-                        &device.alias(),
-                        *persistent,
-                        self.config.attach_timeout,
-                    )
+                    .attach(domain_name, device, *persistent, self.config.attach_timeout)
                     .await?
             }
             Step::SetLinkState {
-                interface_xml,
+                device,
                 up,
                 persistent,
-                ..
             } => {
                 self.hyp
-                    .set_link_state(domain_name, interface_xml, *up, *persistent)
+                    .set_link_state(domain_name, device, *up, *persistent)
                     .await?
             }
             // Started by `run_steps` as a task; never run inline.

@@ -260,11 +260,13 @@ impl Hypervisor for FakeHyp {
     async fn attach(
         &self,
         _domain: &str,
-        device_xml: &str,
-        alias: &str,
+        device: &crate::hypervisor::InterfaceDevice,
         _persistent: bool,
         timeout: Duration,
     ) -> Result<(), HypervisorError> {
+        let alias = device.alias();
+        let alias = alias.as_str();
+        let device_xml = device.to_xml().unwrap();
         self.attaches.lock().unwrap().push(alias.into());
         let mode = self
             .modes
@@ -332,12 +334,11 @@ impl Hypervisor for FakeHyp {
     async fn set_link_state(
         &self,
         _domain: &str,
-        interface_xml: &str,
+        device: &crate::hypervisor::DomainInterface,
         up: bool,
         _persistent: bool,
     ) -> Result<(), HypervisorError> {
-        let xml = format!("<domain><devices>{interface_xml}</devices></domain>");
-        let alias = parse_devices(&xml).unwrap().interfaces[0].alias.clone();
+        let alias = device.alias.clone();
         let mut domain = self.domain.lock().unwrap();
         let device = domain
             .interfaces

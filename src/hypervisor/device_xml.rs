@@ -48,7 +48,9 @@ impl InterfaceDevice {
         }
     }
 
-    pub fn to_xml(&self) -> Result<String, DeviceXmlError> {
+    /// Whether the device can be written as XML at all; the planner checks
+    /// this before it touches anything.
+    pub fn validate(&self) -> Result<(), DeviceXmlError> {
         let valid = |s: &str, extra: &[char]| {
             !s.is_empty()
                 && s.chars().all(|c| {
@@ -61,6 +63,11 @@ impl InterfaceDevice {
         if !valid(&self.model, &['.']) {
             return Err(DeviceXmlError::Model(self.model.clone()));
         }
+        Ok(())
+    }
+
+    pub fn to_xml(&self) -> Result<String, DeviceXmlError> {
+        self.validate()?;
         // The alias and model were checked above. A tap name is any IfName:
         // no control characters (IfName refuses them, and XML 1.0 cannot
         // carry them), but quotes, '<' and '&' are legal in a Linux name, so

@@ -27,7 +27,9 @@ use virt_sys as sys;
 use super::domain_xml::{DomainState, parse_devices};
 use super::events::{self, DomainEvent, EventSink, Registration};
 use super::worker::Worker;
-use super::{GuestInterface, GuestView, Hypervisor, HypervisorError};
+use super::{
+    DomainInterface, GuestInterface, GuestView, Hypervisor, HypervisorError, InterfaceDevice,
+};
 use crate::model::{IpCidr, Owner};
 
 /// KubeVirt's non-root launcher socket.
@@ -261,14 +263,14 @@ impl Hypervisor for Libvirt {
     async fn attach(
         &self,
         domain: &str,
-        device_xml: &str,
-        alias: &str,
+        device: &InterfaceDevice,
         persistent: bool,
         timeout: Duration,
     ) -> Result<(), HypervisorError> {
+        let xml = device.to_xml()?;
+        let alias = &device.alias();
         // Subscribe before the call: DEVICE_ADDED can beat the call's return.
         let mut rx = self.shared.events.tx.subscribe();
-        let xml = device_xml.to_string();
         self.invalidate();
         let mut flags = sys::VIR_DOMAIN_AFFECT_LIVE;
         if persistent {
@@ -373,11 +375,11 @@ impl Hypervisor for Libvirt {
     async fn set_link_state(
         &self,
         domain: &str,
-        interface_xml: &str,
+        device: &DomainInterface,
         up: bool,
         persistent: bool,
     ) -> Result<(), HypervisorError> {
-        let xml = super::domain_xml::with_link_state(interface_xml, up)?;
+        let xml = super::domain_xml::with_link_state(&device.xml, up)?;
         self.invalidate();
         let result = self
             .blocking("update the link state", domain, move |conn, name| {

@@ -4,7 +4,8 @@
 //! Protocol of a hot-plug, step by step:
 //! 1. [`Hypervisor::domain`] reads the live domain XML: which `ua-<name>`
 //!    devices exist and how many hot-pluggable PCIe root ports are free.
-//! 2. The caller builds the device XML ([`device_xml`]) for one interface.
+//! 2. The caller describes the device ([`InterfaceDevice`]); the XML is
+//!    made here ([`device_xml`]), behind the seam.
 //! 3. [`Hypervisor::attach`] registers a DEVICE_ADDED waiter for the alias,
 //!    *then* calls `virDomainAttachDeviceFlags` (LIVE, plus CONFIG when the
 //!    domain is persistent), then waits for the event with a timeout.
@@ -26,6 +27,7 @@ pub mod events;
 pub mod libvirt;
 pub mod worker;
 
+pub use device_xml::InterfaceDevice;
 pub use domain_xml::{DomainInterface, DomainState};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +48,8 @@ pub enum HypervisorError {
     NoDomain(String),
     #[error("cannot parse the domain XML")]
     DomainXml(#[from] domain_xml::DomainXmlError),
+    #[error("cannot write the device XML")]
+    DeviceXml(#[from] device_xml::DeviceXmlError),
     #[error("no DEVICE_ADDED event for {alias} within {timeout:?}")]
     AttachTimeout { alias: String, timeout: Duration },
     #[error("guest has not released the device")]
@@ -81,14 +85,13 @@ pub trait Hypervisor: Send + Sync {
         domain: &str,
     ) -> impl Future<Output = Result<Option<DomainState>, HypervisorError>> + Send;
 
-    /// Attaches `device_xml` (whose alias is `alias`) live, and to the
-    /// persistent config when `persistent`; returns once DEVICE_ADDED for the
-    /// alias arrived, or fails after `timeout`.
+    /// Attaches `device` live, and to the persistent config when
+    /// `persistent`; returns once DEVICE_ADDED for its alias arrived, or
+    /// fails after `timeout`.
     fn attach(
         &self,
         domain: &str,
-        device_xml: &str,
-        alias: &str,
+        device: &InterfaceDevice,
         persistent: bool,
         timeout: Duration,
     ) -> impl Future<Output = Result<(), HypervisorError>> + Send;
@@ -105,12 +108,12 @@ pub trait Hypervisor: Send + Sync {
         timeout: Duration,
     ) -> impl Future<Output = Result<(), HypervisorError>> + Send;
 
-    /// Sets the link state of a device, given its live XML
-    /// (`virDomainUpdateDeviceFlags`).
+    /// Sets the link state of a live device (`virDomainUpdateDeviceFlags`
+    /// with its live XML).
     fn set_link_state(
         &self,
         domain: &str,
-        interface_xml: &str,
+        device: &DomainInterface,
         up: bool,
         persistent: bool,
     ) -> impl Future<Output = Result<(), HypervisorError>> + Send;

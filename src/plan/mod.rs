@@ -11,8 +11,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::hypervisor::device_xml::InterfaceDevice;
-use crate::hypervisor::{DomainInterface, DomainState};
+use crate::hypervisor::{DomainInterface, DomainState, InterfaceDevice};
 use crate::model::names::is_ordinal_pod_iface;
 use crate::model::record::RecordError;
 use crate::model::vmi::{PodIfaceScheme, SpecInterface, SpecState, Vmi};
@@ -77,7 +76,6 @@ pub enum Step {
     /// Attach live, and to the persistent config when the domain is persistent.
     Attach {
         device: InterfaceDevice,
-        xml: String,
         persistent: bool,
     },
     /// Request the device's removal. The agent waits for the guest off the
@@ -86,10 +84,9 @@ pub enum Step {
         alias: String,
         persistent: bool,
     },
-    /// Update the live device's `<link state>`, starting from its live XML.
+    /// Update the live device's `<link state>`.
     SetLinkState {
-        alias: String,
-        interface_xml: String,
+        device: DomainInterface,
         up: bool,
         persistent: bool,
     },
@@ -291,8 +288,7 @@ fn plan_interface(
         let want_up = spec.state != SpecState::Down;
         if device.link_up != want_up {
             plan.steps.push(Step::SetLinkState {
-                alias: spec.alias(),
-                interface_xml: device.xml.clone(),
+                device: device.clone(),
                 up: want_up,
                 persistent: domain.persistent,
             });
@@ -756,10 +752,9 @@ fn plug(
         queues: vmi.multiqueue.filter(|_| spec.model == "virtio"),
         link_up: spec.state != SpecState::Down,
     };
-    let xml = match device.to_xml() {
-        Ok(xml) => xml,
-        Err(e) => return fail(plan, e.to_string()),
-    };
+    if let Err(e) = device.validate() {
+        return fail(plan, e.to_string());
+    }
 
     let bridge = observed.link(&names.bridge);
     let tap = observed.link(&names.tap);
@@ -806,7 +801,6 @@ fn plug(
     }
     plan.steps.push(Step::Attach {
         device,
-        xml,
         persistent: domain.persistent,
     });
     plan.rollback = vec![
