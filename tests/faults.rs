@@ -53,6 +53,31 @@ impl Checks {
     }
 }
 
+/// Waits until interface `name` is in `phase` (Ready satisfies Attached);
+/// `Err` with the status entry (the caller adds the log tail).
+fn wait_phase_soft(
+    nicplug: &Nicplug<'_>,
+    name: &str,
+    phase: &str,
+    timeout: Duration,
+) -> Result<Duration, String> {
+    let start = Instant::now();
+    loop {
+        let now = nicplug.phase(name);
+        if now.as_deref() == Some(phase) || (phase == "Attached" && now.as_deref() == Some("Ready"))
+        {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() >= timeout {
+            return Err(format!(
+                "{name} not {phase} within {timeout:?}: {:?}",
+                nicplug.entry(name)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Polls `/readyz` until `want(code, body)` holds; the last answer either way.
 fn wait_readyz(
     nicplug: &Nicplug<'_>,
@@ -134,11 +159,24 @@ fn ping_guest(rig: &Rig, net: &CniNet, mac: &str, host: u8) -> Result<(), String
     }
 }
 
-/// Plugs `network` with nicplug running: spec, CNI ADD, Ready.
+/// Plugs `network` with nicplug running (spec already written): CNI ADD,
+/// Attached, the guest sees the MAC, then Ready.
 fn plug_ready(rig: &Rig, nicplug: &Nicplug<'_>, net: &CniNet, network: &str) -> String {
     let cni = rig.cni_add(net, &pod_iface(network));
-    nicplug.wait_phase(network, "Ready", PLUG);
+    nicplug.wait_phase(network, "Attached", PLUG);
+    assert!(
+        rig.wait_guest_mac(&cni.mac, PLUG).is_some(),
+        "the guest never saw {}",
+        cni.mac
+    );
+    nicplug.wait_phase(network, "Ready", GENEROUS);
     cni.mac
+}
+
+/// A quick guest refresh, for tests that are not about how soon Ready comes
+/// (today a plain hot-plug can wait a whole `--guest-refresh` for Ready).
+fn quick_refresh_args() -> Vec<String> {
+    ["--guest-refresh", "2"].map(String::from).to_vec()
 }
 
 // ---------------------------------------------------------------------------
@@ -249,6 +287,7 @@ fn wedged_libvirt_socket() {
         .arg("--status-file")
         .arg(dir.join("status.json"))
         .env("NICPLUG_LOG", "nicplug=debug,info")
+        .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -311,11 +350,20 @@ fn wedged_libvirt_socket() {
         child.try_wait().ok().flatten()
     });
     match exited {
-        Some(status) => eprintln!(
-            "SIGTERM -> exited ({}) after {:?}",
-            describe_exit(&status),
-            t.elapsed()
-        ),
+        Some(status) => {
+            eprintln!(
+                "SIGTERM -> exited ({}) after {:?}",
+                describe_exit(&status),
+                t.elapsed()
+            );
+            // Killed by the signal's default action means nobody handled it.
+            checks.check(status.code().is_some(), || {
+                format!(
+                    "nicplug must handle SIGTERM and exit by itself, not die of it: {}",
+                    describe_exit(&status)
+                )
+            });
+        }
         None => {
             checks.check(false, || "nicplug did not exit within 10 s of SIGTERM".into());
             let _ = child.kill();
@@ -338,6 +386,7 @@ fn libvirtd_dies_while_idle(test: &str, signal: i32, net_index: u8) {
     let rig = Rig::start(RigOptions::default());
     let net = CniNet::new(net_index);
     let mut nicplug = Nicplug::new(&rig, &["idle"]);
+    nicplug.args = quick_refresh_args();
     nicplug.start();
     let mac = plug_ready(&rig, &nicplug, &net, "idle");
     let mut checks = Checks::default();
@@ -379,7 +428,9 @@ fn libvirtd_dies_while_idle(test: &str, signal: i32, net_index: u8) {
     checks.check(ready, || {
         format!("/readyz not 200 within {GENEROUS:?} of libvirtd's restart: {last:?}")
     });
-    nicplug.wait_phase("idle", "Ready", GENEROUS);
+    let ready = wait_phase_soft(&nicplug, "idle", "Ready", GENEROUS);
+    eprintln!("libvirtd back -> idle Ready: {ready:?}");
+    checks.check(ready.is_ok(), || format!("after the restart: {ready:?}"));
     checks.check(devices_named(&rig, "idle") == 1, || {
         format!("exactly one ua-idle: {:?}", device_aliases(&rig))
     });
@@ -410,6 +461,7 @@ fn libvirtd_killed_during_attach() {
     let rig = Rig::start(RigOptions::default());
     let net = CniNet::new(23);
     let mut nicplug = Nicplug::new(&rig, &["inflight"]);
+    nicplug.args = quick_refresh_args();
     nicplug.start();
     nicplug.wait_phase("inflight", "Pending", PLUG);
     let mut checks = Checks::default();
@@ -429,7 +481,9 @@ fn libvirtd_killed_during_attach() {
     });
 
     rig.start_daemon();
-    nicplug.wait_phase("inflight", "Ready", GENEROUS);
+    let ready = wait_phase_soft(&nicplug, "inflight", "Ready", GENEROUS);
+    eprintln!("libvirtd back -> inflight Ready: {ready:?}");
+    checks.check(ready.is_ok(), || format!("after the restart: {ready:?}"));
     checks.check(devices_named(&rig, "inflight") == 1, || {
         format!("exactly one ua-inflight: {:?}", device_aliases(&rig))
     });
@@ -633,6 +687,7 @@ fn two_free_ports_three_interfaces() {
     let nets = [CniNet::new(27), CniNet::new(28), CniNet::new(29)];
     let names = ["p1", "p2", "p3"];
     let mut nicplug = Nicplug::new(&rig, &names);
+    nicplug.args = quick_refresh_args();
     nicplug.start();
     let mut checks = Checks::default();
     for (net, name) in nets.iter().zip(names) {
@@ -716,6 +771,7 @@ fn second_instance_refuses_to_start() {
     let rig = Rig::start(RigOptions::default());
     let net = CniNet::new(31);
     let mut first = Nicplug::new(&rig, &["solo"]);
+    first.args = quick_refresh_args();
     first.start();
     let mac = plug_ready(&rig, &first, &net, "solo");
     let links = rig.pod_links_snapshot();
@@ -771,6 +827,7 @@ fn attach_race_loser_keeps_plumbing() {
     let rig = Rig::start(RigOptions::default());
     let net = CniNet::new(32);
     let mut nicplug = Nicplug::new(&rig, &["race"]);
+    nicplug.args = quick_refresh_args();
     nicplug
         .env
         .push(("NICPLUG_TEST_FAULT".into(), "pause-before=attach-device:3000".into()));
@@ -848,6 +905,7 @@ fn deleted_link_is_repaired(test: &str, network: &str, net_index: u8, link: &str
     let rig = Rig::start(RigOptions::default());
     let net = CniNet::new(net_index);
     let mut nicplug = Nicplug::new(&rig, &[network]);
+    nicplug.args = quick_refresh_args();
     nicplug.start();
     let mac = plug_ready(&rig, &nicplug, &net, network);
     ping_guest(&rig, &net, &mac, 50).expect("the NIC works before the deletion");

@@ -79,6 +79,8 @@ impl<'a> Nicplug<'a> {
             .arg(&self.api_socket)
             .args(&self.args)
             .env("NICPLUG_LOG", "nicplug=debug,info")
+            // Plain text: the tests search the log and print it in failures.
+            .env("NO_COLOR", "1")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
