@@ -108,57 +108,6 @@ fn reconcile_lines(log: &str) -> usize {
     log.lines().filter(|l| l.contains("reconcile")).count()
 }
 
-/// How many devices of the live domain have alias `ua-<name>`.
-fn devices_named(rig: &Rig, name: &str) -> usize {
-    let alias = format!("ua-{name}");
-    device_aliases(rig).iter().filter(|a| **a == alias).count()
-}
-
-/// The nicplug-made links (bridges `k6t-*`, taps `tap*`) of the pod netns.
-fn plumbing_links(rig: &Rig) -> Vec<String> {
-    let mut names: Vec<String> = pod_link_names(rig)
-        .into_iter()
-        .filter(|n| n.starts_with("k6t-") || n.starts_with("tap"))
-        .collect();
-    names.sort();
-    names
-}
-
-/// Exactly the bridge and tap of `networks`, nothing else and nothing twice.
-fn expected_plumbing(networks: &[&str]) -> Vec<String> {
-    let mut names: Vec<String> = networks
-        .iter()
-        .flat_map(|n| [format!("k6t-{}", suffix(n)), format!("tap{}", suffix(n))])
-        .collect();
-    names.sort();
-    names
-}
-
-/// Gives the guest NIC with `mac` the address `net.addr(host)` (replacing any
-/// it had) and pings it from the node. `Err` says which part failed.
-fn ping_guest(rig: &Rig, net: &CniNet, mac: &str, host: u8) -> Result<(), String> {
-    let guest = rig
-        .wait_guest_mac(mac, PLUG)
-        .ok_or_else(|| format!("the guest does not report {mac}"))?;
-    let addr = net.addr(host);
-    let (code, out) = rig.guest_exec(&[
-        "/bin/sh",
-        "-c",
-        &format!(
-            "ip addr flush dev {0} && ip addr add {addr}/24 dev {0} && ip link set {0} up",
-            guest.name
-        ),
-    ]);
-    if code != 0 {
-        return Err(format!("guest address {addr} on {}: {out}", guest.name));
-    }
-    if rig.ping_from_node(net, &addr) {
-        Ok(())
-    } else {
-        Err(format!("node cannot ping the guest at {addr} ({})", guest.name))
-    }
-}
-
 /// Plugs `network` with nicplug running (spec already written): CNI ADD,
 /// Attached, the guest sees the MAC, then Ready.
 fn plug_ready(rig: &Rig, nicplug: &Nicplug<'_>, net: &CniNet, network: &str) -> String {
