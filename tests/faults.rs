@@ -584,10 +584,10 @@ fn restart_plugs_in_first_pass_and_goes_ready() {
     let t = Instant::now();
     nicplug.start();
     let attached = nicplug.wait_phase("restart", "Attached", PLUG);
+    let seen = rig.wait_guest_mac(&cni.mac, PLUG).map(|_| t.elapsed());
     let ready = poll(GENEROUS, Duration::from_millis(20), || {
         (nicplug.phase("restart").as_deref() == Some("Ready")).then_some(t.elapsed())
     });
-    let seen = rig.wait_guest_mac(&cni.mac, PLUG).map(|_| t.elapsed());
     eprintln!(
         "restart: Attached after {attached:?}, guest saw the MAC by {seen:?}, Ready after {ready:?}"
     );
@@ -701,6 +701,21 @@ fn two_free_ports_three_interfaces() {
 // Two instances
 // ---------------------------------------------------------------------------
 
+/// `pod_link_state` once it holds still for a second (the kernel may still
+/// be adding an IPv6 link-local address right after a plug).
+fn settled_link_state(rig: &Rig) -> Vec<String> {
+    let mut last = pod_link_state(rig);
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = pod_link_state(rig);
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
 /// The live domain's interface devices, for before/after comparisons.
 fn domain_interfaces(rig: &Rig) -> String {
     let xml = rig.domain_xml();
@@ -723,7 +738,7 @@ fn second_instance_refuses_to_start() {
     first.args = quick_refresh_args();
     first.start();
     let mac = plug_ready(&rig, &first, &net, "solo");
-    let links = rig.pod_links_snapshot();
+    let links = settled_link_state(&rig);
     let devices = domain_interfaces(&rig);
     let mut checks = Checks::default();
 
@@ -749,8 +764,9 @@ fn second_instance_refuses_to_start() {
         || format!("its message names the other instance (pid {first_pid}): {log:?}"),
     );
     second.kill();
-    checks.check(rig.pod_links_snapshot() == links, || {
-        "the pod's links changed".into()
+    let now = pod_link_state(&rig);
+    checks.check(now == links, || {
+        format!("the pod's links changed:\n  before {links:?}\n  after  {now:?}")
     });
     checks.check(domain_interfaces(&rig) == devices, || {
         format!("the domain's interfaces changed: {}", domain_interfaces(&rig))
