@@ -4,7 +4,9 @@
 
 pub mod agent;
 pub mod api;
+pub mod health;
 pub mod hypervisor;
+pub mod instance;
 pub mod k8s;
 pub mod metrics;
 pub mod model;

@@ -15,8 +15,10 @@ use tracing::{error, info};
 
 use nicplug::agent::{Agent, AgentConfig, ReportConfig, error_chain};
 use nicplug::api::{ApiState, DEFAULT_SOCKET, Readiness, Server};
+use nicplug::health::Part;
 use nicplug::hypervisor::events::DomainEvent;
 use nicplug::hypervisor::libvirt::{Libvirt, default_uri};
+use nicplug::instance::InstanceLock;
 use nicplug::k8s::Kube;
 use nicplug::metrics::Metrics;
 use nicplug::model::Owner;
@@ -145,13 +147,19 @@ fn main() -> std::process::ExitCode {
         }
     };
     match cli.command {
-        Command::Run(args) => match runtime.block_on(run(*args)) {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                error!(error = %format!("{e:#}"), "nicplug failed");
-                std::process::ExitCode::FAILURE
+        Command::Run(args) => {
+            abort_on_panic();
+            let result = runtime.block_on(run(*args));
+            // Whatever still runs on the blocking pool is not waited for.
+            runtime.shutdown_timeout(Duration::from_millis(500));
+            match result {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    error!(error = %format!("{e:#}"), "nicplug failed");
+                    std::process::ExitCode::FAILURE
+                }
             }
-        },
+        }
         Command::Status(args) => {
             let json = matches!(args.output, Output::Json);
             match runtime.block_on(nicplug::api::client::status_command(&args.socket, json)) {
@@ -166,6 +174,19 @@ fn main() -> std::process::ExitCode {
             }
         }
     }
+}
+
+/// A panic anywhere ends the process. On a single-threaded runtime a
+/// panicking task would otherwise just vanish (the link watcher, say) and
+/// leave the agent running without it; a crash instead gets the container
+/// restarted, and a restart reconciles from what it observes.
+fn abort_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        error!(panic = %info, "nicplug panicked; exiting so that a restart reconciles from scratch");
+        default(info);
+        std::process::abort();
+    }));
 }
 
 fn init_logging(format: LogFormat) {
@@ -186,6 +207,9 @@ fn seconds(value: f64, flag: &str) -> anyhow::Result<Duration> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Before anything is touched: a second agent in the pod would fight
+    // this one over every device and link.
+    let _instance = InstanceLock::acquire()?;
     let shutdown = CancellationToken::new();
     let wake = Arc::new(Notify::new());
     let mut tasks = tokio::task::JoinSet::new();
@@ -237,14 +261,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .context("cannot subscribe to link events")?;
     let net = Netlink::new().context("cannot open rtnetlink")?;
-    readiness.set_netlink(true);
+    readiness.set(Part::Netlink, Ok(()));
 
-    // 2. libvirt, with its event loop and callbacks registered.
+    // 2. libvirt: connected by the first pass, on its own thread, and again
+    // whenever the connection is lost; each pass reports whether it answers.
     let uri = args.libvirt_uri.unwrap_or_else(default_uri);
     let (events_tx, events) = broadcast::channel(256);
-    let hyp = connect_libvirt(&uri, events_tx, &shutdown).await?;
-    readiness.set_libvirt(true);
-    info!(%uri, "connected to libvirt");
+    let hyp = Libvirt::new(&uri, events_tx);
+    info!(%uri, "libvirt");
 
     // 3. The spec and the CNI results.
     let (spec_tx, spec_rx) = watch::channel(None);
@@ -290,6 +314,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             guest_refresh: seconds(args.guest_refresh, "--guest-refresh")?,
         },
         coexist,
+        readiness: Some(readiness.clone()),
         ..AgentConfig::default()
     };
     let agent = Agent::new(net, hyp, config);
@@ -313,13 +338,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let readiness = readiness.clone();
         tasks.spawn(async move {
             if spec.wait_for(Option::is_some).await.is_ok() {
-                readiness.set_spec(true);
+                readiness.set(Part::Spec, Ok(()));
             }
         });
     }
 
     agent.run(spec_rx, wake, shutdown.clone()).await;
     shutdown.cancel();
+    info!("stopped");
     tasks.abort_all();
     match api_task.await {
         Ok(Err(e)) => error!(error = %error_chain(&e), "API stopped with an error"),
@@ -351,27 +377,6 @@ async fn forward_domain_events(
             }
             Err(broadcast::error::RecvError::Closed) => break,
         }
-    }
-}
-
-async fn connect_libvirt(
-    uri: &str,
-    events: broadcast::Sender<DomainEvent>,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<Libvirt> {
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match Libvirt::connect(uri, events.clone()) {
-            Ok(hyp) => return Ok(hyp),
-            Err(e) => {
-                error!(error = %error_chain(&e), %uri, retry_in = ?delay, "cannot connect to libvirt")
-            }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => anyhow::bail!("stopped before libvirt was reachable"),
-            _ = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(Duration::from_secs(10));
     }
 }
 

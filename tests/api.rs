@@ -185,13 +185,17 @@ async fn routes_answer_over_the_unix_socket() {
     // /readyz names what is missing until everything is there.
     assert_eq!(
         fetch(&socket, "/readyz").await.unwrap(),
-        (503, "not ready: libvirt, netlink, spec\n".into())
+        (
+            503,
+            "not ready: libvirt (not connected yet), netlink (not subscribed yet), spec (no VMI read yet)\n"
+                .into()
+        )
     );
     readiness.set_libvirt(true);
     readiness.set_spec(true);
     assert_eq!(
         fetch(&socket, "/readyz").await.unwrap(),
-        (503, "not ready: netlink\n".into())
+        (503, "not ready: netlink (not subscribed yet)\n".into())
     );
     readiness.set_netlink(true);
     assert_eq!(

@@ -158,6 +158,15 @@ fn migration_target_like_start_creates_nothing_then_adopts() {
     let mac = kubevirt_layout(&rig, &CniNet::new(52), "moved");
     let plain = CniNet::new(53);
     rig.cni_add(&plain, &pod_iface("plain"));
+    // The kernel adds the link's IPv6 link-local address a moment after CNI
+    // returns: take the snapshot once it is there.
+    let settled = support::poll(Duration::from_secs(10), Duration::from_millis(20), || {
+        pod_addresses(&rig, &pod_iface("plain"))
+            .iter()
+            .any(|a| a.starts_with("fe80:"))
+            .then_some(())
+    });
+    assert!(settled.is_some(), "no IPv6 link-local address on the pod link");
     let before = pod_link_state(&rig);
 
     let mut nicplug = Nicplug::new(&rig, &["moved", "plain"]);

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::health::{Part, Readiness};
 use crate::hypervisor::{DomainState, Hypervisor, HypervisorError};
 use crate::model::Owner;
 use crate::model::vmi::Vmi;
@@ -26,6 +27,7 @@ use crate::netns::{NetnsError, PodNetwork};
 use crate::plan::{InterfacePlan, Observed, Phase, Step, plan};
 use crate::status::{InterfaceStatus, StatusDocument, Timestamp};
 
+mod fault;
 mod report;
 use report::Reporter;
 pub use report::{Outcome, OutcomeKind, ReportConfig};
@@ -66,7 +68,15 @@ pub struct AgentConfig {
     /// First retry delay after a failure; doubles up to `backoff_max`.
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// Where each pass reports whether libvirt and netlink answered.
+    pub readiness: Option<Arc<Readiness>>,
 }
+
+/// Retry delays of a whole pass that failed (libvirt or netlink not
+/// answering): short, because nothing else wakes the loop while libvirt is
+/// gone, and growing, because each pass is a connection attempt.
+const PASS_BACKOFF_FIRST: Duration = Duration::from_millis(250);
+const PASS_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 impl Default for AgentConfig {
     fn default() -> Self {
@@ -83,6 +93,7 @@ impl Default for AgentConfig {
             coexist: false,
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
+            readiness: None,
         }
     }
 }
@@ -97,6 +108,9 @@ struct Tracked {
     last_error: Option<String>,
     /// The phase and message of the last failure, shown while backing off.
     failed: Option<(Phase, String)>,
+    /// The failure was "no free PCIe root port": a port that frees ends the
+    /// backoff.
+    needs_root_port: bool,
 }
 
 /// How far an interface's steps got in one pass.
@@ -119,6 +133,15 @@ pub struct Agent<N, H> {
     detaching: HashMap<String, Instant>,
     detach_tx: mpsc::UnboundedSender<DetachResult>,
     detach_rx: mpsc::UnboundedReceiver<DetachResult>,
+}
+
+/// The hot-pluggable interfaces the spec wants plugged.
+fn wanted_secondaries(vmi: &Vmi) -> Vec<String> {
+    vmi.interfaces
+        .iter()
+        .filter(|i| i.is_hotpluggable() && i.state != crate::model::vmi::SpecState::Absent)
+        .map(|i| i.name.clone())
+        .collect()
 }
 
 /// "a: b: c" from an error and its sources.
@@ -166,7 +189,9 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             .unwrap_or_else(|| vmi.domain_name())
     }
 
-    /// Runs until `shutdown`. Never undoes anything on the way out.
+    /// Runs until `shutdown`. Never undoes anything on the way out: a pass
+    /// in flight is dropped where it stands, as a crash would leave it, and
+    /// the next start finishes it.
     pub async fn run(
         mut self,
         mut spec: watch::Receiver<Option<Vmi>>,
@@ -174,20 +199,60 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         shutdown: CancellationToken,
     ) {
         let mut spec_open = true;
+        let mut failed_passes: u32 = 0;
+        let mut last_error: Option<String> = None;
+        let mut secondaries: Option<Vec<String>> = None;
         loop {
             let vmi = spec.borrow_and_update().clone();
             let mut deadline = Instant::now() + self.config.resync;
-            if let Some(vmi) = vmi
-                && let Err(e) = self.reconcile(&vmi).await
-            {
-                warn!(error = %error_chain(&e), "reconcile failed; retrying");
-                deadline = Instant::now() + self.config.backoff_base;
-            }
-            if let Some(retry) = self.tracked.values().filter_map(|t| t.retry_at).min() {
-                deadline = deadline.min(retry);
-            }
-            if let Some(guest) = self.report.next_wake() {
-                deadline = deadline.min(guest);
+            if let Some(vmi) = vmi {
+                let now_wanted = wanted_secondaries(&vmi);
+                if let Some(before) = &secondaries
+                    && !before.is_empty()
+                    && now_wanted.is_empty()
+                {
+                    // Legal, and what a spec typo looks like too.
+                    warn!(
+                        interfaces = %before.join(", "),
+                        "the new VMI spec removes every secondary interface: unplugging all of them"
+                    );
+                }
+                secondaries = Some(now_wanted);
+                let outcome = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    outcome = self.reconcile(&vmi) => outcome,
+                };
+                match outcome {
+                    Ok(()) => {
+                        if failed_passes > 0 {
+                            info!(failed_passes, "reconcile succeeds again");
+                        }
+                        failed_passes = 0;
+                        last_error = None;
+                        if let Some(retry) = self.next_retry() {
+                            deadline = deadline.min(retry);
+                        }
+                        if let Some(guest) = self.report.next_wake() {
+                            deadline = deadline.min(guest);
+                        }
+                    }
+                    Err(e) => {
+                        // The whole pass failed: interface retries and guest
+                        // polls wait for the next good pass.
+                        failed_passes += 1;
+                        let delay = PASS_BACKOFF_FIRST
+                            .saturating_mul(1 << (failed_passes - 1).min(16))
+                            .min(PASS_BACKOFF_MAX);
+                        deadline = Instant::now() + delay;
+                        let message = error_chain(&e);
+                        if last_error.as_deref() != Some(message.as_str()) {
+                            warn!(error = %message, retry_in_ms = delay.as_millis() as u64, "reconcile failed; retrying");
+                            last_error = Some(message);
+                        } else {
+                            debug!(error = %message, failed_passes, "reconcile failed again");
+                        }
+                    }
+                }
             }
             let finished = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -207,6 +272,22 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         info!("stopped; plugged interfaces stay as they are");
     }
 
+    /// The earliest interface retry still ahead.
+    fn next_retry(&self) -> Option<Instant> {
+        let now = Instant::now();
+        self.tracked
+            .values()
+            .filter_map(|t| t.retry_at)
+            .filter(|t| *t > now)
+            .min()
+    }
+
+    fn report_readiness(&self, part: Part, state: Result<(), String>) {
+        if let Some(readiness) = &self.config.readiness {
+            readiness.set(part, state);
+        }
+    }
+
     /// One observe -> plan -> apply pass over every interface of `vmi`.
     pub async fn reconcile(&mut self, vmi: &Vmi) -> Result<(), AgentError> {
         while let Ok(result) = self.detach_rx.try_recv() {
@@ -214,13 +295,23 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         }
         let domain_name = self.domain_name(vmi);
         debug!("reconcile");
-        let links = self.net.links().await.map_err(AgentError::Observe)?;
+        let links = self.net.links().await.map_err(|e| {
+            self.report_readiness(Part::Netlink, Err(error_chain(&e)));
+            AgentError::Observe(e)
+        })?;
+        self.report_readiness(Part::Netlink, Ok(()));
         let observed_at = Timestamp::now();
-        let domain = self
-            .hyp
-            .domain(&domain_name)
-            .await
-            .map_err(AgentError::Domain)?;
+        let domain = self.hyp.domain(&domain_name).await.map_err(|e| {
+            self.report_readiness(Part::Libvirt, Err(error_chain(&e)));
+            AgentError::Domain(e)
+        })?;
+        self.report_readiness(Part::Libvirt, Ok(()));
+        if domain.as_ref().is_some_and(|d| d.root_ports.free > 0) {
+            // A port freed (or was free all along): who waits for one may try now.
+            for tracked in self.tracked.values_mut().filter(|t| t.needs_root_port) {
+                tracked.retry_at = None;
+            }
+        }
         let tap_owner = self.tap_owner(&domain_name, domain.as_ref()).await;
         let plans = plan(
             vmi,
@@ -310,6 +401,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         match result {
             Ok(()) => {
                 info!(?elapsed, "device removed");
+                fault::after("detach-device");
                 self.tracked.remove(&name);
                 self.report.device_removed(&name);
             }
@@ -378,14 +470,14 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             Ok(Progress::Done) if plan.phase == Phase::Failed => {
                 let message = plan.message.clone().unwrap_or_default();
                 self.record_failure(&plan.name, "plan", Phase::Failed, message);
+                if let Some(tracked) = self.tracked.get_mut(&plan.name) {
+                    tracked.needs_root_port = plan.needs_root_port;
+                }
             }
             Ok(Progress::Done) => {
                 for step in &plan.steps {
                     match step {
-                        Step::Attach { device, .. } => {
-                            info!(mac = %device.mac, "attached");
-                            self.report.plugged();
-                        }
+                        Step::Attach { device, .. } => info!(mac = %device.mac, "attached"),
                         Step::SetLinkState { up, .. } => {
                             info!(link = if *up { "up" } else { "down" }, "link state set");
                         }
@@ -403,14 +495,16 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         status
     }
 
-    /// Runs the steps in order. On a failure runs the rollback and returns
-    /// the failure's message; at a `Detach` it starts the detach task and
-    /// stops.
+    /// Runs the steps in order. On a failure of a plug runs the rollback and
+    /// returns the failure's message; at a `Detach` it starts the detach task
+    /// and stops. A plan without rollback is clean-up: every step is tried
+    /// and every failure reported.
     async fn run_steps(
         &mut self,
         domain_name: &str,
         plan: &InterfacePlan,
     ) -> Result<Progress, (&'static str, String)> {
+        let mut failures: Vec<(&'static str, String)> = Vec::new();
         for step in &plan.steps {
             match step {
                 Step::Attach { .. } => {
@@ -428,18 +522,30 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             let result = self.run_step(domain_name, step).await;
             let Err(e) = result else { continue };
             let message = format!("{}: {}", step.name(), error_chain(&e));
-            // A timed-out attach may still have landed: never tear plumbing
-            // out from under a device the domain has.
-            if matches!(
-                e,
-                StepError::Hypervisor(HypervisorError::AttachTimeout { .. })
-            ) {
-                let alias = format!("ua-{}", plan.name);
-                if let Ok(Some(d)) = self.hyp.domain(domain_name).await
-                    && d.interface_by_alias(&alias).is_some()
-                {
-                    warn!("DEVICE_ADDED missed, but the domain has the device");
-                    return Ok(Progress::Done);
+            if plan.rollback.is_empty() {
+                warn!(step = step.name(), error = %message, "clean-up step failed; going on");
+                failures.push((step.name(), message));
+                continue;
+            }
+            if let Step::Attach { device, .. } = step {
+                // An attach that failed may still have landed, or lost a race
+                // against someone who attached the same alias: never tear
+                // plumbing out from under a device the domain has.
+                match self.hyp.domain(domain_name).await {
+                    Ok(Some(d)) if d.interface_by_alias(&device.alias()).is_some() => {
+                        warn!(error = %message, "the attach failed, but the domain has the device: adopting it");
+                        return Ok(Progress::Done);
+                    }
+                    Ok(_) => {}
+                    Err(check) => {
+                        // Unknown whether a device uses the plumbing: keep it;
+                        // the next pass sees the domain again and decides.
+                        let message = format!(
+                            "{message}; plumbing kept, the domain cannot be read: {}",
+                            error_chain(&check)
+                        );
+                        return Err((step.name(), message));
+                    }
                 }
             }
             for undo in &plan.rollback {
@@ -449,7 +555,13 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             }
             return Err((step.name(), message));
         }
-        Ok(Progress::Done)
+        match failures.first() {
+            None => Ok(Progress::Done),
+            Some((reason, _)) => {
+                let all: Vec<String> = failures.iter().map(|(_, m)| m.clone()).collect();
+                Err((reason, all.join("; ")))
+            }
+        }
     }
 
     fn start_detach(&mut self, domain_name: &str, name: &str, alias: &str, persistent: bool) {
@@ -469,6 +581,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
     }
 
     async fn run_step(&self, domain_name: &str, step: &Step) -> Result<(), StepError> {
+        fault::before(step.name()).await;
         let started = std::time::Instant::now();
         match step {
             Step::RecordPodLink { pod, alias } => self.net.set_alias(pod, Some(alias)).await?,
@@ -512,6 +625,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             elapsed_us = started.elapsed().as_micros() as u64,
             "step done"
         );
+        fault::after(step.name());
         Ok(())
     }
 }

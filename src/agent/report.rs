@@ -3,9 +3,10 @@
 //! each phase was entered, the metrics, and when to ask the guest agent next.
 //!
 //! The guest agent is asked when something may have changed (a device or
-//! agent event marked the view stale), fast after a plug (20 ms, doubling
-//! to 2 s, for up to 30 s) until the guest reports the new MAC, and
-//! otherwise every `guest_refresh`. Idle, nothing wakes more often than that.
+//! agent event marked the view stale), fast whenever an interface becomes
+//! Attached (20 ms, doubling to 2 s, for up to 30 s) until the guest reports
+//! the new MAC, and otherwise every `guest_refresh`. Idle, nothing wakes more
+//! often than that.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -132,16 +133,6 @@ impl Reporter {
         history.pod_seen.get_or_insert(at);
     }
 
-    /// A device was attached: ask the guest often until it reports it.
-    pub fn plugged(&mut self) {
-        let now = Instant::now();
-        self.fast_poll = Some(FastPoll {
-            next: now + FAST_POLL_FIRST,
-            interval: FAST_POLL_FIRST,
-            until: now + FAST_POLL_FOR,
-        });
-    }
-
     pub fn detach_started(&mut self, name: &str) {
         let history = self.history.entry(name.to_string()).or_default();
         history.unplug_started.get_or_insert_with(Timestamp::now);
@@ -252,7 +243,7 @@ impl Reporter {
                 });
             }
         }
-        self.update_fast_poll(&statuses, connected == Some(true));
+        self.update_fast_poll(&statuses);
         if let Some(metrics) = &self.config.metrics {
             let mut counts: HashMap<String, i64> = HashMap::new();
             for status in &statuses {
@@ -283,6 +274,16 @@ impl Reporter {
             history.unplug_started = None;
         }
         if history.transitions.last().map(|t| t.phase) != Some(status.phase) {
+            if status.phase == Phase::Attached {
+                // Attached now (plugged, or adopted after a restart or a
+                // domain start): ask the guest often until it reports it.
+                let now = Instant::now();
+                self.fast_poll = Some(FastPoll {
+                    next: now + FAST_POLL_FIRST,
+                    interval: FAST_POLL_FIRST,
+                    until: now + FAST_POLL_FOR,
+                });
+            }
             let at = Timestamp::now();
             history.transitions.retain(|t| t.phase != status.phase);
             history.transitions.push(PhaseTransition {
@@ -309,6 +310,10 @@ impl Reporter {
                 {
                     metrics.observe_unplug(UnplugStage::Cleaned, seconds_since(started));
                 }
+            }
+            if status.phase == Phase::Detached {
+                // Reported: the entry's removal later is not a second unplug.
+                history.unplug_started = None;
             }
         }
         status.pod_interface_seen = history.pod_seen;
@@ -362,11 +367,12 @@ impl Reporter {
     }
 
     /// Keeps polling fast while an attached interface waits for the guest
-    /// to report it, and the agent answers; stops at the deadline.
-    fn update_fast_poll(&mut self, statuses: &[InterfaceStatus], connected: bool) {
+    /// to report it; stops at the deadline. An agent that is not connected
+    /// yet (the guest is still booting) does not stop it: it may connect any
+    /// moment, and the device with it.
+    fn update_fast_poll(&mut self, statuses: &[InterfaceStatus]) {
         let waiting = statuses.iter().any(|s| s.phase == Phase::Attached);
         if !waiting
-            || !connected
             || self
                 .fast_poll
                 .as_ref()

@@ -6,6 +6,7 @@
 use std::sync::Mutex;
 
 use super::*;
+use crate::health::Readiness;
 use crate::hypervisor::domain_xml::{RootPorts, parse_devices};
 use crate::hypervisor::{GuestInterface, GuestView};
 use crate::model::{IfName, IpCidr, Mac, PodLinkRecord};
@@ -169,6 +170,9 @@ enum AttachMode {
     TimesOut,
     /// No DEVICE_ADDED within the timeout, but the device is there.
     EventLost,
+    /// Another agent attached the same alias first: the call fails, the
+    /// device is there.
+    LosesRace,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -188,6 +192,11 @@ struct FakeHyp {
     attaches: Mutex<Vec<String>>,
     detaches: Mutex<Vec<String>>,
     agent_connected: Mutex<bool>,
+    /// Domain reads fail as with libvirt gone; each read is counted.
+    unreachable: Mutex<bool>,
+    domain_reads: Mutex<u32>,
+    /// Cancelled after this many domain reads, so a loop that spins stops.
+    stop_after_reads: Mutex<Option<(u32, CancellationToken)>>,
 }
 
 impl FakeHyp {
@@ -207,6 +216,9 @@ impl FakeHyp {
             attaches: Mutex::default(),
             detaches: Mutex::default(),
             agent_connected: Mutex::new(true),
+            unreachable: Mutex::new(false),
+            domain_reads: Mutex::new(0),
+            stop_after_reads: Mutex::new(None),
         }
     }
 
@@ -225,6 +237,22 @@ impl FakeHyp {
 
 impl Hypervisor for FakeHyp {
     async fn domain(&self, _domain: &str) -> Result<Option<DomainState>, HypervisorError> {
+        let reads = {
+            let mut reads = self.domain_reads.lock().unwrap();
+            *reads += 1;
+            *reads
+        };
+        if let Some((limit, stop)) = &*self.stop_after_reads.lock().unwrap()
+            && reads >= *limit
+        {
+            stop.cancel();
+        }
+        if *self.unreachable.lock().unwrap() {
+            return Err(HypervisorError::Connect {
+                uri: "qemu:///system".into(),
+                message: "Failed to connect socket: No such file or directory".into(),
+            });
+        }
         Ok(Some(self.domain.lock().unwrap().clone()))
     }
 
@@ -259,6 +287,10 @@ impl Hypervisor for FakeHyp {
         }
         match mode {
             AttachMode::Works => Ok(()),
+            AttachMode::LosesRace => Err(HypervisorError::Libvirt {
+                op: "attach the device",
+                message: "operation failed: non unique alias detected: ua-blue".into(),
+            }),
             _ => Err(HypervisorError::AttachTimeout {
                 alias: alias.into(),
                 timeout,
@@ -824,4 +856,364 @@ async fn outcomes_for_operators_once_per_change() {
         unplugged.message
     );
     assert!(rx.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn an_attach_lost_to_another_agent_keeps_the_plumbing_under_its_device() {
+    let vmi = vmi(&["blue"]);
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), FakeHyp::new(4));
+    agent.hyp.set_mode("ua-blue", AttachMode::LosesRace);
+    agent.reconcile(&vmi).await.unwrap();
+    let calls = agent.net.calls.lock().unwrap().clone();
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.starts_with("delete_link") || c.starts_with("release_pod_link")),
+        "no rollback under a live device: {calls:?}"
+    );
+    assert!(
+        agent
+            .net
+            .get(&format!("tap{}", &pod("blue")[3..]))
+            .is_some()
+    );
+    assert_eq!(phases(&agent)[0].1, Phase::Ready);
+}
+
+#[tokio::test]
+async fn a_failed_clean_up_step_does_not_stop_the_others() {
+    let pod_name = pod("blue");
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod_name]), FakeHyp::new(4));
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    let absent = vmi_with(&["blue"], r#","state":"absent""#);
+    agent.reconcile(&absent).await.unwrap();
+    settle().await;
+    *agent.net.fail.lock().unwrap() = Some("delete_link");
+    agent.reconcile(&absent).await.unwrap();
+    let calls = agent.net.calls.lock().unwrap().clone();
+    let teardown: Vec<&str> = calls
+        .iter()
+        .rev()
+        .take(3)
+        .rev()
+        .map(|c| c.split(' ').next().unwrap())
+        .collect();
+    assert_eq!(teardown, ["delete_link", "release_pod_link", "delete_link"]);
+    let status = &agent.status().interfaces[0];
+    assert_eq!(status.phase, Phase::Failed);
+    let message = status.message.as_deref().unwrap();
+    assert_eq!(message.matches("delete-link").count(), 2, "{message}");
+    // The pod link is back as it was, although tap and bridge are not gone.
+    assert_eq!(agent.net.get(&pod_name).unwrap().master, None);
+}
+
+#[tokio::test]
+async fn absent_then_leaving_the_spec_is_one_unplug() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let mut config = AgentConfig::default();
+    config.report.outcomes = Some(tx);
+    config.report.metrics = Some(metrics.clone());
+    let mut agent = Agent::new(
+        FakeNet::with_pod_links(&[&pod("blue")]),
+        FakeHyp::new(4),
+        config,
+    );
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    let absent = vmi_with(&["blue"], r#","state":"absent""#);
+    agent.reconcile(&absent).await.unwrap();
+    settle().await;
+    agent.reconcile(&absent).await.unwrap();
+    assert_eq!(phases(&agent)[0].1, Phase::Detached);
+    agent.reconcile(&vmi(&[])).await.unwrap();
+    agent.reconcile(&vmi(&[])).await.unwrap();
+    let kinds: Vec<OutcomeKind> = std::iter::from_fn(|| rx.try_recv().ok())
+        .map(|o| o.kind)
+        .collect();
+    assert_eq!(kinds, [OutcomeKind::Plugged, OutcomeKind::Unplugged]);
+    let text = metrics.encode();
+    let cleaned = text
+        .lines()
+        .find(|l| l.starts_with("nicplug_unplug_stage_seconds_count") && l.contains("cleaned"))
+        .unwrap_or_else(|| panic!("no cleaned count in\n{text}"));
+    assert!(cleaned.ends_with(" 1"), "{cleaned}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_freed_root_port_ends_the_backoff_of_who_waits_for_one() {
+    let mut agent = agent(
+        FakeNet::with_pod_links(&[&pod("blue"), &pod("red")]),
+        FakeHyp::new(1),
+    );
+    agent.reconcile(&vmi(&["blue", "red"])).await.unwrap();
+    let red = agent.status().interfaces[1].clone();
+    assert_eq!(red.phase, Phase::Failed);
+    assert_eq!(
+        red.message.as_deref(),
+        Some("no free PCIe root port for hotplug: 4 of 4 in use")
+    );
+    // blue goes: its port frees; red does not wait out its backoff.
+    let spec = vmi_with(&["blue"], r#","state":"absent""#);
+    let mut spec_red = vmi(&["red"]);
+    spec_red.interfaces.insert(0, spec.interfaces[0].clone());
+    agent.reconcile(&spec_red).await.unwrap();
+    settle().await;
+    agent.reconcile(&spec_red).await.unwrap();
+    assert_eq!(
+        phases(&agent),
+        [
+            ("blue".to_string(), Phase::Detached),
+            ("red".to_string(), Phase::Ready)
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_interface_attached_while_the_guest_agent_is_not_up_yet_is_polled_fast() {
+    let hyp = FakeHyp::new(4);
+    *hyp.agent_connected.lock().unwrap() = false;
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), hyp);
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    assert_eq!(phases(&agent)[0].1, Phase::Attached);
+    // The guest's agent connects (the guest finished booting).
+    *agent.hyp.agent_connected.lock().unwrap() = true;
+    let next = agent.report.next_wake().expect("a guest poll is due");
+    assert!(
+        next <= Instant::now() + Duration::from_secs(2),
+        "the next guest poll is {:?} away, not a fast poll",
+        next - Instant::now()
+    );
+    tokio::time::sleep_until(next).await;
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    assert_eq!(phases(&agent)[0].1, Phase::Ready);
+}
+
+#[tokio::test]
+async fn a_device_of_a_shut_off_domain_is_not_attached() {
+    let vmi = vmi(&["blue"]);
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), FakeHyp::new(4));
+    agent.reconcile(&vmi).await.unwrap();
+    agent.hyp.domain.lock().unwrap().running = false;
+    agent.reconcile(&vmi).await.unwrap();
+    let status = &agent.status().interfaces[0];
+    assert_eq!(status.phase, Phase::Pending);
+    assert_eq!(status.message.as_deref(), Some("the domain is not running"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_libvirt_gone_passes_back_off_and_readiness_says_why() {
+    let readiness = Arc::new(Readiness::new());
+    let config = AgentConfig {
+        readiness: Some(readiness.clone()),
+        ..AgentConfig::default()
+    };
+    // red fails first (no root port), so its retry time passes during the outage.
+    let agent = Agent::new(
+        FakeNet::with_pod_links(&[&pod("blue"), &pod("red")]),
+        FakeHyp::new(1),
+        config,
+    );
+    let stop = CancellationToken::new();
+    *agent.hyp.stop_after_reads.lock().unwrap() = Some((200, stop.clone()));
+    let hyp = agent.hyp.clone();
+    let (spec_tx, spec_rx) = watch::channel(Some(vmi(&["blue", "red"])));
+    let wake = Arc::new(Notify::new());
+    let run = tokio::spawn(agent.run(spec_rx, wake, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!readiness.missing().contains(&"netlink"));
+    assert!(!readiness.missing().contains(&"libvirt"));
+    *hyp.unreachable.lock().unwrap() = true;
+    let reads_before = *hyp.domain_reads.lock().unwrap();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let reads = *hyp.domain_reads.lock().unwrap() - reads_before;
+    assert!(
+        (2..=12).contains(&reads),
+        "{reads} passes in 20 s of outage (backoff from 250 ms to 5 s)"
+    );
+    // (The spec part is the spec source's to set, not the loop's.)
+    let not_ready = readiness.not_ready();
+    let libvirt = not_ready.iter().find(|(part, _)| *part == "libvirt");
+    assert!(
+        libvirt.is_some_and(|(_, why)| why.contains("No such file")),
+        "{not_ready:?}"
+    );
+    assert!(!readiness.missing().contains(&"netlink"));
+    *hyp.unreachable.lock().unwrap() = false;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(!readiness.missing().contains(&"libvirt"));
+    stop.cancel();
+    run.await.unwrap();
+    drop(spec_tx);
+}
+
+/// Properties over generated specs and pod namespaces: applying the plan to
+/// the fakes converges (planning again finds nothing to do), and no step
+/// ever names a link nicplug does not own.
+mod properties {
+    use super::*;
+    use crate::plan::Observed;
+    use proptest::prelude::*;
+
+    const NETWORKS: [&str; 4] = ["red", "blue", "green", "yellow"];
+
+    #[derive(Debug, Clone)]
+    struct NetCase {
+        in_spec: bool,
+        state: &'static str,
+        mac: Option<u8>,
+        pod_link: bool,
+    }
+
+    fn net_case() -> impl Strategy<Value = NetCase> {
+        (
+            any::<bool>(),
+            prop_oneof![Just("up"), Just("down"), Just("absent")],
+            proptest::option::of(0u8..3),
+            any::<bool>(),
+        )
+            .prop_map(|(in_spec, state, mac, pod_link)| NetCase {
+                in_spec,
+                state,
+                mac,
+                pod_link,
+            })
+    }
+
+    fn spec(cases: &[NetCase], states: bool) -> Vmi {
+        let mut ifaces = Vec::new();
+        let mut nets = Vec::new();
+        for (name, case) in NETWORKS.iter().zip(cases).filter(|(_, c)| c.in_spec) {
+            let mut extra = String::new();
+            if states {
+                extra.push_str(&format!(r#","state":"{}""#, case.state));
+            }
+            if let Some(m) = case.mac {
+                extra.push_str(&format!(r#","macAddress":"02:00:00:00:00:0{m}""#));
+            }
+            ifaces.push(format!(r#"{{"name":"{name}","bridge":{{}}{extra}}}"#));
+            nets.push(format!(
+                r#"{{"name":"{name}","multus":{{"networkName":"{name}"}}}}"#
+            ));
+        }
+        Vmi::parse(&format!(
+            r#"{{"kind":"VirtualMachineInstance","metadata":{{"name":"vm","namespace":"ns"}},"spec":{{"domain":{{"devices":{{"interfaces":[{}]}}}},"networks":[{}]}}}}"#,
+            ifaces.join(","),
+            nets.join(",")
+        ))
+        .unwrap()
+    }
+
+    /// Links nicplug must never touch.
+    fn decoys() -> Vec<Link> {
+        vec![
+            Link {
+                addresses: vec!["169.254.200.1/24".parse().unwrap()],
+                ..link(50, "eth0", LinkKind::Veth)
+            },
+            Link {
+                alias: Some("not a record".into()),
+                ..link(51, pod("decoy").as_str(), LinkKind::Veth)
+            },
+            link(52, "k6t-foreign", LinkKind::Bridge),
+            Link {
+                master: Some(52),
+                ..link(53, "tapforeign", LinkKind::Tun)
+            },
+            Link {
+                addresses: vec!["169.254.201.1/24".parse().unwrap()],
+                ..link(54, "veth-other", LinkKind::Veth)
+            },
+        ]
+    }
+
+    fn owned(name: &IfName) -> bool {
+        NETWORKS.iter().any(|n| {
+            let pod = crate::model::names::hashed_pod_iface(n);
+            let names = crate::model::PlumbingNames::for_pod_iface(&pod);
+            [&names.pod, &names.bridge, &names.tap].contains(&name)
+        })
+    }
+
+    fn links_named(step: &Step) -> Vec<&IfName> {
+        match step {
+            Step::RecordPodLink { pod, .. } | Step::ReleasePodLink { pod, .. } => vec![pod],
+            Step::EnsureBridge { bridge, .. } => vec![bridge],
+            Step::EnslavePodLink { pod, bridge, .. } => vec![pod, bridge],
+            Step::EnsureTap { spec, bridge } => vec![&spec.name, bridge],
+            Step::DeleteLink { name } => vec![name],
+            Step::Attach { .. } | Step::Detach { .. } | Step::SetLinkState { .. } => vec![],
+        }
+    }
+
+    /// Plans against the fakes' current state.
+    fn plan_now(agent: &Agent<FakeNet, FakeHyp>, vmi: &Vmi) -> Vec<InterfacePlan> {
+        let links = agent.net.links.lock().unwrap().clone();
+        let domain = agent.hyp.domain.lock().unwrap().clone();
+        crate::plan::plan(
+            vmi,
+            &Observed {
+                links: &links,
+                domain: Some(&domain),
+                tap_owner: Some(Owner { uid: 107, gid: 107 }),
+                clean_kubevirt_leftovers: false,
+            },
+        )
+    }
+
+    async fn converge(agent: &mut Agent<FakeNet, FakeHyp>, vmi: &Vmi) {
+        for _ in 0..6 {
+            for plan in plan_now(agent, vmi) {
+                for step in &plan.steps {
+                    for name in links_named(step) {
+                        assert!(owned(name), "{} names {name}: {plan:?}", step.name());
+                    }
+                }
+            }
+            agent.reconcile(vmi).await.unwrap();
+            settle().await;
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        #[test]
+        fn plans_converge_and_touch_only_what_nicplug_owns(
+            before in proptest::collection::vec(net_case(), 4),
+            after in proptest::collection::vec(net_case(), 4),
+            free_ports in 0usize..=4,
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let mut net = FakeNet::with_pod_links(&[]);
+                for (i, (name, case)) in NETWORKS.iter().zip(&before).enumerate() {
+                    if case.pod_link {
+                        net.links.get_mut().unwrap().push(Link {
+                            addresses: vec![format!("169.254.{i}.5/24").parse().unwrap()],
+                            ..link(10 + i as u32, pod(name).as_str(), LinkKind::Veth)
+                        });
+                    }
+                }
+                net.links.get_mut().unwrap().extend(decoys());
+                let mut agent = agent(net, FakeHyp::new(free_ports));
+                // A first spec plugs some, then another changes, unplugs or
+                // drops them: departed networks and leftovers included.
+                let first = spec(&before, false);
+                converge(&mut agent, &first).await;
+                let second = spec(&after, true);
+                converge(&mut agent, &second).await;
+                let left: Vec<_> = plan_now(&agent, &second)
+                    .into_iter()
+                    .filter(|p| !p.steps.is_empty())
+                    .collect();
+                assert!(left.is_empty(), "not converged: {left:?}");
+                let links = agent.net.links.lock().unwrap().clone();
+                for decoy in decoys() {
+                    assert!(links.contains(&decoy), "decoy changed: {decoy:?} in {links:?}");
+                }
+            });
+        }
+    }
 }

@@ -5,8 +5,8 @@
 //! | -------------- | ---------------------------------------------------------- |
 //! | `GET /status`  | the [`StatusDocument`] as JSON                             |
 //! | `GET /healthz` | `200 ok` while the process serves requests                 |
-//! | `GET /readyz`  | `200 ok` once libvirt, netlink and the spec are available, |
-//! |                | else `503 not ready: <missing parts>`                      |
+//! | `GET /readyz`  | `200 ok` while libvirt, netlink and the spec are available,  |
+//! |                | else `503 not ready: <part (reason)>, ..`                  |
 //! | `GET /metrics` | [`Metrics::encode`], OpenMetrics text                      |
 //!
 //! Anything else is `404`; another method on these paths is `405`.
@@ -41,7 +41,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -66,49 +66,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long probing an existing socket may take before it counts as live.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// What the agent needs before it can do its work; `/readyz` reports it.
-/// Each part is set by whoever owns the connection, and cleared again when it
-/// is lost, so readiness follows reality rather than startup order.
-#[derive(Debug, Default)]
-pub struct Readiness {
-    libvirt: AtomicBool,
-    netlink: AtomicBool,
-    spec: AtomicBool,
-}
-
-impl Readiness {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// The libvirt connection is open and the domain's events are subscribed.
-    pub fn set_libvirt(&self, ready: bool) {
-        self.libvirt.store(ready, Ordering::Relaxed);
-    }
-
-    /// The netlink subscription and socket are open.
-    pub fn set_netlink(&self, ready: bool) {
-        self.netlink.store(ready, Ordering::Relaxed);
-    }
-
-    /// A valid VMI spec has been read.
-    pub fn set_spec(&self, ready: bool) {
-        self.spec.store(ready, Ordering::Relaxed);
-    }
-
-    /// The parts that are not ready, in a fixed order.
-    pub fn missing(&self) -> Vec<&'static str> {
-        [
-            ("libvirt", &self.libvirt),
-            ("netlink", &self.netlink),
-            ("spec", &self.spec),
-        ]
-        .into_iter()
-        .filter(|(_, ready)| !ready.load(Ordering::Relaxed))
-        .map(|(name, _)| name)
-        .collect()
-    }
-}
+pub use crate::health::Readiness;
 
 /// What the handlers read. The status comes through a watch channel so the
 /// reconcile loop publishes each new document without waiting for readers.
@@ -190,13 +148,17 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(state): State<ApiState>) -> Response {
-    let missing = state.readiness.missing();
-    if missing.is_empty() {
+    let not_ready = state.readiness.not_ready();
+    if not_ready.is_empty() {
         "ok\n".into_response()
     } else {
+        let parts: Vec<String> = not_ready
+            .iter()
+            .map(|(part, reason)| format!("{part} ({reason})"))
+            .collect();
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}\n", missing.join(", ")),
+            format!("not ready: {}\n", parts.join(", ")),
         )
             .into_response()
     }

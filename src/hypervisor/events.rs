@@ -39,9 +39,13 @@ pub enum DomainEvent {
         domain: String,
         connected: bool,
     },
+    /// The connection to the daemon closed (daemon stopped or restarted,
+    /// keepalive timeout): whatever was read through it may be stale.
+    ConnectionClosed,
 }
 
 impl DomainEvent {
+    /// The domain the event is about; empty for connection events.
     pub fn domain(&self) -> &str {
         match self {
             DomainEvent::DeviceAdded { domain, .. }
@@ -49,6 +53,7 @@ impl DomainEvent {
             | DomainEvent::DeviceRemovalFailed { domain, .. }
             | DomainEvent::Lifecycle { domain }
             | DomainEvent::AgentLifecycle { domain, .. } => domain,
+            DomainEvent::ConnectionClosed => "",
         }
     }
 }
@@ -104,6 +109,7 @@ type AgentLifecycleCallback =
 pub struct Registration {
     conn: Connect,
     ids: Vec<c_int>,
+    close_callback: bool,
 }
 
 impl Drop for Registration {
@@ -115,6 +121,13 @@ impl Drop for Registration {
                 sys::virConnectDomainEventDeregisterAny(self.conn.as_ptr(), *id);
             }
         }
+        if self.close_callback {
+            // SAFETY: as above; `connection_closed` is the callback that was
+            // registered on this connection.
+            unsafe {
+                sys::virConnectUnregisterCloseCallback(self.conn.as_ptr(), Some(connection_closed));
+            }
+        }
     }
 }
 
@@ -123,6 +136,7 @@ pub fn register(conn: &Connect, tx: &Sender) -> Result<Registration, HypervisorE
     let mut registration = Registration {
         conn: conn.clone(),
         ids: Vec::new(),
+        close_callback: false,
     };
     // SAFETY (all transmutes below): libvirt calls each callback with the
     // signature that belongs to its event ID; registering through the
@@ -177,7 +191,35 @@ pub fn register(conn: &Connect, tx: &Sender) -> Result<Registration, HypervisorE
         }
         registration.ids.push(id);
     }
+    let opaque = Box::into_raw(Box::new(tx.clone())).cast::<c_void>();
+    // SAFETY: as for the event callbacks above: `opaque` is reclaimed by
+    // `free_sender` once libvirt is done with it.
+    let rc = unsafe {
+        sys::virConnectRegisterCloseCallback(
+            conn.as_ptr(),
+            Some(connection_closed),
+            opaque,
+            Some(free_sender),
+        )
+    };
+    if rc < 0 {
+        // SAFETY: registration failed, so libvirt did not take `opaque`.
+        drop(unsafe { Box::from_raw(opaque.cast::<Sender>()) });
+        return Err(HypervisorError::Libvirt {
+            op: "register the connection close callback",
+            message: virt::error::Error::last_error().to_string(),
+        });
+    }
+    registration.close_callback = true;
     Ok(registration)
+}
+
+unsafe extern "C" fn connection_closed(_: sys::virConnectPtr, _reason: c_int, opaque: *mut c_void) {
+    // SAFETY: `opaque` is the Sender given at registration, alive until
+    // `free_sender` runs after the last callback.
+    let tx = unsafe { &*opaque.cast::<Sender>() };
+    tx.generation.fetch_add(1, Ordering::SeqCst);
+    let _ = tx.tx.send(DomainEvent::ConnectionClosed);
 }
 
 unsafe extern "C" fn free_sender(opaque: *mut c_void) {

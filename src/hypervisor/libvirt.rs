@@ -1,8 +1,19 @@
 //! [`Hypervisor`] over a real libvirt daemon (the `virt` crate).
 //!
-//! libvirt calls block, so each runs on tokio's blocking pool. The
-//! connection is reopened (and events re-registered) when libvirt reports it
-//! dead, e.g. after the daemon restarted.
+//! libvirt calls block, and a daemon can hang without closing its socket
+//! (stopped, deadlocked, or a socket that accepts and never answers). So no
+//! libvirt call ever runs on the async runtime: calls go as jobs to a
+//! [`Worker`], a thread of its own that also opens (and reopens) the
+//! connection, and every call waits for its answer with a timeout. A worker
+//! stuck in a call longer than that is abandoned and replaced (a bounded
+//! number of times), so one hung call never blocks the calls after it.
+//! Guest agent queries have their own worker: a slow agent must not delay an
+//! attach.
+//!
+//! Each call that fails because libvirt is unreachable or does not answer
+//! makes [`Hypervisor::unavailable`] say why, until a call succeeds again;
+//! the connection's close callback bumps the event generation (the cached
+//! domain is stale) and wakes the loop, so an outage is noticed at once.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,6 +26,7 @@ use virt_sys as sys;
 
 use super::domain_xml::{DomainState, parse_devices};
 use super::events::{self, DomainEvent, EventSink, Registration};
+use super::worker::Worker;
 use super::{GuestInterface, GuestView, Hypervisor, HypervisorError};
 use crate::model::{IpCidr, Owner};
 
@@ -45,6 +57,10 @@ struct CachedDomain {
     state: Option<(DomainState, Option<Owner>)>,
 }
 
+/// How long a call to the daemon (connect included) may take before
+/// libvirt counts as not answering. Normal calls take milliseconds.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long a guest agent query may take before the agent counts as not
 /// answering (the call itself goes on in the background).
 const AGENT_QUERY_TIMEOUT: Duration = Duration::from_secs(3);
@@ -52,15 +68,28 @@ const AGENT_QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 /// Safety net for events lost without a reconnect.
 const CACHE_MAX_AGE: Duration = Duration::from_secs(10);
 
-/// The live domain is cached between events: a reconcile woken by netlink
-/// costs no libvirt round trip, and every domain event (device added or
-/// removed, lifecycle) or own attach invalidates the cache.
-pub struct Libvirt {
+/// What the worker threads share: the connection, opened and reopened by
+/// whichever worker needs it, never on the async runtime.
+struct Shared {
     uri: String,
     events: EventSink,
     connection: Mutex<Option<Connection>>,
-    cache: Mutex<Option<CachedDomain>>,
+    /// Since when a worker is inside `Connect::open`; others fail rather
+    /// than queue behind a connect that may hang.
+    connecting: Mutex<Option<Instant>>,
     reconnects: AtomicU64,
+}
+
+/// The live domain is cached between events: a reconcile woken by netlink
+/// costs no libvirt round trip, and every domain event (device added or
+/// removed, lifecycle, connection closed) or own attach invalidates it.
+pub struct Libvirt {
+    shared: Arc<Shared>,
+    /// Domain reads, attach, detach, update.
+    control: Worker<Shared>,
+    /// Guest agent queries, which may be slow for reasons of the guest.
+    agent: Worker<Shared>,
+    cache: Mutex<Option<CachedDomain>>,
     agent_query_busy: Arc<AtomicBool>,
 }
 
@@ -71,67 +100,124 @@ fn libvirt_error(op: &'static str, e: virt::error::Error) -> HypervisorError {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    /// The live connection, reopened if libvirt closed it. Blocks: runs on a
+    /// worker thread only.
+    fn connection(&self) -> Result<Arc<Connect>, HypervisorError> {
+        {
+            let mut guard = lock(&self.connection);
+            if let Some(c) = guard.as_ref() {
+                if c.conn.is_alive().unwrap_or(false) {
+                    return Ok(c.conn.clone());
+                }
+                tracing::warn!(uri = %self.uri, "libvirt connection lost, reconnecting");
+                self.reconnects.fetch_add(1, Ordering::Relaxed);
+                self.events.generation.fetch_add(1, Ordering::SeqCst);
+                *guard = None;
+            }
+        }
+        {
+            let mut connecting = lock(&self.connecting);
+            if let Some(since) = *connecting {
+                return Err(HypervisorError::Connect {
+                    uri: self.uri.clone(),
+                    message: format!(
+                        "the connection attempt started {}s ago has not finished",
+                        since.elapsed().as_secs()
+                    ),
+                });
+            }
+            *connecting = Some(Instant::now());
+        }
+        let opened = self.open();
+        *lock(&self.connecting) = None;
+        let connection = opened?;
+        let conn = connection.conn.clone();
+        *lock(&self.connection) = Some(connection);
+        Ok(conn)
+    }
+
+    fn open(&self) -> Result<Connection, HypervisorError> {
+        events::ensure_event_loop()?;
+        // Errors come back as values; libvirt's default handler would also
+        // print each one to stderr.
+        virt::error::clear_error_callback();
+        let conn = Connect::open(Some(&self.uri)).map_err(|e| HypervisorError::Connect {
+            uri: self.uri.clone(),
+            message: e.message().to_string(),
+        })?;
+        let registration = events::register(&conn, &self.events)?;
+        Ok(Connection {
+            conn: Arc::new(conn),
+            _events: registration,
+        })
+    }
+}
+
 impl Libvirt {
-    /// Connects to `uri` and starts forwarding events of all domains into
-    /// `events` (the domain may not exist yet, e.g. on a migration target).
-    pub fn connect(
-        uri: &str,
-        events: broadcast::Sender<DomainEvent>,
-    ) -> Result<Self, HypervisorError> {
-        let libvirt = Self {
+    /// A handle on the daemon at `uri` that forwards events of all domains
+    /// into `events` (the domain may not exist yet, e.g. on a migration
+    /// target). Does no I/O: the first call connects, on a worker thread.
+    pub fn new(uri: &str, events: broadcast::Sender<DomainEvent>) -> Self {
+        let shared = Arc::new(Shared {
             uri: uri.to_string(),
             events: EventSink {
                 tx: events,
                 generation: Arc::default(),
             },
             connection: Mutex::new(None),
-            cache: Mutex::new(None),
+            connecting: Mutex::new(None),
             reconnects: AtomicU64::new(0),
+        });
+        Self {
+            control: Worker::new("control", shared.clone()),
+            agent: Worker::new("agent", shared.clone()),
+            shared,
+            cache: Mutex::new(None),
             agent_query_busy: Arc::default(),
-        };
-        libvirt.connection()?;
+        }
+    }
+
+    /// Like [`Libvirt::new`], then connects on the calling thread (blocks;
+    /// for tools and benchmarks outside the agent).
+    pub fn connect(
+        uri: &str,
+        events: broadcast::Sender<DomainEvent>,
+    ) -> Result<Self, HypervisorError> {
+        let libvirt = Self::new(uri, events);
+        libvirt.shared.connection()?;
         Ok(libvirt)
     }
 
-    /// The live connection, reopened if libvirt closed it.
-    fn connection(&self) -> Result<Arc<Connect>, HypervisorError> {
-        let mut guard = self.connection.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = guard.as_ref() {
-            if c.conn.is_alive().unwrap_or(false) {
-                return Ok(c.conn.clone());
-            }
-            tracing::warn!(uri = %self.uri, "libvirt connection lost, reconnecting");
-            self.reconnects.fetch_add(1, Ordering::Relaxed);
-            self.invalidate();
-            *guard = None;
-        }
-        events::ensure_event_loop()?;
-        // Errors come back as values; libvirt's default handler would also
-        // print each one to stderr.
-        virt::error::clear_error_callback();
-        let conn = Connect::open(Some(&self.uri)).map_err(|e| libvirt_error("connect", e))?;
-        let registration = events::register(&conn, &self.events)?;
-        let conn = Arc::new(conn);
-        *guard = Some(Connection {
-            conn: conn.clone(),
-            _events: registration,
-        });
-        Ok(conn)
+    /// Runs `f` with the connection and the domain name on `worker`.
+    async fn call<T: Send + 'static>(
+        &self,
+        worker: &Worker<Shared>,
+        op: &'static str,
+        timeout: Duration,
+        domain: &str,
+        f: impl FnOnce(&Connect, &str) -> Result<T, HypervisorError> + Send + 'static,
+    ) -> Result<T, HypervisorError> {
+        let domain = domain.to_string();
+        worker
+            .call(timeout, move |shared: &Shared| {
+                shared.connection().and_then(|conn| f(&conn, &domain))
+            })
+            .await
+            .map_err(|source| HypervisorError::Unresponsive { op, source })?
     }
 
     async fn blocking<T: Send + 'static>(
         &self,
+        op: &'static str,
         domain: &str,
         f: impl FnOnce(&Connect, &str) -> Result<T, HypervisorError> + Send + 'static,
     ) -> Result<T, HypervisorError> {
-        let conn = self.connection()?;
-        let domain = domain.to_string();
-        tokio::task::spawn_blocking(move || f(&conn, &domain))
-            .await
-            .map_err(|e| HypervisorError::Libvirt {
-                op: "run a libvirt call",
-                message: e.to_string(),
-            })?
+        self.call(&self.control, op, CALL_TIMEOUT, domain, f).await
     }
 }
 
@@ -181,14 +267,14 @@ impl Hypervisor for Libvirt {
         timeout: Duration,
     ) -> Result<(), HypervisorError> {
         // Subscribe before the call: DEVICE_ADDED can beat the call's return.
-        let mut rx = self.events.tx.subscribe();
+        let mut rx = self.shared.events.tx.subscribe();
         let xml = device_xml.to_string();
         self.invalidate();
         let mut flags = sys::VIR_DOMAIN_AFFECT_LIVE;
         if persistent {
             flags |= sys::VIR_DOMAIN_AFFECT_CONFIG;
         }
-        self.blocking(domain, move |conn, name| {
+        self.blocking("attach the device", domain, move |conn, name| {
             let dom = lookup(conn, name)?.ok_or_else(|| HypervisorError::NoDomain(name.into()))?;
             dom.attach_device_flags(&xml, flags)
                 .map_err(|e| libvirt_error("attach the device", e))
@@ -218,11 +304,11 @@ impl Hypervisor for Libvirt {
         persistent: bool,
         timeout: Duration,
     ) -> Result<(), HypervisorError> {
-        let mut rx = self.events.tx.subscribe();
+        let mut rx = self.shared.events.tx.subscribe();
         self.invalidate();
         let alias_owned = alias.to_string();
         let requested = self
-            .blocking(domain, move |conn, name| {
+            .blocking("detach the device", domain, move |conn, name| {
                 let Some(dom) = lookup(conn, name)? else {
                     return Ok(false);
                 };
@@ -294,7 +380,7 @@ impl Hypervisor for Libvirt {
         let xml = super::domain_xml::with_link_state(interface_xml, up)?;
         self.invalidate();
         let result = self
-            .blocking(domain, move |conn, name| {
+            .blocking("update the link state", domain, move |conn, name| {
                 let dom =
                     lookup(conn, name)?.ok_or_else(|| HypervisorError::NoDomain(name.into()))?;
                 let mut flags = sys::VIR_DOMAIN_AFFECT_LIVE;
@@ -310,7 +396,7 @@ impl Hypervisor for Libvirt {
     }
 
     fn reconnects(&self) -> u64 {
-        self.reconnects.load(Ordering::Relaxed)
+        self.shared.reconnects.load(Ordering::Relaxed)
     }
 
     /// `virDomainInterfaceAddresses` with the agent as source. A hung agent
@@ -320,9 +406,16 @@ impl Hypervisor for Libvirt {
         if self.agent_query_busy.swap(true, Ordering::SeqCst) {
             return Ok(None);
         }
-        let busy = self.agent_query_busy.clone();
-        let query = self.blocking(domain, move |conn, name| {
-            let result = (|| {
+        // Cleared when the job is done with, run or not.
+        let busy = ClearOnDrop(self.agent_query_busy.clone());
+        let op = "query the guest agent";
+        let query = self.call(
+            &self.agent,
+            op,
+            AGENT_QUERY_TIMEOUT,
+            domain,
+            move |conn, name| {
+                let _busy = busy;
                 let Some(dom) = lookup(conn, name)? else {
                     return Ok(GuestView::NotConnected("the domain is not defined".into()));
                 };
@@ -337,17 +430,15 @@ impl Hypervisor for Libvirt {
                     {
                         Ok(GuestView::NotConnected(e.message().to_string()))
                     }
-                    Err(e) => Err(libvirt_error("query the guest agent", e)),
+                    Err(e) => Err(libvirt_error(op, e)),
                 }
-            })();
-            busy.store(false, Ordering::SeqCst);
-            result
-        });
-        match tokio::time::timeout(AGENT_QUERY_TIMEOUT, query).await {
-            Ok(result) => result.map(Some),
-            Err(_) => Ok(Some(GuestView::NotConnected(format!(
-                "the guest agent did not answer within {AGENT_QUERY_TIMEOUT:?}"
-            )))),
+            },
+        );
+        match query.await {
+            Err(HypervisorError::Unresponsive { .. }) => Ok(Some(GuestView::NotConnected(
+                format!("the guest agent did not answer within {AGENT_QUERY_TIMEOUT:?}"),
+            ))),
+            other => other.map(Some),
         }
     }
 
@@ -365,13 +456,13 @@ impl Hypervisor for Libvirt {
         }
         Ok(label
             .or_else(|| qemu_process_owner(domain))
-            .or_else(|| session_socket_owner(&self.uri)))
+            .or_else(|| session_socket_owner(&self.shared.uri)))
     }
 }
 
 impl Libvirt {
     fn invalidate(&self) {
-        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *lock(&self.cache) = None;
     }
 
     async fn read_cached(
@@ -380,12 +471,8 @@ impl Libvirt {
     ) -> Result<Option<(DomainState, Option<Owner>)>, HypervisorError> {
         // Read the generation before the domain: an event racing the read
         // makes the entry stale rather than wrongly fresh.
-        let generation = self.events.generation.load(Ordering::SeqCst);
-        if let Some(c) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
+        let generation = self.shared.events.generation.load(Ordering::SeqCst);
+        if let Some(c) = lock(&self.cache).as_ref()
             && c.name == domain
             && c.generation == generation
             && c.read_at.elapsed() < CACHE_MAX_AGE
@@ -393,8 +480,10 @@ impl Libvirt {
             return Ok(c.state.clone());
         }
         tracing::debug!(domain, "reading the live domain");
-        let state = self.blocking(domain, read_domain).await?;
-        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = Some(CachedDomain {
+        let state = self
+            .blocking("read the live domain", domain, read_domain)
+            .await?;
+        *lock(&self.cache) = Some(CachedDomain {
             name: domain.to_string(),
             generation,
             read_at: Instant::now(),
@@ -443,6 +532,15 @@ impl Libvirt {
             .domain(domain)
             .await?
             .is_some_and(|d| d.interface_by_alias(alias).is_some()))
+    }
+}
+
+/// Clears a flag when dropped.
+struct ClearOnDrop(Arc<AtomicBool>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 

@@ -24,6 +24,7 @@ pub mod device_xml;
 pub mod domain_xml;
 pub mod events;
 pub mod libvirt;
+pub mod worker;
 
 pub use domain_xml::{DomainInterface, DomainState};
 
@@ -31,6 +32,16 @@ pub use domain_xml::{DomainInterface, DomainState};
 pub enum HypervisorError {
     #[error("libvirt: {op} failed: {message}")]
     Libvirt { op: &'static str, message: String },
+    #[error("cannot connect to libvirt at {uri}: {message}")]
+    Connect { uri: String, message: String },
+    /// The daemon did not answer in time (hung, stopped, or a socket that
+    /// accepts and never answers).
+    #[error("libvirt did not answer ({op})")]
+    Unresponsive {
+        op: &'static str,
+        #[source]
+        source: worker::CallError,
+    },
     #[error("domain {0} not found")]
     NoDomain(String),
     #[error("cannot parse the domain XML")]

@@ -11,8 +11,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::hypervisor::DomainState;
 use crate::hypervisor::device_xml::InterfaceDevice;
+use crate::hypervisor::{DomainInterface, DomainState};
 use crate::model::names::is_ordinal_pod_iface;
 use crate::model::record::RecordError;
 use crate::model::vmi::{PodIfaceScheme, SpecInterface, SpecState, Vmi};
@@ -131,6 +131,9 @@ pub struct InterfacePlan {
     pub rollback: Vec<Step>,
     /// The network left the spec: its status entry goes once it is unplugged.
     pub departed: bool,
+    /// Failed for want of a free PCIe root port: worth retrying as soon as
+    /// one frees, whatever the backoff says.
+    pub needs_root_port: bool,
 }
 
 impl InterfacePlan {
@@ -144,6 +147,7 @@ impl InterfacePlan {
             steps: Vec::new(),
             rollback: Vec::new(),
             departed: false,
+            needs_root_port: false,
         }
     }
 
@@ -194,14 +198,28 @@ pub fn pod_iface_scheme(vmi: &Vmi, links: &[Link]) -> PodIfaceScheme {
 /// networks nicplug plugged that have left the spec.
 pub fn plan(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
     let scheme = pod_iface_scheme(vmi, observed.links);
-    let mut free_ports = observed.domain.map_or(0, |d| d.root_ports.free);
+    let mut budget = Budget {
+        free_ports: observed.domain.map_or(0, |d| d.root_ports.free),
+        macs: observed
+            .domain
+            .map(|d| d.interfaces.iter().filter_map(|i| i.mac).collect())
+            .unwrap_or_default(),
+    };
     let mut plans: Vec<InterfacePlan> = vmi
         .interfaces
         .iter()
-        .map(|spec| plan_interface(vmi, spec, scheme, observed, &mut free_ports))
+        .map(|spec| plan_interface(vmi, spec, scheme, observed, &mut budget))
         .collect();
     plans.extend(plan_departed(vmi, observed));
     plans
+}
+
+/// What the plugs of one pass share and use up, in spec order.
+struct Budget {
+    /// Root ports neither in use nor taken by an earlier plug of this pass.
+    free_ports: usize,
+    /// MACs of the domain's devices and of earlier plugs of this pass.
+    macs: Vec<Mac>,
 }
 
 fn plan_interface(
@@ -209,7 +227,7 @@ fn plan_interface(
     spec: &SpecInterface,
     scheme: PodIfaceScheme,
     observed: &Observed<'_>,
-    free_ports: &mut usize,
+    budget: &mut Budget,
 ) -> InterfacePlan {
     if let Some(reason) = spec.unsupported_reason() {
         return InterfacePlan::new(&spec.name, Phase::Unsupported).with_message(reason);
@@ -236,7 +254,12 @@ fn plan_interface(
         );
     }
     if let Some(device) = device {
-        // Attached by nicplug or by KubeVirt: adopt it, never re-plumb it.
+        if !domain.running {
+            // In the definition, not in a guest that runs here (shut off,
+            // or a migration still arriving).
+            return plan.with_message("the domain is not running");
+        }
+        // Attached by nicplug or by KubeVirt: adopt it.
         let pod_gone = observed.link(&names.pod).is_none();
         if pod_gone && domain.running && !kubevirt_layout && observed.link(&names.bridge).is_some()
         {
@@ -257,6 +280,9 @@ fn plan_interface(
         if let Some(pod) = observed.link(&names.pod)
             && !kubevirt_layout
         {
+            if let Some(repair) = repair_plumbing(spec, &names, pod, device, observed, domain) {
+                return repair.apply_to(plan);
+            }
             plan.steps.extend(clear_late_addresses(pod, &names));
         }
         let want_up = spec.state != SpecState::Down;
@@ -284,7 +310,104 @@ fn plan_interface(
         plan.steps = teardown(&names, observed);
         return plan.with_message(format!("waiting for pod interface {}", names.pod));
     };
-    plug(vmi, spec, &names, pod, observed, domain, free_ports, plan)
+    plug(vmi, spec, &names, pod, observed, domain, budget, plan)
+}
+
+/// How to put back plumbing that went missing under a live device.
+struct Repair {
+    missing: Vec<String>,
+    steps: Vec<Step>,
+    /// The tap was gone: QEMU's handle on it is dead, so the device is
+    /// detached and the next pass attaches it again on the new tap.
+    reattach: Option<Step>,
+}
+
+impl Repair {
+    fn apply_to(self, mut plan: InterfacePlan) -> InterfacePlan {
+        let missing = self.missing.join(", ");
+        plan.steps = self.steps;
+        let message = match self.reattach {
+            Some(detach) => {
+                plan.steps.push(detach);
+                plan.phase = Phase::Detaching;
+                format!(
+                    "{missing} missing under the live device: recreated, re-attaching the device"
+                )
+            }
+            None => format!("{missing} missing under the live device: recreated"),
+        };
+        plan.with_message(message)
+    }
+}
+
+/// Checks the plumbing under a device nicplug plugged (its record names
+/// this network and the device uses its tap): someone may have deleted or
+/// unplugged part of it. Level-triggered, like everything else: what is
+/// missing is recreated on the next pass.
+fn repair_plumbing(
+    spec: &SpecInterface,
+    names: &PlumbingNames,
+    pod: &Link,
+    device: &DomainInterface,
+    observed: &Observed<'_>,
+    domain: &DomainState,
+) -> Option<Repair> {
+    let record = record_of(pod)?.ok()?;
+    if record.network.as_deref() != Some(spec.name.as_str())
+        || device.target_dev.as_deref() != Some(names.tap.as_str())
+    {
+        return None;
+    }
+    let bridge = observed
+        .link(&names.bridge)
+        .filter(|b| b.kind == LinkKind::Bridge && b.up);
+    let tap = observed.link(&names.tap);
+    let enslaved = |link: &Link| bridge.is_some_and(|b| link.master == Some(b.index)) && link.up;
+    let mut repair = Repair {
+        missing: Vec::new(),
+        steps: Vec::new(),
+        reattach: None,
+    };
+    if bridge.is_none() {
+        repair.missing.push(format!("bridge {}", names.bridge));
+        repair.steps.push(Step::EnsureBridge {
+            bridge: names.bridge.clone(),
+            mac: Mac::locally_administered_from(names.pod.as_str()),
+        });
+    }
+    if !enslaved(pod) {
+        repair
+            .missing
+            .push(format!("pod interface {} on the bridge", names.pod));
+        repair.steps.push(Step::EnslavePodLink {
+            pod: names.pod.clone(),
+            bridge: names.bridge.clone(),
+            mac: Mac::locally_administered_from(names.pod.as_str()),
+        });
+    }
+    if !tap.is_some_and(enslaved) {
+        let owner = observed.tap_owner?;
+        repair.missing.push(match tap {
+            Some(_) => format!("tap {} on the bridge", names.tap),
+            None => format!("tap {}", names.tap),
+        });
+        repair.steps.push(Step::EnsureTap {
+            spec: TapSpec {
+                name: names.tap.clone(),
+                owner,
+                mtu: record.mtu,
+                multi_queue: device.queues.is_some_and(|q| q > 1),
+            },
+            bridge: names.bridge.clone(),
+        });
+        if tap.is_none() {
+            repair.reattach = Some(Step::Detach {
+                alias: spec.alias(),
+                persistent: domain.persistent,
+            });
+        }
+    }
+    (!repair.missing.is_empty()).then_some(repair)
 }
 
 /// An enslaved pod link carries no address; one that CNI added late (after
@@ -524,7 +647,7 @@ fn plug(
     pod: &Link,
     observed: &Observed<'_>,
     domain: &DomainState,
-    free_ports: &mut usize,
+    budget: &mut Budget,
     mut plan: InterfacePlan,
 ) -> InterfacePlan {
     let fail = |mut plan: InterfacePlan, message: String| {
@@ -572,6 +695,20 @@ fn plug(
         Some(Err(e)) => return fail(plan, format!("macAddress of {}: {e}", spec.name)),
         None => record.mac,
     };
+    let source = if spec.mac.is_some() {
+        "macAddress".to_string()
+    } else {
+        format!("the MAC of pod interface {}", names.pod)
+    };
+    if vm_mac.is_multicast() || vm_mac.octets() == [0; 6] {
+        return fail(plan, format!("{source} {vm_mac} is not a unicast address"));
+    }
+    if budget.macs.contains(&vm_mac) {
+        return fail(
+            plan,
+            format!("{source} {vm_mac} is already used by another device of the domain"),
+        );
+    }
     plan.mac = Some(vm_mac);
 
     if let Some(master) = pod.master {
@@ -593,15 +730,18 @@ fn plug(
             "cannot tell which user QEMU runs as; pass --tap-owner".into(),
         );
     };
-    if *free_ports == 0 {
+    if budget.free_ports == 0 {
+        // Counted as this pass leaves them: in use, or taken by an earlier plug.
         let total = domain.root_ports.total;
-        let used = total - domain.root_ports.free;
-        return fail(
+        let mut plan = fail(
             plan,
-            format!("no free PCIe root port for hotplug: {used} of {total} in use"),
+            format!("no free PCIe root port for hotplug: {total} of {total} in use"),
         );
+        plan.needs_root_port = true;
+        return plan;
     }
-    *free_ports -= 1;
+    budget.free_ports -= 1;
+    budget.macs.push(vm_mac);
 
     let device = InterfaceDevice {
         network: spec.name.clone(),

@@ -274,6 +274,7 @@ fn root_ports_are_shared_in_spec_order() {
     let b = Link {
         index: 4,
         name: crate::model::names::hashed_pod_iface("b"),
+        mac: Some(Mac::from_bytes([0x0a, 0x58, 0, 0, 0, 4])),
         ..fresh_pod_link()
     };
     let links = [eth0(), a, b];
@@ -286,7 +287,7 @@ fn root_ports_are_shared_in_spec_order() {
             .message
             .as_deref()
             .unwrap()
-            .contains("3 of 4 in use")
+            .contains("4 of 4 in use")
     );
 }
 
@@ -630,4 +631,103 @@ fn kubevirts_leftovers_go_only_in_coexistence_mode_and_only_when_unused() {
             .all(|p| !p.steps.iter().any(|s| matches!(s, Step::DeleteLink { .. })))
     );
     assert!(plan(&empty, &observed(&leftovers, Some(&gone))).is_empty());
+}
+
+#[test]
+fn plumbing_missing_under_a_live_device_is_rebuilt() {
+    let vmi = vmi("");
+    let dom = domain(3, vec![attached_device(true)]);
+    // The bridge was deleted: pod link and tap fell off it.
+    let mut links: Vec<Link> = plumbed_links()
+        .into_iter()
+        .filter(|l| l.name.as_str() != BRIDGE)
+        .collect();
+    for l in &mut links {
+        l.master = None;
+    }
+    let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
+    assert_eq!(
+        step_names(p),
+        ["ensure-bridge", "enslave-pod-link", "ensure-tap"]
+    );
+    assert_eq!(p.phase, Phase::Attached);
+    assert!(
+        p.message.as_deref().unwrap().contains("bridge k6t-"),
+        "{p:?}"
+    );
+    // The tap was deleted: QEMU's handle on it is dead, so it is recreated
+    // and the device detached, to be attached again on the new tap.
+    let links: Vec<Link> = plumbed_links()
+        .into_iter()
+        .filter(|l| l.name.as_str() != TAP)
+        .collect();
+    let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
+    assert_eq!(step_names(p), ["ensure-tap", "detach-device"]);
+    assert_eq!(p.phase, Phase::Detaching);
+    // A device KubeVirt attached (no record naming the network) is not ours to repair.
+    let mut links = plumbed_links();
+    links.retain(|l| l.name.as_str() != TAP);
+    links[1].alias = None;
+    let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
+    assert!(p.steps.is_empty(), "{p:?}");
+}
+
+#[test]
+fn a_mac_that_is_not_a_unique_unicast_address_is_refused() {
+    let vmi_with_mac = |mac: &str| vmi(&format!(r#","macAddress":"{mac}""#));
+    let links = [eth0(), fresh_pod_link()];
+    let dom = domain(4, vec![]);
+    for mac in [
+        "00:00:00:00:00:00",
+        "01:00:5e:00:00:01",
+        "ff:ff:ff:ff:ff:ff",
+    ] {
+        let p = &plan(&vmi_with_mac(mac), &observed(&links, Some(&dom)))[1];
+        assert_eq!(p.phase, Phase::Failed, "{mac}");
+        let message = p.message.as_deref().unwrap();
+        assert!(
+            message.contains("unicast") || message.contains("multicast"),
+            "{p:?}"
+        );
+        assert!(!step_names(p).contains(&"attach-device"));
+    }
+    // Another device of the domain has the MAC already.
+    let other = DomainInterface {
+        alias: Some("ua-other".into()),
+        mac: Some("02:00:00:00:00:09".parse().unwrap()),
+        ..Default::default()
+    };
+    let dom = domain(4, vec![other]);
+    let p = &plan(
+        &vmi_with_mac("02:00:00:00:00:09"),
+        &observed(&links, Some(&dom)),
+    )[1];
+    assert_eq!(p.phase, Phase::Failed);
+    assert!(
+        p.message.as_deref().unwrap().contains("already used"),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn a_shut_off_domain_with_the_device_in_its_definition_is_pending() {
+    let dom = DomainState {
+        running: false,
+        ..domain(3, vec![attached_device(false)])
+    };
+    let p = &plan(&vmi(""), &observed(&plumbed_links(), Some(&dom)))[1];
+    assert_eq!(p.phase, Phase::Pending);
+    assert!(p.steps.is_empty(), "no link state change either: {p:?}");
+}
+
+#[test]
+fn running_out_of_root_ports_says_so_and_marks_the_wait() {
+    let links = [eth0(), fresh_pod_link()];
+    let dom = domain(0, vec![]);
+    let p = &plan(&vmi(""), &observed(&links, Some(&dom)))[1];
+    assert!(p.needs_root_port);
+    assert_eq!(
+        p.message.as_deref(),
+        Some("no free PCIe root port for hotplug: 4 of 4 in use")
+    );
 }
