@@ -49,6 +49,7 @@ impl<'a> Nicplug<'a> {
     /// file (`status-<tag>.json`), log (`nicplug-<tag>.log`) and API socket
     /// (`api/<tag>.sock`, beside the first one's). Does not rewrite the VMI.
     pub fn another(rig: &'a Rig, tag: &str) -> Self {
+        std::fs::create_dir_all(rig.dir.join("vmi")).unwrap();
         Self {
             rig,
             child: None,
