@@ -3,8 +3,8 @@
 //! waits until all are Ready, then empties the spec and waits until all are
 //! gone. Nothing may leak: no link in the pod netns, no file descriptor,
 //! thread or libvirt client connection, and RSS stays flat (within 10%)
-//! between cycle 20 and the last. Not in `scripts/test` (it runs for minutes);
-//! see docs/testing.md. Needs root.
+//! between cycle 20 and the last. About 0.9 s per cycle on the 2-core test
+//! machine; see docs/testing.md. Needs root.
 
 mod e2e;
 mod support;
