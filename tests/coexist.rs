@@ -166,7 +166,10 @@ fn migration_target_like_start_creates_nothing_then_adopts() {
             .any(|a| a.starts_with("fe80:"))
             .then_some(())
     });
-    assert!(settled.is_some(), "no IPv6 link-local address on the pod link");
+    assert!(
+        settled.is_some(),
+        "no IPv6 link-local address on the pod link"
+    );
     let before = pod_link_state(&rig);
 
     let mut nicplug = Nicplug::new(&rig, &["moved", "plain"]);

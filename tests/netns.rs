@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use nicplug::model::{IfName, Mac, Owner, PodLinkRecord};
 use nicplug::netns::netlink::Netlink;
-use nicplug::netns::watch::LinkEvents;
+use nicplug::netns::watch::{LinkEvents, SubscribeOptions};
 use nicplug::netns::{Link, LinkKind, NetnsError, PodNetwork, TapSpec};
 use serde_json::Value;
 
@@ -73,9 +73,14 @@ async fn plug(net: &Netlink, record: &PodLinkRecord, multi_queue: bool) {
     net.ensure_bridge(&name(BRIDGE), bridge_mac())
         .await
         .unwrap();
-    net.enslave_pod_link(&name(POD_IF), &name(BRIDGE), pod_new_mac())
-        .await
-        .unwrap();
+    net.enslave_pod_link(
+        &name(POD_IF),
+        &name(BRIDGE),
+        pod_new_mac(),
+        &record.addresses,
+    )
+    .await
+    .unwrap();
     net.ensure_tap(&tap_spec(multi_queue), &name(BRIDGE))
         .await
         .unwrap();
@@ -493,7 +498,7 @@ fn delete_of_a_missing_link_is_ok_and_kinds_are_checked() {
             "link pod9a6a0c3b4d8 exists but is a veth, not a tap"
         );
         let missing = net
-            .enslave_pod_link(&name("nosuchlink0"), &name(BRIDGE), pod_new_mac())
+            .enslave_pod_link(&name("nosuchlink0"), &name(BRIDGE), pod_new_mac(), &[])
             .await
             .unwrap_err();
         assert!(matches!(missing, NetnsError::NotFound(_)), "{missing:?}");
@@ -521,6 +526,485 @@ fn link_events_notify_after_subscribe() {
         tokio::time::timeout(Duration::from_secs(10), notify.notified())
             .await
             .expect("no link event within 10 s");
+        task.abort();
+    });
+}
+
+/// CNI's IPAM may add an address after nicplug recorded the pod link (the
+/// link appears before its address). Enslaving removes only what the record
+/// holds, so the late address stays until the planner's next pass records it
+/// (`absorb_late_addresses`) and removes it: it is never lost.
+#[test]
+fn an_address_added_after_recording_survives_the_enslave() {
+    if !require_root("an_address_added_after_recording_survives_the_enslave") {
+        return;
+    }
+    const LATE: &str = "169.254.10.2/24";
+    let env = PodEnv::new("late");
+    // The link as CNI shows it first: no IPv4 address yet.
+    env.pod.ip(&["addr", "del", LATE, "dev", POD_IF]);
+    let before = env.pod.snapshot();
+    let ns = env.pod.name.clone();
+    let (record, links) = env.pod.run(|| async move {
+        let net = Netlink::new().unwrap();
+        let record = record_of_pod_link(&net).await;
+        net.set_alias(&name(POD_IF), Some(&record.to_alias().unwrap()))
+            .await
+            .unwrap();
+        net.ensure_bridge(&name(BRIDGE), bridge_mac())
+            .await
+            .unwrap();
+        // IPAM, between recording and enslaving.
+        let status = tokio::process::Command::new("ip")
+            .args(["-n", &ns, "addr", "add", LATE, "brd", "+", "dev", POD_IF])
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success());
+        net.enslave_pod_link(
+            &name(POD_IF),
+            &name(BRIDGE),
+            pod_new_mac(),
+            &record.addresses,
+        )
+        .await
+        .unwrap();
+        (record, net.links().await.unwrap())
+    });
+    let late: nicplug::model::IpCidr = LATE.parse().unwrap();
+    assert!(!record.addresses.contains(&late), "{record:?}");
+    assert_eq!(
+        find(&links, POD_IF).addresses,
+        vec![late],
+        "the address CNI added after the record was taken must survive the enslave"
+    );
+
+    // The planner's next pass: the late address joins the record, and the
+    // enslave removes it.
+    let mut absorbed = record.clone();
+    absorbed.addresses.push(late);
+    let after_absorb = absorbed.clone();
+    let links = env.pod.run(move || async move {
+        let net = Netlink::new().unwrap();
+        net.set_alias(&name(POD_IF), Some(&absorbed.to_alias().unwrap()))
+            .await
+            .unwrap();
+        net.enslave_pod_link(
+            &name(POD_IF),
+            &name(BRIDGE),
+            pod_new_mac(),
+            &absorbed.addresses,
+        )
+        .await
+        .unwrap();
+        net.links().await.unwrap()
+    });
+    assert_eq!(find(&links, POD_IF).addresses, vec![]);
+
+    // Unplug gives CNI its address back.
+    env.pod.run(move || async move {
+        let net = Netlink::new().unwrap();
+        unplug(&net, &after_absorb).await;
+    });
+    assert!(env.pod.addresses(POD_IF).contains(&LATE.to_string()));
+    env.pod.ip(&["addr", "del", LATE, "dev", POD_IF]);
+    assert_eq!(env.pod.snapshot(), before);
+}
+
+/// Polls for `wait`: fails as soon as `dev` carries an IPv6 address.
+fn assert_no_ipv6_for(ns: &TestNs, devs: &[&str], wait: Duration) {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        for dev in devs {
+            let v6: Vec<String> = ns
+                .addresses(dev)
+                .into_iter()
+                .filter(|a| a.contains(':'))
+                .collect();
+            assert!(v6.is_empty(), "{dev} has IPv6 addresses {v6:?}");
+        }
+        if std::time::Instant::now() >= deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The bridge and the tap are plumbing, not hosts: no IPv6 address (no
+/// `fe80::`, so no DAD, router or multicast-listener traffic of their own),
+/// no DAD, no router advertisements, set before either is up.
+#[test]
+fn bridge_and_tap_carry_no_ipv6() {
+    if !require_root("bridge_and_tap_carry_no_ipv6") {
+        return;
+    }
+    let env = PodEnv::new("noip6");
+    let qemu = env.pod.run(|| async {
+        let net = Netlink::new().unwrap();
+        let record = record_of_pod_link(&net).await;
+        plug(&net, &record, false).await;
+        // QEMU opens the tap: it gets carrier, the point where the kernel
+        // would configure IPv6 on it.
+        hold_tap_open(TAP)
+    });
+    assert!(has_flag(&env.pod.link_json(TAP), "LOWER_UP"));
+    assert!(has_flag(&env.pod.link_json(BRIDGE), "LOWER_UP"));
+    assert_no_ipv6_for(&env.pod, &[BRIDGE, TAP], Duration::from_millis(1500));
+    for dev in [BRIDGE, TAP] {
+        assert_eq!(
+            env.pod.link_json(dev)["inet6_addr_gen_mode"],
+            "none",
+            "{dev}"
+        );
+        for knob in ["accept_dad", "accept_ra"] {
+            assert_eq!(
+                env.pod.sysctl(&format!("net/ipv6/conf/{dev}/{knob}")),
+                "0",
+                "{dev} {knob}"
+            );
+        }
+    }
+    drop(qemu);
+}
+
+/// Nothing of nicplug's plumbing may speak on the tenant network: while the
+/// pod link is recorded, bridged and the tap made, the node side of the pod
+/// link (the veth peer) receives no frame from any MAC but the VM's (the pod
+/// link's original MAC, which the guest gets).
+#[test]
+fn plumbing_sends_nothing_onto_the_pod_wire() {
+    if !require_root("plumbing_sends_nothing_onto_the_pod_wire") {
+        return;
+    }
+    let env = PodEnv::new("wire");
+    let capture = netns_support::Capture::start(&env.peer, "peer0");
+    let record = env.pod.run(|| async {
+        let net = Netlink::new().unwrap();
+        let record = record_of_pod_link(&net).await;
+        plug(&net, &record, false).await;
+        record
+    });
+    // DAD starts within rtr_solicit_delay (1 s) of carrier, router
+    // solicitations follow DAD (1 s), MLD reports come at once.
+    std::thread::sleep(Duration::from_secs(3));
+    let frames = capture.stop();
+    let vm_mac = record.mac.to_string();
+    let leaked: Vec<String> = frames
+        .iter()
+        .filter(|f| !f.outgoing && f.source_mac() != vm_mac)
+        .map(|f| f.describe())
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "frames from the pod side that the VM ({vm_mac}) did not send: {leaked:#?}"
+    );
+    eprintln!(
+        "captured {} frames on the node side, {} from the pod side",
+        frames.len(),
+        frames.iter().filter(|f| !f.outgoing).count()
+    );
+}
+
+/// A teardown that cannot do one sub-step still does every other one and
+/// reports every failure; the record stays in the alias so the next pass
+/// can finish the job.
+#[test]
+fn release_does_every_sub_step_and_reports_every_failure() {
+    if !require_root("release_does_every_sub_step_and_reports_every_failure") {
+        return;
+    }
+    let env = PodEnv::new("relfail");
+    let before = env.pod.snapshot();
+    let (record, err) = env.pod.run(|| async {
+        let net = Netlink::new().unwrap();
+        let record = record_of_pod_link(&net).await;
+        plug(&net, &record, false).await;
+        // A multicast MAC and an MTU beyond the veth maximum: the kernel
+        // refuses both.
+        let impossible = PodLinkRecord {
+            mac: Mac::from_bytes([0x01, 0x00, 0x5e, 0, 0, 1]),
+            mtu: 70_000,
+            ..record.clone()
+        };
+        let err = net
+            .release_pod_link(&name(POD_IF), &impossible)
+            .await
+            .unwrap_err();
+        (record, err)
+    });
+    let message = err.to_string();
+    eprintln!("release error: {message}");
+    // Everything that could be done was done.
+    let p = env.pod.link_json(POD_IF);
+    assert!(p.get("master").is_none(), "still enslaved: {p}");
+    assert_eq!(
+        env.pod.addresses(POD_IF).len(),
+        2,
+        "addresses not restored after the MAC failed"
+    );
+    // ... and every failure is reported.
+    assert!(message.contains("set mac"), "{message}");
+    assert!(message.contains("set mtu"), "{message}");
+    // The record is kept for the retry.
+    assert_eq!(p["ifalias"], record.to_alias().unwrap());
+
+    env.pod.run(move || async move {
+        let net = Netlink::new().unwrap();
+        unplug(&net, &record).await;
+    });
+    assert_eq!(env.pod.snapshot(), before);
+}
+
+/// Waits until `dev` has its kernel link-local address and DAD is over.
+fn wait_for_link_local(ns: &TestNs, dev: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !ns.addresses(dev).iter().any(|a| a.starts_with("fe80:")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no fe80:: address on {dev}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ns.settle();
+}
+
+/// The entries of a snapshot list (`links`, `addrs` or `routes`) that do not
+/// belong to one of `ours`, as text.
+fn others(snapshot: &Value, list: &str, ours: &[&str]) -> Vec<String> {
+    snapshot[list]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            let dev = e.get("ifname").or_else(|| e.get("dev"));
+            !dev.and_then(Value::as_str)
+                .is_some_and(|d| ours.contains(&d))
+        })
+        .map(Value::to_string)
+        .collect()
+}
+
+fn entry_of(snapshot: &Value, list: &str, dev: &str) -> Value {
+    snapshot[list]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["ifname"] == dev)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {dev} in {list}"))
+}
+
+/// Whether a `/proc/sys/net/ipv*/conf/<link>/...` line is about the pod
+/// link, the bridge or the tap.
+fn ours_in_path(line: &str) -> bool {
+    [POD_IF, BRIDGE, TAP]
+        .iter()
+        .any(|dev| line.contains(&format!("/conf/{dev}/")))
+}
+
+/// Ownership: with decoys in the namespace (another network's pod link with
+/// an address and a foreign alias, a foreign bridge and tap, an unrelated
+/// veth with an address and a route, a primary `eth0` with a default route),
+/// a whole plug and unplug through the real [`Netlink`] changes no decoy,
+/// and gives the pod link back exactly.
+#[test]
+fn plug_and_unplug_touch_no_decoy() {
+    if !require_root("plug_and_unplug_touch_no_decoy") {
+        return;
+    }
+    let env = PodEnv::new("decoy");
+    let (pod, peer) = (&env.pod, &env.peer);
+    let other = nicplug::model::names::hashed_pod_iface("another-network");
+    let other = other.as_str();
+    pod.ip(&[
+        "link", "add", other, "mtu", "1450", "type", "veth", "peer", "name", "peer1", "netns",
+        &peer.name,
+    ]);
+    pod.ip(&["addr", "add", "169.254.20.2/24", "brd", "+", "dev", other]);
+    pod.ip(&["link", "set", "dev", other, "alias", "cni: another network"]);
+    pod.ip(&["link", "set", other, "up"]);
+    peer.ip(&["link", "set", "peer1", "up"]);
+
+    pod.ip(&["link", "add", "k6t-foreign", "type", "bridge"]);
+    pod.ip(&[
+        "tuntap",
+        "add",
+        "dev",
+        "tapforeign",
+        "mode",
+        "tap",
+        "user",
+        "107",
+        "group",
+        "107",
+        "vnet_hdr",
+    ]);
+    pod.ip(&["link", "set", "tapforeign", "master", "k6t-foreign"]);
+    pod.ip(&["link", "set", "tapforeign", "up"]);
+    pod.ip(&["link", "set", "k6t-foreign", "up"]);
+
+    pod.ip(&[
+        "link", "add", "vdecoy0", "type", "veth", "peer", "name", "vdecoy1",
+    ]);
+    pod.ip(&["addr", "add", "169.254.30.2/24", "dev", "vdecoy0"]);
+    pod.ip(&["link", "set", "vdecoy0", "up"]);
+    pod.ip(&["link", "set", "vdecoy1", "up"]);
+    pod.ip(&[
+        "route",
+        "add",
+        "169.254.31.0/24",
+        "via",
+        "169.254.30.1",
+        "dev",
+        "vdecoy0",
+    ]);
+
+    pod.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "peer2", "netns", &peer.name,
+    ]);
+    pod.ip(&["addr", "add", "169.254.40.2/24", "brd", "+", "dev", "eth0"]);
+    pod.ip(&["link", "set", "eth0", "up"]);
+    peer.ip(&["link", "set", "peer2", "up"]);
+    pod.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "169.254.40.1",
+        "dev",
+        "eth0",
+    ]);
+    pod.ip(&[
+        "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+    ]);
+    for dev in [other, "vdecoy0", "vdecoy1", "eth0"] {
+        wait_for_link_local(pod, dev);
+    }
+
+    let before = pod.snapshot_with_routes();
+    let sysctls_before = pod.interface_sysctls();
+    let record = pod.run(|| async {
+        let net = Netlink::new().unwrap();
+        let record = record_of_pod_link(&net).await;
+        plug(&net, &record, false).await;
+        record
+    });
+    let plugged = pod.snapshot_with_routes();
+    let sysctls_plugged = pod.interface_sysctls();
+    pod.run(move || async move {
+        let net = Netlink::new().unwrap();
+        unplug(&net, &record).await;
+    });
+    let after = pod.snapshot_with_routes();
+
+    // Settings: no other link's (nor `all`/`default`) changed while plugged;
+    // afterwards everything, the pod link's included, is as before.
+    let not_ours = |lines: &[String]| -> Vec<String> {
+        lines.iter().filter(|l| !ours_in_path(l)).cloned().collect()
+    };
+    assert_eq!(
+        not_ours(&sysctls_plugged),
+        not_ours(&sysctls_before),
+        "sysctls of other links (or all/default) changed while plugged"
+    );
+    assert_eq!(
+        pod.interface_sysctls(),
+        sysctls_before,
+        "sysctls differ after unplug"
+    );
+
+    let ours = [POD_IF, BRIDGE, TAP];
+    for list in ["links", "addrs", "routes"] {
+        let decoys = others(&before, list, &ours);
+        assert!(decoys.len() > 3, "{list}: {decoys:#?}");
+        assert_eq!(
+            others(&plugged, list, &ours),
+            decoys,
+            "{list} while plugged"
+        );
+        assert_eq!(others(&after, list, &ours), decoys, "{list} after unplug");
+    }
+    for list in ["links", "addrs"] {
+        assert_eq!(
+            entry_of(&after, list, POD_IF),
+            entry_of(&before, list, POD_IF),
+            "the pod link in {list}"
+        );
+    }
+    for dev in [BRIDGE, TAP] {
+        assert!(
+            !after["links"].to_string().contains(dev),
+            "{dev} left behind"
+        );
+    }
+}
+
+/// Events are only triggers, so losing some must cost nothing but a
+/// re-read: with the receive queue shrunk to the kernel's minimum and 300
+/// links made while nobody reads, the kernel drops events and reports
+/// ENOBUFS; the watcher counts it, still wakes the consumer, whose re-read
+/// then sees every link, and it keeps delivering events afterwards.
+#[test]
+fn link_events_survive_a_receive_queue_overflow() {
+    if !require_root("link_events_survive_a_receive_queue_overflow") {
+        return;
+    }
+    const LINKS: usize = 300;
+    let ns = TestNs::new("enobufs");
+    let ns_name = ns.name.clone();
+    ns.run(move || async move {
+        let options = SubscribeOptions { receive_buffer: 1 };
+        let events = LinkEvents::subscribe_with(options).await.unwrap();
+        let overflows = events.overflows();
+        // The burst, in one `ip -batch` process, before anyone reads.
+        let batch: String = (0..LINKS)
+            .map(|i| format!("link add burst{i} type bridge\n"))
+            .collect();
+        let mut ip = tokio::process::Command::new("ip")
+            .args(["-n", &ns_name, "-batch", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = ip.stdin.take().unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut stdin, batch.as_bytes())
+            .await
+            .unwrap();
+        drop(stdin);
+        assert!(ip.wait().await.unwrap().success());
+
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let task = tokio::spawn(events.run(notify.clone()));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while overflows.count() == 0 {
+            tokio::time::timeout_at(deadline, notify.notified())
+                .await
+                .expect("no overflow reported within 10 s");
+        }
+        eprintln!("overflows after the burst: {}", overflows.count());
+        // The consumer was woken at (or after) the overflow: its re-read.
+        let net = Netlink::new().unwrap();
+        let links = net.links().await.unwrap();
+        let burst = links
+            .iter()
+            .filter(|l| l.name.as_str().starts_with("burst"))
+            .count();
+        assert_eq!(burst, LINKS);
+
+        // Drain what is left of the burst, then: still awake?
+        while tokio::time::timeout(Duration::from_millis(500), notify.notified())
+            .await
+            .is_ok()
+        {}
+        let status = tokio::process::Command::new("ip")
+            .args(["-n", &ns_name, "link", "add", "after0", "type", "bridge"])
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success());
+        tokio::time::timeout(Duration::from_secs(10), notify.notified())
+            .await
+            .expect("no wake-up for a link made after the overflow");
+        assert!(!task.is_finished(), "the watcher stopped");
         task.abort();
     });
 }

@@ -12,7 +12,6 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
-const RTMGRP_LINK: u32 = 1;
 const RTM_NEWLINK: u16 = 16;
 const RTM_DELLINK: u16 = 17;
 const IFLA_ADDRESS: u16 = 1;
@@ -82,7 +81,7 @@ impl LinkWatch {
         // SAFETY: sockaddr_nl is plain data; all-zero is a valid value.
         let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         addr.nl_family = libc::AF_NETLINK as u16;
-        addr.nl_groups = RTMGRP_LINK;
+        addr.nl_groups = nicplug::netns::watch::LINK_EVENTS;
         // SAFETY: bind(2) with a properly sized sockaddr_nl.
         let rc = unsafe {
             libc::bind(

@@ -586,8 +586,15 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         match step {
             Step::RecordPodLink { pod, alias } => self.net.set_alias(pod, Some(alias)).await?,
             Step::EnsureBridge { bridge, mac } => self.net.ensure_bridge(bridge, *mac).await?,
-            Step::EnslavePodLink { pod, bridge, mac } => {
-                self.net.enslave_pod_link(pod, bridge, *mac).await?
+            Step::EnslavePodLink {
+                pod,
+                bridge,
+                mac,
+                addresses,
+            } => {
+                self.net
+                    .enslave_pod_link(pod, bridge, *mac, addresses)
+                    .await?
             }
             Step::EnsureTap { spec, bridge } => self.net.ensure_tap(spec, bridge).await?,
             Step::Attach {

@@ -106,11 +106,12 @@ impl PodNetwork for FakeNet {
         pod: &IfName,
         bridge: &IfName,
         mac: Mac,
+        recorded: &[IpCidr],
     ) -> Result<(), NetnsError> {
         self.call("enslave_pod_link", pod)?;
         let master = self.index_of(bridge);
         self.edit(pod, |l| {
-            l.addresses.clear();
+            l.addresses.retain(|a| !recorded.contains(a));
             l.mac = Some(mac);
             l.master = master;
             l.learning = Some(false);
@@ -390,7 +391,7 @@ fn vmi_with(networks: &[&str], extra: &str) -> Vmi {
         .map(|n| format!(r#"{{"name":"{n}","multus":{{"networkName":"{n}"}}}}"#))
         .collect();
     Vmi::parse(&format!(
-        r#"{{"metadata":{{"name":"vm","namespace":"ns"}},"spec":{{"domain":{{"devices":{{"interfaces":[{}]}}}},"networks":[{}]}}}}"#,
+        r#"{{"kind":"VirtualMachineInstance","metadata":{{"name":"vm","namespace":"ns"}},"spec":{{"domain":{{"devices":{{"interfaces":[{}]}}}},"networks":[{}]}}}}"#,
         ifaces.join(","),
         nets.join(",")
     ))
@@ -1082,12 +1083,16 @@ mod properties {
     fn spec(cases: &[NetCase], states: bool) -> Vmi {
         let mut ifaces = Vec::new();
         let mut nets = Vec::new();
+        let mut macs = Vec::new();
         for (name, case) in NETWORKS.iter().zip(cases).filter(|(_, c)| c.in_spec) {
             let mut extra = String::new();
             if states {
                 extra.push_str(&format!(r#","state":"{}""#, case.state));
             }
-            if let Some(m) = case.mac {
+            // Unique within a spec (the VMI reader refuses duplicates); one
+            // spec may reuse a MAC the other gave a network that is leaving.
+            if let Some(m) = case.mac.filter(|m| !macs.contains(m)) {
+                macs.push(m);
                 extra.push_str(&format!(r#","macAddress":"02:00:00:00:00:0{m}""#));
             }
             ifaces.push(format!(r#"{{"name":"{name}","bridge":{{}}{extra}}}"#));
@@ -1197,7 +1202,13 @@ mod properties {
                     }
                 }
                 net.links.get_mut().unwrap().extend(decoys());
-                let mut agent = agent(net, FakeHyp::new(free_ports));
+                // No backoff: an interface that failed (a MAC another one held)
+                // retries as soon as it can.
+                let config = AgentConfig {
+                    backoff_base: Duration::ZERO,
+                    ..AgentConfig::default()
+                };
+                let mut agent = Agent::new(net, FakeHyp::new(free_ports), config);
                 // A first spec plugs some, then another changes, unplugs or
                 // drops them: departed networks and leftovers included.
                 let first = spec(&before, false);

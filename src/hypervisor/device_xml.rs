@@ -61,10 +61,13 @@ impl InterfaceDevice {
         if !valid(&self.model, &['.']) {
             return Err(DeviceXmlError::Model(self.model.clone()));
         }
-        // IfName excludes quotes and control characters; the alias and model
-        // were checked above, so nothing below needs escaping.
+        // The alias and model were checked above. A tap name is any IfName:
+        // no control characters (IfName refuses them, and XML 1.0 cannot
+        // carry them), but quotes, '<' and '&' are legal in a Linux name, so
+        // it is escaped.
+        let tap = quick_xml::escape::escape(self.tap.as_str());
         let mut xml = String::from("<interface type='ethernet'>\n");
-        let _ = writeln!(xml, "  <target dev='{}' managed='no'/>", self.tap);
+        let _ = writeln!(xml, "  <target dev='{tap}' managed='no'/>");
         let _ = writeln!(xml, "  <model type='{}'/>", self.libvirt_model());
         let _ = writeln!(xml, "  <mac address='{}'/>", self.mac);
         let _ = writeln!(xml, "  <mtu size='{}'/>", self.mtu);
@@ -142,6 +145,17 @@ mod tests {
             ..device()
         };
         assert!(matches!(dev.to_xml(), Err(DeviceXmlError::Model(_))));
+        // A tap name with XML's special characters is escaped, and reads back.
+        let dev = InterfaceDevice {
+            tap: IfName::new("t'<&\"x").unwrap(),
+            ..device()
+        };
+        let xml = format!(
+            "<domain><devices>{}</devices></domain>",
+            dev.to_xml().unwrap()
+        );
+        let parsed = crate::hypervisor::domain_xml::parse_devices(&xml).unwrap();
+        assert_eq!(parsed.interfaces[0].target_dev.as_deref(), Some("t'<&\"x"));
     }
 
     #[test]

@@ -24,7 +24,24 @@ pub enum DomainXmlError {
         attr: &'static str,
         value: String,
     },
+    #[error("<{element}> has no attribute {attr}")]
+    MissingAttribute {
+        element: &'static str,
+        attr: &'static str,
+    },
+    #[error("control character {found:?} at byte {position}: not allowed in XML 1.0")]
+    ControlCharacter { position: usize, found: char },
+    #[error("element at bytes {start}..{end} does not start and end on a character")]
+    Slice { start: usize, end: usize },
 }
+
+/// PCI address limits (domain:bus:slot.function), as libvirt checks them.
+const PCI_LIMITS: [(&str, u32); 4] = [
+    ("domain", 0xffff),
+    ("bus", 0xff),
+    ("slot", 0x1f),
+    ("function", 0x7),
+];
 
 /// One `<interface>` of the domain.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -80,27 +97,100 @@ pub struct DomainDevices {
     pub dac_owner: Option<Owner>,
 }
 
-fn attr(e: &BytesStart<'_>, name: &str) -> Option<String> {
-    e.attributes()
-        .flatten()
-        .find(|a| a.key.as_ref() == name)
-        .and_then(|a| {
-            a.normalized_value(XmlVersion::Implicit1_0)
-                .ok()
-                .map(|v| v.into_owned())
-        })
+/// The value of attribute `name` of `e` (element `element`), unescaped. A
+/// value that does not unescape, or holds a control character (from a
+/// character reference such as `&#1;`), is an error: such values are passed
+/// on into device XML, which must stay valid.
+fn attr(
+    e: &BytesStart<'_>,
+    element: &'static str,
+    name: &'static str,
+) -> Result<Option<String>, DomainXmlError> {
+    let Some(found) = e.attributes().flatten().find(|a| a.key.as_ref() == name) else {
+        return Ok(None);
+    };
+    let bad = |value: String| DomainXmlError::Attribute {
+        element,
+        attr: name,
+        value,
+    };
+    let value = found
+        .normalized_value(XmlVersion::Implicit1_0)
+        .map_err(|_| bad(found.value.to_string()))?
+        .into_owned();
+    if value.chars().any(char::is_control) {
+        return Err(bad(value));
+    }
+    Ok(Some(value))
 }
 
-/// Parses a PCI bus number as libvirt writes it: `0x01` or decimal.
-fn parse_bus(value: &str) -> Option<u32> {
-    match value.strip_prefix("0x") {
-        Some(hex) => u32::from_str_radix(hex, 16).ok(),
-        None => value.parse().ok(),
+/// Attribute `name` of `e`, which must be there.
+fn required(
+    e: &BytesStart<'_>,
+    element: &'static str,
+    name: &'static str,
+) -> Result<String, DomainXmlError> {
+    attr(e, element, name)?.ok_or(DomainXmlError::MissingAttribute {
+        element,
+        attr: name,
+    })
+}
+
+/// Attribute `name` of `e` as a number up to `max`, if present.
+fn number(
+    e: &BytesStart<'_>,
+    element: &'static str,
+    name: &'static str,
+    max: u32,
+) -> Result<Option<u32>, DomainXmlError> {
+    let Some(value) = attr(e, element, name)? else {
+        return Ok(None);
+    };
+    match parse_number(&value).filter(|n| *n <= max) {
+        Some(n) => Ok(Some(n)),
+        None => Err(DomainXmlError::Attribute {
+            element,
+            attr: name,
+            value,
+        }),
     }
+}
+
+/// Parses a number as libvirt writes it: `0x01` (PCI addresses) or decimal.
+fn parse_number(value: &str) -> Option<u32> {
+    match value.strip_prefix("0x") {
+        Some(hex) if !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            u32::from_str_radix(hex, 16).ok()
+        }
+        Some(_) => None,
+        None if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => {
+            value.parse().ok()
+        }
+        None => None,
+    }
+}
+
+/// Refuses characters XML 1.0 does not allow (C0 controls but tab, LF, CR):
+/// quick-xml reads and writes them without complaint.
+fn check_chars(xml: &str) -> Result<(), DomainXmlError> {
+    match xml
+        .char_indices()
+        .find(|(_, c)| c.is_ascii_control() && !matches!(c, '\t' | '\n' | '\r' | '\u{7f}'))
+    {
+        Some((position, found)) => Err(DomainXmlError::ControlCharacter { position, found }),
+        None => Ok(()),
+    }
+}
+
+fn slice(xml: &str, start: usize, end: usize) -> Result<String, DomainXmlError> {
+    xml.get(start..end)
+        .map(str::to_string)
+        .ok_or(DomainXmlError::Slice { start, end })
 }
 
 /// Parses the interfaces and root ports out of a domain XML.
 pub fn parse_devices(xml: &str) -> Result<DomainDevices, DomainXmlError> {
+    check_chars(xml)?;
     let mut reader = Reader::from_str(xml);
     // Element names from the root down to the current element.
     let mut path: Vec<String> = Vec::new();
@@ -129,10 +219,10 @@ pub fn parse_devices(xml: &str) -> Result<DomainDevices, DomainXmlError> {
                     match name.as_deref() {
                         Some("interface") => {
                             let end = reader.buffer_position() as usize;
-                            interfaces.extend(current.take().map(|mut iface| {
-                                iface.xml = xml[interface_start..end].to_string();
-                                iface
-                            }));
+                            if let Some(mut iface) = current.take() {
+                                iface.xml = slice(xml, interface_start, end)?;
+                                interfaces.push(iface);
+                            }
                         }
                         Some("controller") => ports.extend(current_port.take()),
                         _ => {}
@@ -153,7 +243,7 @@ pub fn parse_devices(xml: &str) -> Result<DomainDevices, DomainXmlError> {
         let in_devices = depth >= 2 && path[0] == "domain" && path[1] == "devices";
 
         if depth == 1 && path[0] == "domain" && name == "seclabel" {
-            in_dac_label = attr(e, "model").as_deref() == Some("dac");
+            in_dac_label = attr(e, "seclabel", "model")?.as_deref() == Some("dac");
         }
 
         if in_devices && depth == 2 {
@@ -167,32 +257,37 @@ pub fn parse_devices(xml: &str) -> Result<DomainDevices, DomainXmlError> {
                     })
                 }
                 "controller"
-                    if attr(e, "type").as_deref() == Some("pci")
-                        && attr(e, "model").as_deref() == Some("pcie-root-port") =>
+                    if attr(e, "controller", "type")?.as_deref() == Some("pci")
+                        && attr(e, "controller", "model")?.as_deref() == Some("pcie-root-port") =>
                 {
-                    let value = attr(e, "index").unwrap_or_default();
-                    let index = value.parse().map_err(|_| DomainXmlError::Attribute {
-                        element: "controller",
-                        attr: "index",
-                        value,
-                    })?;
+                    // A PCI controller's index is the bus number it provides.
+                    let index = number(e, "controller", "index", 0xff)?.ok_or(
+                        DomainXmlError::MissingAttribute {
+                            element: "controller",
+                            attr: "index",
+                        },
+                    )?;
                     current_port = Some((index, true));
                 }
                 _ => {}
             }
         } else if in_devices && depth == 3 {
             // a direct child of a device
-            if name == "address"
-                && attr(e, "type").as_deref() == Some("pci")
-                && let Some(bus) = attr(e, "bus").as_deref().and_then(parse_bus)
-            {
-                used_buses.insert(bus);
+            if name == "address" && attr(e, "address", "type")?.as_deref() == Some("pci") {
+                let mut bus = None;
+                for (part, max) in PCI_LIMITS {
+                    let value = number(e, "address", part, max)?;
+                    if part == "bus" {
+                        bus = value;
+                    }
+                }
+                used_buses.extend(bus);
             }
             if path[2] == "controller"
                 && name == "target"
                 && let Some(port) = current_port.as_mut()
             {
-                port.1 = attr(e, "hotplug").as_deref() != Some("off");
+                port.1 = attr(e, "target", "hotplug")?.as_deref() != Some("off");
             }
             if let (Some(iface), "interface") = (current.as_mut(), path[2].as_str()) {
                 read_interface_child(iface, &name, e)?;
@@ -203,10 +298,12 @@ pub fn parse_devices(xml: &str) -> Result<DomainDevices, DomainXmlError> {
             // <interface/> or <controller/> closes immediately
             if in_devices && depth == 2 {
                 match name.as_str() {
-                    "interface" => interfaces.extend(current.take().map(|mut iface| {
-                        iface.xml = xml[before..reader.buffer_position() as usize].to_string();
-                        iface
-                    })),
+                    "interface" => {
+                        if let Some(mut iface) = current.take() {
+                            iface.xml = slice(xml, before, reader.buffer_position() as usize)?;
+                            interfaces.push(iface);
+                        }
+                    }
                     "controller" => ports.extend(current_port.take()),
                     _ => {}
                 }
@@ -294,22 +391,30 @@ fn read_interface_child(
     name: &str,
     e: &BytesStart<'_>,
 ) -> Result<(), DomainXmlError> {
+    // libvirt always prints these attributes; without them the element is
+    // not libvirt's.
     match name {
-        "alias" => iface.alias = attr(e, "name"),
+        "alias" => iface.alias = Some(required(e, "alias", "name")?),
         "mac" => {
-            if let Some(value) = attr(e, "address") {
-                iface.mac = Some(value.parse().map_err(|_| DomainXmlError::Attribute {
-                    element: "mac",
-                    attr: "address",
-                    value,
-                })?);
-            }
+            let value = required(e, "mac", "address")?;
+            iface.mac = Some(value.parse().map_err(|_| DomainXmlError::Attribute {
+                element: "mac",
+                attr: "address",
+                value,
+            })?);
         }
-        "target" => iface.target_dev = attr(e, "dev"),
-        "link" => iface.link_up = attr(e, "state").as_deref() != Some("down"),
-        "model" => iface.model = attr(e, "type"),
-        "driver" => iface.queues = attr(e, "queues").and_then(|q| q.parse().ok()),
-        "mtu" => iface.mtu = attr(e, "size").and_then(|q| q.parse().ok()),
+        "target" => iface.target_dev = attr(e, "target", "dev")?,
+        "link" => iface.link_up = attr(e, "link", "state")?.as_deref() != Some("down"),
+        "model" => iface.model = attr(e, "model", "type")?,
+        "driver" => iface.queues = number(e, "driver", "queues", u32::MAX)?,
+        "mtu" => {
+            iface.mtu = Some(number(e, "mtu", "size", u32::MAX)?.ok_or(
+                DomainXmlError::MissingAttribute {
+                    element: "mtu",
+                    attr: "size",
+                },
+            )?)
+        }
         _ => {}
     }
     Ok(())

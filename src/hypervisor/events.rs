@@ -138,7 +138,7 @@ pub fn register(conn: &Connect, tx: &Sender) -> Result<Registration, HypervisorE
         ids: Vec::new(),
         close_callback: false,
     };
-    // SAFETY (all transmutes below): libvirt calls each callback with the
+    // SAFETY: (all transmutes below) libvirt calls each callback with the
     // signature that belongs to its event ID; registering through the
     // generic type and casting is the documented VIR_DOMAIN_EVENT_CALLBACK
     // idiom of the C API.

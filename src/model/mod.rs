@@ -1,6 +1,7 @@
 //! nicplug's vocabulary: validated names, the VMI subset it reads, and the
 //! record it keeps of a pod link's original state.
 
+pub mod depth;
 pub mod names;
 pub mod record;
 pub mod vmi;
@@ -13,6 +14,13 @@ pub use record::{IpCidr, PodLinkRecord};
 pub struct Owner {
     pub uid: u32,
     pub gid: u32,
+}
+
+/// `UID:GID`, what [`Owner::from_str`](std::str::FromStr) reads.
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.uid, self.gid)
+    }
 }
 
 impl std::str::FromStr for Owner {

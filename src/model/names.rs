@@ -12,7 +12,9 @@ pub const MAX_IFNAME_LEN: usize = 15;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NameError {
-    #[error("interface name {0:?} is empty or longer than 15 bytes")]
+    #[error("interface name is empty")]
+    IfNameEmpty,
+    #[error("interface name {0:?} is longer than 15 bytes or is '.' or '..'")]
     IfNameLength(String),
     #[error("interface name {0:?} contains '/', ':', whitespace or a control character")]
     IfNameChars(String),
@@ -20,6 +22,22 @@ pub enum NameError {
     Mac(String),
     #[error("MAC address {0} is a multicast address")]
     MacMulticast(String),
+    #[error("MAC address {0} is all zeros")]
+    MacZero(String),
+    #[error("{what} is empty")]
+    Empty { what: &'static str },
+    #[error("{what} {value:?} is longer than {max} bytes")]
+    TooLong {
+        what: &'static str,
+        value: String,
+        max: usize,
+    },
+    #[error("{what} {value:?} {rule}")]
+    Chars {
+        what: &'static str,
+        value: String,
+        rule: &'static str,
+    },
 }
 
 /// A Linux network interface name: 1 to 15 bytes, none of `/`, `:`, whitespace
@@ -30,7 +48,10 @@ pub struct IfName(String);
 impl IfName {
     pub fn new(name: impl Into<String>) -> Result<Self, NameError> {
         let name = name.into();
-        if name.is_empty() || name.len() > MAX_IFNAME_LEN || name == "." || name == ".." {
+        if name.is_empty() {
+            return Err(NameError::IfNameEmpty);
+        }
+        if name.len() > MAX_IFNAME_LEN || name == "." || name == ".." {
             return Err(NameError::IfNameLength(name));
         }
         if name
@@ -127,14 +148,20 @@ impl FromStr for Mac {
         }
         let mut bytes = [0u8; 6];
         for (byte, part) in bytes.iter_mut().zip(&parts) {
-            if part.len() != 2 {
+            // from_str_radix alone would take "+f" as 15.
+            if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(NameError::Mac(s.to_string()));
             }
             *byte = u8::from_str_radix(part, 16).map_err(|_| NameError::Mac(s.to_string()))?;
         }
         let mac = Self(bytes);
+        // Broadcast is multicast too; the kernel refuses both and zero
+        // (is_valid_ether_addr) as a device address.
         if mac.is_multicast() {
             return Err(NameError::MacMulticast(mac.to_string()));
+        }
+        if bytes == [0; 6] {
+            return Err(NameError::MacZero(mac.to_string()));
         }
         Ok(mac)
     }
@@ -195,25 +222,120 @@ impl PlumbingNames {
             .as_str()
             .strip_prefix(HASHED_PREFIX)
             .unwrap_or(pod.as_str());
-        // The pod name is at most 15 bytes, so every derived name fits too,
-        // except `H-nic` of an implausibly long legacy name: truncate that one.
-        let mut renamed = format!("{trimmed}-nic");
-        renamed.truncate(MAX_IFNAME_LEN);
+        // The tap drops the first three characters (`pod`, `net` or
+        // whatever a foreign name starts with): by character, not by byte, so
+        // a non-ASCII name (the kernel allows them) cannot split a character.
+        let after_prefix = pod
+            .as_str()
+            .char_indices()
+            .nth(3)
+            .map_or("", |(at, _)| &pod.as_str()[at..]);
+        // The pod name is at most 15 bytes, so `tapX` fits, but `k6t-X` and
+        // `X-nic` of a long legacy name do not: truncate those.
         Self {
             pod: pod.clone(),
             bridge: IfName(truncated(format!("k6t-{trimmed}"))),
-            tap: IfName(truncated(format!(
-                "tap{}",
-                &pod.as_str()[3.min(pod.as_str().len())..]
-            ))),
-            kubevirt_renamed_pod: IfName(renamed),
+            tap: IfName(truncated(format!("tap{after_prefix}"))),
+            kubevirt_renamed_pod: IfName(truncated(format!("{trimmed}-nic"))),
         }
     }
 }
 
+/// `name` cut to at most [`MAX_IFNAME_LEN`] bytes on a character boundary
+/// (`String::truncate` panics inside a character).
 fn truncated(mut name: String) -> String {
-    name.truncate(MAX_IFNAME_LEN);
+    let end = name.floor_char_boundary(MAX_IFNAME_LEN);
+    name.truncate(end);
     name
+}
+
+/// Longest Kubernetes object name (a DNS-1123 subdomain).
+pub const MAX_OBJECT_NAME_LEN: usize = 253;
+/// Longest DNS-1123 label: namespaces, and the cap nicplug puts on VMI
+/// interface and network names.
+pub const MAX_LABEL_LEN: usize = 63;
+
+/// Checks a Kubernetes object name (`metadata.name`): a DNS-1123 subdomain,
+/// lowercase alphanumerics, '-' and '.', starting and ending with an
+/// alphanumeric, at most 253 bytes.
+pub fn check_object_name(what: &'static str, value: &str) -> Result<(), NameError> {
+    check_dns1123(what, value, MAX_OBJECT_NAME_LEN, true)
+}
+
+/// Checks a namespace: a DNS-1123 label, at most 63 bytes.
+pub fn check_namespace(what: &'static str, value: &str) -> Result<(), NameError> {
+    check_dns1123(what, value, MAX_LABEL_LEN, false)
+}
+
+fn check_dns1123(what: &'static str, value: &str, max: usize, dots: bool) -> Result<(), NameError> {
+    if value.is_empty() {
+        return Err(NameError::Empty { what });
+    }
+    if value.len() > max {
+        return Err(NameError::TooLong {
+            what,
+            value: value.to_string(),
+            max,
+        });
+    }
+    let inner_ok =
+        |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.');
+    let edge_ok = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let bytes = value.as_bytes();
+    let labels_ok = !dots
+        || value.split('.').all(|l| {
+            !l.is_empty()
+                && l.bytes().next().is_some_and(edge_ok)
+                && l.bytes().last().is_some_and(edge_ok)
+        });
+    if !bytes.iter().all(|&b| inner_ok(b))
+        || !bytes.first().is_some_and(|&b| edge_ok(b))
+        || !bytes.last().is_some_and(|&b| edge_ok(b))
+        || !labels_ok
+    {
+        return Err(NameError::Chars {
+            what,
+            value: value.to_string(),
+            rule: if dots {
+                "is not a DNS-1123 subdomain: use lowercase letters, digits, '-' and '.', starting and ending with a letter or digit"
+            } else {
+                "is not a DNS-1123 label: use lowercase letters, digits and '-', starting and ending with a letter or digit"
+            },
+        });
+    }
+    Ok(())
+}
+
+/// Checks a VMI interface or network name. KubeVirt's admission allows
+/// `[A-Za-z0-9_-]+` (`validateInterfaceNameFormat`); nicplug also wants a
+/// letter or digit first (a leading '-' reads as an option to every tool
+/// the name reaches, `--help`) and at most 63 bytes (a DNS label; the name
+/// ends up in the libvirt alias `ua-<name>` and the 255-byte ifalias record).
+pub fn check_network_name(what: &'static str, value: &str) -> Result<(), NameError> {
+    if value.is_empty() {
+        return Err(NameError::Empty { what });
+    }
+    if value.len() > MAX_LABEL_LEN {
+        return Err(NameError::TooLong {
+            what,
+            value: value.to_string(),
+            max: MAX_LABEL_LEN,
+        });
+    }
+    let ok = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
+    if !value.bytes().all(ok)
+        || !value
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+    {
+        return Err(NameError::Chars {
+            what,
+            value: value.to_string(),
+            rule: "may only contain letters, digits, '-' and '_', and must start with a letter or digit",
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -240,6 +362,52 @@ mod tests {
     }
 
     #[test]
+    fn plumbing_names_of_non_ascii_links_do_not_panic() {
+        // The kernel allows any byte but '/', ':', whitespace and NUL; a link
+        // carrying a record can have such a name. Byte 3 and byte 15 fall
+        // inside a character here.
+        for name in ["aéé", "é", "podéééééé", "ab€", "k6t€€€€"] {
+            let names = PlumbingNames::for_pod_iface(&IfName::new(name).unwrap());
+            for derived in [&names.bridge, &names.tap, &names.kubevirt_renamed_pod] {
+                assert!(
+                    IfName::new(derived.as_str()).is_ok(),
+                    "{derived} from {name}"
+                );
+            }
+        }
+        let names = PlumbingNames::for_pod_iface(&IfName::new("neté1").unwrap());
+        assert_eq!(names.tap.as_str(), "tapé1");
+    }
+
+    #[test]
+    fn kubernetes_and_network_names() {
+        assert!(check_object_name("name", "vmi-fedora.example").is_ok());
+        assert!(check_object_name("name", &"a".repeat(253)).is_ok());
+        for bad in ["", "A", "-a", "a-", "a..b", ".a", "a b", "é", "--help"] {
+            assert!(check_object_name("name", bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            check_object_name("name", "").unwrap_err().to_string(),
+            "name is empty"
+        );
+        assert!(check_namespace("namespace", "a.b").is_err());
+        assert!(check_network_name("network", "Net_1-a").is_ok());
+        assert!(check_network_name("network", &"n".repeat(63)).is_ok());
+        for bad in [
+            "",
+            "--help",
+            "_a",
+            "a.b",
+            "a b",
+            "blé",
+            "a\u{1}",
+            &"n".repeat(64),
+        ] {
+            assert!(check_network_name("network", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn ordinal_shape() {
         assert!(is_ordinal_pod_iface("net1"));
         assert!(is_ordinal_pod_iface("net12"));
@@ -253,7 +421,7 @@ mod tests {
         assert!(IfName::new("eth0").is_ok());
         assert!(IfName::new("k6t-9a6a0c3b4d8").is_ok());
         assert!(IfName::new("0123456789abcdef").is_err());
-        assert!(IfName::new("").is_err());
+        assert_eq!(IfName::new(""), Err(NameError::IfNameEmpty));
         assert!(IfName::new("a/b").is_err());
         assert!(IfName::new("a b").is_err());
         assert!(IfName::new("..").is_err());
@@ -267,6 +435,14 @@ mod tests {
         assert!("02:ab:cd:00:11".parse::<Mac>().is_err());
         assert!("02:ab:cd:00:11:fg".parse::<Mac>().is_err());
         assert!("01:00:5e:00:00:01".parse::<Mac>().is_err());
+        assert!("ff:ff:ff:ff:ff:ff".parse::<Mac>().is_err());
+        assert_eq!(
+            "00:00:00:00:00:00".parse::<Mac>(),
+            Err(NameError::MacZero("00:00:00:00:00:00".into()))
+        );
+        // from_str_radix alone accepts a sign.
+        assert!("+2:00:00:00:00:01".parse::<Mac>().is_err());
+        assert!("02:00:00:00:00:é1".parse::<Mac>().is_err());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::str::FromStr;
 
 use serde::Serialize;
 
-use super::names::Mac;
+use super::names::{Mac, NameError, check_network_name};
 
 const MAGIC: &str = "nicplug/v1";
 /// The kernel truncates aliases longer than this.
@@ -32,9 +32,19 @@ pub enum RecordError {
     TooLong { len: usize },
     #[error("invalid address {0:?}: expected ADDRESS/PREFIX")]
     Cidr(String),
-    #[error("network name {0:?} cannot be recorded: it contains whitespace")]
-    Network(String),
+    #[error("network name {0:?} cannot be recorded")]
+    Network(String, #[source] NameError),
+    #[error("field {0} appears twice")]
+    Duplicate(&'static str),
+    #[error("mtu={0} is outside {MIN_MTU}..={MAX_MTU}")]
+    Mtu(u32),
 }
+
+/// The smallest MTU an IPv4 link may have (RFC 791) and the largest the
+/// kernel gives an Ethernet link (ETH_MAX_MTU): anything else in a record
+/// was not read from a real pod link.
+pub const MIN_MTU: u32 = 68;
+pub const MAX_MTU: u32 = 65535;
 
 /// An interface address with its prefix length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -93,11 +103,13 @@ impl PodLinkRecord {
     pub fn to_alias(&self) -> Result<String, RecordError> {
         let mut out = MAGIC.to_string();
         if let Some(network) = &self.network {
-            if network.is_empty() || network.contains(char::is_whitespace) {
-                return Err(RecordError::Network(network.clone()));
-            }
+            check_network_name("network name", network)
+                .map_err(|e| RecordError::Network(network.clone(), e))?;
             out.push_str(" net=");
             out.push_str(network);
+        }
+        if !(MIN_MTU..=MAX_MTU).contains(&self.mtu) {
+            return Err(RecordError::Mtu(self.mtu));
         }
         out.push_str(&format!(" mac={} mtu={}", self.mac, self.mtu));
         if !self.addresses.is_empty() {
@@ -124,19 +136,37 @@ impl PodLinkRecord {
             Some((fields, was)) => (fields, Some(was.to_string())),
             None => (rest, None),
         };
-        let (mut network, mut mac, mut mtu, mut addresses) = (None, None, None, Vec::new());
+        let (mut network, mut mac, mut mtu, mut addresses) = (None, None, None, None);
+        fn set<T>(slot: &mut Option<T>, name: &'static str, value: T) -> Result<(), RecordError> {
+            if slot.replace(value).is_some() {
+                return Err(RecordError::Duplicate(name));
+            }
+            Ok(())
+        }
         for field in fields.split(' ') {
             let bad = || RecordError::Field(field.to_string());
             match field.split_once('=').ok_or_else(bad)? {
-                ("net", v) => network = Some(v.to_string()),
-                ("mac", v) => mac = Some(v.parse::<Mac>().map_err(|_| bad())?),
-                ("mtu", v) => mtu = Some(v.parse::<u32>().map_err(|_| bad())?),
+                ("net", v) => {
+                    check_network_name("network name", v)
+                        .map_err(|e| RecordError::Network(v.to_string(), e))?;
+                    set(&mut network, "net", v.to_string())?;
+                }
+                ("mac", v) => set(&mut mac, "mac", v.parse::<Mac>().map_err(|_| bad())?)?,
+                ("mtu", v) => {
+                    let value = v.parse::<u32>().map_err(|_| bad())?;
+                    if !(MIN_MTU..=MAX_MTU).contains(&value) {
+                        return Err(RecordError::Mtu(value));
+                    }
+                    set(&mut mtu, "mtu", value)?;
+                }
                 ("addr", v) => {
-                    addresses = v.split(',').map(str::parse).collect::<Result<_, _>>()?;
+                    let list = v.split(',').map(str::parse).collect::<Result<_, _>>()?;
+                    set(&mut addresses, "addr", list)?;
                 }
                 _ => return Err(bad()),
             }
         }
+        let addresses = addresses.unwrap_or_default();
         Ok(Self {
             network,
             mac: mac.ok_or(RecordError::Missing("mac"))?,
@@ -204,6 +234,15 @@ mod tests {
             network: Some("a b".into()),
             ..record()
         };
-        assert_eq!(rec.to_alias(), Err(RecordError::Network("a b".into())));
+        assert!(matches!(rec.to_alias(), Err(RecordError::Network(n, _)) if n == "a b"));
+        let rec = PodLinkRecord {
+            network: Some(String::new()),
+            ..record()
+        };
+        let message = rec.to_alias().unwrap_err();
+        assert!(matches!(
+            message,
+            RecordError::Network(_, NameError::Empty { .. })
+        ));
     }
 }

@@ -6,18 +6,95 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::names::{IfName, Mac, hashed_pod_iface, ordinal_pod_iface};
+use super::names::{
+    IfName, Mac, NameError, check_namespace, check_network_name, check_object_name,
+    hashed_pod_iface, ordinal_pod_iface,
+};
 
+/// Deepest nesting a VMI document may have. Real ones stay below 20
+/// (`spec.affinity...matchExpressions[].values[]` is the deepest); the limit
+/// keeps a hostile document from costing time and stack in the parser.
+pub const MAX_DEPTH: usize = 64;
+
+/// Most vCPUs (`cores x sockets x threads`) nicplug accepts: KVM's limit on
+/// x86 (KVM_MAX_VCPUS), far above what QEMU's q35 machine boots.
+pub const MAX_VCPUS: u32 = 4096;
+
+/// Interface models KubeVirt's admission accepts (`validInterfaceModels`).
+const MODELS: [&str; 7] = [
+    "e1000", "e1000e", "igb", "ne2k_pci", "pcnet", "rtl8139", "virtio",
+];
+
+/// Why a VMI document is refused. Every variant but the parser errors
+/// names the offending field as a JSON path (`spec.networks[2].name`).
 #[derive(Debug, thiserror::Error)]
 pub enum VmiError {
     #[error("invalid VMI JSON")]
-    Json(#[from] serde_json::Error),
+    Json(#[source] serde_json::Error),
     #[error("invalid VMI YAML")]
-    Yaml(#[from] serde_yaml::Error),
-    #[error("kind is {0:?}, expected VirtualMachineInstance")]
-    Kind(String),
-    #[error("metadata.name is missing")]
-    NoName,
+    Yaml(#[source] serde_saphyr::Error),
+    #[error("nesting deeper than {MAX_DEPTH} levels at byte {at}")]
+    TooDeep { at: usize },
+    #[error("{field} is missing")]
+    Missing { field: String },
+    #[error("{field} is {found:?}, expected VirtualMachineInstance")]
+    Kind { field: String, found: String },
+    #[error("{field}: invalid name")]
+    Name {
+        field: String,
+        #[source]
+        source: NameError,
+    },
+    #[error("{field}: {what} {value:?} also appears at {first}")]
+    Duplicate {
+        field: String,
+        what: &'static str,
+        value: String,
+        first: String,
+    },
+    #[error("{field}: interface {name:?} has no network of that name in spec.networks")]
+    NoNetwork { field: String, name: String },
+    #[error("{field}: multus network {name:?} has no interface of that name")]
+    NoInterface { field: String, name: String },
+    #[error("{field}: interface has {count} bindings ({bindings}), expected one")]
+    Bindings {
+        field: String,
+        count: usize,
+        bindings: String,
+    },
+    #[error("{field}: network has {has}, expected exactly one of pod and multus")]
+    NetworkSource { field: String, has: &'static str },
+    #[error("{field}: invalid macAddress")]
+    Mac {
+        field: String,
+        #[source]
+        source: NameError,
+    },
+    #[error("{field}: model {value:?} is not one of {}", MODELS.join(", "))]
+    Model { field: String, value: String },
+    #[error("{field}: {problem}")]
+    Cpu { field: String, problem: String },
+}
+
+impl VmiError {
+    /// The JSON path of the offending field, for every error but malformed
+    /// JSON/YAML and too deep a document.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Self::Json(_) | Self::Yaml(_) | Self::TooDeep { .. } => None,
+            Self::Missing { field }
+            | Self::Kind { field, .. }
+            | Self::Name { field, .. }
+            | Self::Duplicate { field, .. }
+            | Self::NoNetwork { field, .. }
+            | Self::NoInterface { field, .. }
+            | Self::Bindings { field, .. }
+            | Self::NetworkSource { field, .. }
+            | Self::Mac { field, .. }
+            | Self::Model { field, .. }
+            | Self::Cpu { field, .. } => Some(field),
+        }
+    }
 }
 
 /// What the spec asks of an interface's link.
@@ -42,12 +119,7 @@ pub enum Binding {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetworkSource {
     Pod,
-    Multus {
-        network_name: String,
-        default: bool,
-    },
-    /// The interface names a network that `spec.networks` does not list.
-    Missing,
+    Multus { network_name: String, default: bool },
 }
 
 /// One interface of the VMI spec, joined with its network.
@@ -57,8 +129,9 @@ pub struct SpecInterface {
     pub name: String,
     pub binding: Binding,
     pub source: NetworkSource,
-    /// `macAddress`, when set. An unparsable one is an error of this interface only.
-    pub mac: Option<Result<Mac, String>>,
+    /// `macAddress`, when set (an invalid one makes the whole document invalid,
+    /// as KubeVirt's admission rejects it).
+    pub mac: Option<Mac>,
     /// `model`, default `virtio`.
     pub model: String,
     pub state: SpecState,
@@ -78,10 +151,6 @@ impl SpecInterface {
     /// Why nicplug leaves this interface alone, if it does.
     pub fn unsupported_reason(&self) -> Option<String> {
         match (&self.binding, &self.source) {
-            (_, NetworkSource::Missing) => Some(format!(
-                "interface {} has no network of that name in spec.networks",
-                self.name
-            )),
             (_, NetworkSource::Pod) => Some("the pod network is not hot-pluggable".into()),
             (_, NetworkSource::Multus { default: true, .. }) => {
                 Some("the default Multus network is not hot-pluggable".into())
@@ -127,18 +196,27 @@ pub struct Vmi {
 
 impl Vmi {
     /// Parses a `kubectl get vmi -o json` or `-o yaml` document.
+    ///
+    /// Nesting is bounded before serde sees the text: JSON by a scan of its
+    /// brackets (serde_json would stop at 128 levels itself, this gives the
+    /// error a name), YAML by serde-saphyr's depth budget, which fails while
+    /// streaming instead of after building the whole event list.
     pub fn parse(text: &str) -> Result<Self, VmiError> {
         let doc: Document = if text.trim_start().starts_with('{') {
-            serde_json::from_str(text)?
+            if let Some(at) = super::depth::json_depth_exceeds(text, MAX_DEPTH) {
+                return Err(VmiError::TooDeep { at });
+            }
+            serde_json::from_str(text).map_err(VmiError::Json)?
         } else {
-            serde_yaml::from_str(text)?
+            serde_saphyr::from_str_with_options(text, yaml_options()).map_err(VmiError::Yaml)?
         };
         doc.into_vmi()
     }
 
-    /// Reads a VMI object as the Kubernetes API serves it.
+    /// Reads a VMI object as the Kubernetes API serves it (already parsed,
+    /// within serde_json's own depth limit).
     pub fn from_json_value(value: serde_json::Value) -> Result<Self, VmiError> {
-        let doc: Document = serde_json::from_value(value)?;
+        let doc: Document = serde_json::from_value(value).map_err(VmiError::Json)?;
         doc.into_vmi()
     }
 
@@ -148,14 +226,20 @@ impl Vmi {
     }
 }
 
+fn yaml_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_depth = MAX_DEPTH;
+    serde_saphyr::options! { budget: Some(budget) }
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Document {
     kind: Option<String>,
     #[serde(default)]
     metadata: Metadata,
-    #[serde(default)]
-    spec: Spec,
+    // Missing is an error, not "no interfaces": that would unplug every NIC.
+    spec: Option<Spec>,
 }
 
 #[derive(Deserialize, Default)]
@@ -164,18 +248,16 @@ struct Metadata {
     namespace: Option<String>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 struct Spec {
-    #[serde(default)]
-    domain: DomainSpec,
+    domain: Option<DomainSpec>,
     #[serde(default)]
     networks: Vec<Network>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 struct DomainSpec {
-    #[serde(default)]
-    devices: Devices,
+    devices: Option<Devices>,
     cpu: Option<Cpu>,
 }
 
@@ -188,11 +270,13 @@ struct Devices {
     network_interface_multiqueue: bool,
 }
 
+// Numbers as JSON values, so a negative or fractional count is refused with
+// the field's name instead of a bare serde message.
 #[derive(Deserialize, Default)]
 struct Cpu {
-    cores: Option<u32>,
-    sockets: Option<u32>,
-    threads: Option<u32>,
+    cores: Option<serde_json::Value>,
+    sockets: Option<serde_json::Value>,
+    threads: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -233,83 +317,253 @@ struct Multus {
 
 const OTHER_BINDINGS: [&str; 5] = ["masquerade", "sriov", "slirp", "passt", "macvtap"];
 
-impl Document {
-    fn into_vmi(self) -> Result<Vmi, VmiError> {
-        if let Some(kind) = self.kind.filter(|k| k != "VirtualMachineInstance") {
-            return Err(VmiError::Kind(kind));
-        }
-        let name = self.metadata.name.ok_or(VmiError::NoName)?;
-        let namespace = self.metadata.namespace.unwrap_or_else(|| "default".into());
+const INTERFACES: &str = "spec.domain.devices.interfaces";
 
+fn name_error(field: String) -> impl FnOnce(NameError) -> VmiError {
+    move |source| VmiError::Name { field, source }
+}
+
+/// Remembers the first path of each value and refuses a second one.
+struct Unique {
+    what: &'static str,
+    seen: BTreeMap<String, String>,
+}
+
+impl Unique {
+    fn new(what: &'static str) -> Self {
+        Self {
+            what,
+            seen: BTreeMap::new(),
+        }
+    }
+
+    fn insert(&mut self, value: &str, field: String) -> Result<(), VmiError> {
+        if let Some(first) = self.seen.get(value) {
+            return Err(VmiError::Duplicate {
+                field,
+                what: self.what,
+                value: value.to_string(),
+                first: first.clone(),
+            });
+        }
+        self.seen.insert(value.to_string(), field);
+        Ok(())
+    }
+}
+
+impl Interface {
+    /// Every binding the interface names: KubeVirt wants exactly one.
+    fn bindings(&self) -> Vec<&str> {
+        let mut found = Vec::new();
+        if self.bridge.is_some() {
+            found.push("bridge");
+        }
+        if self.binding.is_some() {
+            found.push("binding");
+        }
+        found.extend(
+            OTHER_BINDINGS
+                .iter()
+                .filter(|b| self.other.contains_key(**b)),
+        );
+        found
+    }
+}
+
+impl Cpu {
+    /// `cores x sockets x threads`, each defaulting to 1, checked.
+    fn vcpus(&self) -> Result<u32, VmiError> {
+        let count = |value: &Option<serde_json::Value>, name: &str| -> Result<u32, VmiError> {
+            let field = format!("spec.domain.cpu.{name}");
+            match value {
+                None => Ok(1),
+                Some(v) => match v.as_u64().map(u32::try_from) {
+                    Some(Ok(n)) if n >= 1 => Ok(n),
+                    _ => Err(VmiError::Cpu {
+                        field,
+                        problem: format!("{v} is not a count from 1 to {}", u32::MAX),
+                    }),
+                },
+            }
+        };
+        let (cores, sockets, threads) = (
+            count(&self.cores, "cores")?,
+            count(&self.sockets, "sockets")?,
+            count(&self.threads, "threads")?,
+        );
+        let too_many = || VmiError::Cpu {
+            field: "spec.domain.cpu".into(),
+            problem: format!(
+                "cores x sockets x threads = {cores} x {sockets} x {threads} is more than {MAX_VCPUS} vCPUs"
+            ),
+        };
+        let product = cores
+            .checked_mul(sockets)
+            .and_then(|n| n.checked_mul(threads))
+            .ok_or_else(too_many)?;
+        if product > MAX_VCPUS {
+            return Err(too_many());
+        }
+        Ok(product)
+    }
+}
+
+impl Document {
+    /// Validates the document as KubeVirt's admission would (the parts
+    /// nicplug reads) and joins interfaces with their networks. Any problem
+    /// refuses the whole document: the source keeps the last good spec,
+    /// where a half-read spec could unplug what it failed to read.
+    fn into_vmi(self) -> Result<Vmi, VmiError> {
+        match self.kind.as_deref() {
+            Some("VirtualMachineInstance") => {}
+            None => {
+                return Err(VmiError::Missing {
+                    field: "kind".into(),
+                });
+            }
+            Some(other) => {
+                return Err(VmiError::Kind {
+                    field: "kind".into(),
+                    found: other.to_string(),
+                });
+            }
+        }
+        let name = self.metadata.name.ok_or_else(|| VmiError::Missing {
+            field: "metadata.name".into(),
+        })?;
+        check_object_name("name", &name).map_err(name_error("metadata.name".into()))?;
+        let namespace = self.metadata.namespace.unwrap_or_else(|| "default".into());
+        check_namespace("namespace", &namespace)
+            .map_err(name_error("metadata.namespace".into()))?;
+
+        let missing = |field: &str| VmiError::Missing {
+            field: field.to_string(),
+        };
+        let spec = self.spec.ok_or_else(|| missing("spec"))?;
+        let domain = spec.domain.ok_or_else(|| missing("spec.domain"))?;
+        let devices = domain
+            .devices
+            .ok_or_else(|| missing("spec.domain.devices"))?;
+
+        let mut iface_names = Unique::new("interface name");
+        let mut macs = Unique::new("macAddress");
+        let mut parsed_macs: Vec<Option<Mac>> = Vec::with_capacity(devices.interfaces.len());
+        for (index, iface) in devices.interfaces.iter().enumerate() {
+            let at = format!("{INTERFACES}[{index}]");
+            check_network_name("interface name", &iface.name)
+                .map_err(name_error(format!("{at}.name")))?;
+            iface_names.insert(&iface.name, format!("{at}.name"))?;
+            let bindings = iface.bindings();
+            if bindings.len() > 1 {
+                return Err(VmiError::Bindings {
+                    field: at,
+                    count: bindings.len(),
+                    bindings: bindings.join(", "),
+                });
+            }
+            if let Some(model) = &iface.model
+                && !MODELS.contains(&model.as_str())
+            {
+                return Err(VmiError::Model {
+                    field: format!("{at}.model"),
+                    value: model.clone(),
+                });
+            }
+            let mac = match &iface.mac_address {
+                None => None,
+                Some(text) => {
+                    let field = format!("{at}.macAddress");
+                    let mac = text.parse::<Mac>().map_err(|source| VmiError::Mac {
+                        field: field.clone(),
+                        source,
+                    })?;
+                    // Compared in canonical form: 02:AA.. and 02-aa.. are one MAC.
+                    macs.insert(&mac.to_string(), field)?;
+                    Some(mac)
+                }
+            };
+            parsed_macs.push(mac);
+        }
+
+        let mut net_names = Unique::new("network name");
         let mut ordinal = 0;
         let mut sources = BTreeMap::new();
-        for net in self.spec.networks {
-            let source = match (net.pod, net.multus) {
-                (Some(_), _) => (NetworkSource::Pod, None),
-                (None, Some(m)) if !m.default => {
-                    ordinal += 1;
+        for (index, net) in spec.networks.iter().enumerate() {
+            let at = format!("spec.networks[{index}]");
+            check_network_name("network name", &net.name)
+                .map_err(name_error(format!("{at}.name")))?;
+            net_names.insert(&net.name, format!("{at}.name"))?;
+            let source = match (&net.pod, &net.multus) {
+                (Some(_), Some(_)) => {
+                    return Err(VmiError::NetworkSource {
+                        field: at,
+                        has: "both pod and multus",
+                    });
+                }
+                (None, None) => {
+                    return Err(VmiError::NetworkSource {
+                        field: at,
+                        has: "neither pod nor multus",
+                    });
+                }
+                (Some(_), None) => (NetworkSource::Pod, None),
+                (None, Some(m)) => {
+                    if !iface_names.seen.contains_key(net.name.as_str()) {
+                        return Err(VmiError::NoInterface {
+                            field: format!("{at}.name"),
+                            name: net.name.clone(),
+                        });
+                    }
+                    let position = (!m.default).then(|| {
+                        ordinal += 1;
+                        ordinal
+                    });
                     (
                         NetworkSource::Multus {
-                            network_name: m.network_name,
-                            default: false,
+                            network_name: m.network_name.clone(),
+                            default: m.default,
                         },
-                        Some(ordinal),
+                        position,
                     )
                 }
-                (None, Some(m)) => (
-                    NetworkSource::Multus {
-                        network_name: m.network_name,
-                        default: true,
-                    },
-                    None,
-                ),
-                (None, None) => (NetworkSource::Missing, None),
             };
-            sources.insert(net.name, source);
+            sources.insert(net.name.clone(), source);
         }
 
-        let interfaces = self
-            .spec
-            .domain
-            .devices
-            .interfaces
-            .into_iter()
-            .map(|i| {
-                let binding = if i.bridge.is_some() {
-                    Binding::Bridge
-                } else if let Some(plugin) = i.binding {
-                    Binding::Other(plugin.name)
-                } else {
-                    let known = OTHER_BINDINGS.iter().find(|b| i.other.contains_key(**b));
-                    Binding::Other(known.map_or("unknown", |b| b).to_string())
-                };
-                let (source, ordinal) = sources
-                    .get(&i.name)
-                    .cloned()
-                    .unwrap_or((NetworkSource::Missing, None));
-                SpecInterface {
-                    mac: i
-                        .mac_address
-                        .map(|m| m.parse::<Mac>().map_err(|e| e.to_string())),
-                    model: i.model.unwrap_or_else(|| "virtio".into()),
-                    state: i.state,
-                    name: i.name,
-                    binding,
-                    source,
-                    ordinal,
-                }
-            })
-            .collect();
+        let multiqueue = if devices.network_interface_multiqueue {
+            Some(domain.cpu.unwrap_or_default().vcpus()?)
+        } else {
+            None
+        };
 
-        let multiqueue = self
-            .spec
-            .domain
-            .devices
-            .network_interface_multiqueue
-            .then(|| {
-                let cpu = self.spec.domain.cpu.unwrap_or_default();
-                cpu.cores.unwrap_or(1) * cpu.sockets.unwrap_or(1) * cpu.threads.unwrap_or(1)
+        let mut interfaces = Vec::with_capacity(devices.interfaces.len());
+        let with_macs = devices.interfaces.into_iter().zip(parsed_macs);
+        for (index, (i, mac)) in with_macs.enumerate() {
+            let Some((source, ordinal)) = sources.get(&i.name).cloned() else {
+                return Err(VmiError::NoNetwork {
+                    field: format!("{INTERFACES}[{index}].name"),
+                    name: i.name,
+                });
+            };
+            let binding = if i.bridge.is_some() {
+                Binding::Bridge
+            } else if let Some(plugin) = &i.binding {
+                Binding::Other(plugin.name.clone())
+            } else {
+                let known = OTHER_BINDINGS.iter().find(|b| i.other.contains_key(**b));
+                Binding::Other(known.map_or("unknown", |b| b).to_string())
+            };
+            interfaces.push(SpecInterface {
+                mac,
+                model: i.model.unwrap_or_else(|| "virtio".into()),
+                state: i.state,
+                name: i.name,
+                binding,
+                source,
+                ordinal,
             });
+        }
+
         Ok(Vmi {
             namespace,
             name,
@@ -343,7 +597,7 @@ mod tests {
             "pod9a6a0c3b4d8"
         );
         assert_eq!(dyn1.pod_iface(PodIfaceScheme::Ordinal).as_str(), "net1");
-        assert_eq!(dyn1.mac, Some(Ok("02:00:00:aa:bb:01".parse().unwrap())));
+        assert_eq!(dyn1.mac, Some("02:00:00:aa:bb:01".parse().unwrap()));
         let dyn2 = &vmi.interfaces[2];
         assert_eq!(dyn2.state, SpecState::Down);
         assert_eq!(dyn2.model, "e1000e");
@@ -360,30 +614,256 @@ mod tests {
         assert_eq!(vmi.multiqueue, None);
     }
 
+    /// A valid document with `interfaces` and `networks` spliced in.
+    fn doc(interfaces: &str, networks: &str) -> String {
+        format!(
+            r#"{{"kind":"VirtualMachineInstance","metadata":{{"name":"vm","namespace":"ns"}},"spec":{{"domain":{{"devices":{{"interfaces":[{interfaces}]}}}},"networks":[{networks}]}}}}"#
+        )
+    }
+
+    fn field_of(text: &str) -> String {
+        let err = Vmi::parse(text).expect_err("document must be refused");
+        err.field()
+            .unwrap_or_else(|| panic!("no field in {err}"))
+            .to_string()
+    }
+
     #[test]
     fn bad_documents_say_what_is_wrong() {
         assert!(matches!(Vmi::parse("{\"kind\":"), Err(VmiError::Json(_))));
         assert!(matches!(
             Vmi::parse("{\"kind\":\"Pod\",\"metadata\":{\"name\":\"x\"}}"),
-            Err(VmiError::Kind(_))
+            Err(VmiError::Kind { .. })
         ));
-        assert!(matches!(Vmi::parse("{\"spec\":{}}"), Err(VmiError::NoName)));
         assert!(matches!(Vmi::parse("a: [b"), Err(VmiError::Yaml(_))));
+        assert_eq!(field_of(r#"{"spec":{}}"#), "kind");
+        assert_eq!(
+            field_of(r#"{"kind":"VirtualMachineInstance","spec":{}}"#),
+            "metadata.name"
+        );
     }
 
     #[test]
-    fn interface_errors_stay_with_the_interface() {
-        let json = r#"{"metadata":{"name":"v"},"spec":{"domain":{"devices":{"interfaces":[
-            {"name":"a","bridge":{},"macAddress":"zz"},{"name":"b","bridge":{}}]}},
-            "networks":[{"name":"a","multus":{"networkName":"a"}}]}}"#;
-        let vmi = Vmi::parse(json).unwrap();
-        assert!(matches!(vmi.interfaces[0].mac, Some(Err(_))));
-        assert_eq!(vmi.interfaces[1].source, NetworkSource::Missing);
-        assert!(
-            vmi.interfaces[1]
-                .unsupported_reason()
-                .unwrap()
-                .contains("no network")
+    fn a_document_without_its_spec_is_not_an_empty_spec() {
+        // Read as "no interfaces", these would unplug every NIC.
+        let meta = r#""kind":"VirtualMachineInstance","metadata":{"name":"vm"}"#;
+        assert_eq!(field_of(&format!("{{{meta}}}")), "spec");
+        assert_eq!(
+            field_of(&format!(r#"{{{meta},"spec":{{}}}}"#)),
+            "spec.domain"
         );
+        assert_eq!(
+            field_of(&format!(r#"{{{meta},"spec":{{"domain":{{}}}}}}"#)),
+            "spec.domain.devices"
+        );
+        // Devices without interfaces is a VMI without NICs: valid.
+        let vmi = Vmi::parse(&format!(
+            r#"{{{meta},"spec":{{"domain":{{"devices":{{}}}}}}}}"#
+        ))
+        .unwrap();
+        assert!(vmi.interfaces.is_empty());
+    }
+
+    #[test]
+    fn names_must_be_kubernetes_names() {
+        for bad in ["", "--help", "VM", "vm 1", "vmé", "a..b", "-a", "a-"] {
+            let text = format!(
+                r#"{{"kind":"VirtualMachineInstance","metadata":{{"name":"{bad}"}},"spec":{{"domain":{{"devices":{{}}}}}}}}"#
+            );
+            assert_eq!(field_of(&text), "metadata.name", "{bad:?}");
+        }
+        let long = "a".repeat(254);
+        let text = format!(
+            r#"{{"kind":"VirtualMachineInstance","metadata":{{"name":"{long}"}},"spec":{{"domain":{{"devices":{{}}}}}}}}"#
+        );
+        assert_eq!(field_of(&text), "metadata.name");
+        let text = format!(
+            r#"{{"kind":"VirtualMachineInstance","metadata":{{"name":"a","namespace":"{}"}},"spec":{{"domain":{{"devices":{{}}}}}}}}"#,
+            "n".repeat(64)
+        );
+        assert_eq!(field_of(&text), "metadata.namespace");
+        // The empty-name message says it is empty, not "contains whitespace".
+        let err = Vmi::parse(
+            r#"{"kind":"VirtualMachineInstance","metadata":{"name":""},"spec":{"domain":{"devices":{}}}}"#,
+        )
+        .unwrap_err();
+        let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert_eq!(chain, "metadata.name: invalid name: name is empty");
+    }
+
+    #[test]
+    fn interface_and_network_names() {
+        let long = "n".repeat(64);
+        for bad in [
+            "--help",
+            long.as_str(),
+            "a b",
+            "blé",
+            "a.b",
+            "a'b",
+            "a\\u0001",
+        ] {
+            let text = doc(
+                &format!(r#"{{"name":"{bad}","bridge":{{}}}}"#),
+                &format!(r#"{{"name":"{bad}","multus":{{"networkName":"x"}}}}"#),
+            );
+            assert_eq!(
+                field_of(&text),
+                "spec.domain.devices.interfaces[0].name",
+                "{bad:?}"
+            );
+        }
+        // KubeVirt's own charset is accepted: upper case and '_'.
+        let ok = doc(
+            r#"{"name":"Net_1","bridge":{}}"#,
+            r#"{"name":"Net_1","multus":{"networkName":"x"}}"#,
+        );
+        assert_eq!(Vmi::parse(&ok).unwrap().interfaces[0].name, "Net_1");
+        let text = doc(
+            r#"{"name":"a","bridge":{}}"#,
+            r#"{"name":"a","multus":{"networkName":"x"}},{"name":"b c","pod":{}}"#,
+        );
+        assert_eq!(field_of(&text), "spec.networks[1].name");
+    }
+
+    #[test]
+    fn structure_kubevirt_rejects_is_rejected() {
+        let bridge = |n: &str| format!(r#"{{"name":"{n}","bridge":{{}}}}"#);
+        let multus = |n: &str| format!(r#"{{"name":"{n}","multus":{{"networkName":"{n}"}}}}"#);
+        let cases = [
+            (
+                doc(&format!("{},{}", bridge("a"), bridge("a")), &multus("a")),
+                "spec.domain.devices.interfaces[1].name",
+                "also appears at spec.domain.devices.interfaces[0].name",
+            ),
+            (
+                doc(&bridge("a"), &format!("{},{}", multus("a"), multus("a"))),
+                "spec.networks[1].name",
+                "network name",
+            ),
+            (
+                doc(&format!("{},{}", bridge("a"), bridge("b")), &multus("a")),
+                "spec.domain.devices.interfaces[1].name",
+                "no network",
+            ),
+            (
+                doc(&bridge("a"), &format!("{},{}", multus("a"), multus("b"))),
+                "spec.networks[1].name",
+                "no interface",
+            ),
+            (
+                doc(r#"{"name":"a","bridge":{},"sriov":{}}"#, &multus("a")),
+                "spec.domain.devices.interfaces[0]",
+                "2 bindings (bridge, sriov)",
+            ),
+            (
+                doc(
+                    &bridge("a"),
+                    r#"{"name":"a","pod":{},"multus":{"networkName":"a"}}"#,
+                ),
+                "spec.networks[0]",
+                "both pod and multus",
+            ),
+            (
+                doc(&bridge("a"), r#"{"name":"a"}"#),
+                "spec.networks[0]",
+                "neither pod nor multus",
+            ),
+            (
+                doc(
+                    r#"{"name":"a","bridge":{},"model":"virtio'/><x"}"#,
+                    &multus("a"),
+                ),
+                "spec.domain.devices.interfaces[0].model",
+                "is not one of",
+            ),
+        ];
+        for (text, field, message) in cases {
+            let err = Vmi::parse(&text).unwrap_err();
+            assert_eq!(err.field(), Some(field), "{text}");
+            assert!(err.to_string().contains(message), "{err}");
+        }
+    }
+
+    #[test]
+    fn mac_addresses() {
+        let net = r#"{"name":"a","multus":{"networkName":"a"}},{"name":"b","multus":{"networkName":"b"}}"#;
+        let two = |m1: &str, m2: &str| {
+            doc(
+                &format!(
+                    r#"{{"name":"a","bridge":{{}},"macAddress":"{m1}"}},{{"name":"b","bridge":{{}},"macAddress":"{m2}"}}"#
+                ),
+                net,
+            )
+        };
+        // The same MAC in two spellings is a duplicate.
+        let err = Vmi::parse(&two("02:00:00:00:00:01", "02-00-00-00-00-01")).unwrap_err();
+        assert_eq!(
+            err.field(),
+            Some("spec.domain.devices.interfaces[1].macAddress")
+        );
+        for bad in [
+            "00:00:00:00:00:00",
+            "01:00:5e:00:00:01",
+            "ff:ff:ff:ff:ff:ff",
+            "zz",
+            "+2:00:00:00:00:01",
+        ] {
+            let err = Vmi::parse(&two(bad, "02:00:00:00:00:02")).unwrap_err();
+            assert_eq!(
+                err.field(),
+                Some("spec.domain.devices.interfaces[0].macAddress"),
+                "{bad}"
+            );
+        }
+        let vmi = Vmi::parse(&two("02:00:00:00:00:01", "02:00:00:00:00:02")).unwrap();
+        assert_eq!(
+            vmi.interfaces[1].mac,
+            Some("02:00:00:00:00:02".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn cpu_topology_is_checked_arithmetic() {
+        let cpu = |c: &str| {
+            format!(
+                r#"{{"kind":"VirtualMachineInstance","metadata":{{"name":"vm"}},"spec":{{"domain":{{"cpu":{c},"devices":{{"networkInterfaceMultiqueue":true}}}}}}}}"#
+            )
+        };
+        // 65536 x 65536 overflows u32: an error, not a wrapped or panicking product.
+        let err = Vmi::parse(&cpu(r#"{"cores":65536,"sockets":65536,"threads":2}"#)).unwrap_err();
+        assert_eq!(err.field(), Some("spec.domain.cpu"));
+        let err = Vmi::parse(&cpu(r#"{"cores":4097}"#)).unwrap_err();
+        assert_eq!(err.field(), Some("spec.domain.cpu"));
+        for (c, field) in [
+            (r#"{"cores":0}"#, "spec.domain.cpu.cores"),
+            (r#"{"sockets":-1}"#, "spec.domain.cpu.sockets"),
+            (r#"{"threads":4294967296}"#, "spec.domain.cpu.threads"),
+            (r#"{"threads":"2"}"#, "spec.domain.cpu.threads"),
+        ] {
+            assert_eq!(Vmi::parse(&cpu(c)).unwrap_err().field(), Some(field), "{c}");
+        }
+        assert_eq!(
+            Vmi::parse(&cpu(r#"{"cores":16,"sockets":16,"threads":16}"#))
+                .unwrap()
+                .multiqueue,
+            Some(4096)
+        );
+    }
+
+    #[test]
+    fn deep_documents_stop_at_the_depth_limit() {
+        let deep_json = format!("{{\"a\":{}{}}}", "[".repeat(60_000), "]".repeat(60_000));
+        assert!(matches!(
+            Vmi::parse(&deep_json),
+            Err(VmiError::TooDeep { .. })
+        ));
+        let deep_yaml = format!("a: {}{}\n", "[".repeat(60_000), "]".repeat(60_000));
+        assert!(matches!(Vmi::parse(&deep_yaml), Err(VmiError::Yaml(_))));
+        let mut block = String::from("kind: VirtualMachineInstance\n");
+        for level in 0..200 {
+            block.push_str(&format!("{}k{level}:\n", "  ".repeat(level)));
+        }
+        assert!(matches!(Vmi::parse(&block), Err(VmiError::Yaml(_))));
     }
 }

@@ -51,6 +51,40 @@ pub enum NetnsError {
         #[source]
         source: nix::Error,
     },
+    #[error("cannot write {value} to {path}")]
+    Sysctl {
+        path: String,
+        value: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Several independent sub-steps of one operation failed; every other
+    /// sub-step was done. Each failure is shown with its whole cause chain,
+    /// since a list has no single source.
+    #[error("{op} of {link} is incomplete, {} sub-steps failed: {}", .errors.len(), chains(.errors))]
+    Incomplete {
+        op: &'static str,
+        link: IfName,
+        errors: Vec<NetnsError>,
+    },
+}
+
+/// `a: cause: cause; b: cause`, for [`NetnsError::Incomplete`].
+fn chains(errors: &[NetnsError]) -> String {
+    errors
+        .iter()
+        .map(|e| {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                source = s.source();
+            }
+            text
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The kind of a link, from IFLA_INFO_KIND.
@@ -136,25 +170,34 @@ pub trait PodNetwork: Send + Sync {
     ) -> impl Future<Output = Result<(), NetnsError>> + Send;
 
     /// Creates bridge `name` with `mac` if it does not exist, and sets it up.
-    /// VLAN filtering and learning are left at the kernel's defaults.
+    /// Before it is up, it gets no IPv6 of its own (address generation off,
+    /// no DAD, no router advertisements) and no multicast snooping (whose
+    /// snooper-group joins send IGMP/MLD reports), so the bridge itself never
+    /// speaks on the pod network. VLAN filtering and learning are left at the
+    /// kernel's defaults.
     fn ensure_bridge(
         &self,
         name: &IfName,
         mac: Mac,
     ) -> impl Future<Output = Result<(), NetnsError>> + Send;
 
-    /// Removes all addresses of `pod`, sets its MAC to `mac`, enslaves it to
-    /// `bridge` with learning off, and sets it up.
+    /// Removes the addresses `recorded` (those of the pod link's record, the
+    /// crash-safe state) from `pod`, sets its MAC to `mac`, enslaves it to
+    /// `bridge` with learning off, and sets it up. An address that is not in
+    /// `recorded` (CNI added it after the record was written) stays: the
+    /// planner records it and removes it on its next pass, so it is never
+    /// lost.
     fn enslave_pod_link(
         &self,
         pod: &IfName,
         bridge: &IfName,
         mac: Mac,
+        recorded: &[IpCidr],
     ) -> impl Future<Output = Result<(), NetnsError>> + Send;
 
     /// Creates persistent tap `spec.name` through /dev/net/tun if it does not
-    /// exist (owner, group, queue mode), sets its MTU, enslaves it to
-    /// `bridge` and sets it up.
+    /// exist (owner, group, queue mode), turns its IPv6 off as for the
+    /// bridge, sets its MTU, enslaves it to `bridge` and sets it up.
     fn ensure_tap(
         &self,
         spec: &TapSpec,
@@ -163,13 +206,18 @@ pub trait PodNetwork: Send + Sync {
 
     /// Releases `pod` from its bridge and restores the recorded MAC, MTU and
     /// addresses, then the previous alias (the record goes last, so an
-    /// interrupted release is finished by the next reconcile).
+    /// interrupted release is finished by the next reconcile). Every sub-step
+    /// is tried even when another fails, and every failure is reported
+    /// ([`NetnsError::Incomplete`]); the alias is only restored when all
+    /// others succeeded, so the record stays for the retry. A pod link that
+    /// no longer exists is success (nothing is left to give back).
     fn release_pod_link(
         &self,
         pod: &IfName,
         record: &PodLinkRecord,
     ) -> impl Future<Output = Result<(), NetnsError>> + Send;
 
-    /// Deletes a link; a link that does not exist is success.
+    /// Deletes a link by name in one request; a link that does not exist is
+    /// success.
     fn delete_link(&self, name: &IfName) -> impl Future<Output = Result<(), NetnsError>> + Send;
 }

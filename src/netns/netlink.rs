@@ -17,6 +17,24 @@
 //!   mode, so a link whose CNI had chosen another mode gets the default back;
 //!   changing the mode does not regenerate addresses, and the recorded
 //!   link-local itself is restored explicitly like every other address.
+//! - **Only recorded addresses are removed.** The record in the pod link's
+//!   alias is the crash-safe state; an address CNI adds after it was written
+//!   is left on the link, and the planner records it before it plans the
+//!   enslave again (so release can give it back).
+//! - **Silent plumbing.** Bridge and tap get `addr_gen_mode none`,
+//!   `accept_dad=0` and `accept_ra=0` before they are up, and the bridge is
+//!   created with multicast snooping off (snooping joins 224.0.0.106 and
+//!   ff02::6a and reports them): otherwise the bridge's own IGMP/MLD reports,
+//!   DAD and router solicitations leave through the pod link. The pod link
+//!   gets `force_mld_version=1` before its addresses go: under MLDv2 the
+//!   kernel reports leaving each solicited-node group, and those reports
+//!   went out after the MAC change, from the bridge's MAC. Release sets the
+//!   namespace default back. Sysctls are written from a thread in the
+//!   [`Netlink`]'s namespace ([`NetnsHandle::run`]).
+//! - **Release does all it can.** Its sub-steps (nomaster, MAC, MTU, IPv6
+//!   settings, each address) are independent: all are tried, all failures
+//!   come back in one [`NetnsError::Incomplete`], and the alias keeps the
+//!   record unless every one succeeded.
 //! - **Learning** is turned off through `IFLA_INFO_SLAVE_DATA`
 //!   (`IFLA_BRPORT_LEARNING = 0`) in an RTM_NEWLINK on the port, which is
 //!   also where the kernel reports it in every link dump.
@@ -40,10 +58,10 @@ use rtnetlink::packet_core::{DefaultNla, Nla};
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{
-    AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoBridgePort, InfoData, InfoKind, InfoPortData,
-    InfoTun, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo, LinkMessage,
+    AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoBridge, InfoBridgePort, InfoData, InfoKind,
+    InfoPortData, InfoTun, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo, LinkMessage,
 };
-use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec};
+use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec};
 
 use super::tap::{NetnsHandle, create_persistent_tap};
 use super::{Link, LinkKind, NetnsError, PodNetwork, TapInfo, TapSpec};
@@ -71,6 +89,9 @@ pub struct Netlink {
     handle: Handle,
     netns: NetnsHandle,
     default_addr_gen_mode: In6AddrGenMode,
+    /// `net.ipv6.conf.default.force_mld_version` of the namespace, given
+    /// back to a released pod link.
+    default_force_mld_version: String,
 }
 
 /// A link as the kernel reports it, with what nicplug needs beyond [`Link`].
@@ -83,6 +104,8 @@ struct Observed {
     carrier: bool,
     /// IFLA_INET6_ADDR_GEN_MODE, absent when IPv6 is off on the link.
     addr_gen_mode: Option<In6AddrGenMode>,
+    /// IFLA_BR_MCAST_SNOOPING of a bridge.
+    mcast_snooping: Option<bool>,
 }
 
 impl Netlink {
@@ -99,6 +122,8 @@ impl Netlink {
             handle,
             netns,
             default_addr_gen_mode: default_addr_gen_mode(),
+            default_force_mld_version: read_ipv6_conf("default", "force_mld_version")
+                .unwrap_or_else(|| "0".to_string()),
         })
     }
 
@@ -249,6 +274,86 @@ impl Netlink {
             .map_err(|e| nl_err("set bridge port learning off", &link.link.name, e))
     }
 
+    /// Writes `/proc/sys/net/ipv6/conf/<link>/<knob>` where it differs, from
+    /// a thread in this Netlink's namespace (`/proc/sys/net` shows the
+    /// namespace of the thread that opens it). A link without IPv6 (no such
+    /// file) is left alone.
+    fn set_ipv6_conf(&self, link: &IfName, knob: &str, value: &str) -> Result<(), NetnsError> {
+        self.netns.run(|| {
+            let path = ipv6_conf_path(link.as_str(), knob);
+            match std::fs::read_to_string(&path) {
+                Ok(current) if current.trim() == value => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                _ => {}
+            }
+            std::fs::write(&path, value).map_err(|source| NetnsError::Sysctl {
+                path,
+                value: value.to_string(),
+                source,
+            })
+        })
+    }
+
+    /// `/proc/sys/net/ipv6/conf/<link>/<knob>` in this Netlink's namespace,
+    /// `None` if unreadable (no IPv6 on the link).
+    fn ipv6_conf(&self, link: &IfName, knob: &str) -> Option<String> {
+        self.netns
+            .run(|| Ok(read_ipv6_conf(link.as_str(), knob)))
+            .ok()
+            .flatten()
+    }
+
+    /// Makes a link nicplug owns (bridge, tap) silent in IPv6: no address
+    /// generation (so no `fe80::`, and with it no DAD, router solicitation
+    /// or MLD report), no DAD and no router advertisements should an address
+    /// ever appear, and any link-local address it already has removed.
+    /// Called before the link is set up.
+    async fn silence_ipv6(&self, link: &Observed) -> Result<(), NetnsError> {
+        let name = &link.link.name;
+        self.set_addr_gen_mode(link, In6AddrGenMode::None).await?;
+        self.set_ipv6_conf(name, "accept_dad", "0")?;
+        self.set_ipv6_conf(name, "accept_ra", "0")?;
+        for (cidr, message) in self.addresses_of(link.link.index, name).await? {
+            if let IpAddr::V6(v6) = cidr.addr
+                && v6.is_unicast_link_local()
+            {
+                self.delete_address(name, &cidr, message).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes one address; one that is already gone is success.
+    async fn delete_address(
+        &self,
+        name: &IfName,
+        cidr: &IpCidr,
+        message: AddressMessage,
+    ) -> Result<(), NetnsError> {
+        match self.handle.address().del(message).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::EADDRNOTAVAIL) => Ok(()),
+            Err(e) => Err(nl_err(delete_address_op(cidr), name, e)),
+        }
+    }
+
+    /// Turns multicast snooping off on a bridge that has it on.
+    async fn set_snooping_off(&self, bridge: &Observed) -> Result<(), NetnsError> {
+        if bridge.mcast_snooping != Some(true) {
+            return Ok(());
+        }
+        let mut msg = LinkMessageBuilder::<LinkBridge>::new(bridge.link.name.as_str())
+            .append_info_data(InfoBridge::MulticastSnooping(false))
+            .build();
+        msg.header.index = bridge.link.index;
+        self.handle
+            .link()
+            .change(msg)
+            .execute()
+            .await
+            .map_err(|e| nl_err("set multicast snooping off", &bridge.link.name, e))
+    }
+
     async fn delete_index(&self, index: u32, name: &IfName) -> Result<(), NetnsError> {
         match self.handle.link().del(index).execute().await {
             Ok(()) => Ok(()),
@@ -331,9 +436,13 @@ impl PodNetwork for Netlink {
             Some(existing) => existing,
             None => {
                 // An explicit address at creation makes it NET_ADDR_SET, so
-                // the bridge keeps it instead of taking a port's MAC.
-                let msg = LinkBridge::new(name.as_str())
+                // the bridge keeps it instead of taking a port's MAC. Created
+                // down (`LinkBridge::new` would set it up at once): IPv6 is
+                // silenced before it is up. Snooping off from the start, so
+                // it never joins the snooper groups (224.0.0.106, ff02::6a).
+                let msg = LinkMessageBuilder::<LinkBridge>::new(name.as_str())
                     .address(mac.octets().to_vec())
+                    .append_info_data(InfoBridge::MulticastSnooping(false))
                     .build();
                 match self.handle.link().add(msg).execute().await {
                     Ok(()) => {}
@@ -347,6 +456,8 @@ impl PodNetwork for Netlink {
         if bridge.link.kind != LinkKind::Bridge {
             return Err(wrong_kind(&bridge.link, "bridge"));
         }
+        self.set_snooping_off(&bridge).await?;
+        self.silence_ipv6(&bridge).await?;
         self.set_mac(&bridge, mac).await?;
         self.set_up(&bridge).await
     }
@@ -356,22 +467,24 @@ impl PodNetwork for Netlink {
         pod: &IfName,
         bridge: &IfName,
         mac: Mac,
+        recorded: &[IpCidr],
     ) -> Result<(), NetnsError> {
         let br = self.require(bridge).await?;
         if br.link.kind != LinkKind::Bridge {
             return Err(wrong_kind(&br.link, "bridge"));
         }
         let link = self.require(pod).await?;
-        // First stop the kernel from generating a new fe80::, then remove
-        // every address (IPv4 and IPv6, link-local included).
+        // First stop the kernel from generating a new fe80::, and from
+        // reporting the multicast groups the removed addresses leave (those
+        // reports would go out with the new MAC), then remove the recorded
+        // addresses (IPv4 and IPv6, link-local included), and only those.
         self.set_addr_gen_mode(&link, In6AddrGenMode::None).await?;
+        self.set_ipv6_conf(pod, "force_mld_version", MLD_V1)?;
         for (cidr, message) in self.addresses_of(link.link.index, pod).await? {
-            match self.handle.address().del(message).execute().await {
-                Ok(()) => {}
-                Err(e) if errno(&e) == Some(libc::EADDRNOTAVAIL) => {}
-                Err(e) => {
-                    return Err(nl_err(delete_address_op(&cidr), pod, e));
-                }
+            if recorded.contains(&cidr) {
+                self.delete_address(pod, &cidr, message).await?;
+            } else {
+                tracing::info!(link = %pod, address = %cidr, "address not in the record yet: kept until it is recorded");
             }
         }
         self.set_mac(&link, mac).await?;
@@ -410,6 +523,7 @@ impl PodNetwork for Netlink {
                 }
             }
         };
+        self.silence_ipv6(&tap).await?;
         self.set_mtu(&tap, spec.mtu).await?;
         self.set_master(&tap, Some(br.link.index)).await?;
         self.set_up(&tap).await
@@ -420,40 +534,72 @@ impl PodNetwork for Netlink {
         pod: &IfName,
         record: &PodLinkRecord,
     ) -> Result<(), NetnsError> {
-        let link = self.require(pod).await?;
-        self.set_master(&link, None).await?;
-        self.set_mac(&link, record.mac).await?;
-        self.set_mtu(&link, record.mtu).await?;
-        if link.addr_gen_mode == Some(In6AddrGenMode::None) {
-            self.set_addr_gen_mode(&link, self.default_addr_gen_mode)
-                .await?;
-        }
-        let present: Vec<IpCidr> = self
-            .addresses_of(link.link.index, pod)
-            .await?
-            .into_iter()
-            .map(|(cidr, _)| cidr)
-            .collect();
-        for cidr in record.addresses.iter().filter(|c| !present.contains(c)) {
-            match self
-                .handle
-                .address()
-                .add(link.link.index, cidr.addr, cidr.prefix)
-                .execute()
-                .await
-            {
-                Ok(()) => {}
-                Err(e) if errno(&e) == Some(libc::EEXIST) => {}
-                Err(e) => return Err(nl_err(add_address_op(cidr), pod, e)),
+        let Some(link) = self.get(pod).await? else {
+            tracing::debug!(link = %pod, "pod link gone: nothing to release");
+            return Ok(());
+        };
+        // Independent sub-steps: each is tried whatever the others did.
+        let mut errors = Vec::new();
+        let mut keep = |result: Result<(), NetnsError>| {
+            if let Err(e) = result {
+                errors.push(e);
             }
+        };
+        keep(self.set_master(&link, None).await);
+        keep(self.set_mac(&link, record.mac).await);
+        keep(self.set_mtu(&link, record.mtu).await);
+        if link.addr_gen_mode == Some(In6AddrGenMode::None) {
+            keep(
+                self.set_addr_gen_mode(&link, self.default_addr_gen_mode)
+                    .await,
+            );
+        }
+        if self.ipv6_conf(pod, "force_mld_version").as_deref() == Some(MLD_V1) {
+            let default = &self.default_force_mld_version;
+            keep(self.set_ipv6_conf(pod, "force_mld_version", default));
+        }
+        match self.addresses_of(link.link.index, pod).await {
+            Err(e) => keep(Err(e)),
+            Ok(present) => {
+                let present: Vec<IpCidr> = present.into_iter().map(|(cidr, _)| cidr).collect();
+                for cidr in record.addresses.iter().filter(|c| !present.contains(c)) {
+                    let added = self
+                        .handle
+                        .address()
+                        .add(link.link.index, cidr.addr, cidr.prefix)
+                        .execute()
+                        .await;
+                    match added {
+                        Ok(()) => {}
+                        Err(e) if errno(&e) == Some(libc::EEXIST) => {}
+                        Err(e) => keep(Err(nl_err(add_address_op(cidr), pod, e))),
+                    }
+                }
+            }
+        }
+        if !errors.is_empty() {
+            // The record stays: it is what the next pass retries from.
+            return Err(NetnsError::Incomplete {
+                op: "release",
+                link: pod.clone(),
+                errors,
+            });
         }
         self.set_alias(pod, record.previous_alias.as_deref()).await
     }
 
     async fn delete_link(&self, name: &IfName) -> Result<(), NetnsError> {
-        match self.get(name).await? {
-            None => Ok(()),
-            Some(link) => self.delete_index(link.link.index, name).await,
+        // RTM_DELLINK by name: no read-then-delete race with an index that
+        // was reused meanwhile; ENODEV means it is already gone.
+        let mut request = self.handle.link().del(0);
+        request
+            .message_mut()
+            .attributes
+            .push(LinkAttribute::IfName(name.to_string()));
+        match request.execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(()),
+            Err(e) => Err(nl_err("delete link", name, e)),
         }
     }
 }
@@ -557,6 +703,23 @@ fn default_addr_gen_mode() -> In6AddrGenMode {
         .unwrap_or(In6AddrGenMode::Eui64)
 }
 
+/// `force_mld_version` that makes a link leave multicast groups without a
+/// report (MLDv1 sends "done" only for groups it reported itself, and a
+/// group joined under MLDv2 never was).
+const MLD_V1: &str = "1";
+
+fn ipv6_conf_path(link: &str, knob: &str) -> String {
+    format!("/proc/sys/net/ipv6/conf/{link}/{knob}")
+}
+
+/// `/proc/sys/net/ipv6/conf/<link>/<knob>` as the calling thread's
+/// namespace sees it, `None` if unreadable (no IPv6).
+fn read_ipv6_conf(link: &str, knob: &str) -> Option<String> {
+    std::fs::read_to_string(ipv6_conf_path(link, knob))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
 /// Maps one RTM_NEWLINK message to an [`Observed`] link (addresses empty).
 /// `None` for a link whose name is not a valid [`IfName`].
 fn observe_link(msg: &LinkMessage) -> Option<Observed> {
@@ -570,6 +733,7 @@ fn observe_link(msg: &LinkMessage) -> Option<Observed> {
     let mut tun_attrs: Option<Vec<(u16, Vec<u8>)>> = None;
     let mut carrier = false;
     let mut addr_gen_mode = None;
+    let mut mcast_snooping = None;
     for attribute in &msg.attributes {
         match attribute {
             LinkAttribute::IfName(n) => name = Some(n.clone()),
@@ -595,6 +759,13 @@ fn observe_link(msg: &LinkMessage) -> Option<Observed> {
                         }
                         LinkInfo::Data(InfoData::Tun(nlas)) => {
                             tun_attrs = Some(nlas.iter().map(tun_attr).collect());
+                        }
+                        LinkInfo::Data(InfoData::Bridge(nlas)) => {
+                            for nla in nlas {
+                                if let InfoBridge::MulticastSnooping(on) = nla {
+                                    mcast_snooping = Some(*on);
+                                }
+                            }
                         }
                         LinkInfo::PortData(InfoPortData::BridgePort(port)) => {
                             for attr in port {
@@ -646,6 +817,7 @@ fn observe_link(msg: &LinkMessage) -> Option<Observed> {
         tun_type,
         carrier,
         addr_gen_mode,
+        mcast_snooping,
     })
 }
 

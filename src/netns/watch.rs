@@ -4,8 +4,9 @@
 //! Protocol, step by step:
 //! 1. [`LinkEvents::subscribe`] opens a NETLINK_ROUTE socket in the calling
 //!    thread's network namespace and binds it to RTNLGRP_LINK,
-//!    RTNLGRP_IPV4_IFADDR and RTNLGRP_IPV6_IFADDR. When it returns, the
-//!    kernel already queues every later event for it.
+//!    RTNLGRP_IPV4_IFADDR and RTNLGRP_IPV6_IFADDR ([`LINK_AND_ADDRESS_EVENTS`];
+//!    this module is the one place those groups are named). When it returns,
+//!    the kernel already queues every later event for it.
 //! 2. The caller then does its initial dump (so nothing that happens between
 //!    dump and subscription is lost).
 //! 3. [`LinkEvents::run`] wakes the caller's [`Notify`] for every datagram of
@@ -13,8 +14,11 @@
 //!    and [`Notify`] coalesces a burst into one wake-up (link events are
 //!    chatty: every flag, MTU or master change is an RTM_NEWLINK).
 //! 4. When the socket's receive queue overflows the kernel drops events and
-//!    reports ENOBUFS once; `run` then notifies as well (the re-dump is the
-//!    caller's job, exactly as after any event) and keeps receiving.
+//!    reports ENOBUFS once; `run` counts it ([`LinkEvents::overflows`]), logs
+//!    it, notifies as well (the re-dump is the caller's job, exactly as after
+//!    any event: a pass re-reads the whole namespace) and keeps receiving.
+//!    [`SubscribeOptions::receive_buffer`] lets a test shrink the queue to
+//!    provoke exactly that.
 //!
 //! `run` never busy-loops: it sleeps in the reactor until the socket is
 //! readable, and after an unexpected receive error it backs off (100 ms
@@ -22,6 +26,7 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -32,16 +37,36 @@ use tokio::sync::Notify;
 
 use super::NetnsError;
 
-const RTNLGRP_LINK: u32 = 1;
-const RTNLGRP_IPV4_IFADDR: u32 = 5;
-const RTNLGRP_IPV6_IFADDR: u32 = 9;
+/// The `nl_groups` bitmask of a `sockaddr_nl` for RTNLGRP_* groups (group
+/// `n` is bit `n - 1`; groups above 32 need NETLINK_ADD_MEMBERSHIP instead).
+pub const fn group_mask(groups: &[u32]) -> u32 {
+    let mut mask = 0;
+    let mut i = 0;
+    while i < groups.len() {
+        assert!(groups[i] >= 1 && groups[i] <= 32);
+        mask |= 1 << (groups[i] - 1);
+        i += 1;
+    }
+    mask
+}
+
+/// Link events only (what the benchmark's listener needs).
+pub const LINK_EVENTS: u32 = group_mask(&[libc::RTNLGRP_LINK]);
+
+/// Link and IPv4/IPv6 address events: what [`LinkEvents`] subscribes to.
+pub const LINK_AND_ADDRESS_EVENTS: u32 = group_mask(&[
+    libc::RTNLGRP_LINK,
+    libc::RTNLGRP_IPV4_IFADDR,
+    libc::RTNLGRP_IPV6_IFADDR,
+]);
 
 const NLMSG_NOOP: u16 = 1;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLMSG_OVERRUN: u16 = 4;
 
-/// Receive buffer asked for; the kernel caps it at `net.core.rmem_max`.
+/// Receive buffer asked for by default; the kernel caps it at
+/// `net.core.rmem_max`.
 const RECV_BUFFER: usize = 1 << 20;
 /// Largest datagram read at once; longer ones are truncated, which is fine
 /// for a trigger.
@@ -50,9 +75,44 @@ const DATAGRAM: usize = 64 * 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// How [`LinkEvents::subscribe_with`] sets up its socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscribeOptions {
+    /// SO_RCVBUF to ask for (the kernel doubles it, caps it at
+    /// `net.core.rmem_max` and raises it to its minimum of a few KiB).
+    /// Tests make it tiny to overflow the queue on purpose.
+    pub receive_buffer: usize,
+}
+
+impl Default for SubscribeOptions {
+    fn default() -> Self {
+        Self {
+            receive_buffer: RECV_BUFFER,
+        }
+    }
+}
+
+/// How many times a [`LinkEvents`] queue overflowed (the kernel dropped
+/// events and said so with ENOBUFS), each followed by a wake-up and so by a
+/// full re-read. Readable while [`LinkEvents::run`] owns the subscription.
+#[derive(Debug, Clone, Default)]
+pub struct Overflows(Arc<AtomicU64>);
+
+impl Overflows {
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Counts one overflow and returns the new total.
+    fn record(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
 /// A subscription to link and address events of one network namespace.
 pub struct LinkEvents {
     socket: AsyncFd<Socket>,
+    overflows: Overflows,
 }
 
 impl std::fmt::Debug for LinkEvents {
@@ -66,23 +126,34 @@ impl LinkEvents {
     /// happen after this returns are delivered by [`LinkEvents::run`]. Must
     /// be called inside a tokio runtime with IO enabled.
     pub async fn subscribe() -> Result<LinkEvents, NetnsError> {
+        Self::subscribe_with(SubscribeOptions::default()).await
+    }
+
+    /// [`LinkEvents::subscribe`] with a chosen receive buffer.
+    pub async fn subscribe_with(options: SubscribeOptions) -> Result<LinkEvents, NetnsError> {
         let mut socket = Socket::new(NETLINK_ROUTE).map_err(NetnsError::Socket)?;
-        let groups = [RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV6_IFADDR]
-            .iter()
-            .fold(0u32, |mask, group| mask | 1 << (group - 1));
         socket
-            .bind(&SocketAddr::new(0, groups))
+            .bind(&SocketAddr::new(0, LINK_AND_ADDRESS_EVENTS))
             .map_err(NetnsError::Socket)?;
         // A bigger queue makes ENOBUFS rarer; failing to get it is harmless.
-        if let Err(e) = socket.set_rx_buf_sz(RECV_BUFFER) {
-            tracing::debug!(error = %e, "cannot enlarge netlink receive buffer");
+        if let Err(e) = socket.set_rx_buf_sz(options.receive_buffer) {
+            tracing::debug!(error = %e, "cannot set the netlink receive buffer");
         }
         socket.set_non_blocking(true).map_err(NetnsError::Socket)?;
         // SAFETY: `Socket` owns its fd and closes it only in its own Drop;
         // nothing replaces or closes the fd while the AsyncFd owns the socket.
         let socket = unsafe { AsyncFd::register(socket) }
             .map_err(|e| NetnsError::Socket(e.into_parts().1))?;
-        Ok(LinkEvents { socket })
+        Ok(LinkEvents {
+            socket,
+            overflows: Overflows::default(),
+        })
+    }
+
+    /// The overflow counter of this subscription (a handle that stays valid
+    /// after [`LinkEvents::run`] took it).
+    pub fn overflows(&self) -> Overflows {
+        self.overflows.clone()
     }
 
     /// Notifies `notify` for every received batch of events and on every
@@ -115,7 +186,17 @@ impl LinkEvents {
                     }
                 }
                 Ok(Err(e)) if e.raw_os_error() == Some(Errno::ENOBUFS as i32) => {
-                    tracing::debug!("netlink event queue overrun: events were lost");
+                    let total = self.overflows.record();
+                    // A link storm can overflow again and again: info for
+                    // the 1st, 2nd, 4th, 8th ... overflow, debug otherwise.
+                    if total.is_power_of_two() {
+                        tracing::info!(
+                            overflows = total,
+                            "netlink event queue overflowed, events were lost: re-reading the namespace"
+                        );
+                    } else {
+                        tracing::debug!(overflows = total, "netlink event queue overflowed");
+                    }
                     notify.notify_one();
                 }
                 Ok(Err(e)) if e.raw_os_error() == Some(Errno::EINTR as i32) => {}
@@ -165,6 +246,13 @@ mod tests {
         h.extend_from_slice(&kind.to_ne_bytes());
         h.extend_from_slice(&[0; 10]);
         h
+    }
+
+    #[test]
+    fn group_masks_match_linux_rtnetlink_h() {
+        // RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
+        assert_eq!(LINK_EVENTS, 0x1);
+        assert_eq!(LINK_AND_ADDRESS_EVENTS, 0x1 | 0x10 | 0x100);
     }
 
     #[test]

@@ -62,10 +62,13 @@ pub enum Step {
         bridge: IfName,
         mac: Mac,
     },
+    /// Enslave the pod link, removing only the `addresses` of its record (an
+    /// address CNI adds later stays until the next pass records it).
     EnslavePodLink {
         pod: IfName,
         bridge: IfName,
         mac: Mac,
+        addresses: Vec<IpCidr>,
     },
     EnsureTap {
         spec: TapSpec,
@@ -383,6 +386,7 @@ fn repair_plumbing(
             pod: names.pod.clone(),
             bridge: names.bridge.clone(),
             mac: Mac::locally_administered_from(names.pod.as_str()),
+            addresses: record.addresses.clone(),
         });
     }
     if !tap.is_some_and(enslaved) {
@@ -420,14 +424,18 @@ fn clear_late_addresses(pod: &Link, names: &PlumbingNames) -> Vec<Step> {
         return Vec::new();
     };
     let mut steps = Vec::new();
-    match absorb_late_addresses(pod, names, record) {
-        Ok((_, record_step)) => steps.extend(record_step),
+    let record = match absorb_late_addresses(pod, names, record) {
+        Ok((record, record_step)) => {
+            steps.extend(record_step);
+            record
+        }
         Err(_) => return steps,
-    }
+    };
     steps.push(Step::EnslavePodLink {
         pod: names.pod.clone(),
         bridge: names.bridge.clone(),
         mac,
+        addresses: record.addresses,
     });
     steps
 }
@@ -690,11 +698,7 @@ fn plug(
         Ok(recorded) => recorded,
         Err(message) => return fail(plan, message),
     };
-    let vm_mac = match &spec.mac {
-        Some(Ok(mac)) => *mac,
-        Some(Err(e)) => return fail(plan, format!("macAddress of {}: {e}", spec.name)),
-        None => record.mac,
-    };
+    let vm_mac = spec.mac.unwrap_or(record.mac);
     let source = if spec.mac.is_some() {
         "macAddress".to_string()
     } else {
@@ -783,6 +787,7 @@ fn plug(
             pod: names.pod.clone(),
             bridge: names.bridge.clone(),
             mac: bridge_mac,
+            addresses: record.addresses.clone(),
         });
     }
     let tap_done = tap.is_some_and(|t| {

@@ -5,11 +5,16 @@
 
 use std::path::PathBuf;
 
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
 use serde::Deserialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::watched::{self, Document, SourceError};
+use crate::model::depth::json_depth_exceeds;
+use crate::model::{IfName, Mac};
 
 pub const ANNOTATION: &str = "k8s.v1.cni.cncf.io/network-status";
 
@@ -21,7 +26,18 @@ pub enum NetworkStatusError {
     Line { line: usize, problem: String },
     #[error("not a network-status JSON array: {0}")]
     Json(String),
+    #[error("nesting deeper than {MAX_DEPTH} levels at byte {at}")]
+    TooDeep { at: usize },
+    #[error("{field}: {problem}")]
+    Entry { field: String, problem: String },
 }
+
+/// Deepest nesting of the annotation: entries hold a `dns` object and a
+/// `device-info` of at most four levels.
+pub const MAX_DEPTH: usize = 16;
+/// Longest `name`: `<namespace>/<network-attachment-definition>`, a DNS-1123
+/// label and a subdomain.
+const MAX_NAME_LEN: usize = 63 + 1 + 253;
 
 /// One entry of the annotation.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -45,6 +61,7 @@ pub fn parse(text: &str) -> Result<Vec<NetworkStatus>, NetworkStatusError> {
         text.to_string()
     } else {
         let mut found = None;
+        let mut keys = BTreeSet::new();
         for (index, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
@@ -56,13 +73,64 @@ pub fn parse(text: &str) -> Result<Vec<NetworkStatus>, NetworkStatusError> {
             let (key, value) = line
                 .split_once('=')
                 .ok_or_else(|| bad("expected key=\"value\""))?;
+            // kubelet writes each annotation once: a repeated key is not its file.
+            if !keys.insert(key) {
+                return Err(bad(&format!("duplicate key {key:?}")));
+            }
             if key == ANNOTATION {
                 found = Some(go_unquote(value).map_err(|p| bad(&p))?);
             }
         }
         found.ok_or(NetworkStatusError::Missing)?
     };
-    serde_json::from_str(&json).map_err(|e| NetworkStatusError::Json(e.to_string()))
+    if let Some(at) = json_depth_exceeds(&json, MAX_DEPTH) {
+        return Err(NetworkStatusError::TooDeep { at });
+    }
+    let entries: Vec<NetworkStatus> =
+        serde_json::from_str(&json).map_err(|e| NetworkStatusError::Json(e.to_string()))?;
+    for (index, entry) in entries.iter().enumerate() {
+        entry.check(index)?;
+    }
+    Ok(entries)
+}
+
+impl NetworkStatus {
+    /// What Multus writes: a network name, a Linux interface name, MACs
+    /// and plain IP addresses. These values end up in the status and in
+    /// logs, so anything else (control characters, a CIDR) is refused.
+    fn check(&self, index: usize) -> Result<(), NetworkStatusError> {
+        let bad = |field: &str, problem: String| NetworkStatusError::Entry {
+            field: format!("[{index}].{field}"),
+            problem,
+        };
+        if self.name.is_empty() {
+            return Err(bad("name", "is empty".into()));
+        }
+        if self.name.len() > MAX_NAME_LEN {
+            return Err(bad("name", format!("is longer than {MAX_NAME_LEN} bytes")));
+        }
+        if self
+            .name
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(bad(
+                "name",
+                format!("{:?} contains whitespace or a control character", self.name),
+            ));
+        }
+        if let Some(interface) = &self.interface {
+            IfName::new(interface.as_str()).map_err(|e| bad("interface", e.to_string()))?;
+        }
+        if let Some(mac) = &self.mac {
+            mac.parse::<Mac>().map_err(|e| bad("mac", e.to_string()))?;
+        }
+        for (i, ip) in self.ips.iter().enumerate() {
+            ip.parse::<IpAddr>()
+                .map_err(|_| bad(&format!("ips[{i}]"), format!("{ip:?} is not an IP address")))?;
+        }
+        Ok(())
+    }
 }
 
 /// Undoes Go's `strconv.Quote`: a double-quoted string with `\a \b \f \n
@@ -78,8 +146,9 @@ pub fn go_unquote(quoted: &str) -> Result<String, String> {
     let mut chars = inner.chars();
     let hex = |chars: &mut std::str::Chars<'_>, n: usize| -> Result<u32, String> {
         let digits: String = chars.by_ref().take(n).collect();
-        if digits.len() != n {
-            return Err("truncated escape".into());
+        // from_str_radix alone would take a sign ("\\x+1").
+        if digits.chars().count() != n || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("bad hex escape {digits:?}"));
         }
         u32::from_str_radix(&digits, 16).map_err(|_| format!("bad hex escape {digits:?}"))
     };
@@ -113,8 +182,12 @@ pub fn go_unquote(quoted: &str) -> Result<String, String> {
                 continue;
             }
             d @ '0'..='7' => {
+                // Go's octal escapes have exactly three digits, at most \377.
                 let rest: String = chars.by_ref().take(2).collect();
                 let digits = format!("{d}{rest}");
+                if digits.len() != 3 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+                    return Err(format!("bad octal escape {digits:?}"));
+                }
                 u8::from_str_radix(&digits, 8)
                     .map_err(|_| format!("bad octal escape {digits:?}"))?
             }
@@ -125,9 +198,14 @@ pub fn go_unquote(quoted: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| "escapes do not form UTF-8".into())
 }
 
+/// Largest network-status file read: an entry is about 300 bytes, so this
+/// holds hundreds of networks; a bigger file is not the annotation.
+pub const MAX_FILE_BYTES: u64 = 256 * 1024;
+
 fn document() -> Document<Vec<NetworkStatus>> {
     Document {
         what: "network-status",
+        max_bytes: MAX_FILE_BYTES,
         parse: |text| parse(text).map_err(Into::into),
         summary: |entries| format!("{} networks", entries.len()),
     }
@@ -188,5 +266,61 @@ mod tests {
         assert!(go_unquote("\"a\"b\"").is_err());
         assert!(go_unquote("\"\\xff\"").is_err());
         assert!(go_unquote("noquotes").is_err());
+        assert_eq!(
+            parse("a=\"b\"\na=\"c\"\n"),
+            Err(NetworkStatusError::Line {
+                line: 2,
+                problem: "duplicate key \"a\"".into()
+            })
+        );
+    }
+
+    #[test]
+    fn go_escapes_are_exact() {
+        for bad in [
+            r#""\x+1""#,
+            r#""\xé1""#,
+            r#""\x4""#,
+            r#""\01""#,
+            r#""\777""#,
+            r#""\ud800""#,
+            r#""\U00110000""#,
+            r#""\u12""#,
+            r#""abc\""#,
+            "\"abc",
+        ] {
+            assert!(go_unquote(bad).is_err(), "{bad}");
+        }
+        assert_eq!(go_unquote(r#""\101\x41""#).unwrap(), "AA");
+        assert!(go_unquote(r#""\377""#).is_err());
+    }
+
+    #[test]
+    fn entries_are_validated_with_their_path() {
+        let entry = |extra: &str| format!(r#"[{{"name":"default/a","interface":"pod1"{extra}}}]"#);
+        for (extra, field) in [
+            (r#","mac":"zz""#, "[0].mac"),
+            (r#","mac":"01:00:5e:00:00:01""#, "[0].mac"),
+            (r#","ips":["10.0.0.1","999.1.1.1"]"#, "[0].ips[1]"),
+            (r#","ips":["10.0.0.1/24"]"#, "[0].ips[0]"),
+        ] {
+            match parse(&entry(extra)) {
+                Err(NetworkStatusError::Entry { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{extra}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            parse(r#"[{"name":"a","interface":"a/b"}]"#),
+            Err(NetworkStatusError::Entry { field, .. }) if field == "[0].interface"
+        ));
+        assert!(matches!(
+            parse(r#"[{"name":""}]"#),
+            Err(NetworkStatusError::Entry { field, .. }) if field == "[0].name"
+        ));
+        let deep = format!("[{}{}]", "[".repeat(100), "]".repeat(100));
+        assert!(matches!(
+            parse(&deep),
+            Err(NetworkStatusError::TooDeep { .. })
+        ));
     }
 }

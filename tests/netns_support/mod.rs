@@ -235,3 +235,250 @@ impl PodEnv {
         Self { pod, peer }
     }
 }
+
+impl TestNs {
+    /// Links, addresses and routes of every table, for "nothing else
+    /// changed" checks: [`TestNs::snapshot`] plus `ip -j route show table
+    /// all` (IPv4 and IPv6), each route list sorted by its JSON text so that
+    /// the order in which the kernel lists equal-prefix routes of different
+    /// links does not matter. Every configurable field is kept.
+    pub fn snapshot_with_routes(&self) -> Value {
+        let mut snapshot = self.snapshot();
+        let mut routes = Vec::new();
+        for family in ["-4", "-6"] {
+            let mut table = self.ip_json(&[family, "route", "show", "table", "all"]);
+            strip_volatile(&mut table);
+            routes.extend(table.as_array().cloned().unwrap_or_default());
+        }
+        routes.sort_by_key(|r| r.to_string());
+        snapshot["routes"] = Value::Array(routes);
+        snapshot
+    }
+
+    /// Every per-interface IPv4 and IPv6 sysctl of the namespace (including
+    /// `all` and `default`) as sorted `path:value` lines, for "nicplug
+    /// changed no other link's settings" checks. Unreadable entries
+    /// (`stable_secret` when unset) are left out.
+    pub fn interface_sysctls(&self) -> Vec<String> {
+        let out = run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.name,
+                "sh",
+                "-c",
+                "grep -r . /proc/sys/net/ipv4/conf /proc/sys/net/ipv6/conf 2>/dev/null; true",
+            ],
+        );
+        let mut lines: Vec<String> = out.lines().map(String::from).collect();
+        lines.sort();
+        lines
+    }
+
+    /// `/proc/sys/<key>` as the namespace sees it (read by `ip netns exec`).
+    pub fn sysctl(&self, key: &str) -> String {
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.name,
+                "cat",
+                &format!("/proc/sys/{key}"),
+            ],
+        )
+        .trim()
+        .to_string()
+    }
+}
+
+/// One frame an AF_PACKET socket saw on a link.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    /// Sent by this namespace's own stack (PACKET_OUTGOING), as opposed to
+    /// received from the wire.
+    pub outgoing: bool,
+    pub bytes: Vec<u8>,
+}
+
+impl Frame {
+    pub fn source_mac(&self) -> String {
+        mac_text(self.bytes.get(6..12).unwrap_or_default())
+    }
+
+    /// Source and destination MAC, ethertype, and for IPv6 the ICMPv6 type
+    /// (135 NS, 133 RS, 143 MLDv2 report ...), for failure messages; with
+    /// `NICPLUG_TEST_HEX` set, the whole frame in hex too.
+    pub fn describe(&self) -> String {
+        let b = &self.bytes;
+        if b.len() < 14 {
+            return format!("runt frame of {} bytes", b.len());
+        }
+        let ethertype = u16::from_be_bytes([b[12], b[13]]);
+        let mut text = format!(
+            "{} -> {} ethertype 0x{ethertype:04x}",
+            mac_text(&b[6..12]),
+            mac_text(&b[0..6])
+        );
+        if ethertype == 0x86dd && b.len() >= 54 {
+            // Next header right after the fixed IPv6 header, or after one
+            // hop-by-hop header (MLD reports carry router alert).
+            let mut next = b[20];
+            let mut at = 54;
+            if next == 0 && b.len() >= 62 {
+                next = b[54];
+                at = 54 + (usize::from(b[55]) + 1) * 8;
+            }
+            if next == 58 && b.len() > at {
+                text.push_str(&format!(" icmpv6 type {}", b[at]));
+            }
+        }
+        if std::env::var_os("NICPLUG_TEST_HEX").is_some() {
+            let hex: Vec<String> = b.iter().map(|x| format!("{x:02x}")).collect();
+            text.push_str(&format!(" [{}]", hex.join("")));
+        }
+        text
+    }
+}
+
+fn mac_text(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Captures every frame on one link of a test namespace with an AF_PACKET
+/// socket, on a thread of its own that `setns`es into that namespace, from
+/// [`Capture::start`] (which returns once the socket is bound) until
+/// [`Capture::stop`]. Dropping it stops it too.
+pub struct Capture {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<Frame>>>,
+}
+
+impl Capture {
+    pub fn start(ns: &TestNs, dev: &str) -> Capture {
+        let path = ns.path();
+        let dev = std::ffi::CString::new(dev).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            enter(&path);
+            let fd = packet_socket(&dev);
+            ready_tx.send(()).unwrap();
+            let mut frames = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            while !stopping.load(Ordering::Relaxed) {
+                // SAFETY: all-zero is a valid sockaddr_ll.
+                let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+                let mut from_len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+                // SAFETY: `buf` and `from` are valid for the lengths given
+                // and outlive the call; `fd` is an open socket.
+                let n = unsafe {
+                    libc::recvfrom(
+                        std::os::fd::AsRawFd::as_raw_fd(&fd),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        0,
+                        (&mut from as *mut libc::sockaddr_ll).cast(),
+                        &mut from_len,
+                    )
+                };
+                if n < 0 {
+                    let e = std::io::Error::last_os_error();
+                    match e.raw_os_error() {
+                        Some(libc::EAGAIN) | Some(libc::EINTR) => continue,
+                        _ => panic!("capture: recvfrom: {e}"),
+                    }
+                }
+                frames.push(Frame {
+                    outgoing: from.sll_pkttype == libc::PACKET_OUTGOING,
+                    bytes: buf[..n as usize].to_vec(),
+                });
+            }
+            frames
+        });
+        ready_rx
+            .recv()
+            .expect("capture thread died before binding its socket");
+        Capture {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the capture and returns every frame seen.
+    pub fn stop(mut self) -> Vec<Frame> {
+        self.stop.store(true, Ordering::Relaxed);
+        let thread = self.thread.take().unwrap();
+        thread
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// An AF_PACKET socket for every protocol, bound to `dev` of the calling
+/// thread's namespace, with a 100 ms receive timeout.
+fn packet_socket(dev: &std::ffi::CStr) -> std::os::fd::OwnedFd {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let all = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain socket(2); the fd is owned right below.
+    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(all)) };
+    assert!(
+        raw >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: `raw` is a fresh fd nobody else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    // SAFETY: `dev` is a NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(dev.as_ptr()) };
+    assert!(index != 0, "no link {dev:?} in the capture namespace");
+    // SAFETY: all-zero is a valid sockaddr_ll.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = all;
+    addr.sll_ifindex = index as i32;
+    // SAFETY: bind(2) with a properly sized sockaddr_ll.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    assert!(
+        rc == 0,
+        "bind AF_PACKET: {}",
+        std::io::Error::last_os_error()
+    );
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 100_000,
+    };
+    // SAFETY: setsockopt(2) with a timeval option value of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    assert!(rc == 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
+    fd
+}
