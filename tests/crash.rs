@@ -67,7 +67,9 @@ fn plugged_state(rig: &Rig, nicplug: &Nicplug<'_>) -> Vec<String> {
         format!("plumbing: {:?}", plumbing_links(rig)),
         format!(
             "pod link: master={} record={} addresses={:?}",
-            pod.as_ref().map(|p| p["master"].clone()).unwrap_or_default(),
+            pod.as_ref()
+                .map(|p| p["master"].clone())
+                .unwrap_or_default(),
             pod.as_ref()
                 .and_then(|p| p["ifalias"].as_str().map(|a| a.starts_with("nicplug/v1 ")))
                 .unwrap_or(false),
@@ -158,7 +160,13 @@ fn plug_case(
         ping_guest(rig, net, &cni.mac, 50).unwrap_or_else(|e| panic!("{e}"));
         plugged_state(rig, &nicplug)
     }))
-    .map_err(|e| format!("{}\n--- log tail ---\n{}", panic_text(e), nicplug.log_tail(30)));
+    .map_err(|e| {
+        format!(
+            "{}\n--- log tail ---\n{}",
+            panic_text(e),
+            nicplug.log_tail(30)
+        )
+    });
     (abort, result)
 }
 
@@ -224,7 +232,13 @@ fn unplug_case(
         assert_eq!(routes(rig), routes_after_add, "the pod's routes");
         vec![format!("phase: {:?}", nicplug.phase(NET))]
     }))
-    .map_err(|e| format!("{}\n--- log tail ---\n{}", panic_text(e), nicplug.log_tail(30)));
+    .map_err(|e| {
+        format!(
+            "{}\n--- log tail ---\n{}",
+            panic_text(e),
+            nicplug.log_tail(30)
+        )
+    });
     (abort, result)
 }
 
@@ -325,7 +339,10 @@ fn crash_anywhere_converges() {
     eprintln!("| --- | --- | --- | --- |");
     for c in &cases {
         let outcome = match &c.result {
-            Ok(d) => format!("converged, equal to the no-crash run ({:.1} s)", d.as_secs_f64()),
+            Ok(d) => format!(
+                "converged, equal to the no-crash run ({:.1} s)",
+                d.as_secs_f64()
+            ),
             Err(e) => format!("FAILED: {}", e.lines().next().unwrap_or("")),
         };
         eprintln!(

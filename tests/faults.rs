@@ -279,7 +279,11 @@ fn wedged_libvirt_socket() {
         let t = Instant::now();
         match api_get(&api, "/healthz", Duration::from_secs(5)) {
             Ok((200, _)) => health_ok += 1,
-            other => health_bad.push(format!("{:?} after {:?}: {other:?}", start.elapsed(), t.elapsed())),
+            other => health_bad.push(format!(
+                "{:?} after {:?}: {other:?}",
+                start.elapsed(),
+                t.elapsed()
+            )),
         }
         match api_get(&api, "/readyz", Duration::from_secs(5)) {
             Ok((code, body)) if not_ready_naming_libvirt(code, &body) => ready_ok += 1,
@@ -324,7 +328,9 @@ fn wedged_libvirt_socket() {
             });
         }
         None => {
-            checks.check(false, || "nicplug did not exit within 10 s of SIGTERM".into());
+            checks.check(false, || {
+                "nicplug did not exit within 10 s of SIGTERM".into()
+            });
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -378,7 +384,9 @@ fn libvirtd_dies_while_idle(test: &str, signal: i32, net_index: u8) {
             during.lines().take(5).collect::<Vec<_>>().join("\n")
         )
     });
-    checks.check(nicplug.is_running(), || "nicplug exited during the outage".into());
+    checks.check(nicplug.is_running(), || {
+        "nicplug exited during the outage".into()
+    });
 
     let t = Instant::now();
     rig.start_daemon();
@@ -447,9 +455,10 @@ fn libvirtd_killed_during_attach() {
         format!("exactly one ua-inflight: {:?}", device_aliases(&rig))
     });
     assert_plumbing(&rig, "inflight", 1500);
-    checks.check(plumbing_links(&rig) == expected_plumbing(&["inflight"]), || {
-        format!("leftover links: {:?}", plumbing_links(&rig))
-    });
+    checks.check(
+        plumbing_links(&rig) == expected_plumbing(&["inflight"]),
+        || format!("leftover links: {:?}", plumbing_links(&rig)),
+    );
     if let Err(e) = ping_guest(&rig, &net, &cni.mac, 50) {
         checks.check(false, || e);
     }
@@ -484,9 +493,9 @@ fn domain_shut_off_at_start_then_started() {
     let mut checks = Checks::default();
 
     let pending = poll(PLUG, Duration::from_millis(20), || {
-        nicplug
-            .entry("late")
-            .filter(|e| e["phase"] == "Pending" && e["message"].as_str().is_some_and(|m| !m.is_empty()))
+        nicplug.entry("late").filter(|e| {
+            e["phase"] == "Pending" && e["message"].as_str().is_some_and(|m| !m.is_empty())
+        })
     });
     eprintln!("shut off: {pending:?}");
     checks.check(pending.is_some(), || {
@@ -496,7 +505,10 @@ fn domain_shut_off_at_start_then_started() {
         )
     });
     checks.check(devices_named(&rig, "late") == 0, || {
-        format!("nothing attached to the shut-off domain: {:?}", device_aliases(&rig))
+        format!(
+            "nothing attached to the shut-off domain: {:?}",
+            device_aliases(&rig)
+        )
     });
 
     let t = Instant::now();
@@ -555,8 +567,7 @@ fn domain_destroyed_and_started_again() {
     let t = Instant::now();
     rig.start_domain();
     let ready = poll(GENEROUS, Duration::from_millis(20), || {
-        (nicplug.phase("again").as_deref() == Some("Ready")
-            && devices_named(&rig, "again") == 1)
+        (nicplug.phase("again").as_deref() == Some("Ready") && devices_named(&rig, "again") == 1)
             .then_some(t.elapsed())
     });
     eprintln!("after the start: Ready after {ready:?}");
@@ -569,9 +580,10 @@ fn domain_destroyed_and_started_again() {
     checks.check(devices_named(&rig, "again") == 1, || {
         format!("exactly one ua-again: {:?}", device_aliases(&rig))
     });
-    checks.check(plumbing_links(&rig) == expected_plumbing(&["again"]), || {
-        format!("plumbing: {:?}", plumbing_links(&rig))
-    });
+    checks.check(
+        plumbing_links(&rig) == expected_plumbing(&["again"]),
+        || format!("plumbing: {:?}", plumbing_links(&rig)),
+    );
     if let Err(e) = ping_guest(&rig, &net, &mac, 50) {
         checks.check(false, || e);
     }
@@ -607,7 +619,12 @@ fn restart_plugs_in_first_pass_and_goes_ready() {
         nicplug.entry("restart"),
         nicplug.log_tail(60)
     );
-    assert_eq!(devices_named(&rig, "restart"), 1, "{:?}", device_aliases(&rig));
+    assert_eq!(
+        devices_named(&rig, "restart"),
+        1,
+        "{:?}",
+        device_aliases(&rig)
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -622,7 +639,10 @@ fn capacity_counts(message: &str) -> Option<(u32, u32)> {
         .filter(|w| !w.is_empty())
         .collect();
     let of = words.iter().position(|w| *w == "of")?;
-    Some((words.get(of - 1)?.parse().ok()?, words.get(of + 1)?.parse().ok()?))
+    Some((
+        words.get(of - 1)?.parse().ok()?,
+        words.get(of + 1)?.parse().ok()?,
+    ))
 }
 
 /// How many times interface `name` failed, by nicplug's log.
@@ -657,7 +677,13 @@ fn two_free_ports_three_interfaces() {
     let failed = poll(PLUG, Duration::from_millis(2), || {
         nicplug.entry("p3").filter(|e| e["phase"] == "Failed")
     })
-    .unwrap_or_else(|| panic!("p3 never Failed: {:?}\n{}", nicplug.status(), nicplug.log_tail(40)));
+    .unwrap_or_else(|| {
+        panic!(
+            "p3 never Failed: {:?}\n{}",
+            nicplug.status(),
+            nicplug.log_tail(40)
+        )
+    });
     let message = failed["message"].as_str().unwrap_or("").to_string();
     eprintln!("p3's first failure: {message:?}");
     checks.check(message.contains("no free PCIe root port"), || {
@@ -768,9 +794,7 @@ fn second_instance_refuses_to_start() {
     });
     let first_pid = first.pid().unwrap().to_string();
     checks.check(
-        log.contains(&first_pid)
-            || log.contains("another")
-            || log.contains("already running"),
+        log.contains(&first_pid) || log.contains("another") || log.contains("already running"),
         || format!("its message names the other instance (pid {first_pid}): {log:?}"),
     );
     second.kill();
@@ -779,7 +803,10 @@ fn second_instance_refuses_to_start() {
         format!("the pod's links changed:\n  before {links:?}\n  after  {now:?}")
     });
     checks.check(domain_interfaces(&rig) == devices, || {
-        format!("the domain's interfaces changed: {}", domain_interfaces(&rig))
+        format!(
+            "the domain's interfaces changed: {}",
+            domain_interfaces(&rig)
+        )
     });
     checks.check(first.phase("solo").as_deref() == Some("Ready"), || {
         format!("the first instance's NIC: {:?}", first.entry("solo"))
@@ -803,9 +830,10 @@ fn attach_race_loser_keeps_plumbing() {
     let net = CniNet::new(32);
     let mut nicplug = Nicplug::new(&rig, &["race"]);
     nicplug.args = quick_refresh_args();
-    nicplug
-        .env
-        .push(("NICPLUG_TEST_FAULT".into(), "pause-before=attach-device:3000".into()));
+    nicplug.env.push((
+        "NICPLUG_TEST_FAULT".into(),
+        "pause-before=attach-device:3000".into(),
+    ));
     nicplug.start();
     nicplug.wait_phase("race", "Pending", PLUG);
     let cni = rig.cni_add(&net, &pod_iface("race"));
@@ -833,10 +861,7 @@ fn attach_race_loser_keeps_plumbing() {
         );
     }
     let lost = poll(PLUG, Duration::from_millis(10), || {
-        nicplug
-            .log()
-            .contains("non unique alias")
-            .then_some(())
+        nicplug.log().contains("non unique alias").then_some(())
     });
     assert!(
         lost.is_some(),
@@ -851,7 +876,10 @@ fn attach_race_loser_keeps_plumbing() {
             std::thread::sleep(Duration::from_secs(2));
         }
         checks.check(plumbing_links(&rig) == expected_plumbing(&["race"]), || {
-            format!("{when}: tap and bridge under the live device: {:?}", plumbing_links(&rig))
+            format!(
+                "{when}: tap and bridge under the live device: {:?}",
+                plumbing_links(&rig)
+            )
         });
         let pod = pod_link(&rig, &pod_iface("race"));
         checks.check(
@@ -954,11 +982,21 @@ fn deleted_link_is_repaired(test: &str, network: &str, net_index: u8, link: &str
 #[test]
 fn missing_tap_under_live_device_is_repaired() {
     let tap = format!("tap{}", suffix("mend"));
-    deleted_link_is_repaired("missing_tap_under_live_device_is_repaired", "mend", 33, &tap);
+    deleted_link_is_repaired(
+        "missing_tap_under_live_device_is_repaired",
+        "mend",
+        33,
+        &tap,
+    );
 }
 
 #[test]
 fn missing_bridge_under_live_device_is_repaired() {
     let bridge = format!("k6t-{}", suffix("fix"));
-    deleted_link_is_repaired("missing_bridge_under_live_device_is_repaired", "fix", 34, &bridge);
+    deleted_link_is_repaired(
+        "missing_bridge_under_live_device_is_repaired",
+        "fix",
+        34,
+        &bridge,
+    );
 }

@@ -68,6 +68,9 @@ fn libvirt_clients(rig: &Rig) -> Option<usize> {
     )
 }
 
+/// One figure of a sample, for the growth checks.
+type Metric = dyn Fn(&Sample) -> u64;
+
 #[derive(Debug, Clone, Copy)]
 struct Sample {
     cycle: usize,
@@ -155,9 +158,11 @@ fn soak_plug_unplug_four_networks() {
     let elapsed = started.elapsed();
     plug_times.sort();
     unplug_times.sort();
-    let (early, late): (Vec<Sample>, Vec<Sample>) =
-        samples.iter().partition(|s| s.cycle <= 20);
-    eprintln!("\nsoak: {total} cycles x 4 networks in {:.0} s", elapsed.as_secs_f64());
+    let (early, late): (Vec<Sample>, Vec<Sample>) = samples.iter().partition(|s| s.cycle <= 20);
+    eprintln!(
+        "\nsoak: {total} cycles x 4 networks in {:.0} s",
+        elapsed.as_secs_f64()
+    );
     eprintln!(
         "soak: median plug (all 4 Ready) {:?}, median unplug (all 4 gone) {:?}",
         plug_times[plug_times.len() / 2],
@@ -178,10 +183,10 @@ fn soak_plug_unplug_four_networks() {
     }
     // Worker threads and fds come and go with the work; a leak grows with
     // the cycles. Compare the most at cycle 18-20 with the least at the end.
-    let max = |v: &[Sample], f: &dyn Fn(&Sample) -> u64| v.iter().map(f).max().unwrap();
-    let min = |v: &[Sample], f: &dyn Fn(&Sample) -> u64| v.iter().map(f).min().unwrap();
+    let max = |v: &[Sample], f: &Metric| v.iter().map(f).max().unwrap();
+    let min = |v: &[Sample], f: &Metric| v.iter().map(f).min().unwrap();
     let mut failed = Vec::new();
-    let checks: [(&str, &dyn Fn(&Sample) -> u64); 5] = [
+    let checks: [(&str, &Metric); 5] = [
         ("nicplug fds", &|s| s.nicplug.fds as u64),
         ("nicplug threads", &|s| s.nicplug.threads as u64),
         ("libvirtd fds", &|s| s.libvirtd.fds as u64),
@@ -191,7 +196,9 @@ fn soak_plug_unplug_four_networks() {
     for (what, f) in checks {
         let (at20, at_end) = (max(&early, f), min(&late, f));
         if at_end > at20 {
-            failed.push(format!("{what} grew from {at20} (cycle 20) to {at_end} (cycle {total})"));
+            failed.push(format!(
+                "{what} grew from {at20} (cycle 20) to {at_end} (cycle {total})"
+            ));
         }
     }
     let rss20 = early.iter().map(|s| s.nicplug.rss_kb).max().unwrap();

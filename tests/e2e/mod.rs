@@ -591,6 +591,9 @@ pub fn ping_guest(rig: &Rig, net: &CniNet, mac: &str, host: u8) -> Result<(), St
     if rig.ping_from_node(net, &addr) {
         Ok(())
     } else {
-        Err(format!("node cannot ping the guest at {addr} ({})", guest.name))
+        Err(format!(
+            "node cannot ping the guest at {addr} ({})",
+            guest.name
+        ))
     }
 }

@@ -245,7 +245,12 @@ impl Rig {
         }
         rig.log(&format!(
             "ready: pod={} node={} domain={} qemu pid={} uid={} uri={}",
-            rig.pod_ns, rig.node_ns, rig.domain, rig.qemu_pid(), rig.qemu_uid(), rig.libvirt_uri
+            rig.pod_ns,
+            rig.node_ns,
+            rig.domain,
+            rig.qemu_pid(),
+            rig.qemu_uid(),
+            rig.libvirt_uri
         ));
         rig
     }
@@ -370,7 +375,8 @@ impl Rig {
         *self.daemon.borrow_mut() = Some(child);
         let sock = self.dir.join("run/libvirt-sock");
         let up = poll(Duration::from_secs(30), Duration::from_millis(50), || {
-            if let Some(Ok(Some(status))) = self.daemon.borrow_mut().as_mut().map(|c| c.try_wait()) {
+            if let Some(Ok(Some(status))) = self.daemon.borrow_mut().as_mut().map(|c| c.try_wait())
+            {
                 return Some(Err(format!("libvirtd exited early: {status}")));
             }
             (sock.exists() && self.daemon_pid() > 0 && self.virsh_try(&["uri"]).is_ok())
@@ -426,7 +432,11 @@ impl Rig {
                 _ => None,
             }
         });
-        ping.unwrap_or_else(|| Err(format!("guest agent did not answer guest-ping within {timeout:?}")))?;
+        ping.unwrap_or_else(|| {
+            Err(format!(
+                "guest agent did not answer guest-ping within {timeout:?}"
+            ))
+        })?;
         self.log(&format!(
             "guest agent answers ({} ms after start)",
             t0.elapsed().as_millis()
@@ -499,7 +509,10 @@ impl Rig {
     /// a private mount namespace with the same bind mounts); it reconnects to the running
     /// QEMU. Waits until the domain is listed as running again. Panics on failure.
     pub fn start_daemon(&self) {
-        assert!(self.daemon.borrow().is_none(), "start_daemon: libvirtd still running");
+        assert!(
+            self.daemon.borrow().is_none(),
+            "start_daemon: libvirtd still running"
+        );
         let _ = fs::remove_file(self.dir.join("libvirtd.pid"));
         if let Err(e) = self.spawn_daemon() {
             panic!(
@@ -525,7 +538,11 @@ impl Rig {
     /// Freezes libvirtd (SIGSTOP): it keeps its sockets but answers nothing.
     pub fn freeze_daemon(&self) {
         let pid = self.daemon_pid();
-        assert_eq!(util::pid_comm(pid).as_deref(), Some("libvirtd"), "pid {pid}");
+        assert_eq!(
+            util::pid_comm(pid).as_deref(),
+            Some("libvirtd"),
+            "pid {pid}"
+        );
         util::kill(pid, libc::SIGSTOP);
         self.daemon_frozen.set(true);
         self.log(&format!("libvirtd {pid} frozen (SIGSTOP)"));
@@ -559,12 +576,19 @@ impl Rig {
                 self.console_tail(40)
             );
         }
-        self.log(&format!("domain started again (QEMU pid {})", self.qemu_pid()));
+        self.log(&format!(
+            "domain started again (QEMU pid {})",
+            self.qemu_pid()
+        ));
     }
 
     /// The pid of the rig's direct child: the reaper that runs libvirtd.
     pub fn reaper_pid(&self) -> i32 {
-        self.daemon.borrow().as_ref().map(|c| c.id() as i32).unwrap_or(0)
+        self.daemon
+            .borrow()
+            .as_ref()
+            .map(|c| c.id() as i32)
+            .unwrap_or(0)
     }
 
     /// The guest's QEMU process.
@@ -1031,12 +1055,8 @@ impl Drop for Rig {
         }
         // QEMU should be gone with the destroy; make sure (only the pid this rig recorded).
         let qemu_pid = self.qemu_pid();
-        if qemu_pid > 0 && util::pid_comm(qemu_pid).is_some_and(|c| c.starts_with("qemu"))
-        {
-            self.log(&format!(
-                "cleanup: QEMU {} still alive, killing",
-                qemu_pid
-            ));
+        if qemu_pid > 0 && util::pid_comm(qemu_pid).is_some_and(|c| c.starts_with("qemu")) {
+            self.log(&format!("cleanup: QEMU {} still alive, killing", qemu_pid));
             util::terminate_foreign(qemu_pid, Duration::from_secs(5));
         }
         for ns in self.netns_made.drain(..).rev() {
