@@ -2,8 +2,9 @@
 //! netns, VMI documents, and checks of the pod namespace and the domain.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -20,6 +21,10 @@ pub struct Nicplug<'a> {
     pub api_socket: PathBuf,
     /// Extra `nicplug run` arguments.
     pub args: Vec<String>,
+    /// Extra environment (e.g. `NICPLUG_TEST_FAULT`).
+    pub env: Vec<(String, String)>,
+    /// How the last process exited, once reaped (`wait_exit`, `kill`, `stop`).
+    pub exit: Option<ExitStatus>,
 }
 
 impl<'a> Nicplug<'a> {
@@ -32,10 +37,30 @@ impl<'a> Nicplug<'a> {
             log_path: rig.dir.join("nicplug.log"),
             api_socket: rig.dir.join("api/nicplug.sock"),
             args: Vec::new(),
+            env: Vec::new(),
+            exit: None,
         };
         std::fs::create_dir_all(nicplug.vmi_path.parent().unwrap()).unwrap();
         nicplug.set_spec(networks);
         nicplug
+    }
+
+    /// Another instance in the same rig: the same VMI file, its own status
+    /// file (`status-<tag>.json`), log (`nicplug-<tag>.log`) and API socket
+    /// (`api/<tag>.sock`, beside the first one's). Does not rewrite the VMI.
+    pub fn another(rig: &'a Rig, tag: &str) -> Self {
+        std::fs::create_dir_all(rig.dir.join("vmi")).unwrap();
+        Self {
+            rig,
+            child: None,
+            vmi_path: rig.dir.join("vmi/vmi.json"),
+            status_path: rig.dir.join(format!("status-{tag}.json")),
+            log_path: rig.dir.join(format!("nicplug-{tag}.log")),
+            api_socket: rig.dir.join(format!("api/{tag}.sock")),
+            args: Vec::new(),
+            env: Vec::new(),
+            exit: None,
+        }
     }
 
     pub fn start(&mut self) {
@@ -55,12 +80,16 @@ impl<'a> Nicplug<'a> {
             .arg(&self.api_socket)
             .args(&self.args)
             .env("NICPLUG_LOG", "nicplug=debug,info")
+            // Plain text: the tests search the log and print it in failures.
+            .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("nicplug starts");
         self.child = Some(child);
+        self.exit = None;
     }
 
     /// Replaces the VMI document atomically (write + rename), as a
@@ -150,6 +179,49 @@ impl<'a> Nicplug<'a> {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// The log's length in bytes now: an offset for `log_since`.
+    pub fn log_len(&self) -> usize {
+        std::fs::metadata(&self.log_path)
+            .map(|m| m.len() as usize)
+            .unwrap_or(0)
+    }
+
+    /// What the log got after `offset` (from `log_len`).
+    pub fn log_since(&self, offset: usize) -> String {
+        let bytes = std::fs::read(&self.log_path).unwrap_or_default();
+        String::from_utf8_lossy(bytes.get(offset..).unwrap_or_default()).into_owned()
+    }
+
+    /// The last `n` lines of the log, for failure messages.
+    pub fn log_tail(&self, n: usize) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; reaps it and
+    /// returns how it exited (`None`: still running, or never started).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        loop {
+            let child = self.child.as_mut()?;
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                self.exit = Some(status);
+                return Some(status);
+            }
+            if start.elapsed() >= timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `GET path` on the API socket, the whole exchange bounded by `timeout`.
+    pub fn api(&self, path: &str, timeout: Duration) -> Result<(u16, String), String> {
+        api_get(&self.api_socket, path, timeout)
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()
@@ -167,14 +239,15 @@ impl<'a> Nicplug<'a> {
     /// SIGTERM and wait; returns whether it exited successfully.
     pub fn stop(&mut self) -> bool {
         self.signal(libc::SIGTERM);
-        let ok = self.child.take().map(|mut c| c.wait().unwrap().success());
-        ok.unwrap_or(true)
+        let status = self.child.take().map(|mut c| c.wait().unwrap());
+        self.exit = status.or(self.exit);
+        status.is_none_or(|s| s.success())
     }
 
     pub fn kill(&mut self) {
         self.signal(libc::SIGKILL);
         if let Some(mut c) = self.child.take() {
-            let _ = c.wait();
+            self.exit = c.wait().ok();
         }
     }
 }
@@ -198,6 +271,37 @@ pub fn nicplug_binary() -> PathBuf {
         .join("nicplug")
 }
 
+/// How a process exited, for messages: `exit 1`, `signal 6 (SIGABRT)`.
+pub fn describe_exit(status: &ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit {code}"),
+        (None, Some(6)) => "signal 6 (SIGABRT)".to_string(),
+        (None, Some(sig)) => format!("signal {sig}"),
+        (None, None) => format!("{status}"),
+    }
+}
+
+/// `GET path` over a nicplug API unix socket with `nicplug::api::client`,
+/// the whole exchange bounded by `timeout`: `Err` says it did not answer.
+pub fn api_get(socket: &Path, path: &str, timeout: Duration) -> Result<(u16, String), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    rt.block_on(async {
+        match tokio::time::timeout(timeout, nicplug::api::client::fetch(socket, path)).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(e)) => Err(format!(
+                "GET {path}: {} (after {:?})",
+                nicplug::agent::error_chain(&e),
+                started.elapsed()
+            )),
+            Err(_) => Err(format!("GET {path}: no answer within {timeout:?}")),
+        }
+    })
+}
+
 /// A VMI document as `kubectl get vmi -o json` prints it: the pod network
 /// (masquerade) plus a bridge-bound Multus network per name.
 pub fn vmi_doc(rig: &Rig, networks: &[&str]) -> Value {
@@ -207,7 +311,12 @@ pub fn vmi_doc(rig: &Rig, networks: &[&str]) -> Value {
 
 /// Like [`vmi_doc`], each network with its `state` (up, down, absent).
 pub fn vmi_doc_states(rig: &Rig, networks: &[(&str, &str)]) -> Value {
-    let (namespace, name) = rig.domain.split_once('_').unwrap();
+    vmi_doc_for(&rig.domain, networks)
+}
+
+/// Like [`vmi_doc_states`], for domain `<namespace>_<name>` without a rig.
+pub fn vmi_doc_for(domain: &str, networks: &[(&str, &str)]) -> Value {
+    let (namespace, name) = domain.split_once('_').unwrap();
     let mut interfaces = vec![json!({"name": "default", "masquerade": {}})];
     let mut nets = vec![json!({"name": "default", "pod": {}})];
     for (n, state) in networks {
@@ -433,4 +542,58 @@ pub fn pod_link_state(rig: &Rig) -> Vec<String> {
         .collect();
     lines.sort();
     lines
+}
+
+/// How many devices of the live domain have alias `ua-<name>`.
+pub fn devices_named(rig: &Rig, name: &str) -> usize {
+    let alias = format!("ua-{name}");
+    device_aliases(rig).iter().filter(|a| **a == alias).count()
+}
+
+/// The nicplug-made links (bridges `k6t-*`, taps `tap*`) of the pod netns.
+pub fn plumbing_links(rig: &Rig) -> Vec<String> {
+    let mut names: Vec<String> = pod_link_names(rig)
+        .into_iter()
+        .filter(|n| n.starts_with("k6t-") || n.starts_with("tap"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Exactly the bridge and tap of `networks`, nothing else and nothing twice.
+pub fn expected_plumbing(networks: &[&str]) -> Vec<String> {
+    let mut names: Vec<String> = networks
+        .iter()
+        .flat_map(|n| [format!("k6t-{}", suffix(n)), format!("tap{}", suffix(n))])
+        .collect();
+    names.sort();
+    names
+}
+
+/// Gives the guest NIC with `mac` the address `net.addr(host)` (replacing any
+/// it had) and pings it from the node. `Err` says which part failed.
+pub fn ping_guest(rig: &Rig, net: &CniNet, mac: &str, host: u8) -> Result<(), String> {
+    let guest = rig
+        .wait_guest_mac(mac, Duration::from_secs(20))
+        .ok_or_else(|| format!("the guest does not report {mac}"))?;
+    let addr = net.addr(host);
+    let (code, out) = rig.guest_exec(&[
+        "/bin/sh",
+        "-c",
+        &format!(
+            "ip addr flush dev {0} && ip addr add {addr}/24 dev {0} && ip link set {0} up",
+            guest.name
+        ),
+    ]);
+    if code != 0 {
+        return Err(format!("guest address {addr} on {}: {out}", guest.name));
+    }
+    if rig.ping_from_node(net, &addr) {
+        Ok(())
+    } else {
+        Err(format!(
+            "node cannot ping the guest at {addr} ({})",
+            guest.name
+        ))
+    }
 }

@@ -16,6 +16,7 @@ pub use guest::{GuestExec, GuestIface};
 pub use util::{Clock, poll};
 
 use serde_json::{Value, json};
+use std::cell::{Cell, RefCell};
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -47,6 +48,11 @@ const REAPER: &str = "syscall(157, 36, 1, 0, 0, 0) == 0 or die qq(prctl: $!); \
 /// Serializes rigs within one process (2 cores, TCG guests).
 static RIG_LOCK: Mutex<()> = Mutex::new(());
 static RIG_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Sends `sig` to exactly this pid (a process the test started).
+pub fn kill_pid(pid: i32, sig: i32) {
+    util::kill(pid, sig);
+}
 
 /// Returns false (after a loud SKIP line) when not root. Under `CI=true` it panics
 /// instead, since CI runs as root and a skipped end-to-end test would hide a failure.
@@ -107,10 +113,14 @@ pub struct Rig {
     /// Whether the domain is persistent (defined) or transient.
     pub persistent: bool,
     clock: Clock,
-    daemon: Option<Child>,
-    qemu_pid: i32,
-    qemu_uid: u32,
-    qemu_gid: u32,
+    /// The reaper running libvirtd. Interior mutability: tests hold `&Rig` (through
+    /// `Nicplug`) while they kill and restart the daemon or the domain.
+    daemon: RefCell<Option<Child>>,
+    /// libvirtd is stopped by SIGSTOP (`freeze_daemon`); Drop continues it first.
+    daemon_frozen: Cell<bool>,
+    qemu_pid: Cell<i32>,
+    qemu_uid: Cell<u32>,
+    qemu_gid: Cell<u32>,
     netns_made: Vec<String>,
     domain_started: bool,
     keep: bool,
@@ -212,10 +222,11 @@ impl Rig {
             clock: Clock::new(&id),
             id,
             persistent: opts.persistent,
-            daemon: None,
-            qemu_pid: 0,
-            qemu_uid: 0,
-            qemu_gid: 0,
+            daemon: RefCell::new(None),
+            daemon_frozen: Cell::new(false),
+            qemu_pid: Cell::new(0),
+            qemu_uid: Cell::new(0),
+            qemu_gid: Cell::new(0),
             netns_made: Vec::new(),
             domain_started: false,
             keep: std::env::var("NICPLUG_KEEP_RIG").is_ok_and(|v| v == "1"),
@@ -234,7 +245,12 @@ impl Rig {
         }
         rig.log(&format!(
             "ready: pod={} node={} domain={} qemu pid={} uid={} uri={}",
-            rig.pod_ns, rig.node_ns, rig.domain, rig.qemu_pid, rig.qemu_uid, rig.libvirt_uri
+            rig.pod_ns,
+            rig.node_ns,
+            rig.domain,
+            rig.qemu_pid(),
+            rig.qemu_uid(),
+            rig.libvirt_uri
         ));
         rig
     }
@@ -296,53 +312,7 @@ impl Rig {
         }
         self.log("namespaces created");
 
-        // libvirtd inside the pod netns, in a private mount namespace.
-        let d = self.dir.display().to_string();
-        let script = format!(
-            "set -e; mkdir -p /run/libvirt; \
-             if [ -e /dev/kvm ]; then mount --bind {d}/nokvm /dev/kvm; fi; \
-             mount --bind {d}/run /run/libvirt; \
-             mount --bind {d}/lib /var/lib/libvirt; \
-             mount --bind {d}/cache /var/cache/libvirt; \
-             mount --bind {d}/log /var/log/libvirt; \
-             mount --bind {d}/etc /etc/libvirt; \
-             exec perl -e '{REAPER}' /usr/sbin/libvirtd --pid-file {d}/libvirtd.pid"
-        );
-        let log = fs::File::create(self.dir.join("libvirtd.log")).map_err(|e| e.to_string())?;
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.pod_ns,
-                "unshare",
-                "--mount",
-                "--propagation",
-                "private",
-            ])
-            .args(["sh", "-c", &script])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("spawn libvirtd: {e}"))?;
-        self.daemon = Some(child);
-        let sock = self.dir.join("run/libvirt-sock");
-        let up = poll(Duration::from_secs(30), Duration::from_millis(50), || {
-            if let Some(Ok(Some(status))) = self.daemon.as_mut().map(|c| c.try_wait()) {
-                return Some(Err(format!("libvirtd exited early: {status}")));
-            }
-            (sock.exists() && self.daemon_pid() > 0 && self.virsh_try(&["uri"]).is_ok())
-                .then_some(Ok(()))
-        });
-        up.unwrap_or_else(|| Err("libvirtd did not open its socket within 30 s".into()))?;
-        let pid = self.daemon_pid();
-        if util::pid_comm(pid).as_deref() != Some("libvirtd") {
-            return Err(format!(
-                "pid {pid} is {:?}, not libvirtd",
-                util::pid_comm(pid)
-            ));
-        }
-        self.log(&format!("libvirtd up (pid {pid})"));
+        self.spawn_daemon()?;
 
         // The domain.
         let xml = domain_xml(&self.domain, opts, &g_kernel, &g_initrd, &self.console_log);
@@ -360,6 +330,72 @@ impl Rig {
         self.log("domain started");
         copy_dir_files(&self.dir.join("cache/qemu/capabilities"), &caps_cache());
 
+        self.record_qemu()?;
+        self.wait_guest_agent(Duration::from_secs(60))
+    }
+
+    /// Spawns libvirtd (under the reaper) in the pod netns and a fresh private mount
+    /// namespace with the rig's bind mounts, and waits until it answers. Used by `setup`
+    /// and by `start_daemon` (a restart after `kill_daemon`).
+    fn spawn_daemon(&self) -> Result<(), String> {
+        // libvirtd inside the pod netns, in a private mount namespace.
+        let d = self.dir.display().to_string();
+        let script = format!(
+            "set -e; mkdir -p /run/libvirt; \
+             if [ -e /dev/kvm ]; then mount --bind {d}/nokvm /dev/kvm; fi; \
+             mount --bind {d}/run /run/libvirt; \
+             mount --bind {d}/lib /var/lib/libvirt; \
+             mount --bind {d}/cache /var/cache/libvirt; \
+             mount --bind {d}/log /var/log/libvirt; \
+             mount --bind {d}/etc /etc/libvirt; \
+             exec perl -e '{REAPER}' /usr/sbin/libvirtd --pid-file {d}/libvirtd.pid"
+        );
+        // Appended to: a restarted daemon keeps the first one's log.
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("libvirtd.log"))
+            .map_err(|e| e.to_string())?;
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.pod_ns,
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+            ])
+            .args(["sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("spawn libvirtd: {e}"))?;
+        *self.daemon.borrow_mut() = Some(child);
+        let sock = self.dir.join("run/libvirt-sock");
+        let up = poll(Duration::from_secs(30), Duration::from_millis(50), || {
+            if let Some(Ok(Some(status))) = self.daemon.borrow_mut().as_mut().map(|c| c.try_wait())
+            {
+                return Some(Err(format!("libvirtd exited early: {status}")));
+            }
+            (sock.exists() && self.daemon_pid() > 0 && self.virsh_try(&["uri"]).is_ok())
+                .then_some(Ok(()))
+        });
+        up.unwrap_or_else(|| Err("libvirtd did not open its socket within 30 s".into()))?;
+        let pid = self.daemon_pid();
+        if util::pid_comm(pid).as_deref() != Some("libvirtd") {
+            return Err(format!(
+                "pid {pid} is {:?}, not libvirtd",
+                util::pid_comm(pid)
+            ));
+        }
+        self.log(&format!("libvirtd up (pid {pid})"));
+        Ok(())
+    }
+
+    /// Records the domain's QEMU pid and uid/gid, and checks it runs in the pod netns.
+    fn record_qemu(&self) -> Result<(), String> {
         // QEMU: its pid, uid, and that it really runs in the pod netns.
         let pidfile = self.dir.join(format!("run/qemu/{}.pid", self.domain));
         let qpid: i32 = fs::read_to_string(&pidfile)
@@ -367,10 +403,10 @@ impl Rig {
             .trim()
             .parse()
             .map_err(|e| format!("bad QEMU pidfile: {e}"))?;
-        self.qemu_pid = qpid;
+        self.qemu_pid.set(qpid);
         let (uid, gid) = util::pid_uid_gid(qpid).ok_or("QEMU process vanished")?;
-        self.qemu_uid = uid;
-        self.qemu_gid = gid;
+        self.qemu_uid.set(uid);
+        self.qemu_gid.set(gid);
         let ns_ino = |p: &str| fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
         let want = ns_ino(&format!("/run/netns/{}", self.pod_ns));
         let got = ns_ino(&format!("/proc/{qpid}/ns/net"));
@@ -380,10 +416,14 @@ impl Rig {
                 self.pod_ns
             ));
         }
+        Ok(())
+    }
 
-        // Wait for the guest agent.
+    /// Waits until the guest agent answers `guest-ping` (fails at once if the domain stops
+    /// running).
+    fn wait_guest_agent(&self, timeout: Duration) -> Result<(), String> {
         let t0 = Instant::now();
-        let ping = poll(Duration::from_secs(60), Duration::from_millis(200), || {
+        let ping = poll(timeout, Duration::from_millis(200), || {
             if self.agent(&json!({"execute": "guest-ping"}), 1).is_ok() {
                 return Some(Ok(()));
             }
@@ -392,7 +432,11 @@ impl Rig {
                 _ => None,
             }
         });
-        ping.unwrap_or_else(|| Err("guest agent did not answer guest-ping within 60 s".into()))?;
+        ping.unwrap_or_else(|| {
+            Err(format!(
+                "guest agent did not answer guest-ping within {timeout:?}"
+            ))
+        })?;
         self.log(&format!(
             "guest agent answers ({} ms after start)",
             t0.elapsed().as_millis()
@@ -418,23 +462,147 @@ impl Rig {
             .unwrap_or(0)
     }
 
+    /// Sends `signal` to libvirtd (by the pid in its pidfile, checked to be libvirtd) and
+    /// returns that pid. For SIGKILL and SIGTERM it waits until the daemon and its reaper
+    /// are gone; QEMU keeps running (reparented), as in a pod whose daemon died. A frozen
+    /// daemon is continued after a SIGTERM so it can act on it. Panics if the daemon is not
+    /// running or does not exit within 30 s.
+    pub fn kill_daemon(&self, signal: i32) -> i32 {
+        let pid = self.daemon_pid();
+        assert!(
+            self.daemon.borrow().is_some() && util::pid_comm(pid).as_deref() == Some("libvirtd"),
+            "kill_daemon: no libvirtd running (pid {pid} is {:?})",
+            util::pid_comm(pid)
+        );
+        util::kill(pid, signal);
+        if signal != libc::SIGKILL && signal != libc::SIGTERM {
+            self.log(&format!("libvirtd {pid}: sent signal {signal}"));
+            return pid;
+        }
+        if self.daemon_frozen.get() {
+            util::kill(pid, libc::SIGCONT);
+            self.daemon_frozen.set(false);
+        }
+        let mut child = self.daemon.borrow_mut().take().expect("checked above");
+        let exited = poll(Duration::from_secs(30), Duration::from_millis(10), || {
+            child.try_wait().ok().flatten()
+        });
+        if exited.is_none() {
+            // Put it back so Drop stops it.
+            *self.daemon.borrow_mut() = Some(child);
+            panic!("libvirtd {pid} did not exit within 30 s of signal {signal}");
+        }
+        poll(Duration::from_secs(10), Duration::from_millis(10), || {
+            (!util::pid_alive(pid) || util::pid_comm(pid).as_deref() != Some("libvirtd"))
+                .then_some(())
+        });
+        self.log(&format!(
+            "libvirtd {pid} stopped by signal {signal} ({:?}); QEMU {} alive: {}",
+            exited.unwrap(),
+            self.qemu_pid(),
+            util::pid_alive(self.qemu_pid())
+        ));
+        pid
+    }
+
+    /// Starts libvirtd again after `kill_daemon`, exactly as `Rig::start` did (same pod netns,
+    /// a private mount namespace with the same bind mounts); it reconnects to the running
+    /// QEMU. Waits until the domain is listed as running again. Panics on failure.
+    pub fn start_daemon(&self) {
+        assert!(
+            self.daemon.borrow().is_none(),
+            "start_daemon: libvirtd still running"
+        );
+        let _ = fs::remove_file(self.dir.join("libvirtd.pid"));
+        if let Err(e) = self.spawn_daemon() {
+            panic!(
+                "start_daemon: {e}\n--- libvirtd log ---\n{}",
+                util::tail(&self.dir.join("libvirtd.log"), 20)
+            );
+        }
+        if self.domain_started {
+            let running = poll(Duration::from_secs(30), Duration::from_millis(50), || {
+                self.virsh_try(&["domstate", &self.domain])
+                    .ok()
+                    .filter(|s| s.trim() == "running")
+            });
+            assert!(
+                running.is_some(),
+                "start_daemon: {} not running after the restart: {:?}",
+                self.domain,
+                self.virsh_try(&["domstate", &self.domain])
+            );
+        }
+    }
+
+    /// Freezes libvirtd (SIGSTOP): it keeps its sockets but answers nothing.
+    pub fn freeze_daemon(&self) {
+        let pid = self.daemon_pid();
+        assert_eq!(
+            util::pid_comm(pid).as_deref(),
+            Some("libvirtd"),
+            "pid {pid}"
+        );
+        util::kill(pid, libc::SIGSTOP);
+        self.daemon_frozen.set(true);
+        self.log(&format!("libvirtd {pid} frozen (SIGSTOP)"));
+    }
+
+    /// Continues a frozen libvirtd (SIGCONT).
+    pub fn thaw_daemon(&self) {
+        let pid = self.daemon_pid();
+        if util::pid_comm(pid).as_deref() == Some("libvirtd") {
+            util::kill(pid, libc::SIGCONT);
+        }
+        self.daemon_frozen.set(false);
+        self.log(&format!("libvirtd {pid} continued (SIGCONT)"));
+    }
+
+    /// `virsh destroy` (the domain stays defined when persistent); QEMU is gone on return.
+    pub fn destroy_domain(&self) {
+        self.virsh(&["destroy", &self.domain]);
+        self.log("domain destroyed");
+    }
+
+    /// `virsh start` of the (persistent) domain again, then waits for its guest agent.
+    pub fn start_domain(&self) {
+        self.virsh(&["start", &self.domain]);
+        let r = self
+            .record_qemu()
+            .and_then(|()| self.wait_guest_agent(Duration::from_secs(60)));
+        if let Err(e) = r {
+            panic!(
+                "start_domain: {e}\n--- guest console ---\n{}",
+                self.console_tail(40)
+            );
+        }
+        self.log(&format!(
+            "domain started again (QEMU pid {})",
+            self.qemu_pid()
+        ));
+    }
+
     /// The pid of the rig's direct child: the reaper that runs libvirtd.
     pub fn reaper_pid(&self) -> i32 {
-        self.daemon.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+        self.daemon
+            .borrow()
+            .as_ref()
+            .map(|c| c.id() as i32)
+            .unwrap_or(0)
     }
 
     /// The guest's QEMU process.
     pub fn qemu_pid(&self) -> i32 {
-        self.qemu_pid
+        self.qemu_pid.get()
     }
 
     /// uid QEMU runs as (Debian's `libvirt-qemu`): the owner taps need.
     pub fn qemu_uid(&self) -> u32 {
-        self.qemu_uid
+        self.qemu_uid.get()
     }
 
     pub fn qemu_gid(&self) -> u32 {
-        self.qemu_gid
+        self.qemu_gid.get()
     }
 
     /// `ip netns exec <pod_ns> <program>`.
@@ -851,7 +1019,10 @@ pub fn domain_xml(
 impl Drop for Rig {
     fn drop(&mut self) {
         let t0 = Instant::now();
-        if self.daemon.is_some() && self.domain_started {
+        if self.daemon_frozen.get() {
+            self.thaw_daemon();
+        }
+        if self.daemon.borrow().is_some() && self.domain_started {
             if let Err(e) = self.virsh_try(&["destroy", &self.domain])
                 && !e.contains("not running")
             {
@@ -862,7 +1033,8 @@ impl Drop for Rig {
                 let _ = self.virsh_try(&["undefine", &self.domain]);
             }
         }
-        if let Some(mut child) = self.daemon.take() {
+        let daemon_child = self.daemon.borrow_mut().take();
+        if let Some(mut child) = daemon_child {
             let daemon = self.daemon_pid();
             // SIGTERM to the reaper, which forwards it to libvirtd and exits with it.
             util::kill(child.id() as i32, libc::SIGTERM);
@@ -882,13 +1054,10 @@ impl Drop for Rig {
             self.log("cleanup: libvirtd stopped");
         }
         // QEMU should be gone with the destroy; make sure (only the pid this rig recorded).
-        if self.qemu_pid > 0 && util::pid_comm(self.qemu_pid).is_some_and(|c| c.starts_with("qemu"))
-        {
-            self.log(&format!(
-                "cleanup: QEMU {} still alive, killing",
-                self.qemu_pid
-            ));
-            util::terminate_foreign(self.qemu_pid, Duration::from_secs(5));
+        let qemu_pid = self.qemu_pid();
+        if qemu_pid > 0 && util::pid_comm(qemu_pid).is_some_and(|c| c.starts_with("qemu")) {
+            self.log(&format!("cleanup: QEMU {} still alive, killing", qemu_pid));
+            util::terminate_foreign(qemu_pid, Duration::from_secs(5));
         }
         for ns in self.netns_made.drain(..).rev() {
             if let Err(e) = util::try_run(Command::new("ip").args(["netns", "del", &ns])) {
