@@ -451,10 +451,13 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             return status;
         }
 
+        if !plan.repairs.is_empty() {
+            warn!(missing = %plan.repairs.join(", "), "plumbing missing under the live device; rebuilding it");
+        }
         match self.run_steps(domain_name, &plan).await {
             Ok(Progress::Detaching) => {
                 status.phase = Phase::Detaching;
-                status.message = None;
+                status.message = plan.message.clone();
             }
             Ok(Progress::Done) if plan.phase == Phase::Failed => {
                 let message = plan.message.clone().unwrap_or_default();

@@ -134,6 +134,9 @@ pub struct InterfacePlan {
     /// Failed for want of a free PCIe root port: worth retrying as soon as
     /// one frees, whatever the backoff says.
     pub needs_root_port: bool,
+    /// Plumbing that went missing under a live device and that `steps`
+    /// rebuild: someone removed it, an operator should hear of it.
+    pub repairs: Vec<String>,
 }
 
 impl InterfacePlan {
@@ -148,6 +151,7 @@ impl InterfacePlan {
             rollback: Vec::new(),
             departed: false,
             needs_root_port: false,
+            repairs: Vec::new(),
         }
     }
 
@@ -324,6 +328,7 @@ struct Repair {
 impl Repair {
     fn apply_to(self, mut plan: InterfacePlan) -> InterfacePlan {
         let missing = self.missing.join(", ");
+        plan.repairs = self.missing;
         plan.steps = self.steps;
         let message = match self.reattach {
             Some(detach) => {

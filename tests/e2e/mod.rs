@@ -294,7 +294,7 @@ pub fn api_get(socket: &Path, path: &str, timeout: Duration) -> Result<(u16, Str
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(e)) => Err(format!(
                 "GET {path}: {} (after {:?})",
-                nicplug::agent::error_chain(&e),
+                nicplug::error::error_chain(&e),
                 started.elapsed()
             )),
             Err(_) => Err(format!("GET {path}: no answer within {timeout:?}")),
