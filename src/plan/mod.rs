@@ -11,7 +11,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::hypervisor::{DomainInterface, DomainState, InterfaceDevice};
+use crate::hypervisor::{DomainInterface, DomainState, GuestView, InterfaceDevice};
 use crate::model::names::is_ordinal_pod_iface;
 use crate::model::record::RecordError;
 use crate::model::vmi::{PodIfaceScheme, SpecInterface, SpecState, Vmi};
@@ -158,6 +158,24 @@ impl InterfacePlan {
     fn with_message(mut self, message: impl Into<String>) -> Self {
         self.message = Some(message.into());
         self
+    }
+}
+
+/// The guest's confirmation, the one phase decided after the steps ran: an
+/// Attached interface whose device's MAC the guest agent reports is Ready.
+pub fn confirmed_phase(
+    phase: Phase,
+    device: Option<&DomainInterface>,
+    guest: Option<&GuestView>,
+) -> Phase {
+    let seen = match (device.and_then(|d| d.mac), guest) {
+        (Some(mac), Some(GuestView::Interfaces(guest))) => guest.iter().any(|g| g.mac == Some(mac)),
+        _ => false,
+    };
+    if phase == Phase::Attached && seen {
+        Phase::Ready
+    } else {
+        phase
     }
 }
 
