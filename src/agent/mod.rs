@@ -14,13 +14,14 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::error::error_chain;
 use crate::health::{Part, Readiness};
+use crate::hypervisor::events::DomainEvent;
 use crate::hypervisor::{DomainState, Hypervisor, HypervisorError};
 use crate::model::Owner;
 use crate::model::vmi::Vmi;
@@ -167,10 +168,31 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         self.report.document()
     }
 
-    /// Set it (from a domain-event listener) to have the guest agent asked
-    /// again on the next pass.
-    pub fn guest_stale_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
-        self.report.guest_stale_flag()
+    /// A task turning libvirt's domain events into wake-ups of the loop:
+    /// events are only triggers; device and agent events (and missed ones)
+    /// also have the guest agent asked again.
+    pub fn forward_domain_events(
+        &self,
+        mut events: broadcast::Receiver<DomainEvent>,
+        wake: Arc<Notify>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let guest_stale = self.report.guest_stale_flag();
+        async move {
+            loop {
+                let stale = match events.recv().await {
+                    Ok(event) => {
+                        debug!(?event, "libvirt event");
+                        !matches!(event, DomainEvent::Lifecycle { .. })
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => true,
+                    Err(broadcast::error::RecvError::Closed) => break,
+                };
+                if stale {
+                    guest_stale.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                wake.notify_one();
+            }
+        }
     }
 
     fn domain_name(&self, vmi: &Vmi) -> String {
