@@ -17,7 +17,7 @@ pub enum Part {
 }
 
 impl Part {
-    const ALL: [Part; 3] = [Part::Libvirt, Part::Netlink, Part::Spec];
+    pub const ALL: [Part; 3] = [Part::Libvirt, Part::Netlink, Part::Spec];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -99,6 +99,11 @@ impl Readiness {
             .iter()
             .filter_map(|p| Some((p.name(), parts[*p as usize].clone()?)))
             .collect()
+    }
+
+    /// Whether every part is ready.
+    pub fn is_ready(&self) -> bool {
+        self.not_ready().is_empty()
     }
 
     /// The names of the parts that are not ready.

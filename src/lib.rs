@@ -7,6 +7,7 @@ pub mod api;
 pub mod error;
 pub mod health;
 pub mod hypervisor;
+pub mod inspect;
 pub mod instance;
 pub mod k8s;
 pub mod metrics;

@@ -1,6 +1,7 @@
 //! Prometheus metrics of the agent: how long hot-plug and unplug take per
-//! stage, how many interfaces sit in each phase, why attempts fail, and how
-//! often libvirt had to be reconnected.
+//! stage, how many interfaces sit in each phase, why attempts fail, how
+//! often libvirt had to be reconnected, whether the agent is ready, how long
+//! its passes take, and the standard `process_*` metrics.
 //!
 //! One [`Metrics`] lives for the whole process, shared as `Arc<Metrics>`
 //! between the reconcile loop (which observes) and the API (which encodes).
@@ -10,8 +11,9 @@
 //!
 //! The exposition is the OpenMetrics text that `prometheus_client` writes
 //! (`# EOF` terminated, counters as `<name>_total`), served with the
-//! OpenMetrics content type ([`CONTENT_TYPE`]) so Prometheus picks the
-//! matching parser; classic text parsers read it too.
+//! OpenMetrics content type ([`CONTENT_TYPE`]) to a scraper that asks for
+//! it (Prometheus does); anything else gets the classic text format
+//! ([`Metrics::encode_text`]), which `promtool check metrics` accepts.
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Mutex;
@@ -25,6 +27,11 @@ use prometheus_client::registry::{Registry, Unit};
 
 /// The content type of [`Metrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The content type of [`Metrics::encode_text`]'s output: Prometheus' classic
+/// text format, for anything that does not ask for OpenMetrics (curl,
+/// `promtool check metrics`).
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// At most this many distinct `reason` labels on `nicplug_failures_total`;
 /// later ones are counted as [`OTHER_REASON`]. Reasons are meant to be step
@@ -91,7 +98,134 @@ struct ReasonLabel {
     reason: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct VersionLabel {
+    version: &'static str,
+}
+
 type HistogramFamily = Family<StageLabel, Histogram, fn() -> Histogram>;
+
+/// A reconcile pass takes a netlink dump and (mostly cached) domain read,
+/// plus the steps it runs: 100 us doubling 18 times, the last finite bucket
+/// at 26 s.
+fn reconcile_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 19))
+}
+
+/// What the kernel says about this process, turned into the standard
+/// `process_*` metrics when scraped.
+struct ProcessMetrics {
+    cpu_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    cpu_seen: Mutex<f64>,
+    resident_bytes: Gauge,
+    virtual_bytes: Gauge,
+    open_fds: Gauge,
+    max_fds: Gauge,
+    start_time: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl ProcessMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            cpu_seconds: Counter::default(),
+            cpu_seen: Mutex::new(0.0),
+            resident_bytes: Gauge::default(),
+            virtual_bytes: Gauge::default(),
+            open_fds: Gauge::default(),
+            max_fds: Gauge::default(),
+            start_time: Gauge::default(),
+        };
+        registry.register_with_unit(
+            "process_cpu",
+            "Total user and system CPU time spent",
+            Unit::Seconds,
+            m.cpu_seconds.clone(),
+        );
+        registry.register_with_unit(
+            "process_resident_memory",
+            "Resident memory size",
+            Unit::Bytes,
+            m.resident_bytes.clone(),
+        );
+        registry.register_with_unit(
+            "process_virtual_memory",
+            "Virtual memory size",
+            Unit::Bytes,
+            m.virtual_bytes.clone(),
+        );
+        registry.register(
+            "process_open_fds",
+            "Number of open file descriptors",
+            m.open_fds.clone(),
+        );
+        registry.register(
+            "process_max_fds",
+            "Maximum number of open file descriptors",
+            m.max_fds.clone(),
+        );
+        registry.register_with_unit(
+            "process_start_time",
+            "Start time of the process since the Unix epoch",
+            Unit::Seconds,
+            m.start_time.clone(),
+        );
+        m
+    }
+
+    /// Reads `/proc/self` now; a field that cannot be read keeps its value.
+    fn refresh(&self) {
+        let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .filter(|t| *t > 0)
+            .unwrap_or(100) as f64;
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .unwrap_or(4096);
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat")
+            && let Some((_, rest)) = stat.rsplit_once(')')
+        {
+            // Fields after the command name, numbered from 3 (state).
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
+            if let (Some(utime), Some(stime)) = (field(14), field(15)) {
+                let total = (utime + stime) as f64 / ticks;
+                let mut seen = lock(&self.cpu_seen);
+                if total > *seen {
+                    self.cpu_seconds.inc_by(total - *seen);
+                    *seen = total;
+                }
+            }
+            if let Some(vsize) = field(23) {
+                self.virtual_bytes.set(vsize as i64);
+            }
+            if let Some(rss) = field(24) {
+                self.resident_bytes.set(rss as i64 * page);
+            }
+            if let (Some(start), Some(boot)) = (field(22), boot_time()) {
+                self.start_time.set(boot + start as f64 / ticks);
+            }
+        }
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            self.open_fds.set(dir.count() as i64);
+        }
+        if let Ok((soft, _)) =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        {
+            self.max_fds.set(i64::try_from(soft).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// The boot time in seconds since the epoch (`btime` of `/proc/stat`).
+fn boot_time() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    stat.lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|v| v as f64)
+}
 
 /// Hot-plug latencies span a netlink round trip (about a millisecond) to a
 /// guest that takes its time (tens of seconds): 1 ms doubling 17 times, the
@@ -114,6 +248,15 @@ pub struct Metrics {
     libvirt_reconnects: Counter,
     /// The last running total passed to `set_libvirt_reconnects`.
     libvirt_reconnects_source: Mutex<u64>,
+    ready: Gauge,
+    libvirt_connected: Gauge,
+    root_ports_free: Gauge,
+    reconcile: Histogram,
+    reconcile_errors: Counter,
+    netlink_overflows: Counter,
+    /// The watcher's running total, and what was already added from it.
+    netlink_overflows_source: Mutex<(Option<crate::netns::watch::Overflows>, u64)>,
+    process: ProcessMetrics,
 }
 
 impl Default for Metrics {
@@ -163,6 +306,55 @@ impl Metrics {
             "Times the libvirt connection was lost and reopened",
             libvirt_reconnects.clone(),
         );
+        let build_info = Family::<VersionLabel, Gauge>::default();
+        registry.register(
+            "nicplug_build_info",
+            "Always 1; the version label is nicplug's version",
+            build_info.clone(),
+        );
+        build_info
+            .get_or_create(&VersionLabel {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        let ready = Gauge::default();
+        registry.register(
+            "nicplug_ready",
+            "1 while libvirt, netlink and the spec are available (what /readyz answers), else 0",
+            ready.clone(),
+        );
+        let libvirt_connected = Gauge::default();
+        registry.register(
+            "nicplug_libvirt_connected",
+            "1 while the last pass could read the domain from libvirt, else 0",
+            libvirt_connected.clone(),
+        );
+        let root_ports_free = Gauge::default();
+        registry.register(
+            "nicplug_pcie_root_ports_free",
+            "Empty hot-pluggable PCIe root ports of the domain (each takes one more NIC)",
+            root_ports_free.clone(),
+        );
+        let reconcile = reconcile_histogram();
+        registry.register_with_unit(
+            "nicplug_reconcile_duration",
+            "Time a reconcile pass took (observe, plan, apply, status)",
+            Unit::Seconds,
+            reconcile.clone(),
+        );
+        let reconcile_errors = Counter::default();
+        registry.register(
+            "nicplug_reconcile_errors",
+            "Reconcile passes that could not observe (libvirt or netlink not answering)",
+            reconcile_errors.clone(),
+        );
+        let netlink_overflows = Counter::default();
+        registry.register(
+            "nicplug_netlink_overflows",
+            "Times the kernel dropped link events (ENOBUFS); each is followed by a full re-read",
+            netlink_overflows.clone(),
+        );
+        let process = ProcessMetrics::register(&mut registry);
         Self {
             registry,
             plug,
@@ -173,6 +365,14 @@ impl Metrics {
             reasons_seen: Mutex::new(HashSet::new()),
             libvirt_reconnects,
             libvirt_reconnects_source: Mutex::new(0),
+            ready,
+            libvirt_connected,
+            root_ports_free,
+            reconcile,
+            reconcile_errors,
+            netlink_overflows,
+            netlink_overflows_source: Mutex::new((None, 0)),
+            process,
         }
     }
 
@@ -255,8 +455,55 @@ impl Metrics {
         }
     }
 
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
+    pub fn set_libvirt_connected(&self, connected: bool) {
+        self.libvirt_connected.set(i64::from(connected));
+    }
+
+    /// The domain's free root ports; `None` (no domain) reads 0.
+    pub fn set_root_ports_free(&self, free: Option<usize>) {
+        self.root_ports_free
+            .set(free.map_or(0, |f| i64::try_from(f).unwrap_or(i64::MAX)));
+    }
+
+    /// A pass took `seconds`; `completed` false: it could not observe.
+    pub fn observe_reconcile(&self, seconds: f64, completed: bool) {
+        self.reconcile.observe(seconds);
+        if !completed {
+            self.reconcile_errors.inc();
+        }
+    }
+
+    /// The link watcher's overflow counter, read at every scrape.
+    pub fn follow_netlink_overflows(&self, overflows: crate::netns::watch::Overflows) {
+        lock(&self.netlink_overflows_source).0 = Some(overflows);
+    }
+
+    /// Brings the metrics read at scrape time up to date.
+    fn refresh(&self) {
+        self.process.refresh();
+        let mut source = lock(&self.netlink_overflows_source);
+        if let Some(total) = source.0.as_ref().map(|o| o.count())
+            && total > source.1
+        {
+            self.netlink_overflows.inc_by(total - source.1);
+            source.1 = total;
+        }
+    }
+
+    /// Prometheus' classic text format (version 0.0.4): the OpenMetrics
+    /// text with counters' HELP and TYPE under their sample name
+    /// (`<name>_total`), without UNIT lines and `# EOF`.
+    pub fn encode_text(&self) -> String {
+        to_classic_text(&self.encode())
+    }
+
     /// The exposition text, with HELP, TYPE and UNIT lines, ending in `# EOF`.
     pub fn encode(&self) -> String {
+        self.refresh();
         let mut text = String::new();
         // Writing into a String cannot fail; a formatting error would come
         // from a metric's own encoder, and then the partial text is still the
@@ -266,6 +513,34 @@ impl Metrics {
         }
         text
     }
+}
+
+/// See [`Metrics::encode_text`].
+pub fn to_classic_text(openmetrics: &str) -> String {
+    let counters: HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(line) => out.push_str(&line),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// A poisoned lock here only means another thread panicked while updating a

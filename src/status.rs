@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::hypervisor::{DomainState, GuestView};
+use crate::hypervisor::{DomainLifecycle, DomainState, GuestView};
 use crate::model::network_status::NetworkStatus;
 use crate::model::{IpCidr, Mac};
 use crate::plan::Phase;
@@ -147,9 +147,109 @@ pub struct GuestInterfaceStatus {
 /// KubeVirt caps guest-only interfaces at this many.
 pub const MAX_GUEST_ONLY: usize = 10;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The `apiVersion` of the status document. A reader checks it before it
+/// trusts any other field; fields are only ever added within a version.
+/// The schema is `docs/status.schema.json`.
+pub const API_VERSION: &str = "nicplug.kubevirt.io/v1";
+
+/// `kind` of the status document.
+pub const KIND: &str = "NicplugStatus";
+
+/// The VMI the agent follows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmiRef {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+}
+
+/// The libvirt domain the agent plugs into and its state as the last pass
+/// found it (`unknown` while libvirt does not answer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DomainRef {
+    pub name: String,
+    pub state: DomainLifecycle,
+}
+
+/// What the agent needs, ready or not with the reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Dependency {
+    /// `libvirt`, `netlink`, `spec` or `guestAgent`.
+    pub name: String,
+    pub ready: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Whether the agent's readiness (`/readyz`, `agent.ready`) depends on
+    /// it. The guest agent does not: a guest without one still gets NICs.
+    pub required: bool,
+}
+
+/// The agent itself: what it follows, whether it can work, when it last
+/// looked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    /// nicplug's version.
+    pub version: String,
+    /// Every required dependency is ready (what `/readyz` answers).
+    pub ready: bool,
+    /// `None` until a spec was read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmi: Option<VmiRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<DomainRef>,
+    pub dependencies: Vec<Dependency>,
+    /// When the last reconcile pass completed (observed, planned, applied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reconcile: Option<Timestamp>,
+    /// Why the passes since the last completed one failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconcile_error: Option<String>,
+}
+
+impl Default for AgentStatus {
+    fn default() -> Self {
+        Self {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ready: false,
+            vmi: None,
+            domain: None,
+            dependencies: Vec::new(),
+            last_reconcile: None,
+            reconcile_error: None,
+        }
+    }
+}
+
+impl AgentStatus {
+    pub fn dependency(&self, name: &str) -> Option<&Dependency> {
+        self.dependencies.iter().find(|d| d.name == name)
+    }
+}
+
+fn api_version() -> String {
+    API_VERSION.to_string()
+}
+
+fn kind() -> String {
+    KIND.to_string()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StatusDocument {
+    #[serde(default = "api_version")]
+    pub api_version: String,
+    #[serde(default = "kind")]
+    pub kind: String,
+    #[serde(default)]
+    pub agent: AgentStatus,
+    /// Every spec interface in spec order (the primary network as
+    /// `NotManaged`), then networks that left the spec while unplugging.
     pub interfaces: Vec<InterfaceStatus>,
     /// Interfaces only the guest knows, at most [`MAX_GUEST_ONLY`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -157,6 +257,19 @@ pub struct StatusDocument {
     /// Whether the guest agent answers (`None` while nothing is known).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_agent_connected: Option<bool>,
+}
+
+impl Default for StatusDocument {
+    fn default() -> Self {
+        Self {
+            api_version: api_version(),
+            kind: kind(),
+            agent: AgentStatus::default(),
+            interfaces: Vec::new(),
+            guest_interfaces: Vec::new(),
+            guest_agent_connected: None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -17,11 +17,15 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use nicplug::api::client::{ClientError, fetch, status_command};
+use nicplug::api::client::{ClientError, Format, fetch, fetch_with, status_command, watch_status};
 use nicplug::api::{ApiError, ApiState, Readiness, Server, serve};
+use nicplug::hypervisor::DomainLifecycle;
 use nicplug::metrics::{Metrics, PlugStage, UnplugStage};
 use nicplug::plan::Phase;
-use nicplug::status::{InterfaceStatus, PhaseTransition, StatusDocument, Timestamp};
+use nicplug::status::{
+    AgentStatus, Dependency, DomainRef, InterfaceStatus, PhaseTransition, StatusDocument,
+    Timestamp, VmiRef,
+};
 
 /// A unique directory under the temp dir, removed on drop.
 struct TempDir(PathBuf);
@@ -76,6 +80,32 @@ fn sample_doc() -> StatusDocument {
             },
         ],
         guest_agent_connected: Some(true),
+        agent: AgentStatus {
+            ready: true,
+            vmi: Some(VmiRef {
+                namespace: "ns1".into(),
+                name: "vm1".into(),
+                uid: None,
+            }),
+            domain: Some(DomainRef {
+                name: "ns1_vm1".into(),
+                state: DomainLifecycle::Running,
+            }),
+            dependencies: ["libvirt", "netlink", "spec", "guestAgent"]
+                .iter()
+                .map(|name| Dependency {
+                    name: name.to_string(),
+                    ready: true,
+                    reason: None,
+                    required: *name != "guestAgent",
+                })
+                .collect(),
+            last_reconcile: Some(Timestamp {
+                time: SystemTime::now() - Duration::from_secs(2),
+                monotonic_ns: 3,
+            }),
+            ..AgentStatus::default()
+        },
         ..StatusDocument::default()
     }
 }
@@ -211,13 +241,15 @@ async fn routes_answer_over_the_unix_socket() {
     metrics.set_interfaces_per_phase(&[("Attached".into(), 1)]);
     let (code, headers, body) = unix_request(&socket, Method::GET, "/metrics").await;
     assert_eq!(code, 200);
+    // Without an Accept header: the classic text format.
     assert!(
         headers["content-type"]
             .to_str()
             .unwrap()
-            .starts_with("application/openmetrics-text; version=1.0.0"),
+            .starts_with("text/plain; version=0.0.4"),
         "{headers:?}"
     );
+    assert!(!body.contains("# EOF"), "{body}");
     let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap();
     let histogram = |metric: &str, stage: &str| {
         scrape.samples.iter().any(|s| {
@@ -505,28 +537,67 @@ async fn status_command_prints_table_and_json() {
     let fx = fixture();
     let running = Running::start(Server::bind(fx.state.clone(), &socket, None).await.unwrap());
 
-    let table = status_command(&socket, false).await.unwrap();
+    let printed = status_command(&socket, Format::Table).await.unwrap();
+    assert!(printed.ready);
+    let table = printed.text;
     let lines: Vec<&str> = table.lines().collect();
     assert!(
-        lines[0].starts_with("NAME ") && lines[0].ends_with("PHASE      AGE"),
+        lines[0].starts_with(
+            "vmi ns1/vm1   domain ns1_vm1 running   libvirt ok   netlink ok   spec ok   guest agent connected   reconciled "
+        ) && lines[0].ends_with("s ago"),
+        "{table}"
+    );
+    assert_eq!(lines[1], "", "{table}");
+    assert!(
+        lines[2].starts_with("NAME ") && lines[2].ends_with("PHASE      AGE"),
         "{table}"
     );
     assert!(
-        lines[1].starts_with("dyniface1   pod9a6a0c3b4d8   eth1 "),
+        lines[3].starts_with("dyniface1   pod9a6a0c3b4d8   eth1 "),
         "{table}"
     );
     assert!(
-        lines[1].ends_with("Attached   45s") || lines[1].ends_with("Attached   46s"),
+        lines[3].ends_with("Attached   45s") || lines[3].ends_with("Attached   46s"),
         "{table}"
     );
-    assert!(lines[2].starts_with("dyniface2 "), "{table}");
+    assert!(lines[4].starts_with("dyniface2 "), "{table}");
     assert!(
-        table.contains("\ndyniface2: no free PCIe root port for hotplug: 4 of 4 in use\n"),
+        table.ends_with("\ndyniface2: no free PCIe root port for hotplug: 4 of 4 in use\n"),
         "{table}"
     );
-    assert!(table.ends_with("guest agent: connected\n"), "{table}");
 
-    let json = status_command(&socket, true).await.unwrap();
+    // YAML: the same document.
+    let yaml = status_command(&socket, Format::Yaml).await.unwrap().text;
+    let from_yaml: serde_json::Value = serde_yaml::from_str(&yaml).unwrap();
+    assert_eq!(
+        from_yaml,
+        serde_json::to_value(&*fx.status_tx.borrow()).unwrap()
+    );
+
+    // Not ready: the header says what and why, and `ready` is false (exit 3).
+    fx.status_tx.send_modify(|d| {
+        d.agent.ready = false;
+        d.agent.dependencies[0].ready = false;
+        d.agent.dependencies[0].reason =
+            Some("cannot connect to libvirt at qemu:///system: gone".into());
+    });
+    let printed = status_command(&socket, Format::Table).await.unwrap();
+    assert!(!printed.ready);
+    assert!(
+        printed.text.contains("   libvirt NOT READY   "),
+        "{}",
+        printed.text
+    );
+    assert!(
+        printed
+            .text
+            .contains("\nnot ready: libvirt: cannot connect to libvirt at qemu:///system: gone\n"),
+        "{}",
+        printed.text
+    );
+    fx.status_tx.send_replace(sample_doc());
+
+    let json = status_command(&socket, Format::Json).await.unwrap().text;
     let doc: StatusDocument = serde_json::from_str(&json).unwrap();
     assert_same(&doc, &fx.status_tx.borrow());
     assert!(
@@ -537,7 +608,9 @@ async fn status_command_prints_table_and_json() {
     running.stop().await.unwrap();
 
     // No server: a clear error naming the socket.
-    let err = status_command(&socket, false).await.expect_err("no server");
+    let err = status_command(&socket, Format::Table)
+        .await
+        .expect_err("no server");
     assert!(matches!(err, ClientError::Connect { .. }));
     let text = err.to_string();
     assert!(
@@ -586,4 +659,90 @@ async fn shutdown_is_prompt_with_an_idle_keep_alive_client() {
     assert!(!socket.exists());
     drop(sender);
     driver.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_long_poll_answers_on_change_only() {
+    let dir = TempDir::new("watch");
+    let socket = dir.0.join("nicplug.sock");
+    let fx = fixture();
+    let running = Running::start(Server::bind(fx.state.clone(), &socket, None).await.unwrap());
+
+    let first = fetch_with(&socket, "/status", None, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(first.code, 200);
+    let etag = first.etag.clone().expect("an ETag");
+    // Same document: 304 once the wait is over.
+    let same = fetch_with(
+        &socket,
+        "/status?wait=0.2",
+        Some(&etag),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(same.code, 304);
+    // A change while waiting: answered with the new document.
+    let tx = fx.status_tx.clone();
+    let changer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tx.send_modify(|d| d.interfaces.truncate(1));
+    });
+    let changed = fetch_with(
+        &socket,
+        "/status?wait=30",
+        Some(&etag),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    changer.await.unwrap();
+    assert_eq!(changed.code, 200);
+    assert_ne!(changed.etag.as_deref(), Some(etag.as_str()));
+    let doc: StatusDocument = serde_json::from_str(&changed.body).unwrap();
+    assert_eq!(doc.interfaces.len(), 1);
+
+    // watch_status hands over the first document and every change.
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let watcher = {
+        let seen = seen.clone();
+        let socket = socket.clone();
+        tokio::spawn(async move {
+            watch_status(&socket, Format::Json, |p| {
+                seen.lock().unwrap().push(p.text.clone());
+            })
+            .await
+        })
+    };
+    let wait_for = |n: usize| {
+        let seen = seen.clone();
+        async move {
+            for _ in 0..500 {
+                if seen.lock().unwrap().len() >= n {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!(
+                "watch saw {} documents, not {n}",
+                seen.lock().unwrap().len()
+            );
+        }
+    };
+    wait_for(1).await;
+    fx.status_tx.send_modify(|d| d.interfaces.clear());
+    wait_for(2).await;
+    let last: StatusDocument = serde_json::from_str(seen.lock().unwrap().last().unwrap()).unwrap();
+    assert!(last.interfaces.is_empty());
+    // Nothing changes: nothing more arrives.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(seen.lock().unwrap().len(), 2);
+    running.stop().await.unwrap();
+    // The agent gone: the watch ends with an error.
+    let ended = tokio::time::timeout(Duration::from_secs(80), watcher)
+        .await
+        .expect("watch ends")
+        .unwrap();
+    assert!(ended.is_err());
 }

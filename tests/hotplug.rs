@@ -52,7 +52,7 @@ fn hotplug_one_nic_reaches_the_guest() {
         .clone();
     assert_eq!(entry["podInterfaceName"], "pod9a6a0c3b4d8");
     assert_eq!(entry["mac"], cni.mac.as_str());
-    assert_eq!(nicplug.phase("default").as_deref(), Some("Unsupported"));
+    assert_eq!(nicplug.phase("default").as_deref(), Some("NotManaged"));
     assert_guest_reachable(&rig, &net, &cni.mac);
 
     // A stop leaves what was plugged in place.

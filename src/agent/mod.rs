@@ -22,12 +22,14 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::error::error_chain;
 use crate::health::{Part, Readiness};
 use crate::hypervisor::events::DomainEvent;
-use crate::hypervisor::{DomainState, Hypervisor, HypervisorError};
+use crate::hypervisor::{DomainLifecycle, DomainState, Hypervisor, HypervisorError};
 use crate::model::Owner;
 use crate::model::vmi::Vmi;
-use crate::netns::{NetnsError, PodNetwork};
+use crate::netns::{Link, NetnsError, PodNetwork};
 use crate::plan::{InterfacePlan, Observed, Phase, Step, plan};
-use crate::status::{InterfaceStatus, StatusDocument, Timestamp};
+use crate::status::{
+    AgentStatus, Dependency, DomainRef, InterfaceStatus, StatusDocument, Timestamp, VmiRef,
+};
 
 mod fault;
 mod guest;
@@ -43,6 +45,149 @@ pub enum AgentError {
     Observe(#[source] NetnsError),
     #[error("cannot read the domain")]
     Domain(#[source] HypervisorError),
+}
+
+impl AgentError {
+    /// Retrying cannot help (libvirt rejects the URI itself): the agent
+    /// stops with the reason instead of retrying forever.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, Self::Domain(HypervisorError::InvalidUri { .. }))
+    }
+}
+
+/// What a pass reads before it plans, exactly as [`Agent::reconcile`] reads
+/// it: every link of the pod namespace, then the live domain, then QEMU's
+/// user (the tap owner).
+#[derive(Debug, Clone)]
+pub struct Observation {
+    pub links: Vec<Link>,
+    /// `None` when the domain is not defined.
+    pub domain: Option<DomainState>,
+    pub lifecycle: DomainLifecycle,
+    pub tap_owner: Option<Owner>,
+    /// When the links were read.
+    pub observed_at: Timestamp,
+}
+
+impl Observation {
+    pub fn observed(&self, coexist: bool) -> Observed<'_> {
+        Observed {
+            links: &self.links,
+            domain: self.domain.as_ref(),
+            tap_owner: self.tap_owner,
+            clean_kubevirt_leftovers: coexist,
+        }
+    }
+}
+
+/// The domain's state for people: what the hypervisor knows, else what
+/// [`DomainState::running`] says.
+fn lifecycle_of<H: Hypervisor>(
+    hyp: &H,
+    name: &str,
+    domain: Option<&DomainState>,
+) -> DomainLifecycle {
+    match domain {
+        None => DomainLifecycle::Absent,
+        Some(d) => hyp.lifecycle(name).unwrap_or(if d.running {
+            DomainLifecycle::Running
+        } else {
+            DomainLifecycle::ShutOff
+        }),
+    }
+}
+
+/// QEMU's user: the configured owner, else the one detected from the
+/// running domain (kept in `cache` until the domain stops).
+async fn detect_tap_owner<H: Hypervisor>(
+    hyp: &H,
+    configured: Option<Owner>,
+    cache: &mut Option<Owner>,
+    domain_name: &str,
+    domain: Option<&DomainState>,
+) -> Option<Owner> {
+    if configured.is_some() {
+        return configured;
+    }
+    if !domain.is_some_and(|d| d.running) {
+        *cache = None;
+        return None;
+    }
+    if cache.is_none() {
+        match hyp.qemu_owner(domain_name).await {
+            Ok(owner) => {
+                if let Some(o) = owner {
+                    info!(
+                        uid = o.uid,
+                        gid = o.gid,
+                        "detected QEMU's user for tap ownership"
+                    );
+                }
+                *cache = owner;
+            }
+            Err(e) => warn!(error = %error_chain(&e), "cannot detect QEMU's user"),
+        }
+    }
+    *cache
+}
+
+/// Observes and plans once, as a pass of the agent would, and changes
+/// nothing: what `nicplug plan` shows. Backoff and in-flight detaches of a
+/// running agent are not known here, so this is what a pass would do if it
+/// ran now and nothing held it back.
+pub async fn observe_and_plan<N: PodNetwork, H: Hypervisor>(
+    net: &N,
+    hyp: &H,
+    vmi: &Vmi,
+    config: &AgentConfig,
+) -> Result<(Observation, Vec<InterfacePlan>), AgentError> {
+    let domain_name = config.domain.clone().unwrap_or_else(|| vmi.domain_name());
+    let mut cache = None;
+    let observation = observe(net, hyp, &domain_name, config.tap_owner, &mut cache, None).await?;
+    let plans = plan(vmi, &observation.observed(config.coexist));
+    Ok((observation, plans))
+}
+
+/// The observe part of a pass; reports each part's readiness when given.
+async fn observe<N: PodNetwork, H: Hypervisor>(
+    net: &N,
+    hyp: &H,
+    domain_name: &str,
+    configured_owner: Option<Owner>,
+    owner_cache: &mut Option<Owner>,
+    readiness: Option<&Readiness>,
+) -> Result<Observation, AgentError> {
+    let report = |part, state| {
+        if let Some(r) = readiness {
+            r.set(part, state);
+        }
+    };
+    let links = net.links().await.map_err(|e| {
+        report(Part::Netlink, Err(error_chain(&e)));
+        AgentError::Observe(e)
+    })?;
+    report(Part::Netlink, Ok(()));
+    let observed_at = Timestamp::now();
+    let domain = hyp.domain(domain_name).await.map_err(|e| {
+        report(Part::Libvirt, Err(error_chain(&e)));
+        AgentError::Domain(e)
+    })?;
+    report(Part::Libvirt, Ok(()));
+    let tap_owner = detect_tap_owner(
+        hyp,
+        configured_owner,
+        owner_cache,
+        domain_name,
+        domain.as_ref(),
+    )
+    .await;
+    Ok(Observation {
+        lifecycle: lifecycle_of(hyp, domain_name, domain.as_ref()),
+        links,
+        domain,
+        tap_owner,
+        observed_at,
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +227,10 @@ pub struct AgentConfig {
 /// gone, and growing, because each pass is a connection attempt.
 const PASS_BACKOFF_FIRST: Duration = Duration::from_millis(250);
 const PASS_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// While passes keep failing with the same error, it is logged again this
+/// often (at INFO), so a log reader sees the wait goes on and why.
+const STILL_FAILING_EVERY: Duration = Duration::from_secs(60);
 
 impl Default for AgentConfig {
     fn default() -> Self {
@@ -137,6 +286,14 @@ pub struct Agent<N, H> {
     detaching: HashSet<String>,
     detach_tx: mpsc::UnboundedSender<DetachResult>,
     detach_rx: mpsc::UnboundedReceiver<DetachResult>,
+    /// The configured readiness, or one of its own.
+    readiness: Arc<Readiness>,
+    /// When the last pass completed.
+    last_reconcile: Option<Timestamp>,
+    /// Why the passes since then failed.
+    pass_error: Option<String>,
+    /// The domain's name and state as the last pass found them.
+    domain_seen: Option<(String, DomainLifecycle)>,
 }
 
 /// The hot-pluggable interfaces the spec wants plugged.
@@ -152,6 +309,10 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
     pub fn new(net: N, hyp: H, config: AgentConfig) -> Self {
         let (detach_tx, detach_rx) = mpsc::unbounded_channel();
         Self {
+            readiness: config.readiness.clone().unwrap_or_default(),
+            last_reconcile: None,
+            pass_error: None,
+            domain_seen: None,
             net,
             hyp: Arc::new(hyp),
             report: Reporter::new(config.report.clone()),
@@ -202,23 +363,73 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             .unwrap_or_else(|| vmi.domain_name())
     }
 
+    /// The agent section of the status document, as of now.
+    fn agent_status(&self, vmi: Option<&Vmi>) -> AgentStatus {
+        let not_ready = self.readiness.not_ready();
+        let dependencies = crate::health::Part::ALL
+            .iter()
+            .map(|part| {
+                let reason = not_ready
+                    .iter()
+                    .find(|(name, _)| *name == part.name())
+                    .map(|(_, reason)| reason.clone());
+                Dependency {
+                    name: part.name().to_string(),
+                    ready: reason.is_none(),
+                    reason,
+                    required: true,
+                }
+            })
+            .collect();
+        let domain = match (&self.domain_seen, vmi) {
+            (Some((name, state)), _) => Some(DomainRef {
+                name: name.clone(),
+                state: *state,
+            }),
+            (None, Some(vmi)) => Some(DomainRef {
+                name: self.domain_name(vmi),
+                state: DomainLifecycle::Unknown,
+            }),
+            (None, None) => None,
+        };
+        AgentStatus {
+            ready: not_ready.is_empty(),
+            vmi: vmi.map(|v| VmiRef {
+                namespace: v.namespace.clone(),
+                name: v.name.clone(),
+                uid: v.uid.clone(),
+            }),
+            domain,
+            dependencies,
+            last_reconcile: self.last_reconcile,
+            reconcile_error: self.pass_error.clone(),
+            ..AgentStatus::default()
+        }
+    }
+
     /// Runs until `shutdown`. Never undoes anything on the way out: a pass
     /// in flight is dropped where it stands, as a crash would leave it, and
-    /// the next start finishes it.
+    /// the next start finishes it. Returns an error only when retrying
+    /// cannot help ([`AgentError::is_fatal`]).
     pub async fn run(
         mut self,
         mut spec: watch::Receiver<Option<Vmi>>,
         wake: Arc<Notify>,
         shutdown: CancellationToken,
-    ) {
+    ) -> Result<(), AgentError> {
         let mut spec_open = true;
         let mut failed_passes: u32 = 0;
         let mut last_error: Option<String> = None;
+        let mut last_logged = Instant::now();
         let mut secondaries: Option<Vec<String>> = None;
         loop {
             let vmi = spec.borrow_and_update().clone();
             let mut deadline = Instant::now() + self.config.resync;
+            if vmi.is_none() {
+                self.report.set_agent(self.agent_status(None));
+            }
             if let Some(vmi) = vmi {
+                self.readiness.set(Part::Spec, Ok(()));
                 let now_wanted = wanted_secondaries(&vmi);
                 if let Some(before) = &secondaries
                     && !before.is_empty()
@@ -231,11 +442,14 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                     );
                 }
                 secondaries = Some(now_wanted);
+                let started = std::time::Instant::now();
                 let outcome = tokio::select! {
                     _ = shutdown.cancelled() => break,
                     outcome = self.reconcile(&vmi) => outcome,
                 };
+                self.report.pass_done(started.elapsed(), outcome.is_ok());
                 match outcome {
+                    Err(e) if e.is_fatal() => return Err(e),
                     Ok(()) => {
                         if failed_passes > 0 {
                             info!(failed_passes, "reconcile succeeds again");
@@ -260,10 +474,21 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                         let message = error_chain(&e);
                         if last_error.as_deref() != Some(message.as_str()) {
                             warn!(error = %message, retry_in_ms = delay.as_millis() as u64, "reconcile failed; retrying");
-                            last_error = Some(message);
+                            last_error = Some(message.clone());
+                            last_logged = Instant::now();
+                        } else if last_logged.elapsed() >= STILL_FAILING_EVERY {
+                            // Rate-limited reminder: still waiting, and why.
+                            info!(error = %message, failed_passes, "reconcile still failing; retrying");
+                            last_logged = Instant::now();
                         } else {
                             debug!(error = %message, failed_passes, "reconcile failed again");
                         }
+                        self.pass_error = Some(message);
+                        if matches!(e, AgentError::Domain(_)) {
+                            self.domain_seen =
+                                Some((self.domain_name(&vmi), DomainLifecycle::Unknown));
+                        }
+                        self.report.set_agent(self.agent_status(Some(&vmi)));
                     }
                 }
             }
@@ -283,6 +508,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             }
         }
         info!("stopped; plugged interfaces stay as they are");
+        Ok(())
     }
 
     /// The earliest interface retry still ahead.
@@ -295,12 +521,6 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             .min()
     }
 
-    fn report_readiness(&self, part: Part, state: Result<(), String>) {
-        if let Some(readiness) = &self.config.readiness {
-            readiness.set(part, state);
-        }
-    }
-
     /// One observe -> plan -> apply pass over every interface of `vmi`.
     pub async fn reconcile(&mut self, vmi: &Vmi) -> Result<(), AgentError> {
         while let Ok(result) = self.detach_rx.try_recv() {
@@ -308,24 +528,28 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         }
         let domain_name = self.domain_name(vmi);
         debug!("reconcile");
-        let links = self.net.links().await.map_err(|e| {
-            self.report_readiness(Part::Netlink, Err(error_chain(&e)));
-            AgentError::Observe(e)
-        })?;
-        self.report_readiness(Part::Netlink, Ok(()));
-        let observed_at = Timestamp::now();
-        let domain = self.hyp.domain(&domain_name).await.map_err(|e| {
-            self.report_readiness(Part::Libvirt, Err(error_chain(&e)));
-            AgentError::Domain(e)
-        })?;
-        self.report_readiness(Part::Libvirt, Ok(()));
+        let Observation {
+            links,
+            domain,
+            lifecycle,
+            tap_owner,
+            observed_at,
+        } = observe(
+            &self.net,
+            self.hyp.as_ref(),
+            &domain_name,
+            self.config.tap_owner,
+            &mut self.detected_owner,
+            Some(&self.readiness),
+        )
+        .await?;
+        self.domain_seen = Some((domain_name.clone(), lifecycle));
         if domain.as_ref().is_some_and(|d| d.root_ports.free > 0) {
             // A port freed (or was free all along): who waits for one may try now.
             for tracked in self.tracked.values_mut().filter(|t| t.needs_root_port) {
                 tracked.retry_at = None;
             }
         }
-        let tap_owner = self.tap_owner(&domain_name, domain.as_ref()).await;
         let plans = plan(
             vmi,
             &Observed {
@@ -350,7 +574,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                     Step::Attach { .. } | Step::Detach { .. } | Step::SetLinkState { .. }
                 )
             });
-            let span = info_span!("interface", name = %plan.name, pod = plan.pod_iface.as_ref().map(|p| p.as_str()));
+            let span = info_span!("interface", iface = %plan.name, pod = plan.pod_iface.as_ref().map(|p| p.as_str()));
             let departed = plan.departed;
             let status = self.apply(&domain_name, plan).instrument(span).await;
             if !(departed && status.phase == Phase::Detached) {
@@ -364,6 +588,10 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             domain
         };
         let reconnects = self.hyp.reconnects();
+        self.last_reconcile = Some(Timestamp::now());
+        self.pass_error = None;
+        let agent = self.agent_status(Some(vmi));
+        self.report.set_agent_quietly(agent);
         self.report
             .finish(
                 self.hyp.as_ref(),
@@ -376,38 +604,8 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         Ok(())
     }
 
-    async fn tap_owner(
-        &mut self,
-        domain_name: &str,
-        domain: Option<&DomainState>,
-    ) -> Option<Owner> {
-        if self.config.tap_owner.is_some() {
-            return self.config.tap_owner;
-        }
-        if !domain.is_some_and(|d| d.running) {
-            self.detected_owner = None;
-            return None;
-        }
-        if self.detected_owner.is_none() {
-            match self.hyp.qemu_owner(domain_name).await {
-                Ok(owner) => {
-                    if let Some(o) = owner {
-                        info!(
-                            uid = o.uid,
-                            gid = o.gid,
-                            "detected QEMU's user for tap ownership"
-                        );
-                    }
-                    self.detected_owner = owner;
-                }
-                Err(e) => warn!(error = %error_chain(&e), "cannot detect QEMU's user"),
-            }
-        }
-        self.detected_owner
-    }
-
     fn detach_finished(&mut self, (name, result): DetachResult) {
-        let span = info_span!("interface", %name);
+        let span = info_span!("interface", iface = %name);
         let _enter = span.enter();
         self.detaching.remove(&name);
         match result {
@@ -438,9 +636,9 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             .min(self.config.backoff_max);
         tracked.retry_at = Some(Instant::now() + delay);
         if tracked.failed.as_ref().map(|(_, m)| m) != Some(&message) {
-            warn!(error = %message, %phase, retry_in = ?delay, "interface failed");
+            warn!(error = %message, %phase, retry_in_ms = delay.as_millis() as u64, "interface failed");
         } else {
-            debug!(error = %message, %phase, retry_in = ?delay, "interface failed again");
+            debug!(error = %message, %phase, retry_in_ms = delay.as_millis() as u64, "interface failed again");
         }
         tracked.failed = Some((phase, message));
     }

@@ -21,7 +21,8 @@ use crate::metrics::{Metrics, PlugStage, UnplugStage};
 use crate::model::network_status::NetworkStatus;
 use crate::plan::{Phase, confirmed_phase};
 use crate::status::{
-    InterfaceStatus, Sources, StatusDocument, Timestamp, enrich, guest_only, write_atomically,
+    AgentStatus, Dependency, InterfaceStatus, Sources, StatusDocument, Timestamp, enrich,
+    guest_only, write_atomically,
 };
 
 /// Where the status goes and what it reads besides the plan.
@@ -42,6 +43,9 @@ pub struct Reporter {
     doc: StatusDocument,
     history: PhaseHistory,
     guest: GuestPoller,
+    /// The agent section, as the loop last set it (without the guest agent,
+    /// which this adds).
+    agent: AgentStatus,
 }
 
 impl Reporter {
@@ -51,7 +55,50 @@ impl Reporter {
             config,
             doc: StatusDocument::default(),
             history: PhaseHistory::default(),
+            agent: AgentStatus::default(),
         }
+    }
+
+    /// Replaces the agent section and publishes the document if it changed
+    /// (after a failed pass, or before the first spec).
+    pub fn set_agent(&mut self, agent: AgentStatus) {
+        self.set_agent_quietly(agent);
+        let mut doc = self.doc.clone();
+        doc.agent = self.agent_section();
+        self.publish(doc);
+    }
+
+    /// Replaces the agent section for the next publication.
+    pub fn set_agent_quietly(&mut self, agent: AgentStatus) {
+        if let Some(metrics) = &self.config.metrics {
+            metrics.set_ready(agent.ready);
+            metrics.set_libvirt_connected(agent.dependency("libvirt").is_some_and(|d| d.ready));
+        }
+        self.agent = agent;
+    }
+
+    /// A pass ended after `took`, completed or not.
+    pub fn pass_done(&self, took: Duration, completed: bool) {
+        if let Some(metrics) = &self.config.metrics {
+            metrics.observe_reconcile(took.as_secs_f64(), completed);
+        }
+    }
+
+    /// The agent section with the guest agent's state as last seen.
+    fn agent_section(&self) -> AgentStatus {
+        let mut agent = self.agent.clone();
+        let (ready, reason) = match self.guest.view() {
+            Some(GuestView::Interfaces(_)) => (true, None),
+            Some(GuestView::NotConnected(reason)) => (false, Some(reason.clone())),
+            None => (false, Some("not asked yet".to_string())),
+        };
+        agent.dependencies.push(Dependency {
+            name: "guestAgent".into(),
+            ready,
+            reason,
+            required: false,
+        });
+        agent
     }
 
     pub fn document(&self) -> &StatusDocument {
@@ -166,17 +213,22 @@ impl Reporter {
             .settle(statuses.iter().any(|s| s.phase == Phase::Attached));
         if let Some(metrics) = &self.config.metrics {
             let mut counts: HashMap<String, i64> = HashMap::new();
-            for status in &statuses {
+            // The primary network is not nicplug's: neither counted nor a
+            // problem.
+            for status in statuses.iter().filter(|s| s.phase != Phase::NotManaged) {
                 *counts.entry(status.phase.to_string()).or_default() += 1;
             }
             let counts: Vec<(String, i64)> = counts.into_iter().collect();
             metrics.set_interfaces_per_phase(&counts);
             metrics.set_libvirt_reconnects(reconnects);
+            metrics.set_root_ports_free(domain.map(|d| d.root_ports.free));
         }
         self.publish(StatusDocument {
+            agent: self.agent_section(),
             interfaces: statuses,
             guest_interfaces,
             guest_agent_connected: connected,
+            ..StatusDocument::default()
         });
     }
 

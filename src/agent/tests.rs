@@ -1045,7 +1045,7 @@ async fn with_libvirt_gone_passes_back_off_and_readiness_says_why() {
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert!(!readiness.missing().contains(&"libvirt"));
     stop.cancel();
-    run.await.unwrap();
+    run.await.unwrap().unwrap();
     drop(spec_tx);
 }
 

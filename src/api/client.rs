@@ -1,5 +1,6 @@
 //! `nicplug status`: asks a running agent over its unix socket and prints
-//! the status document as a table (or as JSON).
+//! the status document as a table (or as JSON or YAML), once or on every
+//! change (`--watch`, a long poll on `/status`: see the API module).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -50,6 +51,8 @@ pub enum ClientError {
         code: u16,
         body: String,
     },
+    #[error("cannot write the status document as YAML: {message}")]
+    Yaml { message: String },
     #[error("nicplug answered {path} with something that is not a status document")]
     Decode {
         path: String,
@@ -70,17 +73,41 @@ fn connect_hint(error: &std::io::Error) -> &'static str {
 /// One HTTP/1.1 GET of `path` over the unix socket; the status code and the
 /// body (lossily decoded as UTF-8).
 pub async fn fetch(socket: &Path, path: &str) -> Result<(u16, String), ClientError> {
-    match tokio::time::timeout(REQUEST_TIMEOUT, fetch_inner(socket, path)).await {
+    let answer = fetch_with(socket, path, None, REQUEST_TIMEOUT).await?;
+    Ok((answer.code, answer.body))
+}
+
+/// An answer of the API.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub code: u16,
+    pub etag: Option<String>,
+    pub body: String,
+}
+
+/// A GET with an optional `If-None-Match`, the whole exchange bounded by
+/// `timeout`.
+pub async fn fetch_with(
+    socket: &Path,
+    path: &str,
+    if_none_match: Option<&str>,
+    timeout: Duration,
+) -> Result<Answer, ClientError> {
+    match tokio::time::timeout(timeout, fetch_inner(socket, path, if_none_match)).await {
         Ok(result) => result,
         Err(_elapsed) => Err(ClientError::Timeout {
             socket: socket.to_path_buf(),
             path: path.to_owned(),
-            timeout: REQUEST_TIMEOUT,
+            timeout,
         }),
     }
 }
 
-async fn fetch_inner(socket: &Path, path: &str) -> Result<(u16, String), ClientError> {
+async fn fetch_inner(
+    socket: &Path,
+    path: &str,
+    if_none_match: Option<&str>,
+) -> Result<Answer, ClientError> {
     let stream = UnixStream::connect(socket)
         .await
         .map_err(|error| ClientError::Connect {
@@ -102,8 +129,11 @@ async fn fetch_inner(socket: &Path, path: &str) -> Result<(u16, String), ClientE
             tracing::debug!(error = %e, "api client connection ended");
         }
     });
-    let request = Request::get(path)
-        .header(header::HOST, "localhost")
+    let mut request = Request::get(path).header(header::HOST, "localhost");
+    if let Some(tag) = if_none_match {
+        request = request.header(header::IF_NONE_MATCH, tag);
+    }
+    let request = request
         .body(Empty::<Bytes>::new())
         .map_err(|source| ClientError::Request {
             path: path.to_owned(),
@@ -112,8 +142,17 @@ async fn fetch_inner(socket: &Path, path: &str) -> Result<(u16, String), ClientE
     let result = async {
         let response = sender.send_request(request).await?;
         let code = response.status().as_u16();
+        let etag = response
+            .headers()
+            .get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let body = response.into_body().collect().await?.to_bytes();
-        Ok((code, String::from_utf8_lossy(&body).into_owned()))
+        Ok(Answer {
+            code,
+            etag,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
     }
     .await
     .map_err(http_err);
@@ -122,38 +161,156 @@ async fn fetch_inner(socket: &Path, path: &str) -> Result<(u16, String), ClientE
     result
 }
 
-/// The output of `nicplug status`: the document as pretty JSON when `json`
-/// (as the agent sent it, so fields this client does not know survive),
-/// else the table of [`render_table`].
-pub async fn status_command(socket: &Path, json: bool) -> Result<String, ClientError> {
-    const PATH: &str = "/status";
-    let (code, body) = fetch(socket, PATH).await?;
-    if code != 200 {
+/// How `nicplug status` prints the document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// The header and the table of [`render_table`].
+    Table,
+    /// Pretty JSON, as the agent sent it (fields this client does not know
+    /// survive).
+    Json,
+    /// The same as YAML.
+    Yaml,
+}
+
+/// One document as `nicplug status` prints it.
+#[derive(Debug, Clone)]
+pub struct Printed {
+    pub text: String,
+    /// `agent.ready` of the document: the exit code follows it.
+    pub ready: bool,
+    etag: Option<String>,
+}
+
+const STATUS_PATH: &str = "/status";
+
+/// How long one `--watch` request waits for a change.
+const WATCH_WAIT: Duration = Duration::from_secs(60);
+
+fn printed(answer: Answer, format: Format) -> Result<Printed, ClientError> {
+    if answer.code != 200 {
         return Err(ClientError::Status {
-            path: PATH.into(),
-            code,
-            body,
+            path: STATUS_PATH.into(),
+            code: answer.code,
+            body: answer.body,
         });
     }
     let decode = |source| ClientError::Decode {
-        path: PATH.into(),
+        path: STATUS_PATH.into(),
         source,
     };
-    if json {
-        let value: serde_json::Value = serde_json::from_str(&body).map_err(decode)?;
-        let mut text = serde_json::to_string_pretty(&value).map_err(decode)?;
-        text.push('\n');
-        Ok(text)
-    } else {
-        let doc: StatusDocument = serde_json::from_str(&body).map_err(decode)?;
-        Ok(render_table(&doc, SystemTime::now()))
+    let value: serde_json::Value = serde_json::from_str(&answer.body).map_err(decode)?;
+    let doc: StatusDocument = serde_json::from_value(value.clone()).map_err(decode)?;
+    let text = match format {
+        Format::Table => render_table(&doc, SystemTime::now()),
+        Format::Json => {
+            let mut text = serde_json::to_string_pretty(&value).map_err(decode)?;
+            text.push('\n');
+            text
+        }
+        Format::Yaml => serde_saphyr::to_string(&value).map_err(|e| ClientError::Yaml {
+            message: e.to_string(),
+        })?,
+    };
+    Ok(Printed {
+        text,
+        ready: doc.agent.ready,
+        etag: answer.etag,
+    })
+}
+
+/// The output of `nicplug status`.
+pub async fn status_command(socket: &Path, format: Format) -> Result<Printed, ClientError> {
+    let answer = fetch_with(socket, STATUS_PATH, None, REQUEST_TIMEOUT).await?;
+    printed(answer, format)
+}
+
+/// `nicplug status --watch`: hands every new document to `each`, the first
+/// at once, then each one the agent publishes (a long poll: nothing is
+/// asked more often than the agent publishes, and at most every
+/// [`WATCH_WAIT`] while nothing changes). Returns when the agent cannot be
+/// reached any more.
+pub async fn watch_status(
+    socket: &Path,
+    format: Format,
+    mut each: impl FnMut(&Printed),
+) -> Result<(), ClientError> {
+    let first = status_command(socket, format).await?;
+    each(&first);
+    let mut etag = first.etag;
+    let path = format!("{STATUS_PATH}?wait={}", WATCH_WAIT.as_secs());
+    loop {
+        let answer =
+            fetch_with(socket, &path, etag.as_deref(), WATCH_WAIT + REQUEST_TIMEOUT).await?;
+        if answer.code == 304 {
+            continue;
+        }
+        let next = printed(answer, format)?;
+        each(&next);
+        etag = next.etag.clone();
     }
 }
 
-/// A table for people: one line per interface, then the messages, then the
-/// interfaces only the guest knows, then the guest agent's state. Unknown
-/// values are `-`; the age is how long the interface has been in its phase.
+/// The header of the table: what the agent follows and whether it can
+/// work, e.g. `vmi ns1/vm1   domain ns1_vm1 running   libvirt ok   netlink
+/// ok   spec ok   guest agent connected   reconciled 2s ago`, then one
+/// `not ready:` line per dependency that is not (with the reason).
+pub fn render_header(doc: &StatusDocument, now: SystemTime) -> String {
+    let agent = &doc.agent;
+    let mut parts = Vec::new();
+    parts.push(match &agent.vmi {
+        Some(v) => format!("vmi {}/{}", clean(&v.namespace), clean(&v.name)),
+        None => "vmi -".to_string(),
+    });
+    parts.push(match &agent.domain {
+        Some(d) => format!("domain {} {}", clean(&d.name), d.state),
+        None => "domain -".to_string(),
+    });
+    let mut reasons = Vec::new();
+    for dep in &agent.dependencies {
+        let label = if dep.name == "guestAgent" {
+            "guest agent"
+        } else {
+            dep.name.as_str()
+        };
+        let state = match (dep.required, dep.ready) {
+            (_, true) if dep.name == "guestAgent" => "connected",
+            (false, false) => "not connected",
+            (_, true) => "ok",
+            (true, false) => "NOT READY",
+        };
+        parts.push(format!("{} {state}", clean(label)));
+        if dep.required && !dep.ready {
+            reasons.push(format!(
+                "not ready: {}: {}\n",
+                clean(label),
+                clean(dep.reason.as_deref().unwrap_or("no reason given"))
+            ));
+        }
+    }
+    parts.push(match &agent.last_reconcile {
+        Some(at) => match now.duration_since(at.time) {
+            Ok(d) => format!("reconciled {} ago", human_duration(d)),
+            Err(_) => "reconciled 0s ago".to_string(),
+        },
+        None => "never reconciled".to_string(),
+    });
+    let mut out = parts.join("   ");
+    out.push('\n');
+    out.extend(reasons);
+    if let Some(error) = agent.reconcile_error.as_deref() {
+        out.push_str(&format!("last pass failed: {}\n", clean(error)));
+    }
+    out
+}
+
+/// A table for people: the header ([`render_header`]), one line per
+/// interface, then the messages, then the interfaces only the guest knows.
+/// Unknown values are `-`; the age is how long the interface has been in
+/// its phase.
 pub fn render_table(doc: &StatusDocument, now: SystemTime) -> String {
+    let mut out = render_header(doc, now);
+    out.push('\n');
     let mut rows = vec![
         [
             "NAME",
@@ -192,7 +349,7 @@ pub fn render_table(doc: &StatusDocument, now: SystemTime) -> String {
             cell(age.as_deref()),
         ]);
     }
-    let mut out = table(&rows);
+    out.push_str(&table(&rows));
 
     let messages: Vec<String> = doc
         .interfaces
@@ -222,15 +379,6 @@ pub fn render_table(doc: &StatusDocument, now: SystemTime) -> String {
         }
         out.push('\n');
         out.push_str(&table(&rows));
-    }
-
-    if let Some(connected) = doc.guest_agent_connected {
-        out.push('\n');
-        out.push_str(if connected {
-            "guest agent: connected\n"
-        } else {
-            "guest agent: not connected\n"
-        });
     }
     out
 }
@@ -412,7 +560,7 @@ mod tests {
                     }],
                     ..InterfaceStatus::new("dyniface2", Phase::Failed)
                 },
-                InterfaceStatus::new("default", Phase::Unsupported),
+                InterfaceStatus::new("default", Phase::NotManaged),
             ],
             guest_interfaces: vec![GuestInterfaceStatus {
                 interface_name: "docker0\x1b[2J".into(),
@@ -420,19 +568,20 @@ mod tests {
                 ip_addresses: vec!["172.17.0.1/16".into()],
             }],
             guest_agent_connected: Some(true),
+            ..StatusDocument::default()
         };
         let want = "\
-NAME        POD IFACE        GUEST IFACE   MAC                 IPS                       LINK   PHASE         AGE
-dyniface1   pod9a6a0c3b4d8   eth1          02:00:00:aa:bb:01   10.10.0.5/24,fd00::5/64   up     Attached      3m12s
-dyniface2   pod5e1f0a2c7b3   -             -                   -                         -      Failed        3h5m
-default     -                -             -                   -                         -      Unsupported   -
+vmi -   domain -   never reconciled
+
+NAME        POD IFACE        GUEST IFACE   MAC                 IPS                       LINK   PHASE        AGE
+dyniface1   pod9a6a0c3b4d8   eth1          02:00:00:aa:bb:01   10.10.0.5/24,fd00::5/64   up     Attached     3m12s
+dyniface2   pod5e1f0a2c7b3   -             -                   -                         -      Failed       3h5m
+default     -                -             -                   -                         -      NotManaged   -
 
 dyniface2: no free PCIe root port for hotplug: 4 of 4 in use retrying
 
 GUEST-ONLY IFACE   MAC   IPS
 docker0 [2J        -     172.17.0.1/16
-
-guest agent: connected
 ";
         assert_eq!(render_table(&doc, now), want);
     }
@@ -442,13 +591,8 @@ guest agent: connected
         let doc = StatusDocument::default();
         assert_eq!(
             render_table(&doc, SystemTime::now()),
-            "NAME   POD IFACE   GUEST IFACE   MAC   IPS   LINK   PHASE   AGE\n"
+            "vmi -   domain -   never reconciled\n\nNAME   POD IFACE   GUEST IFACE   MAC   IPS   LINK   PHASE   AGE\n"
         );
-        let doc = StatusDocument {
-            guest_agent_connected: Some(false),
-            ..StatusDocument::default()
-        };
-        assert!(render_table(&doc, SystemTime::now()).ends_with("\nguest agent: not connected\n"));
     }
 
     #[test]

@@ -3,13 +3,24 @@
 //!
 //! | route          | answers                                                    |
 //! | -------------- | ---------------------------------------------------------- |
-//! | `GET /status`  | the [`StatusDocument`] as JSON                             |
+//! | `GET /status`  | the [`StatusDocument`] as JSON, with an `ETag`             |
+//! |                | (`?wait=SECONDS` + `If-None-Match`: long poll, below)      |
 //! | `GET /healthz` | `200 ok` while the process serves requests                 |
 //! | `GET /readyz`  | `200 ok` while libvirt, netlink and the spec are available,  |
 //! |                | else `503 not ready: <part (reason)>, ..`                  |
-//! | `GET /metrics` | [`Metrics::encode`], OpenMetrics text                      |
+//! | `GET /metrics` | OpenMetrics text when the `Accept` header asks for it,     |
+//! |                | else Prometheus' classic text format                       |
 //!
 //! Anything else is `404`; another method on these paths is `405`.
+//!
+//! # Watching the status
+//!
+//! `GET /status?wait=60` with `If-None-Match: <the ETag of the document the
+//! client has>` answers as soon as the agent publishes a different document
+//! (`200`, the new document and its ETag), or `304` once the wait (at most
+//! [`MAX_WAIT`]) is over without a change. The agent publishes only when the
+//! document changed, so `nicplug status --watch` redraws on every change
+//! and never polls faster than that.
 //!
 //! # Where it listens
 //!
@@ -62,6 +73,9 @@ pub const DEFAULT_SOCKET: &str = "/var/run/nicplug/nicplug.sock";
 
 /// How long shutdown waits for open requests before dropping them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest `?wait=` of a status long poll.
+pub const MAX_WAIT: Duration = Duration::from_secs(300);
 
 /// How long probing an existing socket may take before it counts as live.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -126,12 +140,60 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-async fn status(State(state): State<ApiState>) -> Response {
-    // Serialize while holding the borrow: it is short and keeps the
-    // document from being cloned.
-    let json = serde_json::to_vec(&*state.status.borrow());
+/// The ETag of a serialized document: a hash of its bytes.
+pub fn etag(body: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(body);
+    format!("\"{}\"", hex::encode(&digest[..8]))
+}
+
+/// `wait=SECONDS` of a query string, capped at [`MAX_WAIT`].
+fn wait_of(query: Option<&str>) -> Option<Duration> {
+    let value = query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("wait="))?;
+    let seconds: f64 = value
+        .parse()
+        .ok()
+        .filter(|s: &f64| s.is_finite() && *s >= 0.0)?;
+    Some(Duration::from_secs_f64(seconds).min(MAX_WAIT))
+}
+
+async fn status(
+    State(state): State<ApiState>,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let known = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut rx = state.status.clone();
+    let serialize = |rx: &mut watch::Receiver<StatusDocument>| {
+        // Serialize while holding the borrow: it is short and keeps the
+        // document from being cloned.
+        serde_json::to_vec(&*rx.borrow_and_update())
+    };
+    let mut json = serialize(&mut rx);
+    if let (Some(wait), Some(known)) = (wait_of(uri.query()), known.as_deref()) {
+        let deadline = tokio::time::Instant::now() + wait;
+        while json.as_ref().is_ok_and(|body| etag(body) == known) {
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => json = serialize(&mut rx),
+                // Timed out, or the agent is shutting down.
+                _ => return StatusCode::NOT_MODIFIED.into_response(),
+            }
+        }
+    }
     match json {
-        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Ok(body) => (
+            [
+                (header::CONTENT_TYPE, "application/json".to_string()),
+                (header::ETAG, etag(&body)),
+            ],
+            body,
+        )
+            .into_response(),
         Err(e) => {
             warn!(error = %e, "cannot serialize the status document");
             (
@@ -164,12 +226,25 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<ApiState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
-        state.metrics.encode(),
-    )
-        .into_response()
+async fn metrics(State(state): State<ApiState>, headers: axum::http::HeaderMap) -> Response {
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    if openmetrics {
+        (
+            [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+            state.metrics.encode(),
+        )
+            .into_response()
+    } else {
+        (
+            [(header::CONTENT_TYPE, metrics::TEXT_CONTENT_TYPE)],
+            state.metrics.encode_text(),
+        )
+            .into_response()
+    }
 }
 
 async fn not_found() -> (StatusCode, &'static str) {
@@ -222,9 +297,13 @@ impl Server {
             ),
             None => None,
         };
+        let tcp_addr = tcp
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map_or_else(|| "off".to_string(), |a| a.to_string());
         info!(
             socket = %socket.path.display(),
-            tcp = ?tcp.as_ref().and_then(|l| l.local_addr().ok()),
+            tcp = %tcp_addr,
             "api listening"
         );
         Ok(Self {
@@ -295,7 +374,7 @@ impl Server {
         let result = tokio::select! {
             r = async { tokio::try_join!(unix_server, tcp_server) } => r.map(|_| ()),
             () = drain_deadline => {
-                warn!(timeout = ?DRAIN_TIMEOUT, "api requests still open at shutdown, dropping them");
+                warn!(timeout_s = DRAIN_TIMEOUT.as_secs(), "api requests still open at shutdown, dropping them");
                 Ok(())
             }
         };

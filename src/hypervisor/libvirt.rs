@@ -28,7 +28,8 @@ use super::domain_xml::{DomainState, parse_devices};
 use super::events::{self, DomainEvent, EventSink, Registration};
 use super::worker::Worker;
 use super::{
-    DomainInterface, GuestInterface, GuestView, Hypervisor, HypervisorError, InterfaceDevice,
+    DomainInterface, DomainLifecycle, GuestInterface, GuestView, Hypervisor, HypervisorError,
+    InterfaceDevice,
 };
 use crate::model::{IpCidr, Owner};
 
@@ -57,6 +58,7 @@ struct CachedDomain {
     generation: u64,
     read_at: Instant,
     state: Option<(DomainState, Option<Owner>)>,
+    lifecycle: DomainLifecycle,
 }
 
 /// How long a call to the daemon (connect included) may take before
@@ -148,9 +150,23 @@ impl Shared {
         // Errors come back as values; libvirt's default handler would also
         // print each one to stderr.
         virt::error::clear_error_callback();
-        let conn = Connect::open(Some(&self.uri)).map_err(|e| HypervisorError::Connect {
-            uri: self.uri.clone(),
-            message: e.message().to_string(),
+        let conn = Connect::open(Some(&self.uri)).map_err(|e| {
+            let message = e.message().to_string();
+            // The URI itself is wrong (no such driver, transport or
+            // parameter): no daemon coming up will change that.
+            if e.code()
+                .is_any(vec![ErrorNumber::NoConnect, ErrorNumber::InvalidArg])
+            {
+                HypervisorError::InvalidUri {
+                    uri: self.uri.clone(),
+                    message,
+                }
+            } else {
+                HypervisorError::Connect {
+                    uri: self.uri.clone(),
+                    message,
+                }
+            }
         })?;
         let registration = events::register(&conn, &self.events)?;
         Ok(Connection {
@@ -231,14 +247,13 @@ fn lookup(conn: &Connect, name: &str) -> Result<Option<virt::domain::Domain>, Hy
     }
 }
 
-fn read_domain(
-    conn: &Connect,
-    name: &str,
-) -> Result<Option<(DomainState, Option<Owner>)>, HypervisorError> {
+type DomainRead = (Option<(DomainState, Option<Owner>)>, DomainLifecycle);
+
+fn read_domain(conn: &Connect, name: &str) -> Result<DomainRead, HypervisorError> {
     let Some(dom) = lookup(conn, name)? else {
-        return Ok(None);
+        return Ok((None, DomainLifecycle::Absent));
     };
-    let running = accepts_hotplug(&dom)?;
+    let (running, lifecycle) = domain_state(&dom)?;
     let persistent = dom
         .is_persistent()
         .map_err(|e| libvirt_error("read the domain state", e))?;
@@ -252,7 +267,10 @@ fn read_domain(
         interfaces: devices.interfaces,
         root_ports: devices.root_ports,
     };
-    Ok(Some((state, devices.dac_owner.filter(|_| running))))
+    Ok((
+        Some((state, devices.dac_owner.filter(|_| running))),
+        lifecycle,
+    ))
 }
 
 impl Hypervisor for Libvirt {
@@ -401,6 +419,17 @@ impl Hypervisor for Libvirt {
         self.shared.reconnects.load(Ordering::Relaxed)
     }
 
+    fn lifecycle(&self, domain: &str) -> Option<DomainLifecycle> {
+        lock(&self.cache)
+            .as_ref()
+            .filter(|c| c.name == domain)
+            .map(|c| c.lifecycle)
+    }
+
+    fn connected(&self) -> Option<bool> {
+        Some(lock(&self.shared.connection).is_some())
+    }
+
     /// `virDomainInterfaceAddresses` with the agent as source. A hung agent
     /// would block the call for libvirt's agent timeout, so the wait is
     /// bounded here and only one query is in flight at a time.
@@ -482,7 +511,7 @@ impl Libvirt {
             return Ok(c.state.clone());
         }
         tracing::debug!(domain, "reading the live domain");
-        let state = self
+        let (state, lifecycle) = self
             .blocking("read the live domain", domain, read_domain)
             .await?;
         *lock(&self.cache) = Some(CachedDomain {
@@ -490,6 +519,7 @@ impl Libvirt {
             generation,
             read_at: Instant::now(),
             state: state.clone(),
+            lifecycle,
         });
         Ok(state)
     }
@@ -674,7 +704,8 @@ fn agent_interfaces(dom: &virt::domain::Domain) -> Result<Vec<GuestInterface>, v
 /// Whether the domain runs *here* and takes devices: running, or paused by a
 /// user. An incoming migration (paused, reason migration or starting up) is
 /// not: its devices arrive with the migration, nicplug must attach nothing.
-fn accepts_hotplug(dom: &virt::domain::Domain) -> Result<bool, HypervisorError> {
+/// And the state for people.
+fn domain_state(dom: &virt::domain::Domain) -> Result<(bool, DomainLifecycle), HypervisorError> {
     let (mut state, mut reason) = (-1, -1);
     // SAFETY: `dom` is live for the call; the out-pointers are valid ints.
     let rc = unsafe { sys::virDomainGetState(dom.as_ptr(), &mut state, &mut reason, 0) };
@@ -684,6 +715,103 @@ fn accepts_hotplug(dom: &virt::domain::Domain) -> Result<bool, HypervisorError> 
             virt::error::Error::last_error(),
         ));
     }
-    Ok(state == sys::VIR_DOMAIN_RUNNING as i32
-        || (state == sys::VIR_DOMAIN_PAUSED as i32 && reason == sys::VIR_DOMAIN_PAUSED_USER as i32))
+    let running = state == sys::VIR_DOMAIN_RUNNING as i32
+        || (state == sys::VIR_DOMAIN_PAUSED as i32 && reason == sys::VIR_DOMAIN_PAUSED_USER as i32);
+    let lifecycle = match state as u32 {
+        sys::VIR_DOMAIN_RUNNING | sys::VIR_DOMAIN_BLOCKED => DomainLifecycle::Running,
+        sys::VIR_DOMAIN_PAUSED if running => DomainLifecycle::Running,
+        sys::VIR_DOMAIN_PAUSED
+            if reason == sys::VIR_DOMAIN_PAUSED_MIGRATION as i32
+                || reason == sys::VIR_DOMAIN_PAUSED_POSTCOPY as i32 =>
+        {
+            DomainLifecycle::Migrating
+        }
+        sys::VIR_DOMAIN_PAUSED => DomainLifecycle::Paused,
+        sys::VIR_DOMAIN_SHUTDOWN => DomainLifecycle::ShuttingDown,
+        sys::VIR_DOMAIN_SHUTOFF => DomainLifecycle::ShutOff,
+        sys::VIR_DOMAIN_CRASHED => DomainLifecycle::Crashed,
+        sys::VIR_DOMAIN_PMSUSPENDED => DomainLifecycle::Suspended,
+        _ => DomainLifecycle::Unknown,
+    };
+    Ok((running, lifecycle))
+}
+
+/// libvirt's driver names (the part of a URI scheme before `+`).
+const DRIVERS: [&str; 17] = [
+    "qemu",
+    "test",
+    "lxc",
+    "xen",
+    "libxl",
+    "vbox",
+    "vmwareplayer",
+    "vmwarews",
+    "vmwarefusion",
+    "esx",
+    "gsx",
+    "vpx",
+    "bhyve",
+    "ch",
+    "openvz",
+    "vz",
+    "hyperv",
+];
+
+/// The transports libvirt's remote driver knows (after `+`).
+const TRANSPORTS: [&str; 7] = ["unix", "ssh", "libssh", "libssh2", "tls", "tcp", "ext"];
+
+/// Checks the shape of a libvirt URI before anything connects:
+/// `driver[+transport]://[host]/path[?params]`. A URI that fails here can
+/// never work, unlike a daemon that is not up yet.
+pub fn check_uri(uri: &str) -> Result<(), String> {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return Err("expected driver[+transport]://[host]/path, e.g. qemu:///system".into());
+    };
+    let (driver, transport) = match scheme.split_once('+') {
+        Some((d, t)) => (d, Some(t)),
+        None => (scheme, None),
+    };
+    if !DRIVERS.contains(&driver) {
+        return Err(format!(
+            "unknown driver {driver:?} (libvirt's are {})",
+            DRIVERS.join(", ")
+        ));
+    }
+    if let Some(t) = transport
+        && !TRANSPORTS.contains(&t)
+    {
+        return Err(format!(
+            "unknown transport {t:?} (one of {})",
+            TRANSPORTS.join(", ")
+        ));
+    }
+    if rest.chars().any(char::is_control) {
+        return Err("control characters in the URI".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod uri_tests {
+    use super::check_uri;
+
+    #[test]
+    fn uri_shapes() {
+        for good in [
+            "qemu:///system",
+            "qemu+unix:///session?socket=/var/run/libvirt/virtqemud-sock",
+            "test:///default",
+            "qemu+ssh://root@host/system",
+        ] {
+            assert_eq!(check_uri(good), Ok(()), "{good}");
+        }
+        for (bad, says) in [
+            ("bogus://x", "unknown driver \"bogus\""),
+            ("qemu+bogus:///system", "unknown transport \"bogus\""),
+            ("nonsense", "expected driver"),
+        ] {
+            let e = check_uri(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
 }

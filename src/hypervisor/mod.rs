@@ -36,6 +36,9 @@ pub enum HypervisorError {
     Libvirt { op: &'static str, message: String },
     #[error("cannot connect to libvirt at {uri}: {message}")]
     Connect { uri: String, message: String },
+    /// libvirt refused the URI itself: retrying cannot help.
+    #[error("libvirt rejects the URI {uri}: {message}")]
+    InvalidUri { uri: String, message: String },
     /// The daemon did not answer in time (hung, stopped, or a socket that
     /// accepts and never answers).
     #[error("libvirt did not answer ({op})")]
@@ -58,6 +61,52 @@ pub enum HypervisorError {
     DetachFailed { alias: String },
     #[error("libvirt event loop is not running")]
     EventLoop,
+}
+
+/// A domain's state as an operator reads it (libvirt's state and reason,
+/// condensed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DomainLifecycle {
+    /// Running (or paused by a user): takes devices.
+    Running,
+    /// Paused for another reason than a user's request.
+    Paused,
+    /// Paused for a migration: on a target, the domain is arriving and its
+    /// devices come with it; nicplug attaches nothing.
+    Migrating,
+    /// Defined, not running.
+    ShutOff,
+    ShuttingDown,
+    Crashed,
+    /// Suspended by the guest (S3/S4).
+    Suspended,
+    /// No domain of that name is defined.
+    Absent,
+    /// libvirt did not answer the last pass.
+    Unknown,
+}
+
+impl DomainLifecycle {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Migrating => "migrating",
+            Self::ShutOff => "shut-off",
+            Self::ShuttingDown => "shutting-down",
+            Self::Crashed => "crashed",
+            Self::Suspended => "suspended",
+            Self::Absent => "absent",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for DomainLifecycle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One interface as the guest agent reports it.
@@ -128,6 +177,18 @@ pub trait Hypervisor: Send + Sync {
     /// How often the connection to the hypervisor was re-established.
     fn reconnects(&self) -> u64 {
         0
+    }
+
+    /// The state of `domain` as the last domain read found it, when this
+    /// hypervisor knows more than [`DomainState::running`] says (`None`:
+    /// ask `running`).
+    fn lifecycle(&self, _domain: &str) -> Option<DomainLifecycle> {
+        None
+    }
+
+    /// Whether a connection to the hypervisor is open now.
+    fn connected(&self) -> Option<bool> {
+        None
     }
 
     /// The uid/gid the domain's QEMU process runs as, when it runs.

@@ -188,6 +188,9 @@ pub enum PodIfaceScheme {
 pub struct Vmi {
     pub namespace: String,
     pub name: String,
+    /// `metadata.uid`, when the document has a plausible one (for the
+    /// status; never used to decide anything).
+    pub uid: Option<String>,
     pub interfaces: Vec<SpecInterface>,
     /// Queues per multiqueue interface (the vCPU count) when
     /// `networkInterfaceMultiqueue` is set.
@@ -246,6 +249,10 @@ struct Document {
 struct Metadata {
     name: Option<String>,
     namespace: Option<String>,
+    /// Any JSON value: a strange uid is dropped, never a reason to refuse
+    /// the spec.
+    #[serde(default)]
+    uid: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -433,6 +440,16 @@ impl Document {
         })?;
         check_object_name("name", &name).map_err(name_error("metadata.name".into()))?;
         let namespace = self.metadata.namespace.unwrap_or_else(|| "default".into());
+        let uid = match self.metadata.uid {
+            Some(serde_json::Value::String(uid))
+                if !uid.is_empty()
+                    && uid.len() <= 64
+                    && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') =>
+            {
+                Some(uid)
+            }
+            _ => None,
+        };
         check_namespace("namespace", &namespace)
             .map_err(name_error("metadata.namespace".into()))?;
 
@@ -567,6 +584,7 @@ impl Document {
         Ok(Vmi {
             namespace,
             name,
+            uid,
             interfaces,
             multiqueue,
         })

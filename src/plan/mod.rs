@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::hypervisor::{DomainInterface, DomainState, GuestView, InterfaceDevice};
 use crate::model::names::is_ordinal_pod_iface;
 use crate::model::record::RecordError;
-use crate::model::vmi::{PodIfaceScheme, SpecInterface, SpecState, Vmi};
+use crate::model::vmi::{NetworkSource, PodIfaceScheme, SpecInterface, SpecState, Vmi};
 use crate::model::{IfName, IpCidr, Mac, Owner, PlumbingNames, PodLinkRecord};
 use crate::netns::{Link, LinkKind, TapSpec};
 
@@ -31,8 +31,14 @@ pub enum Phase {
     Ready,
     /// The last attempt failed; `message` says why. Retried with backoff.
     Failed,
-    /// Not an interface nicplug hot-plugs (binding or network type).
+    /// A hot-plug request nicplug cannot serve: a secondary network with a
+    /// binding other than `bridge` (SR-IOV, passt, a plugin); `message` says
+    /// which.
     Unsupported,
+    /// The VM's primary network (the pod network, any binding, or Multus'
+    /// default network): KubeVirt sets it up at VM start, nicplug leaves it
+    /// alone. Listed so the table shows every spec interface; not a problem.
+    NotManaged,
     /// A detach was requested; waiting for the guest to release the device.
     Detaching,
     /// The guest did not release the device within the detach timeout;
@@ -236,6 +242,15 @@ pub fn plan(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
     plans
 }
 
+/// The VM's primary network: never hot-plugged (by KubeVirt either), so
+/// neither a request nor a problem.
+fn is_primary(spec: &SpecInterface) -> bool {
+    matches!(
+        spec.source,
+        NetworkSource::Pod | NetworkSource::Multus { default: true, .. }
+    )
+}
+
 /// What the plugs of one pass share and use up, in spec order.
 struct Budget {
     /// Root ports neither in use nor taken by an earlier plug of this pass.
@@ -251,6 +266,9 @@ fn plan_interface(
     observed: &Observed<'_>,
     budget: &mut Budget,
 ) -> InterfacePlan {
+    if is_primary(spec) {
+        return InterfacePlan::new(&spec.name, Phase::NotManaged);
+    }
     if let Some(reason) = spec.unsupported_reason() {
         return InterfacePlan::new(&spec.name, Phase::Unsupported).with_message(reason);
     }

@@ -108,7 +108,9 @@ fn fresh_pod_link_gets_the_whole_plug_sequence() {
     let links = [eth0(), fresh_pod_link()];
     let dom = domain(4, vec![]);
     let plans = plan(&vmi, &observed(&links, Some(&dom)));
-    assert_eq!(plans[0].phase, Phase::Unsupported);
+    // The pod network is not managed: listed, no message, nothing to do.
+    assert_eq!(plans[0].phase, Phase::NotManaged);
+    assert!(plans[0].message.is_none());
     assert!(plans[0].steps.is_empty());
     let p = &plans[1];
     assert_eq!(p.phase, Phase::Attached);
@@ -758,5 +760,26 @@ fn the_guest_reporting_the_devices_mac_makes_attached_ready() {
     assert_eq!(
         confirmed_phase(Phase::Detaching, Some(&device), Some(&seen)),
         Phase::Detaching
+    );
+}
+
+#[test]
+fn primary_networks_are_not_managed_and_other_bindings_unsupported() {
+    let vmi = Vmi::parse(include_str!("../../fixtures/vmi/two-secondaries.json")).unwrap();
+    let links = [eth0()];
+    let dom = domain(4, vec![]);
+    let plans = plan(&vmi, &observed(&links, Some(&dom)));
+    let phase = |n: &str| plans.iter().find(|p| p.name == n).unwrap();
+    assert_eq!(phase("default").phase, Phase::NotManaged);
+    assert!(phase("default").message.is_none());
+    let sriov = phase("sriovnet");
+    assert_eq!(sriov.phase, Phase::Unsupported);
+    assert!(
+        sriov
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("not hot-pluggable"),
+        "{sriov:?}"
     );
 }
