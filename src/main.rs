@@ -44,7 +44,8 @@ struct Cli {
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
     /// Log level or tracing filter directives, e.g. `debug` or
-    /// `nicplug=debug,info` [default: info for `run`, warn otherwise].
+    /// `nicplug=debug,info`, also from the environment variable NICPLUG_LOG
+    /// [default: info for `run`, warn otherwise].
     #[arg(long, env = "NICPLUG_LOG", global = true, value_name = "FILTER")]
     log_level: Option<String>,
 }

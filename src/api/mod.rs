@@ -131,12 +131,24 @@ pub enum ApiError {
 
 /// The routes; see the module doc.
 pub fn router(state: ApiState) -> Router {
+    router_until(state, CancellationToken::new())
+}
+
+/// The server's shutdown, for handlers that wait (the status long poll):
+/// open connections outlive the accept loop, so they must end by
+/// themselves.
+#[derive(Clone)]
+struct Stopping(CancellationToken);
+
+/// [`router`] whose long polls end when `stop` is cancelled.
+fn router_until(state: ApiState, stop: CancellationToken) -> Router {
     Router::new()
         .route("/status", get(status).fallback(method_not_allowed))
         .route("/healthz", get(healthz).fallback(method_not_allowed))
         .route("/readyz", get(readyz).fallback(method_not_allowed))
         .route("/metrics", get(metrics).fallback(method_not_allowed))
         .fallback(not_found)
+        .layer(axum::Extension(Stopping(stop)))
         .with_state(state)
 }
 
@@ -161,6 +173,7 @@ fn wait_of(query: Option<&str>) -> Option<Duration> {
 
 async fn status(
     State(state): State<ApiState>,
+    axum::Extension(Stopping(stop)): axum::Extension<Stopping>,
     uri: axum::http::Uri,
     headers: axum::http::HeaderMap,
 ) -> Response {
@@ -178,7 +191,11 @@ async fn status(
     if let (Some(wait), Some(known)) = (wait_of(uri.query()), known.as_deref()) {
         let deadline = tokio::time::Instant::now() + wait;
         while json.as_ref().is_ok_and(|body| etag(body) == known) {
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
+            let changed = tokio::select! {
+                changed = tokio::time::timeout_at(deadline, rx.changed()) => changed,
+                _ = stop.cancelled() => return StatusCode::NOT_MODIFIED.into_response(),
+            };
+            match changed {
                 Ok(Ok(())) => json = serialize(&mut rx),
                 // Timed out, or the agent is shutting down.
                 _ => return StatusCode::NOT_MODIFIED.into_response(),
@@ -333,7 +350,7 @@ impl Server {
             socket,
             tcp,
         } = self;
-        let app = router(state);
+        let app = router_until(state, shutdown.clone());
         let unix_name = socket.path.display().to_string();
         let unix_server = {
             let app = app.clone();

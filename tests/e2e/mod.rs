@@ -141,8 +141,12 @@ impl<'a> Nicplug<'a> {
         self.child.as_ref().map(Child::id)
     }
 
+    /// The status file; every document read is checked against the schema
+    /// (`docs/status.schema.json`), so each e2e suite tests the contract.
     pub fn status(&self) -> Option<Value> {
-        serde_json::from_slice(&std::fs::read(&self.status_path).ok()?).ok()
+        let doc: Value = serde_json::from_slice(&std::fs::read(&self.status_path).ok()?).ok()?;
+        assert_valid_status(&doc);
+        Some(doc)
     }
 
     pub fn phase(&self, name: &str) -> Option<String> {
@@ -255,6 +259,32 @@ impl<'a> Nicplug<'a> {
 impl Drop for Nicplug<'_> {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// The status document's JSON Schema, compiled once.
+fn status_schema() -> &'static jsonschema::Validator {
+    static SCHEMA: std::sync::OnceLock<jsonschema::Validator> = std::sync::OnceLock::new();
+    SCHEMA.get_or_init(|| {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/status.schema.json");
+        let schema: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        jsonschema::validator_for(&schema).expect("docs/status.schema.json is a valid schema")
+    })
+}
+
+/// What is wrong with `doc` by the schema, `None` when it is valid.
+pub fn status_errors(doc: &Value) -> Option<String> {
+    let errors: Vec<String> = status_schema()
+        .iter_errors(doc)
+        .map(|e| format!("{}: {e}", e.instance_path()))
+        .collect();
+    (!errors.is_empty()).then(|| errors.join("; "))
+}
+
+/// Panics with every schema violation of `doc`.
+pub fn assert_valid_status(doc: &Value) {
+    if let Some(errors) = status_errors(doc) {
+        panic!("status document does not match docs/status.schema.json: {errors}\n{doc:#}");
     }
 }
 
