@@ -704,3 +704,125 @@ fn plan_and_status_on_the_rig_before_and_after_a_plug() {
     assert!(with_iface > 0, "no log line with span.iface = blue:\n{log}");
     assert!(log.contains("\"message\":\"attached\""), "{log}");
 }
+
+// ---------------------------------------------------------------------------
+// docs/troubleshooting.md covers every message
+// ---------------------------------------------------------------------------
+
+/// The string literal starting at `s[i]` (a `"`), as written in the source;
+/// and the index after it.
+fn literal_at(s: &str, i: usize) -> (String, usize) {
+    let bytes = s.as_bytes();
+    let mut j = i + 1;
+    while j < bytes.len() && bytes[j] != b'"' {
+        j += if bytes[j] == b'\\' { 2 } else { 1 };
+    }
+    (s[i + 1..j].to_string(), j + 1)
+}
+
+/// Message texts of `src/`: `#[error("..")]`, the message of `warn!`/`error!`
+/// (its last string literal), `.context("..")`, and the planner's
+/// `with_message("..")`; test code left out.
+fn messages_in_code() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![repo().join("src")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") || path.ends_with("tests.rs") {
+                continue;
+            }
+            let mut s = std::fs::read_to_string(&path).unwrap();
+            if let Some(at) = s.find("#[cfg(test)]\nmod ") {
+                s.truncate(at);
+            }
+            let name = path.strip_prefix(repo()).unwrap().display().to_string();
+            let mut push = |msg: String| out.push((name.clone(), msg));
+            for prefix in [
+                "#[error(\"",
+                ".context(\"",
+                "with_message(\"",
+                "with_message(format!(\"",
+            ] {
+                let mut from = 0;
+                while let Some(at) = s[from..].find(prefix) {
+                    let start = from + at + prefix.len() - 1;
+                    let (lit, end) = literal_at(&s, start);
+                    push(lit);
+                    from = end;
+                }
+            }
+            for mac in ["warn!(", "error!("] {
+                let mut from = 0;
+                while let Some(at) = s[from..].find(mac) {
+                    let start = from + at;
+                    // Only the macro, not e.g. `my_warn!(`.
+                    let before = s[..start].chars().next_back();
+                    let mut i = start + mac.len();
+                    let (mut depth, mut last) = (1, None);
+                    while depth > 0 && i < s.len() {
+                        match s.as_bytes()[i] {
+                            b'"' => {
+                                let (lit, end) = literal_at(&s, i);
+                                last = Some(lit);
+                                i = end;
+                                continue;
+                            }
+                            b'(' => depth += 1,
+                            b')' => depth -= 1,
+                            _ => {}
+                        }
+                        i += 1;
+                    }
+                    if !before.is_some_and(|c| c.is_alphanumeric() || c == '_')
+                        && let Some(lit) = last
+                    {
+                        push(lit);
+                    }
+                    from = i;
+                }
+            }
+        }
+    }
+    // Messages that are only placeholders carry no text to look up.
+    out.retain(|(_, m)| {
+        let mut text = String::new();
+        let mut depth = 0;
+        for c in m.chars() {
+            match c {
+                '{' => depth += 1,
+                '}' => depth -= 1,
+                c if depth == 0 => text.push(c),
+                _ => {}
+            }
+        }
+        text.chars().any(|c| c.is_alphabetic())
+    });
+    out
+}
+
+#[test]
+fn troubleshooting_covers_every_message() {
+    let doc = std::fs::read_to_string(repo().join("docs/troubleshooting.md")).unwrap();
+    let messages = messages_in_code();
+    assert!(
+        messages.len() > 100,
+        "found only {} messages",
+        messages.len()
+    );
+    let missing: Vec<String> = messages
+        .iter()
+        .filter(|(_, m)| !doc.contains(&format!("`{}`", m.replace('|', "\\|"))))
+        .map(|(file, m)| format!("{file}: {m}"))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/troubleshooting.md lacks {} message(s) (add a row to its table):\n{}",
+        missing.len(),
+        missing.join("\n")
+    );
+}

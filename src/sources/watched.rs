@@ -205,7 +205,11 @@ pub async fn watch_file<T: PartialEq + Send + 'static>(
             Some(Err(e)) => {
                 let message = crate::error::error_chain(&e);
                 if last_error.as_deref() != Some(&message) {
-                    error!(error = %message, "keeping the last good {}", doc.what);
+                    if tx.borrow().is_some() {
+                        error!(error = %message, "keeping the last good {}", doc.what);
+                    } else {
+                        error!(error = %message, "no valid {} yet; waiting for one", doc.what);
+                    }
                     last_error = Some(message);
                 }
             }
