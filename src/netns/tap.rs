@@ -189,9 +189,9 @@ mod tests {
     #[test]
     fn ioctl_numbers_match_linux_if_tun_h() {
         // Values from <linux/if_tun.h> on x86_64/aarch64 (_IOW/_IOR('T', n, int)).
-        assert_eq!(libc::TUNSETIFF as u64, 0x400454ca);
-        assert_eq!(libc::TUNSETOWNER as u64, 0x400454cc);
-        assert_eq!(libc::TUNGETFEATURES as u64, 0x800454cf);
+        assert_eq!(libc::TUNSETIFF, 0x400454ca);
+        assert_eq!(libc::TUNSETOWNER, 0x400454cc);
+        assert_eq!(libc::TUNGETFEATURES, 0x800454cf);
     }
 
     #[test]
