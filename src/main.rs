@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -17,12 +16,12 @@ use nicplug::agent::{Agent, AgentConfig, ReportConfig};
 use nicplug::api::{ApiState, DEFAULT_SOCKET, Readiness, Server};
 use nicplug::error::error_chain;
 use nicplug::health::Part;
-use nicplug::hypervisor::events::DomainEvent;
 use nicplug::hypervisor::libvirt::{Libvirt, default_uri};
 use nicplug::instance::InstanceLock;
 use nicplug::k8s::Kube;
 use nicplug::metrics::Metrics;
 use nicplug::model::Owner;
+use nicplug::model::network_status::NetworkStatus;
 use nicplug::netns::netlink::Netlink;
 use nicplug::netns::watch::LinkEvents;
 use nicplug::sources::{network_status, vmi_file};
@@ -214,24 +213,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let wake = Arc::new(Notify::new());
     let mut tasks = tokio::task::JoinSet::new();
-    {
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            wait_for_signal().await;
-            info!("stop requested");
-            shutdown.cancel();
-        });
-    }
+    tasks.spawn(stop_on_signal(shutdown.clone()));
 
     // The API first: /healthz answers and /readyz says what is missing
     // while the rest comes up.
     let readiness = Arc::new(Readiness::new());
     let metrics = Arc::new(Metrics::new());
     let (status_tx, status_rx) = watch::channel(StatusDocument::default());
-    let annotation_rx = status_rx.clone();
     let api = Server::bind(
         ApiState {
-            status: status_rx,
+            status: status_rx.clone(),
             readiness: readiness.clone(),
             metrics: metrics.clone(),
         },
@@ -242,21 +233,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     .context("cannot start the API")?;
     let api_task = tokio::spawn(api.run(shutdown.clone()));
 
-    // The API server, when asked: bad credentials fail the start.
-    let kube = match args.kube {
-        true => Some(
-            Kube::connect(
-                args.vmi_name
-                    .context("--kube needs the VMI's name (--vmi-name or VMI_NAME)")?,
-                args.pod_name
-                    .context("--kube needs this pod's name (--pod-name or POD_NAME)")?,
-                args.namespace,
-            )
-            .await?,
-        ),
-        false => None,
-    };
-
     // 1. Link events before the first dump, so nothing in between is missed.
     let link_events = LinkEvents::subscribe()
         .await
@@ -266,85 +242,44 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // 2. libvirt: connected by the first pass, on its own thread, and again
     // whenever the connection is lost; each pass reports whether it answers.
-    let uri = args.libvirt_uri.unwrap_or_else(default_uri);
+    let uri = args.libvirt_uri.clone().unwrap_or_else(default_uri);
     let (events_tx, events) = broadcast::channel(256);
     let hyp = Libvirt::new(&uri, events_tx);
     info!(%uri, "libvirt");
 
     // 3. The spec and the CNI results.
-    let (spec_tx, spec_rx) = watch::channel(None);
-    let coexist = kube.is_some() && !args.no_coexist;
-    let (outcomes, kube_network_status, spec_tx) = match kube {
-        Some(k) => {
-            info!(namespace = %k.namespace, vmi = %k.vmi, pod = %k.pod, "following the VMI through the Kubernetes API");
-            let s = k.spawn(
-                &mut tasks,
-                spec_tx,
-                annotation_rx,
-                args.kube_network_status,
-                shutdown.clone(),
-            );
-            (Some(s.outcomes), s.network_status, None)
+    let inputs = spawn_inputs(&args, &mut tasks, status_rx, &shutdown).await?;
+    let mut spec = inputs.spec.clone();
+    let spec_readiness = readiness.clone();
+    tasks.spawn(async move {
+        if spec.wait_for(Option::is_some).await.is_ok() {
+            spec_readiness.set(Part::Spec, Ok(()));
         }
-        None => (None, None, Some(spec_tx)),
-    };
-    let network_status_rx = kube_network_status.or_else(|| {
-        args.network_status.map(|path| {
-            let (tx, rx) = watch::channel(None);
-            let shutdown = shutdown.clone();
-            tasks.spawn(async move {
-                if let Err(e) = network_status::watch_file(path, tx, shutdown).await {
-                    error!(error = %error_chain(&e), "network-status source stopped");
-                }
-            });
-            rx
-        })
     });
+
     let config = AgentConfig {
         attach_timeout: seconds(args.attach_timeout, "--attach-timeout")?,
         detach_timeout: seconds(args.detach_timeout, "--detach-timeout")?,
         resync: seconds(args.resync, "--resync")?,
         tap_owner: args.tap_owner,
-        domain: args.domain,
+        domain: args.domain.clone(),
         report: ReportConfig {
-            outcomes,
-            status_file: args.status_file,
+            outcomes: inputs.outcomes,
+            status_file: args.status_file.clone(),
             status_tx: Some(status_tx),
             metrics: Some(metrics),
-            network_status: network_status_rx,
+            network_status: inputs.network_status,
             guest_refresh: seconds(args.guest_refresh, "--guest-refresh")?,
         },
-        coexist,
-        readiness: Some(readiness.clone()),
+        coexist: inputs.coexist,
+        readiness: Some(readiness),
         ..AgentConfig::default()
     };
     let agent = Agent::new(net, hyp, config);
-
     tasks.spawn(link_events.run(wake.clone()));
-    tasks.spawn(forward_domain_events(
-        events,
-        wake.clone(),
-        agent.guest_stale_flag(),
-    ));
-    if let (Some(path), Some(spec_tx)) = (args.vmi, spec_tx) {
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            if let Err(e) = vmi_file::watch_file(path, spec_tx, shutdown).await {
-                error!(error = %error_chain(&e), "VMI file source stopped");
-            }
-        });
-    }
-    {
-        let mut spec = spec_rx.clone();
-        let readiness = readiness.clone();
-        tasks.spawn(async move {
-            if spec.wait_for(Option::is_some).await.is_ok() {
-                readiness.set(Part::Spec, Ok(()));
-            }
-        });
-    }
+    tasks.spawn(agent.forward_domain_events(events, wake.clone()));
 
-    agent.run(spec_rx, wake, shutdown.clone()).await;
+    agent.run(inputs.spec, wake, shutdown.clone()).await;
     shutdown.cancel();
     info!("stopped");
     tasks.abort_all();
@@ -356,29 +291,78 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Domain events are only triggers; device and agent events also mark the
-/// guest agent's view stale.
-async fn forward_domain_events(
-    mut events: broadcast::Receiver<DomainEvent>,
-    wake: Arc<Notify>,
-    guest_stale: Arc<AtomicBool>,
-) {
-    loop {
-        match events.recv().await {
-            Ok(event) => {
-                tracing::debug!(?event, "libvirt event");
-                if !matches!(event, DomainEvent::Lifecycle { .. }) {
-                    guest_stale.store(true, Ordering::SeqCst);
-                }
-                wake.notify_one();
+/// What the agent reads besides the pod and the domain.
+struct Inputs {
+    spec: watch::Receiver<Option<nicplug::model::vmi::Vmi>>,
+    network_status: Option<watch::Receiver<Option<Vec<NetworkStatus>>>>,
+    outcomes: Option<tokio::sync::mpsc::UnboundedSender<nicplug::agent::Outcome>>,
+    coexist: bool,
+}
+
+/// Starts the spec source (the watched VMI file, or the Kubernetes API:
+/// bad credentials fail the start) and the network-status source.
+async fn spawn_inputs(
+    args: &RunArgs,
+    tasks: &mut tokio::task::JoinSet<()>,
+    status: watch::Receiver<StatusDocument>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Inputs> {
+    let (spec_tx, spec) = watch::channel(None);
+    let mut inputs = Inputs {
+        spec,
+        network_status: None,
+        outcomes: None,
+        coexist: false,
+    };
+    if args.kube {
+        let kube = Kube::connect(
+            args.vmi_name
+                .clone()
+                .context("--kube needs the VMI's name (--vmi-name or VMI_NAME)")?,
+            args.pod_name
+                .clone()
+                .context("--kube needs this pod's name (--pod-name or POD_NAME)")?,
+            args.namespace.clone(),
+        )
+        .await?;
+        info!(namespace = %kube.namespace, vmi = %kube.vmi, pod = %kube.pod, "following the VMI through the Kubernetes API");
+        let spawned = kube.spawn(
+            tasks,
+            spec_tx,
+            status,
+            args.kube_network_status,
+            shutdown.clone(),
+        );
+        inputs.outcomes = Some(spawned.outcomes);
+        inputs.network_status = spawned.network_status;
+        inputs.coexist = !args.no_coexist;
+    } else if let Some(path) = args.vmi.clone() {
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = vmi_file::watch_file(path, spec_tx, shutdown).await {
+                error!(error = %error_chain(&e), "VMI file source stopped");
             }
-            Err(broadcast::error::RecvError::Lagged(_)) => {
-                guest_stale.store(true, Ordering::SeqCst);
-                wake.notify_one();
-            }
-            Err(broadcast::error::RecvError::Closed) => break,
-        }
+        });
     }
+    if inputs.network_status.is_none()
+        && let Some(path) = args.network_status.clone()
+    {
+        let (tx, rx) = watch::channel(None);
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = network_status::watch_file(path, tx, shutdown).await {
+                error!(error = %error_chain(&e), "network-status source stopped");
+            }
+        });
+        inputs.network_status = Some(rx);
+    }
+    Ok(inputs)
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    wait_for_signal().await;
+    info!("stop requested");
+    shutdown.cancel();
 }
 
 async fn wait_for_signal() {

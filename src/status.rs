@@ -299,9 +299,6 @@ pub fn enrich(status: &mut InterfaceStatus, sources: &Sources<'_>) {
                     .filter(|a| reportable(a))
                     .map(|a| a.addr.to_string())
                     .collect();
-                if device.is_some() && status.phase == Phase::Attached {
-                    status.phase = Phase::Ready;
-                }
             }
         }
         Some(GuestView::NotConnected(reason)) if status.phase == Phase::Attached => {
@@ -428,7 +425,8 @@ mod merge_tests {
         };
         let mut status = attached();
         enrich(&mut status, &sources);
-        assert_eq!(status.phase, Phase::Ready);
+        // The fields only: the phase is the planner's to decide.
+        assert_eq!(status.phase, Phase::Attached);
         assert_eq!(status.interface_name.as_deref(), Some("eth1"));
         assert_eq!(status.ip_address.as_deref(), Some("169.254.2.50"));
         assert_eq!(status.ip_addresses, ["169.254.2.50", "2001:db8::5"]);

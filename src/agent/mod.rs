@@ -10,17 +10,18 @@
 //! the loop goes on serving every other interface, and the task's outcome
 //! comes back through a channel and wakes the loop.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::error::error_chain;
 use crate::health::{Part, Readiness};
+use crate::hypervisor::events::DomainEvent;
 use crate::hypervisor::{DomainState, Hypervisor, HypervisorError};
 use crate::model::Owner;
 use crate::model::vmi::Vmi;
@@ -29,9 +30,12 @@ use crate::plan::{InterfacePlan, Observed, Phase, Step, plan};
 use crate::status::{InterfaceStatus, StatusDocument, Timestamp};
 
 mod fault;
+mod guest;
+mod history;
 mod report;
+pub use history::{Outcome, OutcomeKind};
+pub use report::ReportConfig;
 use report::Reporter;
-pub use report::{Outcome, OutcomeKind, ReportConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -105,9 +109,8 @@ impl Default for AgentConfig {
 struct Tracked {
     failures: u32,
     retry_at: Option<Instant>,
-    /// The last failure message, logged once rather than on every retry.
-    last_error: Option<String>,
-    /// The phase and message of the last failure, shown while backing off.
+    /// The phase and message of the last failure, shown while backing off
+    /// (and logged once, not on every retry).
     failed: Option<(Phase, String)>,
     /// The failure was "no free PCIe root port": a port that frees ends the
     /// backoff.
@@ -131,7 +134,7 @@ pub struct Agent<N, H> {
     report: Reporter,
     detected_owner: Option<Owner>,
     /// Interfaces with a detach task in flight.
-    detaching: HashMap<String, Instant>,
+    detaching: HashSet<String>,
     detach_tx: mpsc::UnboundedSender<DetachResult>,
     detach_rx: mpsc::UnboundedReceiver<DetachResult>,
 }
@@ -155,7 +158,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             config,
             tracked: HashMap::new(),
             detected_owner: None,
-            detaching: HashMap::new(),
+            detaching: HashSet::new(),
             detach_tx,
             detach_rx,
         }
@@ -165,10 +168,31 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         self.report.document()
     }
 
-    /// Set it (from a domain-event listener) to have the guest agent asked
-    /// again on the next pass.
-    pub fn guest_stale_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
-        self.report.guest_stale_flag()
+    /// A task turning libvirt's domain events into wake-ups of the loop:
+    /// events are only triggers; device and agent events (and missed ones)
+    /// also have the guest agent asked again.
+    pub fn forward_domain_events(
+        &self,
+        mut events: broadcast::Receiver<DomainEvent>,
+        wake: Arc<Notify>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let guest_stale = self.report.guest_stale_flag();
+        async move {
+            loop {
+                let stale = match events.recv().await {
+                    Ok(event) => {
+                        debug!(?event, "libvirt event");
+                        !matches!(event, DomainEvent::Lifecycle { .. })
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => true,
+                    Err(broadcast::error::RecvError::Closed) => break,
+                };
+                if stale {
+                    guest_stale.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                wake.notify_one();
+            }
+        }
     }
 
     fn domain_name(&self, vmi: &Vmi) -> String {
@@ -385,14 +409,13 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
     fn detach_finished(&mut self, (name, result): DetachResult) {
         let span = info_span!("interface", %name);
         let _enter = span.enter();
-        let started = self.detaching.remove(&name);
-        let elapsed = started.map(|s| s.elapsed());
+        self.detaching.remove(&name);
         match result {
             Ok(()) => {
-                info!(?elapsed, "device removed");
+                let since_unplug = self.report.device_removed(&name);
+                info!(since_unplug_s = since_unplug, "device removed");
                 fault::after("detach-device");
                 self.tracked.remove(&name);
-                self.report.device_removed(&name);
             }
             Err(e @ HypervisorError::DetachTimeout { .. }) => {
                 self.record_failure(&name, "detach-timeout", Phase::DetachPending, e.to_string());
@@ -414,9 +437,8 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             .saturating_mul(1 << (tracked.failures - 1).min(16))
             .min(self.config.backoff_max);
         tracked.retry_at = Some(Instant::now() + delay);
-        if tracked.last_error.as_deref() != Some(&message) {
+        if tracked.failed.as_ref().map(|(_, m)| m) != Some(&message) {
             warn!(error = %message, %phase, retry_in = ?delay, "interface failed");
-            tracked.last_error = Some(message.clone());
         } else {
             debug!(error = %message, %phase, retry_in = ?delay, "interface failed again");
         }
@@ -435,7 +457,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             .steps
             .iter()
             .any(|s| matches!(s, Step::Attach { .. } | Step::Detach { .. }));
-        if self.detaching.contains_key(&plan.name) && hypervisor_step {
+        if self.detaching.contains(&plan.name) && hypervisor_step {
             status.phase = Phase::Detaching;
             return status;
         }
@@ -558,7 +580,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
 
     fn start_detach(&mut self, domain_name: &str, name: &str, alias: &str, persistent: bool) {
         info!(alias, "detaching");
-        self.detaching.insert(name.to_string(), Instant::now());
+        self.detaching.insert(name.to_string());
         let hyp = self.hyp.clone();
         let tx = self.detach_tx.clone();
         let (domain, name, alias) = (domain_name.to_string(), name.to_string(), alias.to_string());

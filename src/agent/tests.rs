@@ -773,6 +773,7 @@ async fn without_a_guest_agent_it_stays_attached_and_says_why() {
     // The agent connects (an AGENT_LIFECYCLE event marks the view stale).
     *agent.hyp.agent_connected.lock().unwrap() = true;
     agent
+        .report
         .guest_stale_flag()
         .store(true, std::sync::atomic::Ordering::SeqCst);
     agent.reconcile(&vmi(&["blue"])).await.unwrap();
@@ -1228,4 +1229,37 @@ mod properties {
             });
         }
     }
+}
+
+#[tokio::test]
+async fn domain_events_wake_the_loop_and_device_events_make_the_guest_view_stale() {
+    let agent = agent(FakeNet::with_pod_links(&[]), FakeHyp::new(4));
+    let stale = agent.report.guest_stale_flag();
+    let (tx, rx) = broadcast::channel(4);
+    let wake = Arc::new(Notify::new());
+    let task = tokio::spawn(agent.forward_domain_events(rx, wake.clone()));
+    let domain = "ns_vm".to_string();
+    tx.send(DomainEvent::Lifecycle {
+        domain: domain.clone(),
+    })
+    .unwrap();
+    wake.notified().await;
+    assert!(!stale.load(std::sync::atomic::Ordering::SeqCst));
+    tx.send(DomainEvent::DeviceRemoved {
+        domain,
+        alias: "ua-blue".into(),
+    })
+    .unwrap();
+    wake.notified().await;
+    assert!(stale.swap(false, std::sync::atomic::Ordering::SeqCst));
+    // Events missed (a lagging receiver) may have been anything.
+    for _ in 0..6 {
+        tx.send(DomainEvent::ConnectionClosed).unwrap();
+    }
+    wake.notified().await;
+    while !stale.load(std::sync::atomic::Ordering::SeqCst) {
+        wake.notified().await;
+    }
+    drop(tx);
+    task.await.unwrap();
 }

@@ -11,7 +11,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::hypervisor::{DomainInterface, DomainState, InterfaceDevice};
+use crate::hypervisor::{DomainInterface, DomainState, GuestView, InterfaceDevice};
 use crate::model::names::is_ordinal_pod_iface;
 use crate::model::record::RecordError;
 use crate::model::vmi::{PodIfaceScheme, SpecInterface, SpecState, Vmi};
@@ -158,6 +158,24 @@ impl InterfacePlan {
     fn with_message(mut self, message: impl Into<String>) -> Self {
         self.message = Some(message.into());
         self
+    }
+}
+
+/// The guest's confirmation, the one phase decided after the steps ran: an
+/// Attached interface whose device's MAC the guest agent reports is Ready.
+pub fn confirmed_phase(
+    phase: Phase,
+    device: Option<&DomainInterface>,
+    guest: Option<&GuestView>,
+) -> Phase {
+    let seen = match (device.and_then(|d| d.mac), guest) {
+        (Some(mac), Some(GuestView::Interfaces(guest))) => guest.iter().any(|g| g.mac == Some(mac)),
+        _ => false,
+    };
+    if phase == Phase::Attached && seen {
+        Phase::Ready
+    } else {
+        phase
     }
 }
 
@@ -313,7 +331,15 @@ fn plan_interface(
         plan.steps = teardown(&names, observed);
         return plan.with_message(format!("waiting for pod interface {}", names.pod));
     };
-    plug(vmi, spec, &names, pod, observed, domain, budget, plan)
+    let case = PlugCase {
+        vmi,
+        spec,
+        names: &names,
+        pod,
+        observed,
+        domain,
+    };
+    plug(&case, budget, plan)
 }
 
 /// How to put back plumbing that went missing under a live device.
@@ -648,180 +674,228 @@ fn pod_iface_of_tap(tap: &str) -> Option<IfName> {
     IfName::new(pod).ok()
 }
 
-#[allow(clippy::too_many_arguments)]
-fn plug(
-    vmi: &Vmi,
-    spec: &SpecInterface,
-    names: &PlumbingNames,
-    pod: &Link,
-    observed: &Observed<'_>,
-    domain: &DomainState,
-    budget: &mut Budget,
-    mut plan: InterfacePlan,
-) -> InterfacePlan {
-    let fail = |mut plan: InterfacePlan, message: String| {
-        plan.phase = Phase::Failed;
-        plan.steps = teardown(names, observed);
-        plan.with_message(message)
-    };
-    let bridge_mac = Mac::locally_administered_from(names.pod.as_str());
+/// Why a plug cannot go ahead now.
+enum Refusal {
+    /// Fails the interface and removes what nicplug had built for it.
+    Fail(String),
+    /// Fails the interface and leaves the pod link alone: it is not in a
+    /// state nicplug may change.
+    HandsOff(String),
+    /// Every root port is in use; retried as soon as one frees.
+    NoRootPort(String),
+}
 
-    // The pod link's original state: from its record when nicplug already
-    // enslaved it, otherwise as it is now.
-    let recorded = match record_of(pod) {
-        Some(Ok(record)) => absorb_late_addresses(pod, names, record),
-        Some(Err(e)) => {
-            let message = format!(
+/// One interface to plug, with what the plan reads for it.
+struct PlugCase<'a> {
+    vmi: &'a Vmi,
+    spec: &'a SpecInterface,
+    names: &'a PlumbingNames,
+    pod: &'a Link,
+    observed: &'a Observed<'a>,
+    domain: &'a DomainState,
+}
+
+/// What a plug attaches, once every check passed.
+struct Checked {
+    record: PodLinkRecord,
+    record_step: Option<Step>,
+    owner: Owner,
+    device: InterfaceDevice,
+}
+
+fn plug(case: &PlugCase<'_>, budget: &mut Budget, mut plan: InterfacePlan) -> InterfacePlan {
+    match case.check(budget, &mut plan) {
+        Ok(checked) => case.steps(checked, plan),
+        Err(refusal) => {
+            plan.phase = Phase::Failed;
+            let message = match refusal {
+                Refusal::Fail(message) => {
+                    plan.steps = teardown(case.names, case.observed);
+                    message
+                }
+                Refusal::HandsOff(message) => message,
+                Refusal::NoRootPort(message) => {
+                    plan.steps = teardown(case.names, case.observed);
+                    plan.needs_root_port = true;
+                    message
+                }
+            };
+            plan.with_message(message)
+        }
+    }
+}
+
+impl PlugCase<'_> {
+    /// Everything that must hold before anything is touched; takes a root
+    /// port and the MAC from `budget` when it does.
+    fn check(&self, budget: &mut Budget, plan: &mut InterfacePlan) -> Result<Checked, Refusal> {
+        let (record, record_step) = self.original_state()?;
+        let vm_mac = self.vm_mac(&record, budget)?;
+        plan.mac = Some(vm_mac);
+        let bridge = self.observed.link(&self.names.bridge);
+        if let Some(master) = self.pod.master
+            && bridge.is_none_or(|b| b.index != master)
+        {
+            return Err(Refusal::HandsOff(format!(
+                "pod interface {} is enslaved to another link",
+                self.names.pod
+            )));
+        }
+        let owner = self.observed.tap_owner.ok_or_else(|| {
+            Refusal::Fail("cannot tell which user QEMU runs as; pass --tap-owner".into())
+        })?;
+        let device = InterfaceDevice {
+            network: self.spec.name.clone(),
+            tap: self.names.tap.clone(),
+            model: self.spec.model.clone(),
+            mac: vm_mac,
+            mtu: record.mtu,
+            queues: self.vmi.multiqueue.filter(|_| self.spec.model == "virtio"),
+            link_up: self.spec.state != SpecState::Down,
+        };
+        device
+            .validate()
+            .map_err(|e| Refusal::Fail(e.to_string()))?;
+        if budget.free_ports == 0 {
+            // Counted as this pass leaves them: in use, or taken by an earlier plug.
+            let total = self.domain.root_ports.total;
+            return Err(Refusal::NoRootPort(format!(
+                "no free PCIe root port for hotplug: {total} of {total} in use"
+            )));
+        }
+        budget.free_ports -= 1;
+        budget.macs.push(vm_mac);
+        Ok(Checked {
+            record,
+            record_step,
+            owner,
+            device,
+        })
+    }
+
+    /// The pod link's original state: from its record when nicplug already
+    /// enslaved it, otherwise as it is now (with the step that records it).
+    fn original_state(&self) -> Result<(PodLinkRecord, Option<Step>), Refusal> {
+        let (pod, names) = (self.pod, self.names);
+        match record_of(pod) {
+            Some(Ok(record)) => absorb_late_addresses(pod, names, record).map_err(Refusal::Fail),
+            Some(Err(e)) => Err(Refusal::HandsOff(format!(
                 "pod interface {} has a corrupt nicplug record: {e}",
                 names.pod
-            );
-            return InterfacePlan {
-                phase: Phase::Failed,
-                ..plan
-            }
-            .with_message(message);
-        }
-        None => match pod.mac {
-            None => Err(format!("pod interface {} has no MAC address", names.pod)),
-            Some(mac) => {
+            ))),
+            None => {
+                let mac = pod.mac.ok_or_else(|| {
+                    Refusal::Fail(format!("pod interface {} has no MAC address", names.pod))
+                })?;
                 let record = PodLinkRecord {
-                    network: Some(spec.name.clone()),
+                    network: Some(self.spec.name.clone()),
                     mac,
                     mtu: pod.mtu,
                     addresses: pod.addresses.clone(),
                     previous_alias: pod.alias.clone(),
                 };
-                record_step(names, &record).map(|step| (record, Some(step)))
+                let step = record_step(names, &record).map_err(Refusal::Fail)?;
+                Ok((record, Some(step)))
             }
-        },
-    };
-    let (record, record_step) = match recorded {
-        Ok(recorded) => recorded,
-        Err(message) => return fail(plan, message),
-    };
-    let vm_mac = spec.mac.unwrap_or(record.mac);
-    let source = if spec.mac.is_some() {
-        "macAddress".to_string()
-    } else {
-        format!("the MAC of pod interface {}", names.pod)
-    };
-    if vm_mac.is_multicast() || vm_mac.octets() == [0; 6] {
-        return fail(plan, format!("{source} {vm_mac} is not a unicast address"));
-    }
-    if budget.macs.contains(&vm_mac) {
-        return fail(
-            plan,
-            format!("{source} {vm_mac} is already used by another device of the domain"),
-        );
-    }
-    plan.mac = Some(vm_mac);
-
-    if let Some(master) = pod.master {
-        let ours = observed
-            .link(&names.bridge)
-            .is_some_and(|b| b.index == master);
-        if !ours {
-            let message = format!("pod interface {} is enslaved to another link", names.pod);
-            return InterfacePlan {
-                phase: Phase::Failed,
-                ..plan
-            }
-            .with_message(message);
         }
     }
-    let Some(owner) = observed.tap_owner else {
-        return fail(
-            plan,
-            "cannot tell which user QEMU runs as; pass --tap-owner".into(),
-        );
-    };
-    if budget.free_ports == 0 {
-        // Counted as this pass leaves them: in use, or taken by an earlier plug.
-        let total = domain.root_ports.total;
-        let mut plan = fail(
-            plan,
-            format!("no free PCIe root port for hotplug: {total} of {total} in use"),
-        );
-        plan.needs_root_port = true;
-        return plan;
-    }
-    budget.free_ports -= 1;
-    budget.macs.push(vm_mac);
 
-    let device = InterfaceDevice {
-        network: spec.name.clone(),
-        tap: names.tap.clone(),
-        model: spec.model.clone(),
-        mac: vm_mac,
-        mtu: record.mtu,
-        queues: vmi.multiqueue.filter(|_| spec.model == "virtio"),
-        link_up: spec.state != SpecState::Down,
-    };
-    if let Err(e) = device.validate() {
-        return fail(plan, e.to_string());
+    /// The MAC the VM gets: the spec's, else the pod link's original one;
+    /// unicast, and not another device's.
+    fn vm_mac(&self, record: &PodLinkRecord, budget: &Budget) -> Result<Mac, Refusal> {
+        let vm_mac = self.spec.mac.unwrap_or(record.mac);
+        let source = if self.spec.mac.is_some() {
+            "macAddress".to_string()
+        } else {
+            format!("the MAC of pod interface {}", self.names.pod)
+        };
+        if vm_mac.is_multicast() || vm_mac.octets() == [0; 6] {
+            return Err(Refusal::Fail(format!(
+                "{source} {vm_mac} is not a unicast address"
+            )));
+        }
+        if budget.macs.contains(&vm_mac) {
+            return Err(Refusal::Fail(format!(
+                "{source} {vm_mac} is already used by another device of the domain"
+            )));
+        }
+        Ok(vm_mac)
     }
 
-    let bridge = observed.link(&names.bridge);
-    let tap = observed.link(&names.tap);
-    let tap_spec = TapSpec {
-        name: names.tap.clone(),
-        owner,
-        mtu: record.mtu,
-        multi_queue: device.multi_queue(),
-    };
-
-    plan.steps.extend(record_step);
-    if !bridge.is_some_and(|b| b.kind == LinkKind::Bridge && b.up && b.mac == Some(bridge_mac)) {
-        plan.steps.push(Step::EnsureBridge {
-            bridge: names.bridge.clone(),
-            mac: bridge_mac,
-        });
-    }
-    let pod_done = bridge.is_some_and(|b| pod.master == Some(b.index))
-        && pod.mac == Some(bridge_mac)
-        && pod.addresses.is_empty()
-        && pod.up
-        && pod.learning == Some(false);
-    if !pod_done {
-        plan.steps.push(Step::EnslavePodLink {
-            pod: names.pod.clone(),
-            bridge: names.bridge.clone(),
-            mac: bridge_mac,
-            addresses: record.addresses.clone(),
-        });
-    }
-    let tap_done = tap.is_some_and(|t| {
-        bridge.is_some_and(|b| t.master == Some(b.index))
-            && t.up
-            && t.mtu == tap_spec.mtu
-            && t.tap.as_ref().is_some_and(|i| {
-                i.multi_queue == tap_spec.multi_queue && i.owner == Some(owner.uid)
-            })
-    });
-    if !tap_done {
-        plan.steps.push(Step::EnsureTap {
-            spec: tap_spec,
-            bridge: names.bridge.clone(),
-        });
-    }
-    plan.steps.push(Step::Attach {
-        device,
-        persistent: domain.persistent,
-    });
-    plan.rollback = vec![
-        Step::DeleteLink {
-            name: names.tap.clone(),
-        },
-        Step::ReleasePodLink {
-            pod: names.pod.clone(),
+    /// The steps of what is not in place yet, then the attach, with the
+    /// rollback that undoes all of it.
+    fn steps(&self, checked: Checked, mut plan: InterfacePlan) -> InterfacePlan {
+        let (names, pod) = (self.names, self.pod);
+        let Checked {
             record,
-        },
-        Step::DeleteLink {
-            name: names.bridge.clone(),
-        },
-    ];
-    plan.phase = Phase::Attached;
-    plan
+            record_step,
+            owner,
+            device,
+        } = checked;
+        let bridge_mac = Mac::locally_administered_from(names.pod.as_str());
+        let bridge = self.observed.link(&names.bridge);
+        let tap = self.observed.link(&names.tap);
+        let tap_spec = TapSpec {
+            name: names.tap.clone(),
+            owner,
+            mtu: record.mtu,
+            multi_queue: device.multi_queue(),
+        };
+        plan.steps.extend(record_step);
+        if !bridge.is_some_and(|b| b.kind == LinkKind::Bridge && b.up && b.mac == Some(bridge_mac))
+        {
+            plan.steps.push(Step::EnsureBridge {
+                bridge: names.bridge.clone(),
+                mac: bridge_mac,
+            });
+        }
+        let enslaved = |link: &Link| bridge.is_some_and(|b| link.master == Some(b.index));
+        let pod_done = enslaved(pod)
+            && pod.mac == Some(bridge_mac)
+            && pod.addresses.is_empty()
+            && pod.up
+            && pod.learning == Some(false);
+        if !pod_done {
+            plan.steps.push(Step::EnslavePodLink {
+                pod: names.pod.clone(),
+                bridge: names.bridge.clone(),
+                mac: bridge_mac,
+                addresses: record.addresses.clone(),
+            });
+        }
+        let tap_done = tap.is_some_and(|t| {
+            enslaved(t)
+                && t.up
+                && t.mtu == tap_spec.mtu
+                && t.tap.as_ref().is_some_and(|i| {
+                    i.multi_queue == tap_spec.multi_queue && i.owner == Some(owner.uid)
+                })
+        });
+        if !tap_done {
+            plan.steps.push(Step::EnsureTap {
+                spec: tap_spec,
+                bridge: names.bridge.clone(),
+            });
+        }
+        plan.steps.push(Step::Attach {
+            device,
+            persistent: self.domain.persistent,
+        });
+        plan.rollback = vec![
+            Step::DeleteLink {
+                name: names.tap.clone(),
+            },
+            Step::ReleasePodLink {
+                pod: names.pod.clone(),
+                record,
+            },
+            Step::DeleteLink {
+                name: names.bridge.clone(),
+            },
+        ];
+        plan.phase = Phase::Attached;
+        plan
+    }
 }
 
 /// Steps that remove nicplug's plumbing of a network that has no device:

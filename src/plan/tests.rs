@@ -728,3 +728,35 @@ fn running_out_of_root_ports_says_so_and_marks_the_wait() {
         Some("no free PCIe root port for hotplug: 4 of 4 in use")
     );
 }
+
+#[test]
+fn the_guest_reporting_the_devices_mac_makes_attached_ready() {
+    use crate::hypervisor::{GuestInterface, GuestView};
+    let device = attached_device(true);
+    let seen = GuestView::Interfaces(vec![GuestInterface {
+        name: "eth1".into(),
+        mac: device.mac,
+        addresses: vec![],
+    }]);
+    let other = GuestView::Interfaces(vec![]);
+    let down = GuestView::NotConnected("QEMU guest agent is not connected".into());
+    assert_eq!(
+        confirmed_phase(Phase::Attached, Some(&device), Some(&seen)),
+        Phase::Ready
+    );
+    for guest in [Some(&other), Some(&down), None] {
+        assert_eq!(
+            confirmed_phase(Phase::Attached, Some(&device), guest),
+            Phase::Attached
+        );
+    }
+    // Only an attached device is confirmed.
+    assert_eq!(
+        confirmed_phase(Phase::Attached, None, Some(&seen)),
+        Phase::Attached
+    );
+    assert_eq!(
+        confirmed_phase(Phase::Detaching, Some(&device), Some(&seen)),
+        Phase::Detaching
+    );
+}

@@ -1,0 +1,142 @@
+//! When to ask the guest agent, and what it said last.
+//!
+//! The guest agent is asked when something may have changed (a device or
+//! agent event marked the view stale), fast whenever an interface becomes
+//! Attached (20 ms, doubling to 2 s, for up to 30 s) until the guest reports
+//! the new MAC, and otherwise every `refresh`. Idle, nothing wakes more often
+//! than that. An agent that is not connected yet (the guest still boots) does
+//! not end the fast polling: it may connect any moment, and the device with it.
+//!
+//! The pass asks after it applied its steps: a plug is never delayed by a
+//! guest round trip, and the confirmation it waits for needs the device.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::error::error_chain;
+use crate::hypervisor::{DomainState, GuestView, Hypervisor};
+
+const FAST_POLL_FIRST: Duration = Duration::from_millis(20);
+const FAST_POLL_MAX: Duration = Duration::from_secs(2);
+const FAST_POLL_FOR: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+struct FastPoll {
+    next: Instant,
+    interval: Duration,
+    until: Instant,
+}
+
+pub struct GuestPoller {
+    refresh: Duration,
+    view: Option<GuestView>,
+    read_at: Option<Instant>,
+    stale: Arc<AtomicBool>,
+    fast: Option<FastPoll>,
+}
+
+impl GuestPoller {
+    pub fn new(refresh: Duration) -> Self {
+        Self {
+            refresh,
+            view: None,
+            read_at: None,
+            stale: Arc::default(),
+            fast: None,
+        }
+    }
+
+    /// What the guest agent said last, if it was asked since the domain ran.
+    pub fn view(&self) -> Option<&GuestView> {
+        self.view.as_ref()
+    }
+
+    /// Set this flag (from a domain-event listener) to have the guest agent
+    /// asked again on the next pass.
+    pub fn stale_flag(&self) -> Arc<AtomicBool> {
+        self.stale.clone()
+    }
+
+    pub fn mark_stale(&self) {
+        self.stale.store(true, Ordering::SeqCst);
+    }
+
+    /// When the loop must run again for the guest agent.
+    pub fn next_wake(&self) -> Option<Instant> {
+        let refresh = self.read_at.map(|t| t + self.refresh);
+        match (self.fast.as_ref().map(|p| p.next), refresh) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// An interface became Attached: ask often until the guest reports it.
+    pub fn expect_device(&mut self) {
+        let now = Instant::now();
+        self.fast = Some(FastPoll {
+            next: now + FAST_POLL_FIRST,
+            interval: FAST_POLL_FIRST,
+            until: now + FAST_POLL_FOR,
+        });
+    }
+
+    /// Ends fast polling once nothing waits for the guest, or at its deadline.
+    pub fn settle(&mut self, waiting: bool) {
+        if !waiting
+            || self
+                .fast
+                .as_ref()
+                .is_some_and(|p| Instant::now() >= p.until)
+        {
+            self.fast = None;
+        }
+    }
+
+    /// Asks the guest agent when due; returns whether it did.
+    pub async fn refresh<H: Hypervisor>(
+        &mut self,
+        hyp: &H,
+        domain_name: &str,
+        domain: Option<&DomainState>,
+    ) -> bool {
+        if !domain.is_some_and(|d| d.running) {
+            self.view = None;
+            self.read_at = None;
+            return false;
+        }
+        let now = Instant::now();
+        let stale = self.stale.swap(false, Ordering::SeqCst);
+        let poll_due = self.fast.as_ref().is_some_and(|p| p.next <= now);
+        // Half a period early is due too: a pass woken for something else
+        // (the resync) takes the refresh along, so the two timers fall into
+        // one wake-up instead of drifting apart.
+        let refresh_due = self.read_at.is_none_or(|t| t + self.refresh / 2 <= now);
+        if !(stale || poll_due || refresh_due || self.view.is_none()) {
+            return false;
+        }
+        let view = match hyp.guest_interfaces(domain_name).await {
+            Ok(Some(view)) => view,
+            // An earlier query is still running: keep what is known.
+            Ok(None) => return false,
+            Err(e) => GuestView::NotConnected(error_chain(&e)),
+        };
+        if let GuestView::NotConnected(reason) = &view
+            && !matches!(self.view, Some(GuestView::NotConnected(_)))
+        {
+            // Logged on the change only: the guest controls how often this happens.
+            warn!(%reason, "guest agent not available");
+        }
+        debug!(poll_due, stale, "guest agent asked");
+        self.view = Some(view);
+        self.read_at = Some(Instant::now());
+        if let Some(poll) = self.fast.as_mut().filter(|_| poll_due) {
+            poll.interval = (poll.interval * 2).min(FAST_POLL_MAX);
+            poll.next = Instant::now() + poll.interval;
+        }
+        true
+    }
+}
