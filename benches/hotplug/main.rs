@@ -644,7 +644,7 @@ fn loadavg() -> String {
 }
 
 fn main() {
-    if !support::require_root("bench hotplug") {
+    if !support::require_root() {
         return;
     }
     let runs = env_num("NICPLUG_BENCH_RUNS", 40) as usize;
