@@ -450,7 +450,7 @@ fn wait_for(what: &str, mut check: impl FnMut() -> bool, log: &Path) {
 
 #[test]
 fn status_header_and_exit_code_with_libvirt_unreachable() {
-    if !support::require_root("status_header_and_exit_code_with_libvirt_unreachable") {
+    if !support::require_root() {
         return;
     }
     let dir = scratch("unreachable");
@@ -576,7 +576,7 @@ fn domain_snapshot(rig: &Rig) -> String {
 
 #[test]
 fn plan_and_status_on_the_rig_before_and_after_a_plug() {
-    if !support::require_root("plan_and_status_on_the_rig_before_and_after_a_plug") {
+    if !support::require_root() {
         return;
     }
     let rig = Rig::start(RigOptions::default());

@@ -19,7 +19,10 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(name) = IfName::new(text) {
         let names = PlumbingNames::for_pod_iface(&name);
         for derived in [&names.bridge, &names.tap, &names.kubevirt_renamed_pod] {
-            assert!(IfName::new(derived.as_str()).is_ok(), "{derived} from {name}");
+            assert!(
+                IfName::new(derived.as_str()).is_ok(),
+                "{derived} from {name}"
+            );
         }
     }
 });

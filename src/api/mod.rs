@@ -156,7 +156,8 @@ fn router_until(state: ApiState, stop: CancellationToken) -> Router {
 pub fn etag(body: &[u8]) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(body);
-    format!("\"{}\"", hex::encode(&digest[..8]))
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("\"{hex}\"")
 }
 
 /// `wait=SECONDS` of a query string, capped at [`MAX_WAIT`].

@@ -188,144 +188,160 @@ fn slice(xml: &str, start: usize, end: usize) -> Result<String, DomainXmlError> 
         .ok_or(DomainXmlError::Slice { start, end })
 }
 
+/// What the scan of a domain XML collects, element by element.
+#[derive(Default)]
+struct DeviceScan {
+    /// Element names from the root down to the current element.
+    path: Vec<String>,
+    interfaces: Vec<DomainInterface>,
+    /// The `<interface>` being read, and where its XML starts.
+    interface: Option<(DomainInterface, usize)>,
+    /// (index, hotplug allowed) of the pcie-root-port controllers.
+    ports: Vec<(u32, bool)>,
+    port: Option<(u32, bool)>,
+    used_buses: BTreeSet<u32>,
+    in_dac_label: bool,
+    dac_owner: Option<Owner>,
+}
+
+impl DeviceScan {
+    fn in_devices(&self) -> bool {
+        self.path.len() >= 2 && self.path[0] == "domain" && self.path[1] == "devices"
+    }
+
+    /// An element opens at byte `start` of the document.
+    fn open(&mut self, e: &BytesStart<'_>, start: usize) -> Result<String, DomainXmlError> {
+        let name = e.local_name().as_ref().to_string();
+        let depth = self.path.len();
+        if depth == 1 && self.path[0] == "domain" && name == "seclabel" {
+            self.in_dac_label = attr(e, "seclabel", "model")?.as_deref() == Some("dac");
+        }
+        if !self.in_devices() {
+            return Ok(name);
+        }
+        match (depth, name.as_str()) {
+            // A device element directly under <devices>.
+            (2, "interface") => {
+                let iface = DomainInterface {
+                    link_up: true,
+                    ..Default::default()
+                };
+                self.interface = Some((iface, start));
+            }
+            (2, "controller")
+                if attr(e, "controller", "type")?.as_deref() == Some("pci")
+                    && attr(e, "controller", "model")?.as_deref() == Some("pcie-root-port") =>
+            {
+                // A PCI controller's index is the bus number it provides.
+                let index = number(e, "controller", "index", 0xff)?.ok_or(
+                    DomainXmlError::MissingAttribute {
+                        element: "controller",
+                        attr: "index",
+                    },
+                )?;
+                self.port = Some((index, true));
+            }
+            // A direct child of a device.
+            (3, _) => self.device_child(&name, e)?,
+            _ => {}
+        }
+        Ok(name)
+    }
+
+    fn device_child(&mut self, name: &str, e: &BytesStart<'_>) -> Result<(), DomainXmlError> {
+        if name == "address" && attr(e, "address", "type")?.as_deref() == Some("pci") {
+            for (part, max) in PCI_LIMITS {
+                let value = number(e, "address", part, max)?;
+                if part == "bus" {
+                    self.used_buses.extend(value);
+                }
+            }
+        }
+        if self.path[2] == "controller"
+            && name == "target"
+            && let Some(port) = self.port.as_mut()
+        {
+            port.1 = attr(e, "target", "hotplug")?.as_deref() != Some("off");
+        }
+        if let (Some((iface, _)), "interface") = (self.interface.as_mut(), self.path[2].as_str()) {
+            read_interface_child(iface, name, e)?;
+        }
+        Ok(())
+    }
+
+    /// The device element `name` under <devices> closed at byte `end`.
+    fn close_device(&mut self, name: &str, xml: &str, end: usize) -> Result<(), DomainXmlError> {
+        match name {
+            "interface" => {
+                if let Some((mut iface, start)) = self.interface.take() {
+                    iface.xml = slice(xml, start, end)?;
+                    self.interfaces.push(iface);
+                }
+            }
+            "controller" => self.ports.extend(self.port.take()),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> DomainDevices {
+        let hotpluggable: Vec<u32> = self.ports.iter().filter(|p| p.1).map(|p| p.0).collect();
+        let free = hotpluggable
+            .iter()
+            .filter(|index| !self.used_buses.contains(index))
+            .count();
+        DomainDevices {
+            interfaces: self.interfaces,
+            root_ports: RootPorts {
+                total: hotpluggable.len(),
+                free,
+            },
+            dac_owner: self.dac_owner,
+        }
+    }
+}
+
 /// Parses the interfaces and root ports out of a domain XML.
 pub fn parse_devices(xml: &str) -> Result<DomainDevices, DomainXmlError> {
     check_chars(xml)?;
     let mut reader = Reader::from_str(xml);
-    // Element names from the root down to the current element.
-    let mut path: Vec<String> = Vec::new();
-    let mut interfaces = Vec::new();
-    let mut current: Option<DomainInterface> = None;
-    // index -> hotplug allowed, for pcie-root-port controllers
-    let mut ports: Vec<(u32, bool)> = Vec::new();
-    let mut current_port: Option<(u32, bool)> = None;
-    let mut used_buses = BTreeSet::new();
-    let mut in_dac_label = false;
-    let mut dac_owner = None;
-    let mut interface_start = 0;
-
+    let mut scan = DeviceScan::default();
     loop {
         let before = reader.buffer_position() as usize;
         let event = reader.read_event().map_err(|source| DomainXmlError::Xml {
             position: reader.buffer_position(),
             source,
         })?;
-        let (e, empty) = match &event {
-            Event::Start(e) => (e, false),
-            Event::Empty(e) => (e, true),
-            Event::End(_) => {
-                let name = path.pop();
-                if path.len() == 2 && path[1] == "devices" {
-                    match name.as_deref() {
-                        Some("interface") => {
-                            let end = reader.buffer_position() as usize;
-                            if let Some(mut iface) = current.take() {
-                                iface.xml = slice(xml, interface_start, end)?;
-                                interfaces.push(iface);
-                            }
-                        }
-                        Some("controller") => ports.extend(current_port.take()),
-                        _ => {}
-                    }
-                }
-                continue;
+        let end = reader.buffer_position() as usize;
+        match &event {
+            Event::Start(e) => {
+                let name = scan.open(e, before)?;
+                scan.path.push(name);
             }
-            Event::Text(text) if in_dac_label && path.len() == 3 && path[2] == "label" => {
+            Event::Empty(e) => {
+                // <interface/> or <controller/> closes where it opens.
+                let name = scan.open(e, before)?;
+                if scan.in_devices() && scan.path.len() == 2 {
+                    scan.close_device(&name, xml, end)?;
+                }
+            }
+            Event::End(_) => {
+                let name = scan.path.pop();
+                if scan.in_devices() && scan.path.len() == 2 {
+                    scan.close_device(name.as_deref().unwrap_or_default(), xml, end)?;
+                }
+            }
+            Event::Text(text)
+                if scan.in_dac_label && scan.path.len() == 3 && scan.path[2] == "label" =>
+            {
                 let label: &str = text;
-                dac_owner = parse_dac_label(label);
-                continue;
+                scan.dac_owner = parse_dac_label(label);
             }
             Event::Eof => break,
-            _ => continue,
-        };
-        let name = e.local_name().as_ref().to_string();
-        let depth = path.len();
-        let in_devices = depth >= 2 && path[0] == "domain" && path[1] == "devices";
-
-        if depth == 1 && path[0] == "domain" && name == "seclabel" {
-            in_dac_label = attr(e, "seclabel", "model")?.as_deref() == Some("dac");
-        }
-
-        if in_devices && depth == 2 {
-            // a device element directly under <devices>
-            match name.as_str() {
-                "interface" => {
-                    interface_start = before;
-                    current = Some(DomainInterface {
-                        link_up: true,
-                        ..Default::default()
-                    })
-                }
-                "controller"
-                    if attr(e, "controller", "type")?.as_deref() == Some("pci")
-                        && attr(e, "controller", "model")?.as_deref() == Some("pcie-root-port") =>
-                {
-                    // A PCI controller's index is the bus number it provides.
-                    let index = number(e, "controller", "index", 0xff)?.ok_or(
-                        DomainXmlError::MissingAttribute {
-                            element: "controller",
-                            attr: "index",
-                        },
-                    )?;
-                    current_port = Some((index, true));
-                }
-                _ => {}
-            }
-        } else if in_devices && depth == 3 {
-            // a direct child of a device
-            if name == "address" && attr(e, "address", "type")?.as_deref() == Some("pci") {
-                let mut bus = None;
-                for (part, max) in PCI_LIMITS {
-                    let value = number(e, "address", part, max)?;
-                    if part == "bus" {
-                        bus = value;
-                    }
-                }
-                used_buses.extend(bus);
-            }
-            if path[2] == "controller"
-                && name == "target"
-                && let Some(port) = current_port.as_mut()
-            {
-                port.1 = attr(e, "target", "hotplug")?.as_deref() != Some("off");
-            }
-            if let (Some(iface), "interface") = (current.as_mut(), path[2].as_str()) {
-                read_interface_child(iface, &name, e)?;
-            }
-        }
-
-        if empty {
-            // <interface/> or <controller/> closes immediately
-            if in_devices && depth == 2 {
-                match name.as_str() {
-                    "interface" => {
-                        if let Some(mut iface) = current.take() {
-                            iface.xml = slice(xml, before, reader.buffer_position() as usize)?;
-                            interfaces.push(iface);
-                        }
-                    }
-                    "controller" => ports.extend(current_port.take()),
-                    _ => {}
-                }
-            }
-        } else {
-            path.push(name);
+            _ => {}
         }
     }
-
-    let hotpluggable: Vec<u32> = ports.iter().filter(|p| p.1).map(|p| p.0).collect();
-    let free = hotpluggable
-        .iter()
-        .filter(|index| !used_buses.contains(index))
-        .count();
-    Ok(DomainDevices {
-        interfaces,
-        root_ports: RootPorts {
-            total: hotpluggable.len(),
-            free,
-        },
-        dac_owner,
-    })
+    Ok(scan.finish())
 }
 
 /// `interface_xml` with its `<link>` element replaced by `<link state='up|down'/>`:

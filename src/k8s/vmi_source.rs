@@ -77,7 +77,16 @@ pub async fn watch_vmi_and_uid(
     shutdown: CancellationToken,
 ) -> Result<(), K8sError> {
     let api: Api<DynamicObject> = Api::namespaced_with(client, namespace, &vmi_resource());
-    let apply = |obj: DynamicObject| {
+    let apply = |mut obj: DynamicObject| {
+        // The VMI endpoint only serves VMIs, but list items may come without
+        // apiVersion/kind, which `Vmi::from_json_value` requires.
+        if obj.types.is_none() {
+            let resource = vmi_resource();
+            obj.types = Some(kube::api::TypeMeta {
+                api_version: resource.api_version,
+                kind: resource.kind,
+            });
+        }
         let version = obj.metadata.resource_version.clone().unwrap_or_default();
         if let (Some(uid_tx), Some(uid)) = (&uid_tx, &obj.metadata.uid) {
             publish(uid_tx, uid.clone());

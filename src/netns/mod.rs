@@ -12,6 +12,7 @@ use std::future::Future;
 use crate::model::{IfName, IpCidr, Mac, Owner, PodLinkRecord};
 
 pub mod netlink;
+pub mod selinux;
 pub mod tap;
 pub mod watch;
 

@@ -4,7 +4,8 @@
 //! nicplug does what `ip tuntap add` does:
 //!
 //! 1. open `/dev/net/tun`; the tun file's socket belongs to the network
-//!    namespace of the *opening thread*, and so will the tap;
+//!    namespace of the *opening thread*, and so will the tap; `TUNGETFEATURES`
+//!    says whether the driver supports every flag of step 2;
 //! 2. `TUNSETIFF` with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, plus
 //!    `IFF_MULTI_QUEUE` only for multiqueue taps: the flags must match the way
 //!    QEMU/libvirt open the tap later, or the attach fails with EINVAL;
@@ -29,17 +30,19 @@ use nix::sys::stat::{Mode, fstat};
 
 use super::{NetnsError, TapSpec};
 
-const TUN_IOC_MAGIC: u8 = b'T';
+// TUNSETIFF is declared `_IOW('T', 202, int)` but takes a `struct ifreq *`
+// that the kernel writes back (the name it chose): read-write.
+nix::ioctl_readwrite_bad!(tunsetiff, libc::TUNSETIFF, libc::ifreq);
+nix::ioctl_read_bad!(tungetfeatures, libc::TUNGETFEATURES, libc::c_uint);
 
-// TUNSETIFF is declared `_IOW('T', 202, int)` but takes a `struct ifreq *`.
-nix::ioctl_write_ptr_bad!(
-    tunsetiff,
-    nix::request_code_write!(TUN_IOC_MAGIC, 202, std::mem::size_of::<c_int>()),
-    libc::ifreq
-);
-nix::ioctl_write_int!(tunsetpersist, TUN_IOC_MAGIC, 203);
-nix::ioctl_write_int!(tunsetowner, TUN_IOC_MAGIC, 204);
-nix::ioctl_write_int!(tunsetgroup, TUN_IOC_MAGIC, 206);
+/// An ioctl that takes its argument by value (TUNSETOWNER, TUNSETGROUP,
+/// TUNSETPERSIST: the kernel reads the id from the argument itself).
+fn set_by_value(fd: c_int, request: libc::Ioctl, value: libc::c_ulong) -> nix::Result<()> {
+    // SAFETY: the request passes no memory, only `value`; `fd` is a valid
+    // descriptor for the duration of the call (the caller owns it).
+    let rc = unsafe { libc::ioctl(fd, request, value) };
+    nix::errno::Errno::result(rc).map(drop)
+}
 
 /// The TUNSETIFF flags for a tap of this spec.
 pub fn tap_flags(multi_queue: bool) -> c_int {
@@ -65,6 +68,20 @@ pub fn create_persistent_tap(spec: &TapSpec) -> Result<(), NetnsError> {
         Mode::empty(),
     )
     .map_err(err("open /dev/net/tun"))?;
+    let raw = fd.as_raw_fd();
+    let flags = tap_flags(spec.multi_queue);
+    let mut features: libc::c_uint = 0;
+    // SAFETY: `raw` is an open /dev/net/tun fd owned by `fd` for this whole
+    // function; TUNGETFEATURES writes one unsigned int into `features`.
+    unsafe { tungetfeatures(raw, &mut features) }.map_err(err("TUNGETFEATURES"))?;
+    let missing = flags as libc::c_uint & !(features | libc::IFF_TAP as libc::c_uint);
+    if missing != 0 {
+        return Err(NetnsError::Tap {
+            tap: spec.name.clone(),
+            op: "TUNGETFEATURES (the tun driver lacks a flag the tap needs)",
+            source: nix::Error::EOPNOTSUPP,
+        });
+    }
 
     // SAFETY: `ifreq` is a plain C struct (name array + union of integers and
     // pointers); all-zeroes is a valid value of it.
@@ -74,19 +91,15 @@ pub fn create_persistent_tap(spec: &TapSpec) -> Result<(), NetnsError> {
     for (dst, src) in ifr.ifr_name.iter_mut().zip(spec.name.as_str().bytes()) {
         *dst = src as libc::c_char;
     }
-    ifr.ifr_ifru.ifru_flags = tap_flags(spec.multi_queue) as libc::c_short;
+    ifr.ifr_ifru.ifru_flags = flags as libc::c_short;
 
-    let raw = fd.as_raw_fd();
-    // SAFETY: `raw` is an open /dev/net/tun fd owned by `fd` for this whole
-    // function; TUNSETIFF reads (and may write back) one `struct ifreq`, and
-    // `ifr` is a valid, initialised one that outlives the call.
-    unsafe { tunsetiff(raw, &ifr) }.map_err(err("TUNSETIFF"))?;
-    // SAFETY: TUNSETOWNER takes the uid by value, no memory is passed.
-    unsafe { tunsetowner(raw, spec.owner.uid.into()) }.map_err(err("TUNSETOWNER"))?;
-    // SAFETY: TUNSETGROUP takes the gid by value, no memory is passed.
-    unsafe { tunsetgroup(raw, spec.owner.gid.into()) }.map_err(err("TUNSETGROUP"))?;
-    // SAFETY: TUNSETPERSIST takes a boolean by value, no memory is passed.
-    unsafe { tunsetpersist(raw, 1) }.map_err(err("TUNSETPERSIST"))?;
+    // SAFETY: `raw` is an open /dev/net/tun fd (see above); TUNSETIFF reads
+    // and writes back one `struct ifreq`, and `ifr` is a valid, initialised
+    // one, borrowed mutably for the call.
+    unsafe { tunsetiff(raw, &mut ifr) }.map_err(err("TUNSETIFF"))?;
+    set_by_value(raw, libc::TUNSETOWNER, spec.owner.uid.into()).map_err(err("TUNSETOWNER"))?;
+    set_by_value(raw, libc::TUNSETGROUP, spec.owner.gid.into()).map_err(err("TUNSETGROUP"))?;
+    set_by_value(raw, libc::TUNSETPERSIST, 1).map_err(err("TUNSETPERSIST"))?;
     drop(fd);
     Ok(())
 }
@@ -175,15 +188,10 @@ mod tests {
 
     #[test]
     fn ioctl_numbers_match_linux_if_tun_h() {
-        // Values from <linux/if_tun.h> on x86_64/aarch64 (_IOW('T', n, int)).
-        assert_eq!(
-            nix::request_code_write!(TUN_IOC_MAGIC, 202, std::mem::size_of::<c_int>()),
-            0x400454ca
-        );
-        assert_eq!(
-            nix::request_code_write!(TUN_IOC_MAGIC, 204, std::mem::size_of::<c_int>()),
-            0x400454cc
-        );
+        // Values from <linux/if_tun.h> on x86_64/aarch64 (_IOW/_IOR('T', n, int)).
+        assert_eq!(libc::TUNSETIFF, 0x400454ca);
+        assert_eq!(libc::TUNSETOWNER, 0x400454cc);
+        assert_eq!(libc::TUNGETFEATURES, 0x800454cf);
     }
 
     #[test]

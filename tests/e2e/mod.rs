@@ -71,10 +71,14 @@ impl<'a> Nicplug<'a> {
             .unwrap();
         let child = self
             .rig
-            .pod_cmd(nicplug_binary().to_str().unwrap())
+            .sidecar_cmd(nicplug_binary().to_str().unwrap())
             .args(["run", "--vmi"])
             .arg(&self.vmi_path)
-            .args(["--libvirt-uri", &self.rig.libvirt_uri, "--status-file"])
+            .args([
+                "--libvirt-uri",
+                &self.rig.sidecar_libvirt_uri(),
+                "--status-file",
+            ])
             .arg(&self.status_path)
             .arg("--api-socket")
             .arg(&self.api_socket)

@@ -56,17 +56,26 @@ pub fn kill_pid(pid: i32, sig: i32) {
 
 /// Returns false (after a loud SKIP line) when not root. Under `CI=true` it panics
 /// instead, since CI runs as root and a skipped end-to-end test would hide a failure.
-pub fn require_root(test: &str) -> bool {
+pub fn require_root() -> bool {
     // SAFETY: geteuid(2) has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
+    let test = current_test();
     let msg = format!("SKIP {test}: needs root (creates network namespaces and a libvirt daemon)");
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{msg}; CI=true, so not skipping");
     }
     eprintln!("\n*** {msg} ***\n");
     false
+}
+
+/// The running test's name: libtest names each test's thread after it.
+pub fn current_test() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("this test")
+        .to_string()
 }
 
 /// How to build a rig.
@@ -80,7 +89,23 @@ pub struct RigOptions {
     pub kernel_cmdline_extra: String,
     /// `virsh define` + `start` (like KubeVirt) when true, else `virsh create` (transient).
     pub persistent: bool,
+    /// KubeVirt's non-root launcher: libvirtd runs as uid/gid 107 in session mode
+    /// (`XDG_RUNTIME_DIR=/var/run`, socket `/var/run/libvirt/libvirt-sock`, also reachable
+    /// as `virtqemud-sock`), so QEMU runs as 107 too, and [`Rig::sidecar_cmd`] runs
+    /// programs the way the injected sidecar runs: uid/gid 107 with only `CAP_NET_ADMIN`,
+    /// the socket directory mounted read-only, `/dev/net/tun` usable (mode 0666, as on a
+    /// node). Default: the environment variable `NICPLUG_RIG_NONROOT=1`, else false (a
+    /// root system daemon, QEMU as Debian's `libvirt-qemu`).
+    pub non_root: bool,
 }
+
+/// The uid and gid of KubeVirt's non-root launcher (its `qemu` user), which the
+/// non-root rig runs libvirtd, QEMU and the sidecar as.
+pub const NONROOT_ID: u32 = 107;
+
+/// The libvirt URI the sidecar uses in the non-root rig: the one `deploy/policy.yaml`
+/// passes, resolved inside the sidecar's mount namespace.
+pub const NONROOT_SIDECAR_URI: &str = "qemu+unix:///session?socket=/var/run/libvirt/virtqemud-sock";
 
 impl Default for RigOptions {
     fn default() -> Self {
@@ -90,6 +115,7 @@ impl Default for RigOptions {
             memory_mib: 256,
             kernel_cmdline_extra: String::new(),
             persistent: true,
+            non_root: std::env::var("NICPLUG_RIG_NONROOT").is_ok_and(|v| v == "1"),
         }
     }
 }
@@ -112,6 +138,8 @@ pub struct Rig {
     pub console_log: PathBuf,
     /// Whether the domain is persistent (defined) or transient.
     pub persistent: bool,
+    /// KubeVirt's non-root launcher shape (see [`RigOptions::non_root`]).
+    pub non_root: bool,
     clock: Clock,
     /// The reaper running libvirtd. Interior mutability: tests hold `&Rig` (through
     /// `Nicplug`) while they kill and restart the daemon or the domain.
@@ -171,11 +199,32 @@ fn tmp_base() -> PathBuf {
 }
 
 /// Shared cache of libvirt's QEMU capabilities: probing takes ~2 s per fresh daemon.
-fn caps_cache() -> PathBuf {
+/// The session daemon of the non-root rig keeps its own (probed as another user).
+fn caps_cache(non_root: bool) -> PathBuf {
+    let name = if non_root {
+        "libvirt-qemu-caps-session"
+    } else {
+        "libvirt-qemu-caps"
+    };
     guest_dir()
         .parent()
-        .map(|p| p.join("libvirt-qemu-caps"))
-        .unwrap_or_else(|| PathBuf::from("/var/cache/nicplug/libvirt-qemu-caps"))
+        .map(|p| p.join(name))
+        .unwrap_or_else(|| PathBuf::from("/var/cache/nicplug").join(name))
+}
+
+/// `chown -R uid:gid path` (symlinks themselves, not their targets).
+fn chown_tree(path: &Path, uid: u32, gid: u32) -> Result<(), String> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+        .map_err(|e| format!("chown {}: {e}", path.display()))?;
+    if fs::symlink_metadata(path)
+        .map_err(|e| e.to_string())?
+        .is_dir()
+    {
+        for e in fs::read_dir(path).map_err(|e| e.to_string())?.flatten() {
+            chown_tree(&e.path(), uid, gid)?;
+        }
+    }
+    Ok(())
 }
 
 fn copy_dir_files(from: &Path, to: &Path) {
@@ -208,8 +257,10 @@ impl Rig {
         let n = RIG_SEQ.fetch_add(1, Ordering::SeqCst);
         let id = format!("{}-{n}", std::process::id());
         let dir = tmp_base().join(format!("{PREFIX}-rig-{id}"));
+        // The session daemon also serves root (DAC lets root connect to its socket).
         let libvirt_uri = format!(
-            "qemu+unix:///system?socket={}",
+            "qemu+unix:///{}?socket={}",
+            if opts.non_root { "session" } else { "system" },
             dir.join("run/libvirt-sock").display()
         );
         let mut rig = Rig {
@@ -222,6 +273,7 @@ impl Rig {
             clock: Clock::new(&id),
             id,
             persistent: opts.persistent,
+            non_root: opts.non_root,
             daemon: RefCell::new(None),
             daemon_frozen: Cell::new(false),
             qemu_pid: Cell::new(0),
@@ -244,7 +296,12 @@ impl Rig {
             panic!("{msg}");
         }
         rig.log(&format!(
-            "ready: pod={} node={} domain={} qemu pid={} uid={} uri={}",
+            "ready ({}): pod={} node={} domain={} qemu pid={} uid={} uri={}",
+            if rig.non_root {
+                "non-root launcher"
+            } else {
+                "root launcher"
+            },
             rig.pod_ns,
             rig.node_ns,
             rig.domain,
@@ -269,6 +326,7 @@ impl Rig {
             "ipam",
             "cni",
             "guest",
+            "nicplug-run",
         ] {
             fs::create_dir_all(self.dir.join(sub)).map_err(|e| format!("mkdir {sub}: {e}"))?;
         }
@@ -296,13 +354,17 @@ impl Rig {
         let g_initrd = self.dir.join("guest/initramfs.img");
         fs::copy(&kernel, &g_kernel).map_err(|e| format!("copy {}: {e}", kernel.display()))?;
         fs::copy(&initrd, &g_initrd).map_err(|e| format!("copy {}: {e}", initrd.display()))?;
-        copy_dir_files(&caps_cache(), &self.dir.join("cache/qemu/capabilities"));
+        copy_dir_files(&caps_cache(self.non_root), &self.caps_dir());
         // Hides /dev/kvm from the daemon: with a root-only /dev/kvm libvirt's caps cache is
         // invalidated on every start ("KVM was enabled when probing...") = 2 s per probe.
         let nokvm = self.dir.join("nokvm");
         fs::write(&nokvm, "").map_err(|e| e.to_string())?;
         fs::set_permissions(&nokvm, fs::Permissions::from_mode(0o600))
             .map_err(|e| e.to_string())?;
+
+        if self.non_root {
+            self.setup_non_root()?;
+        }
 
         // Network namespaces.
         for ns in [self.pod_ns.clone(), self.node_ns.clone()] {
@@ -328,10 +390,111 @@ impl Rig {
         }
         self.domain_started = true;
         self.log("domain started");
-        copy_dir_files(&self.dir.join("cache/qemu/capabilities"), &caps_cache());
+        copy_dir_files(&self.caps_dir(), &caps_cache(self.non_root));
 
         self.record_qemu()?;
         self.wait_guest_agent(Duration::from_secs(60))
+    }
+
+    /// Where the daemon keeps its probed QEMU capabilities (inside the rig directory).
+    fn caps_dir(&self) -> PathBuf {
+        if self.non_root {
+            // $XDG_CACHE_HOME/libvirt/qemu/capabilities, XDG_CACHE_HOME=/var/cache/libvirt
+            self.dir.join("cache/libvirt/qemu/capabilities")
+        } else {
+            self.dir.join("cache/qemu/capabilities")
+        }
+    }
+
+    /// The non-root launcher's files: the session daemon's configuration (its
+    /// `XDG_CONFIG_HOME` is `/var/lib/libvirt`, i.e. `<dir>/lib`), a passwd/group pair
+    /// with a `qemu` user 107 (libvirtd refuses clients whose uid has no passwd entry in
+    /// its view, and needs one for itself), a 0666 `/dev/net/tun` node (the machine's is
+    /// 0600; a node's is 0666), and the whole directory owned by 107, as the pod's
+    /// volumes are.
+    fn setup_non_root(&self) -> Result<(), String> {
+        let conf = self.dir.join("lib/libvirt");
+        fs::create_dir_all(&conf).map_err(|e| format!("mkdir {}: {e}", conf.display()))?;
+        fs::create_dir_all(self.caps_dir()).map_err(|e| e.to_string())?;
+        fs::write(
+            conf.join("libvirtd.conf"),
+            "# nicplug rig: session defaults\n",
+        )
+        .map_err(|e| e.to_string())?;
+        // Session mode ignores user/group/namespaces; DAC is the kernel's alone.
+        fs::write(
+            conf.join("qemu.conf"),
+            "stdio_handler = \"file\"\nsecurity_driver = \"none\"\nremember_owner = 0\n",
+        )
+        .map_err(|e| e.to_string())?;
+        copy_dir_files(&caps_cache(true), &self.caps_dir());
+        let id = NONROOT_ID;
+        let passwd = fs::read_to_string("/etc/passwd").map_err(|e| e.to_string())?;
+        let mut passwd: String = passwd
+            .lines()
+            .filter(|l| l.split(':').nth(2) != Some(&id.to_string()) && !l.starts_with("qemu:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        passwd.push_str(&format!(
+            "qemu:x:{id}:{id}:KubeVirt launcher:/var/lib/libvirt:/usr/sbin/nologin\n"
+        ));
+        fs::write(self.dir.join("passwd"), passwd).map_err(|e| e.to_string())?;
+        let group = fs::read_to_string("/etc/group").map_err(|e| e.to_string())?;
+        let mut group: String = group.lines().map(|l| format!("{l}\n")).collect();
+        if !group
+            .lines()
+            .any(|l| l.split(':').nth(2) == Some(&id.to_string()))
+        {
+            group.push_str(&format!("qemu:x:{id}:\n"));
+        }
+        fs::write(self.dir.join("group"), group).map_err(|e| e.to_string())?;
+        let tun = self.dir.join("tun").display().to_string();
+        util::try_run(Command::new("mknod").args(["-m", "0666", &tun, "c", "10", "200"]))?;
+        chown_tree(&self.dir, id, id)?;
+        // /dev/kvm stays hidden behind a root-only file (see `setup`).
+        chown_tree(&self.dir.join("nokvm"), 0, 0)?;
+        Ok(())
+    }
+
+    /// A command that runs `program` in the pod the way the injected sidecar runs
+    /// (`deploy/policy.yaml`): in the root rig as root in the pod netns; in the non-root
+    /// rig also in a private mount namespace with the rig's libvirt socket directory
+    /// mounted read-only at `/var/run/libvirt` (the `libvirt-runtime` volume) and a 0666
+    /// `/dev/net/tun` (the device plugin's), as uid/gid 107 without supplementary groups,
+    /// with no-new-privs and exactly `CAP_NET_ADMIN` (inheritable, ambient, bounding),
+    /// and `XDG_*` pointing at a writable `<dir>/nicplug-run` (the `nicplug-run`
+    /// emptyDir). The caller appends the program's arguments.
+    pub fn sidecar_cmd(&self, program: &str) -> Command {
+        if !self.non_root {
+            return self.pod_cmd(program);
+        }
+        let d = self.dir.display();
+        let id = NONROOT_ID;
+        let script = format!(
+            "set -e; mount --bind -o ro {d}/run /run/libvirt; mount --bind {d}/tun /dev/net/tun; \
+             exec setpriv --reuid={id} --regid={id} --clear-groups --no-new-privs \
+             --inh-caps=-all,+net_admin --ambient-caps=-all,+net_admin \
+             --bounding-set=-all,+net_admin \"$@\""
+        );
+        let run = self.dir.join("nicplug-run");
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.pod_ns])
+            .args(["unshare", "--mount", "--propagation", "private"])
+            .args(["sh", "-c", &script, "sidecar", program])
+            .env("XDG_RUNTIME_DIR", &run)
+            .env("XDG_CONFIG_HOME", &run)
+            .env("XDG_CACHE_HOME", &run);
+        c
+    }
+
+    /// The libvirt URI as the sidecar sees it ([`Rig::sidecar_cmd`]): deploy/'s in the
+    /// non-root rig, the rig's socket path otherwise.
+    pub fn sidecar_libvirt_uri(&self) -> String {
+        if self.non_root {
+            NONROOT_SIDECAR_URI.to_string()
+        } else {
+            self.libvirt_uri.clone()
+        }
     }
 
     /// Spawns libvirtd (under the reaper) in the pod netns and a fresh private mount
@@ -340,6 +503,24 @@ impl Rig {
     fn spawn_daemon(&self) -> Result<(), String> {
         // libvirtd inside the pod netns, in a private mount namespace.
         let d = self.dir.display().to_string();
+        let id = NONROOT_ID;
+        let exec = if self.non_root {
+            // Session mode as 107: sockets in $XDG_RUNTIME_DIR/libvirt = /var/run/libvirt,
+            // the domain configs and channel sockets under $XDG_CONFIG_HOME/libvirt, the
+            // caps and QEMU logs under $XDG_CACHE_HOME/libvirt. No capabilities at all.
+            format!(
+                "mount --bind {d}/passwd /etc/passwd; mount --bind {d}/group /etc/group; \
+                 mount --bind {d}/tun /dev/net/tun; \
+                 exec setpriv --reuid={id} --regid={id} --clear-groups --no-new-privs \
+                 --inh-caps=-all --bounding-set=-all \
+                 env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/var/lib/libvirt \
+                 XDG_RUNTIME_DIR=/var/run XDG_CONFIG_HOME=/var/lib/libvirt \
+                 XDG_CACHE_HOME=/var/cache/libvirt \
+                 perl -e '{REAPER}' /usr/sbin/libvirtd --pid-file {d}/libvirtd.pid"
+            )
+        } else {
+            format!("exec perl -e '{REAPER}' /usr/sbin/libvirtd --pid-file {d}/libvirtd.pid")
+        };
         let script = format!(
             "set -e; mkdir -p /run/libvirt; \
              if [ -e /dev/kvm ]; then mount --bind {d}/nokvm /dev/kvm; fi; \
@@ -348,7 +529,7 @@ impl Rig {
              mount --bind {d}/cache /var/cache/libvirt; \
              mount --bind {d}/log /var/log/libvirt; \
              mount --bind {d}/etc /etc/libvirt; \
-             exec perl -e '{REAPER}' /usr/sbin/libvirtd --pid-file {d}/libvirtd.pid"
+             {exec}"
         );
         // Appended to: a restarted daemon keeps the first one's log.
         let log = fs::OpenOptions::new()
@@ -390,6 +571,15 @@ impl Rig {
                 util::pid_comm(pid)
             ));
         }
+        if self.non_root {
+            // KubeVirt's socket name (virtqemud); Debian 12's monolithic libvirtd names it
+            // libvirt-sock. Connecting through the symlink is connecting to the socket.
+            let link = self.dir.join("run/virtqemud-sock");
+            if fs::symlink_metadata(&link).is_err() {
+                std::os::unix::fs::symlink("libvirt-sock", &link)
+                    .map_err(|e| format!("symlink {}: {e}", link.display()))?;
+            }
+        }
         self.log(&format!("libvirtd up (pid {pid})"));
         Ok(())
     }
@@ -397,7 +587,12 @@ impl Rig {
     /// Records the domain's QEMU pid and uid/gid, and checks it runs in the pod netns.
     fn record_qemu(&self) -> Result<(), String> {
         // QEMU: its pid, uid, and that it really runs in the pod netns.
-        let pidfile = self.dir.join(format!("run/qemu/{}.pid", self.domain));
+        // The session daemon's QEMU state dir is $XDG_RUNTIME_DIR/libvirt/qemu/run.
+        let pidfile = self.dir.join(format!(
+            "run/qemu/{}{}.pid",
+            if self.non_root { "run/" } else { "" },
+            self.domain
+        ));
         let qpid: i32 = fs::read_to_string(&pidfile)
             .map_err(|e| format!("read {}: {e}", pidfile.display()))?
             .trim()
@@ -1103,8 +1298,13 @@ fn reap_stale() {
                 .ok()
                 .and_then(|s| s.trim().parse::<i32>().ok())
         };
-        if let Ok(entries) = fs::read_dir(dir.join("run/qemu")) {
-            for e in entries.flatten() {
+        for e in ["run/qemu", "run/qemu/run"]
+            .iter()
+            .filter_map(|d| fs::read_dir(dir.join(d)).ok())
+            .flatten()
+            .flatten()
+        {
+            {
                 if e.path().extension().is_some_and(|x| x == "pid")
                     && let Some(p) = read_pid(e.path())
                     && util::pid_comm(p).is_some_and(|c| c.starts_with("qemu"))

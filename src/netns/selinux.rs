@@ -1,0 +1,166 @@
+//! SELinux labels of taps, as KubeVirt does it.
+//!
+//! The kernel labels a tun/tap device with the SELinux context of the task
+//! that *creates* it (`selinux_tun_dev_alloc_security`: the creator's SID;
+//! the `sockcreate` context is deliberately ignored for tun sockets). When
+//! QEMU later opens the tap (TUNSETIFF on the existing device), a different
+//! context needs `tun_socket { relabelfrom relabelto }` between the two,
+//! which container policies deny. So the tap must be created *in QEMU's
+//! context*. KubeVirt's virt-handler (kubevirt/kubevirt,
+//! `pkg/network/driver/virtchroot`, `AddTapDeviceWithSELinuxLabel`, and
+//! `pkg/virt-handler/selinux` `ContextExecutor`) does that by reading the
+//! launcher process' context from `/proc/<pid>/attr/current`, writing it to
+//! `/proc/thread-self/attr/exec` (setexeccon) on a locked OS thread, and
+//! exec'ing `virt-chroot create-tap` in it; with SELinux disabled it simply
+//! runs the command.
+//!
+//! nicplug runs inside the launcher pod, so it already is where KubeVirt
+//! has to get to: Kubernetes gives every container of a pod the pod's
+//! SELinux options (type and MCS level), nicplug's container included, and
+//! its taps get QEMU's context by construction. What this module decides is
+//! whether that holds: [`check`] compares nicplug's own context with QEMU's
+//! (a pure function, unit-tested), [`TapLabel::observe`] reads both from
+//! `/proc` when SELinux is enabled, and is a no-op otherwise.
+
+use std::path::Path;
+
+/// What nicplug knows about the label its taps will get.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TapLabel {
+    /// SELinux is not enabled: no labels, nothing to do.
+    Disabled,
+    /// nicplug runs in QEMU's context: its taps carry that label.
+    Matches(String),
+    /// QEMU runs in another context: a tap nicplug creates would be denied
+    /// to QEMU unless the policy allows relabelling between the two.
+    Differs { own: String, qemu: String },
+    /// QEMU's context cannot be read (its process is not visible: no shared
+    /// process namespace), so the match cannot be checked.
+    Unknown { own: String },
+}
+
+impl TapLabel {
+    /// Reads the contexts from `/proc` (`qemu_pid` when the QEMU process is
+    /// visible) if SELinux is enabled.
+    pub fn observe(qemu_pid: Option<i32>) -> Self {
+        let own = read_context(Path::new("/proc/thread-self/attr/current"));
+        let qemu = qemu_pid.and_then(|p| {
+            read_context(&Path::new("/proc").join(p.to_string()).join("attr/current"))
+        });
+        check(enabled(), own, qemu)
+    }
+}
+
+/// The decision, from whether SELinux is enabled and the two contexts.
+pub fn check(enabled: bool, own: Option<String>, qemu: Option<String>) -> TapLabel {
+    let own = match (enabled, own) {
+        (true, Some(own)) => own,
+        // Enabled but our own context unreadable: as libselinux does
+        // (is_selinux_enabled needs a readable context), treat as disabled.
+        _ => return TapLabel::Disabled,
+    };
+    match qemu {
+        Some(qemu) if qemu == own => TapLabel::Matches(own),
+        Some(qemu) => TapLabel::Differs { own, qemu },
+        None => TapLabel::Unknown { own },
+    }
+}
+
+/// A context as `/proc/<pid>/attr/current` holds it: trailing NUL and
+/// newline trimmed; empty, "kernel" (no policy loaded) and unreadable are none.
+pub fn parse_context(raw: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(raw).ok()?;
+    let text = text.trim_end_matches(['\0', '\n']).trim();
+    (!text.is_empty() && text != "kernel" && text.split(':').count() >= 3).then(|| text.to_string())
+}
+
+fn read_context(path: &Path) -> Option<String> {
+    parse_context(&std::fs::read(path).ok()?)
+}
+
+/// Whether SELinux is enabled, as libselinux decides it: selinuxfs is
+/// mounted (at its standard place; containers get it read-only).
+fn enabled() -> bool {
+    Path::new("/sys/fs/selinux/enforce").exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LAUNCHER: &str = "system_u:system_r:container_t:s0:c101,c202";
+
+    #[test]
+    fn disabled_is_a_no_op_whatever_the_contexts() {
+        assert_eq!(
+            check(false, Some(LAUNCHER.into()), Some(LAUNCHER.into())),
+            TapLabel::Disabled
+        );
+        assert_eq!(check(false, None, None), TapLabel::Disabled);
+        assert_eq!(check(true, None, Some(LAUNCHER.into())), TapLabel::Disabled);
+    }
+
+    #[test]
+    fn the_same_context_as_qemu_matches() {
+        assert_eq!(
+            check(true, Some(LAUNCHER.into()), Some(LAUNCHER.into())),
+            TapLabel::Matches(LAUNCHER.into())
+        );
+    }
+
+    #[test]
+    fn another_level_or_type_differs() {
+        // Another pod's MCS level: QEMU could not open the tap.
+        let other = "system_u:system_r:container_t:s0:c7,c8";
+        assert_eq!(
+            check(true, Some(LAUNCHER.into()), Some(other.into())),
+            TapLabel::Differs {
+                own: LAUNCHER.into(),
+                qemu: other.into()
+            }
+        );
+        // KubeVirt's optional launcher type (selinuxLauncherType).
+        let typed = "system_u:system_r:virt_launcher.process:s0:c101,c202";
+        assert!(matches!(
+            check(true, Some(LAUNCHER.into()), Some(typed.into())),
+            TapLabel::Differs { .. }
+        ));
+    }
+
+    #[test]
+    fn an_invisible_qemu_is_unknown() {
+        assert_eq!(
+            check(true, Some(LAUNCHER.into()), None),
+            TapLabel::Unknown {
+                own: LAUNCHER.into()
+            }
+        );
+    }
+
+    #[test]
+    fn proc_attr_current_is_parsed_like_libselinux() {
+        assert_eq!(
+            parse_context(format!("{LAUNCHER}\0").as_bytes()).as_deref(),
+            Some(LAUNCHER)
+        );
+        assert_eq!(
+            parse_context(format!("{LAUNCHER}\n").as_bytes()).as_deref(),
+            Some(LAUNCHER)
+        );
+        assert_eq!(parse_context(b"kernel\0"), None);
+        assert_eq!(parse_context(b""), None);
+        assert_eq!(parse_context(b"unconfined"), None);
+        assert_eq!(parse_context(&[0xff, 0xfe]), None);
+    }
+
+    #[test]
+    fn observing_here_is_a_no_op_without_selinux() {
+        // This machine has no SELinux: whatever the pid, nothing to do.
+        if !Path::new("/sys/fs/selinux/enforce").exists() {
+            assert_eq!(
+                TapLabel::observe(Some(std::process::id() as i32)),
+                TapLabel::Disabled
+            );
+        }
+    }
+}
