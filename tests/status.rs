@@ -206,7 +206,19 @@ fn guest_status_in_kubevirts_shape_through_every_channel() {
     );
     let table = String::from_utf8_lossy(&out.stdout);
     eprintln!("{table}");
-    let header = table.lines().next().unwrap();
+    // The agent's header first, then the table's.
+    assert!(
+        table
+            .lines()
+            .next()
+            .unwrap()
+            .contains("   libvirt ok   netlink ok   spec ok   "),
+        "{table}"
+    );
+    let header = table
+        .lines()
+        .find(|l| l.starts_with("NAME "))
+        .expect("the table's header");
     for column in [
         "NAME",
         "POD IFACE",
