@@ -1,7 +1,7 @@
 //! End-to-end from the real image (issue 11 §2): nicplug runs as a podman
 //! container (runc, the project's containers.conf and image store) joined to
 //! the non-root rig's pod network namespace, with the securityContext
-//! deploy/policy.yaml injects translated to podman flags:
+//! deploy/cluster/policy.yaml injects translated to podman flags:
 //!
 //! | policy | podman |
 //! | --- | --- |
