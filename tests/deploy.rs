@@ -8,20 +8,25 @@
 //!    (NetworkAttachmentDefinition, VirtualMachine, Kustomization). A field
 //!    the typed object does not know fails the test (`serde_ignored` reports
 //!    what `k8s-openapi` would silently drop), so a typo cannot hide.
-//! 2. The MutatingAdmissionPolicy's JSON patches are parsed (their CEL is kept
-//!    to literal data on purpose, see `cel` below) and applied to a launcher
-//!    pod as KubeVirt v1.9.0 renders it (`fixtures/kubevirt/`); the result is
-//!    parsed as a typed Pod and the injected container is checked: native
-//!    sidecar, capabilities, user, mounts of volumes that exist, env, probe,
-//!    resources (Burstable and Guaranteed launchers).
+//! 2. The MutatingAdmissionPolicy's CEL is run by a CEL interpreter
+//!    (`cel-interpreter`): matchConditions, variables in order, each JSON
+//!    patch expression on the result of the ones before, with `object` = a
+//!    launcher pod as KubeVirt v1.9.0 renders it (`fixtures/kubevirt/`) and
+//!    `params` = the settings ConfigMap (`deploy/vms/config.yaml`, or as a
+//!    kustomize overlay renders it). The result is parsed as a typed Pod and
+//!    the injected container is checked: native sidecar, capabilities, user,
+//!    mounts of volumes that exist, env, probes, network-status volume,
+//!    settings, resources (Burstable and Guaranteed launchers).
 //! 3. RBAC grants exactly the verbs and resources nicplug needs, no wildcard;
 //!    the binding, the namespace, the example VM and the Containerfile agree
 //!    with each other.
+//! 4. `kubectl kustomize` renders `deploy/` and a namespace overlay of
+//!    `deploy/vms` (SKIP when kubectl is missing): cluster-scoped objects
+//!    never get a namespace, `images:` reaches the container.
 //!
-//! What this cannot check: that an API server accepts the CEL (no API server
-//! runs here). The conditions the simulation needs are evaluated by a small
-//! table in [`eval_condition`]; an expression it does not know fails the
-//! test, so a changed policy forces a look at the table.
+//! What this cannot check: that an API server's CEL environment accepts the
+//! expressions exactly as this interpreter does (see `cel` for the one
+//! rewrite: `Type{..}` initialisers become maps).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
