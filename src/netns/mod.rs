@@ -46,6 +46,17 @@ pub enum NetnsError {
     /// process (QEMU) holds it open, so it cannot be recreated safely.
     #[error("tap {tap} is in use but {mismatch}")]
     TapInUse { tap: IfName, mismatch: String },
+    /// SELinux is enabled and QEMU runs in another context than nicplug: a
+    /// tap nicplug creates would carry nicplug's context and QEMU would be
+    /// denied opening it (`tun_socket relabelfrom/relabelto`).
+    #[error(
+        "tap {tap}: QEMU runs in SELinux context {qemu} but nicplug in {own}; a tap nicplug creates would be denied to QEMU (run the sidecar with the launcher pod's seLinuxOptions)"
+    )]
+    SelinuxContext {
+        tap: IfName,
+        own: String,
+        qemu: String,
+    },
     #[error("network namespace: {op} failed")]
     Namespace {
         op: &'static str,
