@@ -89,7 +89,7 @@ pub fn admit_tap(tap: &crate::model::IfName, label: &TapLabel) -> Result<(), Net
     }
 }
 
-/// The first `qemu-system*` process owned by `uid` that this process can see.
+/// The first `qemu-system*` process owned by `uid` in this network namespace.
 fn qemu_pid_of(uid: u32) -> Option<i32> {
     use std::os::unix::fs::MetadataExt;
     std::fs::read_dir("/proc")
@@ -98,7 +98,7 @@ fn qemu_pid_of(uid: u32) -> Option<i32> {
         .find_map(|entry| {
             let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
             let path = entry.path();
-            if std::fs::metadata(&path).ok()?.uid() != uid {
+            if std::fs::metadata(&path).ok()?.uid() != uid || !super::in_our_netns(&path) {
                 return None;
             }
             let cmdline = std::fs::read(path.join("cmdline")).ok()?;
