@@ -64,7 +64,7 @@ fn summary(name: &str, mut xs: Vec<f64>) {
 }
 
 fn main() {
-    if !support::require_root("latency") {
+    if !support::require_root() {
         std::process::exit(1);
     }
     let runs: usize = std::env::args()

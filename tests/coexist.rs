@@ -55,7 +55,7 @@ fn device_xml(rig: &Rig, network: &str, mac: &str) -> std::path::PathBuf {
 
 #[test]
 fn adopts_a_device_kubevirt_attached_and_touches_nothing() {
-    if !support::require_root("adopts_a_device_kubevirt_attached_and_touches_nothing") {
+    if !support::require_root() {
         return;
     }
     let rig = Rig::start(RigOptions::default());
@@ -91,7 +91,7 @@ fn adopts_a_device_kubevirt_attached_and_touches_nothing() {
 
 #[test]
 fn a_detach_someone_else_did_first_counts_as_done() {
-    if !support::require_root("a_detach_someone_else_did_first_counts_as_done") {
+    if !support::require_root() {
         return;
     }
     let rig = Rig::start(RigOptions::default());
@@ -148,7 +148,7 @@ fn a_detach_someone_else_did_first_counts_as_done() {
 
 #[test]
 fn migration_target_like_start_creates_nothing_then_adopts() {
-    if !support::require_root("migration_target_like_start_creates_nothing_then_adopts") {
+    if !support::require_root() {
         return;
     }
     let rig = Rig::start(RigOptions::default());

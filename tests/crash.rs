@@ -273,7 +273,7 @@ fn reset(rig: &Rig, net: &CniNet, base: &str) -> Result<(), String> {
 
 #[test]
 fn crash_anywhere_converges() {
-    if !support::require_root("crash_anywhere_converges") {
+    if !support::require_root() {
         return;
     }
     let rig = Rig::start(RigOptions::default());

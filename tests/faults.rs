@@ -209,7 +209,7 @@ impl Drop for Scratch {
 
 #[test]
 fn wedged_libvirt_socket() {
-    if !support::require_root("wedged_libvirt_socket") {
+    if !support::require_root() {
         return;
     }
     let dir = std::env::temp_dir().join(format!("nicplug-wedged-{}", std::process::id()));
@@ -344,8 +344,8 @@ fn wedged_libvirt_socket() {
 // libvirtd dies while idle
 // ---------------------------------------------------------------------------
 
-fn libvirtd_dies_while_idle(test: &str, signal: i32, net_index: u8) {
-    if !support::require_root(test) {
+fn libvirtd_dies_while_idle(signal: i32, net_index: u8) {
+    if !support::require_root() {
         return;
     }
     let rig = Rig::start(RigOptions::default());
@@ -412,17 +412,17 @@ fn libvirtd_dies_while_idle(test: &str, signal: i32, net_index: u8) {
 
 #[test]
 fn libvirtd_sigkill_while_idle() {
-    libvirtd_dies_while_idle("libvirtd_sigkill_while_idle", libc::SIGKILL, 20);
+    libvirtd_dies_while_idle(libc::SIGKILL, 20);
 }
 
 #[test]
 fn libvirtd_sigterm_while_idle() {
-    libvirtd_dies_while_idle("libvirtd_sigterm_while_idle", libc::SIGTERM, 21);
+    libvirtd_dies_while_idle(libc::SIGTERM, 21);
 }
 
 #[test]
 fn libvirtd_killed_during_attach() {
-    if !support::require_root("libvirtd_killed_during_attach") {
+    if !support::require_root() {
         return;
     }
     let rig = Rig::start(RigOptions::default());
@@ -480,7 +480,7 @@ fn slow_refresh_args() -> Vec<String> {
 
 #[test]
 fn domain_shut_off_at_start_then_started() {
-    if !support::require_root("domain_shut_off_at_start_then_started") {
+    if !support::require_root() {
         return;
     }
     let rig = Rig::start(RigOptions::default());
@@ -535,7 +535,7 @@ fn domain_shut_off_at_start_then_started() {
 
 #[test]
 fn domain_destroyed_and_started_again() {
-    if !support::require_root("domain_destroyed_and_started_again") {
+    if !support::require_root() {
         return;
     }
     let rig = Rig::start(RigOptions::default());
@@ -592,7 +592,7 @@ fn domain_destroyed_and_started_again() {
 
 #[test]
 fn restart_plugs_in_first_pass_and_goes_ready() {
-    if !support::require_root("restart_plugs_in_first_pass_and_goes_ready") {
+    if !support::require_root() {
         return;
     }
     let rig = Rig::start(RigOptions::default());
@@ -656,7 +656,7 @@ fn failures_logged(nicplug: &Nicplug<'_>, name: &str) -> usize {
 
 #[test]
 fn two_free_ports_three_interfaces() {
-    if !support::require_root("two_free_ports_three_interfaces") {
+    if !support::require_root() {
         return;
     }
     let rig = Rig::start(RigOptions {
@@ -765,7 +765,7 @@ fn domain_interfaces(rig: &Rig) -> String {
 
 #[test]
 fn second_instance_refuses_to_start() {
-    if !support::require_root("second_instance_refuses_to_start") {
+    if !support::require_root() {
         return;
     }
     let rig = Rig::start(RigOptions::default());
@@ -823,7 +823,7 @@ fn second_instance_refuses_to_start() {
 
 #[test]
 fn attach_race_loser_keeps_plumbing() {
-    if !support::require_root("attach_race_loser_keeps_plumbing") {
+    if !support::require_root() {
         return;
     }
     let rig = Rig::start(RigOptions::default());
@@ -901,8 +901,8 @@ fn attach_race_loser_keeps_plumbing() {
 // Plumbing deleted under a live device
 // ---------------------------------------------------------------------------
 
-fn deleted_link_is_repaired(test: &str, network: &str, net_index: u8, link: &str) {
-    if !support::require_root(test) {
+fn deleted_link_is_repaired(network: &str, net_index: u8, link: &str) {
+    if !support::require_root() {
         return;
     }
     let rig = Rig::start(RigOptions::default());
@@ -982,21 +982,11 @@ fn deleted_link_is_repaired(test: &str, network: &str, net_index: u8, link: &str
 #[test]
 fn missing_tap_under_live_device_is_repaired() {
     let tap = format!("tap{}", suffix("mend"));
-    deleted_link_is_repaired(
-        "missing_tap_under_live_device_is_repaired",
-        "mend",
-        33,
-        &tap,
-    );
+    deleted_link_is_repaired("mend", 33, &tap);
 }
 
 #[test]
 fn missing_bridge_under_live_device_is_repaired() {
     let bridge = format!("k6t-{}", suffix("fix"));
-    deleted_link_is_repaired(
-        "missing_bridge_under_live_device_is_repaired",
-        "fix",
-        34,
-        &bridge,
-    );
+    deleted_link_is_repaired("fix", 34, &bridge);
 }

@@ -12,7 +12,7 @@ use support::{CniNet, Rig, RigOptions};
 
 #[test]
 fn hotplug_one_nic_reaches_the_guest() {
-    if !support::require_root("hotplug_one_nic_reaches_the_guest") {
+    if !support::require_root() {
         return;
     }
     let rig = Rig::start(RigOptions::default());
@@ -64,7 +64,7 @@ fn hotplug_one_nic_reaches_the_guest() {
 
 #[test]
 fn hotplug_two_nics_in_one_update() {
-    if !support::require_root("hotplug_two_nics_in_one_update") {
+    if !support::require_root() {
         return;
     }
     let rig = Rig::start(RigOptions::default());
@@ -90,7 +90,7 @@ fn hotplug_two_nics_in_one_update() {
 
 #[test]
 fn pod_interface_before_spec_update() {
-    if !support::require_root("pod_interface_before_spec_update") {
+    if !support::require_root() {
         return;
     }
     let rig = Rig::start(RigOptions::default());
@@ -120,7 +120,7 @@ fn has_ipv6_ll(rig: &Rig, name: &str) -> bool {
 
 #[test]
 fn sigkill_between_plumbing_and_attach_then_restart() {
-    if !support::require_root("sigkill_between_plumbing_and_attach_then_restart") {
+    if !support::require_root() {
         return;
     }
     let rig = Rig::start(RigOptions::default());
@@ -182,7 +182,7 @@ fn sigkill_between_plumbing_and_attach_then_restart() {
 
 #[test]
 fn malformed_vmi_keeps_the_last_good_spec() {
-    if !support::require_root("malformed_vmi_keeps_the_last_good_spec") {
+    if !support::require_root() {
         return;
     }
     let rig = Rig::start(RigOptions::default());

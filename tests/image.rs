@@ -69,7 +69,7 @@ fn podman_ok(args: &[&str]) -> Result<String, String> {
 
 /// Whether the image test can run; prints why not.
 fn image_available(test: &str) -> bool {
-    if !support::require_root(test) {
+    if !support::require_root() {
         return false;
     }
     let skip = |why: String| {

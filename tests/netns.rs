@@ -117,7 +117,7 @@ fn has_flag(link: &Value, flag: &str) -> bool {
 
 #[test]
 fn plumbing_builds_the_bridge_binding_layout() {
-    if !require_root("plumbing_builds_the_bridge_binding_layout") {
+    if !require_root() {
         return;
     }
     let env = PodEnv::new("plumb");
@@ -206,7 +206,7 @@ fn plumbing_builds_the_bridge_binding_layout() {
 
 #[test]
 fn plumbing_twice_changes_nothing() {
-    if !require_root("plumbing_twice_changes_nothing") {
+    if !require_root() {
         return;
     }
     let env = PodEnv::new("twice");
@@ -241,7 +241,7 @@ fn plumbing_twice_changes_nothing() {
 
 #[test]
 fn multi_queue_tap_gets_iff_multi_queue() {
-    if !require_root("multi_queue_tap_gets_iff_multi_queue") {
+    if !require_root() {
         return;
     }
     let env = PodEnv::new("mq");
@@ -261,7 +261,7 @@ fn multi_queue_tap_gets_iff_multi_queue() {
 
 #[test]
 fn a_mismatched_unused_tap_is_recreated() {
-    if !require_root("a_mismatched_unused_tap_is_recreated") {
+    if !require_root() {
         return;
     }
     let env = PodEnv::new("retap");
@@ -323,7 +323,7 @@ fn hold_tap_open(tap: &str) -> std::fs::File {
 
 #[test]
 fn a_mismatched_tap_in_use_is_refused_not_recreated() {
-    if !require_root("a_mismatched_tap_in_use_is_refused_not_recreated") {
+    if !require_root() {
         return;
     }
     let env = PodEnv::new("busytap");
@@ -370,7 +370,7 @@ fn a_mismatched_tap_in_use_is_refused_not_recreated() {
 /// test also created, never into the machine's own.)
 #[test]
 fn operations_stay_in_the_namespace_of_the_creating_thread() {
-    if !require_root("operations_stay_in_the_namespace_of_the_creating_thread") {
+    if !require_root() {
         return;
     }
     let env = PodEnv::new("where");
@@ -410,7 +410,7 @@ fn operations_stay_in_the_namespace_of_the_creating_thread() {
 
 #[test]
 fn unplug_gives_back_the_pre_plug_state_idempotently() {
-    if !require_root("unplug_gives_back_the_pre_plug_state_idempotently") {
+    if !require_root() {
         return;
     }
     let env = PodEnv::new("unplug");
@@ -443,7 +443,7 @@ fn unplug_gives_back_the_pre_plug_state_idempotently() {
 
 #[test]
 fn release_clears_the_alias_when_there_was_none() {
-    if !require_root("release_clears_the_alias_when_there_was_none") {
+    if !require_root() {
         return;
     }
     let env = PodEnv::new("noalias");
@@ -462,7 +462,7 @@ fn release_clears_the_alias_when_there_was_none() {
 
 #[test]
 fn delete_of_a_missing_link_is_ok_and_kinds_are_checked() {
-    if !require_root("delete_of_a_missing_link_is_ok_and_kinds_are_checked") {
+    if !require_root() {
         return;
     }
     let env = PodEnv::new("kinds");
@@ -507,7 +507,7 @@ fn delete_of_a_missing_link_is_ok_and_kinds_are_checked() {
 
 #[test]
 fn link_events_notify_after_subscribe() {
-    if !require_root("link_events_notify_after_subscribe") {
+    if !require_root() {
         return;
     }
     let ns = TestNs::new("events");
@@ -536,7 +536,7 @@ fn link_events_notify_after_subscribe() {
 /// (`absorb_late_addresses`) and removes it: it is never lost.
 #[test]
 fn an_address_added_after_recording_survives_the_enslave() {
-    if !require_root("an_address_added_after_recording_survives_the_enslave") {
+    if !require_root() {
         return;
     }
     const LATE: &str = "169.254.10.2/24";
@@ -635,7 +635,7 @@ fn assert_no_ipv6_for(ns: &TestNs, devs: &[&str], wait: Duration) {
 /// no DAD, no router advertisements, set before either is up.
 #[test]
 fn bridge_and_tap_carry_no_ipv6() {
-    if !require_root("bridge_and_tap_carry_no_ipv6") {
+    if !require_root() {
         return;
     }
     let env = PodEnv::new("noip6");
@@ -673,7 +673,7 @@ fn bridge_and_tap_carry_no_ipv6() {
 /// link's original MAC, which the guest gets).
 #[test]
 fn plumbing_sends_nothing_onto_the_pod_wire() {
-    if !require_root("plumbing_sends_nothing_onto_the_pod_wire") {
+    if !require_root() {
         return;
     }
     let env = PodEnv::new("wire");
@@ -710,7 +710,7 @@ fn plumbing_sends_nothing_onto_the_pod_wire() {
 /// can finish the job.
 #[test]
 fn release_does_every_sub_step_and_reports_every_failure() {
-    if !require_root("release_does_every_sub_step_and_reports_every_failure") {
+    if !require_root() {
         return;
     }
     let env = PodEnv::new("relfail");
@@ -809,7 +809,7 @@ fn ours_in_path(line: &str) -> bool {
 /// and gives the pod link back exactly.
 #[test]
 fn plug_and_unplug_touch_no_decoy() {
-    if !require_root("plug_and_unplug_touch_no_decoy") {
+    if !require_root() {
         return;
     }
     let env = PodEnv::new("decoy");
@@ -946,7 +946,7 @@ fn plug_and_unplug_touch_no_decoy() {
 /// then sees every link, and it keeps delivering events afterwards.
 #[test]
 fn link_events_survive_a_receive_queue_overflow() {
-    if !require_root("link_events_survive_a_receive_queue_overflow") {
+    if !require_root() {
         return;
     }
     const LINKS: usize = 300;

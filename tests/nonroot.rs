@@ -99,7 +99,7 @@ fn status_in_sidecar(rig: &Rig, nicplug: &Nicplug<'_>) -> serde_json::Value {
 
 #[test]
 fn nonroot_hotplug_reaches_the_guest_and_goes_ready() {
-    if !support::require_root("nonroot_hotplug_reaches_the_guest_and_goes_ready") {
+    if !support::require_root() {
         return;
     }
     let rig = non_root_rig();
@@ -192,7 +192,7 @@ fn wait_carrier(rig: &Rig, mac: &str, want: &str) {
 
 #[test]
 fn nonroot_link_state_and_unplug_back_to_the_pre_plug_pod() {
-    if !support::require_root("nonroot_link_state_and_unplug_back_to_the_pre_plug_pod") {
+    if !support::require_root() {
         return;
     }
     let rig = non_root_rig();

@@ -16,7 +16,7 @@ const HASH: &str = "9a6a0c3b4d8";
 
 #[test]
 fn data_path_by_hand() {
-    if !require_root("data_path_by_hand") {
+    if !require_root() {
         return;
     }
     let rig = Rig::start(RigOptions::default());
@@ -190,7 +190,7 @@ fn data_path_by_hand() {
 
 #[test]
 fn drop_cleans_up_on_panic() {
-    if !require_root("drop_cleans_up_on_panic") {
+    if !require_root() {
         return;
     }
     let (tx, rx) = std::sync::mpsc::channel::<(String, String, i32, i32, PathBuf)>();
@@ -240,7 +240,7 @@ fn drop_cleans_up_on_panic() {
 
 #[test]
 fn failed_start_cleans_up() {
-    if !require_root("failed_start_cleans_up") {
+    if !require_root() {
         return;
     }
     let before = Command::new("ip")

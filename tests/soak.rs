@@ -88,7 +88,7 @@ fn cycles() -> usize {
 
 #[test]
 fn soak_plug_unplug_four_networks() {
-    if !support::require_root("soak_plug_unplug_four_networks") {
+    if !support::require_root() {
         return;
     }
     let total = cycles();

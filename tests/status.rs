@@ -101,7 +101,7 @@ fn api_get(socket: &Path, path: &str) -> (u16, String) {
 
 #[test]
 fn guest_status_in_kubevirts_shape_through_every_channel() {
-    if !support::require_root("guest_status_in_kubevirts_shape_through_every_channel") {
+    if !support::require_root() {
         return;
     }
     let rig = Rig::start(RigOptions::default());
@@ -253,7 +253,7 @@ fn guest_status_in_kubevirts_shape_through_every_channel() {
 
 #[test]
 fn guest_agent_going_away_and_coming_back() {
-    if !support::require_root("guest_agent_going_away_and_coming_back") {
+    if !support::require_root() {
         return;
     }
     let rig = Rig::start(RigOptions::default());

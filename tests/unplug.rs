@@ -27,7 +27,7 @@ fn plug(rig: &Rig, nicplug: &Nicplug<'_>, net: &CniNet, network: &str, spec: &[&
 
 #[test]
 fn unplug_by_state_absent_then_cni_del_restores_the_pod() {
-    if !support::require_root("unplug_by_state_absent_then_cni_del_restores_the_pod") {
+    if !support::require_root() {
         return;
     }
     let rig = Rig::start(RigOptions::default());
@@ -64,7 +64,7 @@ fn unplug_by_state_absent_then_cni_del_restores_the_pod() {
 
 #[test]
 fn unplug_by_leaving_the_spec_and_plug_again() {
-    if !support::require_root("unplug_by_leaving_the_spec_and_plug_again") {
+    if !support::require_root() {
         return;
     }
     let rig = Rig::start(RigOptions::default());
@@ -95,7 +95,7 @@ fn unplug_by_leaving_the_spec_and_plug_again() {
 
 #[test]
 fn pod_interface_removed_first_unplugs_and_waits() {
-    if !support::require_root("pod_interface_removed_first_unplugs_and_waits") {
+    if !support::require_root() {
         return;
     }
     let rig = Rig::start(RigOptions::default());
@@ -151,7 +151,7 @@ fn wait_carrier(rig: &Rig, mac: &str, want: &str) {
 
 #[test]
 fn link_down_and_up_reach_the_guest() {
-    if !support::require_root("link_down_and_up_reach_the_guest") {
+    if !support::require_root() {
         return;
     }
     let rig = Rig::start(RigOptions::default());
@@ -181,7 +181,7 @@ fn link_down_and_up_reach_the_guest() {
 
 #[test]
 fn guest_ignoring_unplug_stays_detach_pending_without_hot_loop() {
-    if !support::require_root("guest_ignoring_unplug_stays_detach_pending_without_hot_loop") {
+    if !support::require_root() {
         return;
     }
     // No native PCIe port services and no ACPI hotplug driver: the guest
@@ -226,7 +226,7 @@ fn guest_ignoring_unplug_stays_detach_pending_without_hot_loop() {
 
 #[test]
 fn thirty_plug_unplug_cycles_leak_nothing() {
-    if !support::require_root("thirty_plug_unplug_cycles_leak_nothing") {
+    if !support::require_root() {
         return;
     }
     let rig = Rig::start(RigOptions::default());

@@ -644,7 +644,7 @@ fn loadavg() -> String {
 }
 
 fn main() {
-    if !support::require_root("bench hotplug") {
+    if !support::require_root() {
         return;
     }
     let runs = env_num("NICPLUG_BENCH_RUNS", 40) as usize;
@@ -758,7 +758,7 @@ fn main() {
         resync_s: resync,
         elapsed_s: started.elapsed().as_secs_f64(),
     };
-    let stem = report.write(&out_dir);
+    let stem = report.write(&out_dir, plot::draw);
     // nicplug's debug log of the whole run (every restart appends), for
     // explaining outliers: per-step `elapsed_us`, events, guest queries.
     let _ = std::fs::copy(&nic.log_path, out_dir.join(format!("{stem}-nicplug.log")));

@@ -9,6 +9,9 @@ use std::time::SystemTime;
 use serde_json::{Value, json};
 
 use crate::footprint::Footprint;
+
+/// Draws the report's figure into a PNG file (`plot::draw`).
+pub type Plot = fn(&Report, &Path, &str) -> Result<(), Box<dyn std::error::Error>>;
 use crate::stats::{PHASES, Summary, ms, round3, summarize};
 use crate::{Burst, Sample, VARIANTS};
 
@@ -313,8 +316,9 @@ impl Report<'_> {
         })
     }
 
-    /// Writes everything under `dir`; returns the file stem used.
-    pub fn write(&self, dir: &Path) -> String {
+    /// Writes everything under `dir`, the plot through `plot`; returns the
+    /// file stem used.
+    pub fn write(&self, dir: &Path, plot: Plot) -> String {
         let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
         let stem = format!("hotplug-{}", date.replace(':', ""));
         std::fs::create_dir_all(dir).unwrap();
@@ -328,7 +332,7 @@ impl Report<'_> {
         ] {
             std::fs::write(dir.join(&name), body).unwrap();
         }
-        if let Err(e) = crate::plot::draw(self, &png, &date) {
+        if let Err(e) = plot(self, &png, &date) {
             eprintln!("bench: no plot: {e}");
         }
         for ext in ["json", "md", "png"] {

@@ -99,54 +99,46 @@ impl Kube {
     ) -> Spawned {
         let (uid_tx, uid_rx) = watch::channel(None);
         let (outcomes, outcomes_rx) = mpsc::unbounded_channel();
-        {
-            let (client, ns, name, shutdown) = (
-                self.client.clone(),
-                self.namespace.clone(),
-                self.vmi.clone(),
-                shutdown.clone(),
-            );
-            tasks.spawn(async move {
-                let result = vmi_source::watch_vmi_and_uid(
+        let (namespace, vmi) = (self.namespace.clone(), self.vmi.clone());
+        self.spawn_api_task(
+            tasks,
+            &shutdown,
+            "VMI API source",
+            |client, shutdown| async move {
+                vmi_source::watch_vmi_and_uid(
                     client,
-                    &ns,
-                    &name,
+                    &namespace,
+                    &vmi,
                     spec_tx,
                     Some(uid_tx),
                     shutdown,
                 )
-                .await;
-                if let Err(e) = result {
-                    error!(error = %error_chain(&e), "VMI API source stopped");
-                }
-            });
-        }
+                .await
+            },
+        );
         let network_status = network_status.then(|| {
             let (tx, rx) = watch::channel(None);
-            let (client, ns, pod, shutdown) = (
-                self.client.clone(),
-                self.namespace.clone(),
-                self.pod.clone(),
-                shutdown.clone(),
+            let (namespace, pod) = (self.namespace.clone(), self.pod.clone());
+            self.spawn_api_task(
+                tasks,
+                &shutdown,
+                "network-status API source",
+                |client, shutdown| async move {
+                    vmi_source::watch_own_pod(client, &namespace, &pod, tx, shutdown).await
+                },
             );
-            tasks.spawn(async move {
-                if let Err(e) = vmi_source::watch_own_pod(client, &ns, &pod, tx, shutdown).await {
-                    error!(error = %error_chain(&e), "network-status API source stopped");
-                }
-            });
             rx
         });
-        {
-            let (client, ns, pod, shutdown) = (
-                self.client.clone(),
-                self.namespace.clone(),
-                self.pod.clone(),
-                shutdown.clone(),
-            );
-            tasks.spawn(async move {
-                report::publish_annotation(client, &ns, &pod, status_rx, shutdown).await
-            });
-        }
+        let (namespace, pod) = (self.namespace.clone(), self.pod.clone());
+        self.spawn_api_task(
+            tasks,
+            &shutdown,
+            "pod annotation",
+            |client, shutdown| async move {
+                report::publish_annotation(client, &namespace, &pod, status_rx, shutdown).await;
+                Ok::<(), std::convert::Infallible>(())
+            },
+        );
         let vmi = report::VmiRef {
             namespace: self.namespace,
             name: self.vmi,
@@ -163,5 +155,25 @@ impl Kube {
             outcomes,
             network_status,
         }
+    }
+
+    /// Starts one task that talks to the API with its own client and stop
+    /// token; an error ends it with a log line naming `what`.
+    fn spawn_api_task<F, E>(
+        &self,
+        tasks: &mut JoinSet<()>,
+        shutdown: &CancellationToken,
+        what: &'static str,
+        task: impl FnOnce(kube::Client, CancellationToken) -> F,
+    ) where
+        F: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::error::Error + 'static,
+    {
+        let run = task(self.client.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            if let Err(e) = run.await {
+                error!(error = %error_chain(&e), "{what} stopped");
+            }
+        });
     }
 }

@@ -186,7 +186,10 @@ const HASHED_PREFIX: &str = "pod";
 /// KubeVirt's hashed pod interface name of a secondary network:
 /// `"pod" + hex(sha256(network))[..11]`.
 pub fn hashed_pod_iface(network: &str) -> IfName {
-    let digest = hex::encode(Sha256::digest(network.as_bytes()));
+    let digest: String = Sha256::digest(network.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     IfName(format!("{HASHED_PREFIX}{}", &digest[..11]))
 }
 

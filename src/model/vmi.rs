@@ -324,6 +324,154 @@ fn name_error(field: String) -> impl FnOnce(NameError) -> VmiError {
 }
 
 /// Remembers the first path of each value and refuses a second one.
+/// A network's source and its ordinal among the secondary Multus networks.
+type Sources = BTreeMap<String, (NetworkSource, Option<usize>)>;
+
+fn check_kind(kind: Option<&str>) -> Result<(), VmiError> {
+    match kind {
+        Some("VirtualMachineInstance") => Ok(()),
+        None => Err(VmiError::Missing {
+            field: "kind".into(),
+        }),
+        Some(other) => Err(VmiError::Kind {
+            field: "kind".into(),
+            found: other.to_string(),
+        }),
+    }
+}
+
+/// Checks every interface on its own (name, binding, model, MAC) and
+/// against the others (names and MACs unique); returns the names and MACs.
+fn check_interfaces(interfaces: &[Interface]) -> Result<(Unique, Vec<Option<Mac>>), VmiError> {
+    let mut iface_names = Unique::new("interface name");
+    let mut macs = Unique::new("macAddress");
+    let mut parsed_macs: Vec<Option<Mac>> = Vec::with_capacity(interfaces.len());
+    for (index, iface) in interfaces.iter().enumerate() {
+        let at = format!("{INTERFACES}[{index}]");
+        check_network_name("interface name", &iface.name)
+            .map_err(name_error(format!("{at}.name")))?;
+        iface_names.insert(&iface.name, format!("{at}.name"))?;
+        let bindings = iface.bindings();
+        if bindings.len() > 1 {
+            return Err(VmiError::Bindings {
+                field: at,
+                count: bindings.len(),
+                bindings: bindings.join(", "),
+            });
+        }
+        if let Some(model) = &iface.model
+            && !MODELS.contains(&model.as_str())
+        {
+            return Err(VmiError::Model {
+                field: format!("{at}.model"),
+                value: model.clone(),
+            });
+        }
+        let mac = match &iface.mac_address {
+            None => None,
+            Some(text) => {
+                let field = format!("{at}.macAddress");
+                let mac = text.parse::<Mac>().map_err(|source| VmiError::Mac {
+                    field: field.clone(),
+                    source,
+                })?;
+                // Compared in canonical form: 02:AA.. and 02-aa.. are one MAC.
+                macs.insert(&mac.to_string(), field)?;
+                Some(mac)
+            }
+        };
+        parsed_macs.push(mac);
+    }
+
+    Ok((iface_names, parsed_macs))
+}
+
+/// Each network's source; a Multus network must have an interface.
+fn network_sources(networks: &[Network], iface_names: &Unique) -> Result<Sources, VmiError> {
+    let mut net_names = Unique::new("network name");
+    let mut ordinal = 0;
+    let mut sources = BTreeMap::new();
+    for (index, net) in networks.iter().enumerate() {
+        let at = format!("spec.networks[{index}]");
+        check_network_name("network name", &net.name).map_err(name_error(format!("{at}.name")))?;
+        net_names.insert(&net.name, format!("{at}.name"))?;
+        let source = match (&net.pod, &net.multus) {
+            (Some(_), Some(_)) => {
+                return Err(VmiError::NetworkSource {
+                    field: at,
+                    has: "both pod and multus",
+                });
+            }
+            (None, None) => {
+                return Err(VmiError::NetworkSource {
+                    field: at,
+                    has: "neither pod nor multus",
+                });
+            }
+            (Some(_), None) => (NetworkSource::Pod, None),
+            (None, Some(m)) => {
+                if !iface_names.seen.contains_key(net.name.as_str()) {
+                    return Err(VmiError::NoInterface {
+                        field: format!("{at}.name"),
+                        name: net.name.clone(),
+                    });
+                }
+                let position = (!m.default).then(|| {
+                    ordinal += 1;
+                    ordinal
+                });
+                (
+                    NetworkSource::Multus {
+                        network_name: m.network_name.clone(),
+                        default: m.default,
+                    },
+                    position,
+                )
+            }
+        };
+        sources.insert(net.name.clone(), source);
+    }
+
+    Ok(sources)
+}
+
+/// The interfaces joined with their networks.
+fn join_networks(
+    interfaces: Vec<Interface>,
+    macs: Vec<Option<Mac>>,
+    sources: &Sources,
+) -> Result<Vec<SpecInterface>, VmiError> {
+    let mut joined = Vec::with_capacity(interfaces.len());
+    let with_macs = interfaces.into_iter().zip(macs);
+    for (index, (i, mac)) in with_macs.enumerate() {
+        let Some((source, ordinal)) = sources.get(&i.name).cloned() else {
+            return Err(VmiError::NoNetwork {
+                field: format!("{INTERFACES}[{index}].name"),
+                name: i.name,
+            });
+        };
+        let binding = if i.bridge.is_some() {
+            Binding::Bridge
+        } else if let Some(plugin) = &i.binding {
+            Binding::Other(plugin.name.clone())
+        } else {
+            let known = OTHER_BINDINGS.iter().find(|b| i.other.contains_key(**b));
+            Binding::Other(known.map_or("unknown", |b| b).to_string())
+        };
+        joined.push(SpecInterface {
+            mac,
+            model: i.model.unwrap_or_else(|| "virtio".into()),
+            state: i.state,
+            name: i.name,
+            binding,
+            source,
+            ordinal,
+        });
+    }
+
+    Ok(joined)
+}
+
 struct Unique {
     what: &'static str,
     seen: BTreeMap<String, String>,
@@ -414,20 +562,7 @@ impl Document {
     /// refuses the whole document: the source keeps the last good spec,
     /// where a half-read spec could unplug what it failed to read.
     fn into_vmi(self) -> Result<Vmi, VmiError> {
-        match self.kind.as_deref() {
-            Some("VirtualMachineInstance") => {}
-            None => {
-                return Err(VmiError::Missing {
-                    field: "kind".into(),
-                });
-            }
-            Some(other) => {
-                return Err(VmiError::Kind {
-                    field: "kind".into(),
-                    found: other.to_string(),
-                });
-            }
-        }
+        check_kind(self.kind.as_deref())?;
         let name = self.metadata.name.ok_or_else(|| VmiError::Missing {
             field: "metadata.name".into(),
         })?;
@@ -445,90 +580,8 @@ impl Document {
             .devices
             .ok_or_else(|| missing("spec.domain.devices"))?;
 
-        let mut iface_names = Unique::new("interface name");
-        let mut macs = Unique::new("macAddress");
-        let mut parsed_macs: Vec<Option<Mac>> = Vec::with_capacity(devices.interfaces.len());
-        for (index, iface) in devices.interfaces.iter().enumerate() {
-            let at = format!("{INTERFACES}[{index}]");
-            check_network_name("interface name", &iface.name)
-                .map_err(name_error(format!("{at}.name")))?;
-            iface_names.insert(&iface.name, format!("{at}.name"))?;
-            let bindings = iface.bindings();
-            if bindings.len() > 1 {
-                return Err(VmiError::Bindings {
-                    field: at,
-                    count: bindings.len(),
-                    bindings: bindings.join(", "),
-                });
-            }
-            if let Some(model) = &iface.model
-                && !MODELS.contains(&model.as_str())
-            {
-                return Err(VmiError::Model {
-                    field: format!("{at}.model"),
-                    value: model.clone(),
-                });
-            }
-            let mac = match &iface.mac_address {
-                None => None,
-                Some(text) => {
-                    let field = format!("{at}.macAddress");
-                    let mac = text.parse::<Mac>().map_err(|source| VmiError::Mac {
-                        field: field.clone(),
-                        source,
-                    })?;
-                    // Compared in canonical form: 02:AA.. and 02-aa.. are one MAC.
-                    macs.insert(&mac.to_string(), field)?;
-                    Some(mac)
-                }
-            };
-            parsed_macs.push(mac);
-        }
-
-        let mut net_names = Unique::new("network name");
-        let mut ordinal = 0;
-        let mut sources = BTreeMap::new();
-        for (index, net) in spec.networks.iter().enumerate() {
-            let at = format!("spec.networks[{index}]");
-            check_network_name("network name", &net.name)
-                .map_err(name_error(format!("{at}.name")))?;
-            net_names.insert(&net.name, format!("{at}.name"))?;
-            let source = match (&net.pod, &net.multus) {
-                (Some(_), Some(_)) => {
-                    return Err(VmiError::NetworkSource {
-                        field: at,
-                        has: "both pod and multus",
-                    });
-                }
-                (None, None) => {
-                    return Err(VmiError::NetworkSource {
-                        field: at,
-                        has: "neither pod nor multus",
-                    });
-                }
-                (Some(_), None) => (NetworkSource::Pod, None),
-                (None, Some(m)) => {
-                    if !iface_names.seen.contains_key(net.name.as_str()) {
-                        return Err(VmiError::NoInterface {
-                            field: format!("{at}.name"),
-                            name: net.name.clone(),
-                        });
-                    }
-                    let position = (!m.default).then(|| {
-                        ordinal += 1;
-                        ordinal
-                    });
-                    (
-                        NetworkSource::Multus {
-                            network_name: m.network_name.clone(),
-                            default: m.default,
-                        },
-                        position,
-                    )
-                }
-            };
-            sources.insert(net.name.clone(), source);
-        }
+        let (iface_names, parsed_macs) = check_interfaces(&devices.interfaces)?;
+        let sources = network_sources(&spec.networks, &iface_names)?;
 
         let multiqueue = if devices.network_interface_multiqueue {
             Some(domain.cpu.unwrap_or_default().vcpus()?)
@@ -536,33 +589,7 @@ impl Document {
             None
         };
 
-        let mut interfaces = Vec::with_capacity(devices.interfaces.len());
-        let with_macs = devices.interfaces.into_iter().zip(parsed_macs);
-        for (index, (i, mac)) in with_macs.enumerate() {
-            let Some((source, ordinal)) = sources.get(&i.name).cloned() else {
-                return Err(VmiError::NoNetwork {
-                    field: format!("{INTERFACES}[{index}].name"),
-                    name: i.name,
-                });
-            };
-            let binding = if i.bridge.is_some() {
-                Binding::Bridge
-            } else if let Some(plugin) = &i.binding {
-                Binding::Other(plugin.name.clone())
-            } else {
-                let known = OTHER_BINDINGS.iter().find(|b| i.other.contains_key(**b));
-                Binding::Other(known.map_or("unknown", |b| b).to_string())
-            };
-            interfaces.push(SpecInterface {
-                mac,
-                model: i.model.unwrap_or_else(|| "virtio".into()),
-                state: i.state,
-                name: i.name,
-                binding,
-                source,
-                ordinal,
-            });
-        }
+        let interfaces = join_networks(devices.interfaces, parsed_macs, &sources)?;
 
         Ok(Vmi {
             namespace,

@@ -752,18 +752,72 @@ fn read_ipv6_conf(link: &str, knob: &str) -> Option<String> {
 
 /// Maps one RTM_NEWLINK message to an [`Observed`] link (addresses empty).
 /// `None` for a link whose name is not a valid [`IfName`].
+/// What IFLA_LINKINFO says of a link.
+struct LinkInfoSeen {
+    kind: LinkKind,
+    tun_attrs: Option<Vec<(u16, Vec<u8>)>>,
+    mcast_snooping: Option<bool>,
+    learning: Option<bool>,
+}
+
+fn read_link_info(infos: &[LinkInfo]) -> LinkInfoSeen {
+    let mut seen = LinkInfoSeen {
+        kind: LinkKind::Other(String::new()),
+        tun_attrs: None,
+        mcast_snooping: None,
+        learning: None,
+    };
+    for info in infos {
+        match info {
+            LinkInfo::Kind(k) => {
+                seen.kind = match k {
+                    InfoKind::Bridge => LinkKind::Bridge,
+                    InfoKind::Tun => LinkKind::Tun,
+                    InfoKind::Veth => LinkKind::Veth,
+                    other => LinkKind::Other(other.to_string()),
+                }
+            }
+            LinkInfo::Data(InfoData::Tun(nlas)) => {
+                seen.tun_attrs = Some(nlas.iter().map(tun_attr).collect());
+            }
+            LinkInfo::Data(InfoData::Bridge(nlas)) => {
+                seen.mcast_snooping = nlas.iter().find_map(|nla| match nla {
+                    InfoBridge::MulticastSnooping(on) => Some(*on),
+                    _ => None,
+                });
+            }
+            LinkInfo::PortData(InfoPortData::BridgePort(port)) => {
+                seen.learning = port.iter().find_map(|attr| match attr {
+                    InfoBridgePort::Learning(on) => Some(*on),
+                    _ => None,
+                });
+            }
+            _ => {}
+        }
+    }
+    seen
+}
+
+/// The IPv6 address generation mode, from IFLA_AF_SPEC.
+fn read_addr_gen_mode(specs: &[AfSpecUnspec]) -> Option<In6AddrGenMode> {
+    specs.iter().find_map(|spec| match spec {
+        AfSpecUnspec::Inet6(inet6) => inet6.iter().find_map(|attr| match attr {
+            AfSpecInet6::AddrGenMode(mode) => Some(*mode),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
 fn observe_link(msg: &LinkMessage) -> Option<Observed> {
     let mut name = None;
     let mut mac = None;
     let mut mtu = 0;
     let mut master = None;
     let mut alias = None;
-    let mut kind = LinkKind::Other(String::new());
-    let mut learning = None;
-    let mut tun_attrs: Option<Vec<(u16, Vec<u8>)>> = None;
+    let mut info = None;
     let mut carrier = false;
     let mut addr_gen_mode = None;
-    let mut mcast_snooping = None;
     for attribute in &msg.attributes {
         match attribute {
             LinkAttribute::IfName(n) => name = Some(n.clone()),
@@ -776,52 +830,17 @@ fn observe_link(msg: &LinkMessage) -> Option<Observed> {
             LinkAttribute::Controller(index) if *index != 0 => master = Some(*index),
             LinkAttribute::IfAlias(a) if !a.is_empty() => alias = Some(a.clone()),
             LinkAttribute::Carrier(c) => carrier = *c != 0,
-            LinkAttribute::LinkInfo(infos) => {
-                for info in infos {
-                    match info {
-                        LinkInfo::Kind(k) => {
-                            kind = match k {
-                                InfoKind::Bridge => LinkKind::Bridge,
-                                InfoKind::Tun => LinkKind::Tun,
-                                InfoKind::Veth => LinkKind::Veth,
-                                other => LinkKind::Other(other.to_string()),
-                            }
-                        }
-                        LinkInfo::Data(InfoData::Tun(nlas)) => {
-                            tun_attrs = Some(nlas.iter().map(tun_attr).collect());
-                        }
-                        LinkInfo::Data(InfoData::Bridge(nlas)) => {
-                            for nla in nlas {
-                                if let InfoBridge::MulticastSnooping(on) = nla {
-                                    mcast_snooping = Some(*on);
-                                }
-                            }
-                        }
-                        LinkInfo::PortData(InfoPortData::BridgePort(port)) => {
-                            for attr in port {
-                                if let InfoBridgePort::Learning(on) = attr {
-                                    learning = Some(*on);
-                                }
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            LinkAttribute::AfSpecUnspec(specs) => {
-                for spec in specs {
-                    if let AfSpecUnspec::Inet6(inet6) = spec {
-                        for attr in inet6 {
-                            if let AfSpecInet6::AddrGenMode(mode) = attr {
-                                addr_gen_mode = Some(*mode);
-                            }
-                        }
-                    }
-                }
-            }
+            LinkAttribute::LinkInfo(infos) => info = Some(read_link_info(infos)),
+            LinkAttribute::AfSpecUnspec(specs) => addr_gen_mode = read_addr_gen_mode(specs),
             _ => {}
         }
     }
+    let LinkInfoSeen {
+        kind,
+        tun_attrs,
+        mcast_snooping,
+        learning,
+    } = info.unwrap_or_else(|| read_link_info(&[]));
     let name = IfName::new(name?).ok()?;
     let (tap, tun_type) = match (&kind, tun_attrs) {
         (LinkKind::Tun, Some(attrs)) => {

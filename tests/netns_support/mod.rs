@@ -17,10 +17,15 @@ use serde_json::Value;
 
 /// Whether the test may run. Not root: prints a SKIP line and returns false,
 /// except under CI (`CI=true`), which runs as root and must not skip.
-pub fn require_root(test: &str) -> bool {
+pub fn require_root() -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
     }
+    // libtest names each test's thread after the test.
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("this test")
+        .to_string();
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("{test}: needs root (creates network namespaces), and CI must not skip it");
     }

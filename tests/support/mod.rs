@@ -56,17 +56,26 @@ pub fn kill_pid(pid: i32, sig: i32) {
 
 /// Returns false (after a loud SKIP line) when not root. Under `CI=true` it panics
 /// instead, since CI runs as root and a skipped end-to-end test would hide a failure.
-pub fn require_root(test: &str) -> bool {
+pub fn require_root() -> bool {
     // SAFETY: geteuid(2) has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
+    let test = current_test();
     let msg = format!("SKIP {test}: needs root (creates network namespaces and a libvirt daemon)");
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{msg}; CI=true, so not skipping");
     }
     eprintln!("\n*** {msg} ***\n");
     false
+}
+
+/// The running test's name: libtest names each test's thread after it.
+pub fn current_test() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("this test")
+        .to_string()
 }
 
 /// How to build a rig.
