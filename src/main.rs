@@ -73,6 +73,24 @@ enum Command {
     },
     /// Print the man page (roff).
     Man,
+    /// Exit 0 when the running agent's /healthz or /readyz answers 200 (exec probes).
+    Probe(ProbeArgs),
+}
+
+#[derive(clap::Args)]
+struct ProbeArgs {
+    /// healthz: the agent serves requests; readyz: libvirt, netlink and the spec are available.
+    #[arg(value_enum)]
+    endpoint: Endpoint,
+    /// The agent's API socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Endpoint {
+    Healthz,
+    Readyz,
 }
 
 /// Where the spec comes from, shared by `run` and `plan`.
@@ -256,6 +274,26 @@ fn main() -> std::process::ExitCode {
                 Err(e) => {
                     error!(error = %format!("{e:#}"), "nicplug failed");
                     ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Probe(args) => {
+            let path = match args.endpoint {
+                Endpoint::Healthz => "/healthz",
+                Endpoint::Readyz => "/readyz",
+            };
+            match runtime.block_on(nicplug::api::client::fetch(&args.socket, path)) {
+                Ok((200, body)) => {
+                    print!("{body}");
+                    std::process::ExitCode::SUCCESS
+                }
+                Ok((code, body)) => {
+                    eprint!("nicplug probe: {path}: {code} {body}");
+                    std::process::ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("nicplug probe: {path}: {}", error_chain(&e));
+                    std::process::ExitCode::FAILURE
                 }
             }
         }

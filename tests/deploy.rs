@@ -8,20 +8,25 @@
 //!    (NetworkAttachmentDefinition, VirtualMachine, Kustomization). A field
 //!    the typed object does not know fails the test (`serde_ignored` reports
 //!    what `k8s-openapi` would silently drop), so a typo cannot hide.
-//! 2. The MutatingAdmissionPolicy's JSON patches are parsed (their CEL is kept
-//!    to literal data on purpose, see `cel` below) and applied to a launcher
-//!    pod as KubeVirt v1.9.0 renders it (`fixtures/kubevirt/`); the result is
-//!    parsed as a typed Pod and the injected container is checked: native
-//!    sidecar, capabilities, user, mounts of volumes that exist, env, probe,
-//!    resources (Burstable and Guaranteed launchers).
+//! 2. The MutatingAdmissionPolicy's CEL is run by a CEL interpreter
+//!    (`cel-interpreter`): matchConditions, variables in order, each JSON
+//!    patch expression on the result of the ones before, with `object` = a
+//!    launcher pod as KubeVirt v1.9.0 renders it (`fixtures/kubevirt/`) and
+//!    `params` = the settings ConfigMap (`deploy/vms/config.yaml`, or as a
+//!    kustomize overlay renders it). The result is parsed as a typed Pod and
+//!    the injected container is checked: native sidecar, capabilities, user,
+//!    mounts of volumes that exist, env, probes, network-status volume,
+//!    settings, resources (Burstable and Guaranteed launchers).
 //! 3. RBAC grants exactly the verbs and resources nicplug needs, no wildcard;
 //!    the binding, the namespace, the example VM and the Containerfile agree
 //!    with each other.
+//! 4. `kubectl kustomize` renders `deploy/` and a namespace overlay of
+//!    `deploy/vms` (SKIP when kubectl is missing): cluster-scoped objects
+//!    never get a namespace, `images:` reaches the container.
 //!
-//! What this cannot check: that an API server accepts the CEL (no API server
-//! runs here). The conditions the simulation needs are evaluated by a small
-//! table in [`eval_condition`]; an expression it does not know fails the
-//! test, so a changed policy forces a look at the table.
+//! What this cannot check: that an API server's CEL environment accepts the
+//! expressions exactly as this interpreter does (see `cel` for the one
+//! rewrite: `Type{..}` initialisers become maps).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -30,7 +35,7 @@ use k8s_openapi::api::admissionregistration::v1::{
     MutatingAdmissionPolicy, MutatingAdmissionPolicyBinding, ValidatingAdmissionPolicy,
     ValidatingAdmissionPolicyBinding,
 };
-use k8s_openapi::api::core::v1::{Container, Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use serde::Deserialize;
@@ -271,14 +276,48 @@ struct CloudInit {
     user_data: String,
 }
 
-/// `kustomize.config.k8s.io/v1beta1` Kustomization, the fields used here.
+/// `kustomize.config.k8s.io/v1beta1` Kustomization and `v1alpha1`
+/// Component, the fields used here.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 #[allow(dead_code)]
 struct Kustomization {
     api_version: String,
     kind: String,
+    namespace: Option<String>,
+    #[serde(default)]
     resources: Vec<String>,
+    #[serde(default)]
+    configurations: Vec<String>,
+    #[serde(default)]
+    patches: Vec<serde_yaml::Value>,
+}
+
+/// `monitoring.coreos.com/v1` PodMonitor, the fields used here.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(dead_code)]
+struct PodMonitor {
+    api_version: String,
+    kind: String,
+    metadata: ObjectMeta,
+    spec: PodMonitorSpec,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PodMonitorSpec {
+    selector: LabelSelector,
+    pod_metrics_endpoints: Vec<PodMetricsEndpoint>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct PodMetricsEndpoint {
+    port: String,
+    path: String,
+    interval: Option<String>,
 }
 
 // ---------------------------------------------------------------------------
@@ -288,6 +327,8 @@ struct Kustomization {
 #[derive(Default)]
 struct Manifests {
     namespaces: Vec<Namespace>,
+    config_maps: Vec<ConfigMap>,
+    pod_monitors: Vec<PodMonitor>,
     service_accounts: Vec<ServiceAccount>,
     roles: Vec<Role>,
     role_bindings: Vec<RoleBinding>,
@@ -311,6 +352,12 @@ fn load_deploy() -> Manifests {
             let kind = value.get("kind").and_then(|v| v.as_str());
             match (api_version, kind) {
                 (Some("v1"), Some("Namespace")) => m.namespaces.push(strict(&origin, value)),
+                (Some("v1"), Some("ConfigMap")) => m.config_maps.push(strict(&origin, value)),
+                (Some("monitoring.coreos.com/v1"), Some("PodMonitor")) => {
+                    m.pod_monitors.push(strict(&origin, value))
+                }
+                // kustomize's own configuration, not a resource.
+                (None, None) if file.ends_with("kustomizeconfig.yaml") => {}
                 (Some("v1"), Some("ServiceAccount")) => {
                     m.service_accounts.push(strict(&origin, value))
                 }
@@ -340,12 +387,13 @@ fn load_deploy() -> Manifests {
                 (Some("kubevirt.io/v1"), Some("VirtualMachine")) => {
                     m.vms.push(strict(&origin, value))
                 }
-                (Some("kustomize.config.k8s.io/v1beta1"), Some("Kustomization")) => {
+                (Some("kustomize.config.k8s.io/v1beta1"), Some("Kustomization"))
+                | (Some("kustomize.config.k8s.io/v1alpha1"), Some("Component")) => {
                     let dir = file.parent().expect("file has a directory").to_path_buf();
                     m.kustomizations.push((dir, strict(&origin, value)));
                 }
                 // deploy/monitoring/: checked by tests/operator.rs (promtool).
-                (Some("monitoring.coreos.com/v1"), Some("PodMonitor" | "PrometheusRule")) => {}
+                (Some("monitoring.coreos.com/v1"), Some("PrometheusRule")) => {}
                 other => panic!("{origin}: no typed check for apiVersion/kind {other:?}"),
             }
         }
@@ -367,352 +415,250 @@ fn fixture_pod_json() -> Value {
 }
 
 // ---------------------------------------------------------------------------
-// The literal subset of CEL the policy's patches are written in
+// The policy's CEL, evaluated by a CEL interpreter
 // ---------------------------------------------------------------------------
 
 mod cel {
-    //! Parses the data-only CEL the mutating policy uses: string, integer and
-    //! boolean literals, lists, maps with string keys, `Type{field: value}`
-    //! initialisers, references to `variables.NAME`, and one top-level
-    //! conditional `CONDITION ? A : B` whose condition is kept as text.
+    //! One rewrite before the interpreter sees an expression: cel-interpreter
+    //! 0.10 parses `Type{field: value}` initialisers but cannot evaluate them
+    //! (its interpreter has a `todo!` there), so `JSONPatch{op: "add"}` and
+    //! `Object.spec.volumes{name: "x"}` become the maps `{"op": "add"}` and
+    //! `{"name": "x"}`. On the way, each `Object.*` type name is checked
+    //! against the field it fills (`Object.spec.volumes.emptyDir` inside
+    //! `Object.spec.volumes` at field `emptyDir`), as the API server's type
+    //! checker does. Everything else (conditions, `has`, `in`, the variables,
+    //! list concatenation, `int()`, `?:`) runs in the interpreter unchanged.
 
-    #[derive(Debug, Clone, PartialEq)]
-    pub enum Lit {
-        Str(String),
-        Int(i64),
-        Bool(bool),
-        List(Vec<Lit>),
-        Map(Vec<(String, Lit)>),
-        Obj {
-            ty: String,
-            fields: Vec<(String, Lit)>,
-        },
-        Ref(String),
+    enum Open {
+        Struct { ty: String, field: Option<String> },
+        Map,
+        Other,
     }
 
-    #[derive(Debug)]
-    pub enum Expr {
-        Lit(Lit),
-        Cond {
-            cond: String,
-            then: Lit,
-            otherwise: Lit,
-        },
-    }
-
-    pub fn parse(src: &str) -> Result<Expr, String> {
-        match top_level(src, '?') {
-            None => Ok(Expr::Lit(literal(src)?)),
-            Some(q) => {
-                let rest = &src[q + 1..];
-                let c = top_level(rest, ':').ok_or("conditional without ':'")?;
-                Ok(Expr::Cond {
-                    cond: normalize(&src[..q]),
-                    then: literal(&rest[..c])?,
-                    otherwise: literal(&rest[c + 1..])?,
-                })
-            }
-        }
-    }
-
-    /// Whitespace collapsed to single spaces, trimmed.
-    pub fn normalize(s: &str) -> String {
-        s.split_whitespace().collect::<Vec<_>>().join(" ")
-    }
-
-    /// Byte offset of the first `needle` outside strings and brackets.
-    fn top_level(src: &str, needle: char) -> Option<usize> {
-        let mut depth = 0i32;
-        let mut quote: Option<char> = None;
-        let mut escaped = false;
-        for (i, ch) in src.char_indices() {
-            if let Some(q) = quote {
-                if escaped {
-                    escaped = false;
-                } else if ch == '\\' {
-                    escaped = true;
-                } else if ch == q {
-                    quote = None;
+    pub fn structs_as_maps(src: &str) -> Result<String, String> {
+        let chars: Vec<char> = src.chars().collect();
+        let mut out = String::new();
+        let mut stack: Vec<Open> = Vec::new();
+        let mut expect_field = false;
+        let mut i = 0;
+        while i < chars.len() {
+            let c = chars[i];
+            if c == '"' || c == '\'' {
+                let start = i;
+                i += 1;
+                while i < chars.len() && chars[i] != c {
+                    if chars[i] == '\\' {
+                        i += 1;
+                    }
+                    i += 1;
                 }
+                i += 1;
+                out.extend(&chars[start..i.min(chars.len())]);
                 continue;
             }
-            match ch {
-                '"' | '\'' => quote = Some(ch),
-                '(' | '[' | '{' => depth += 1,
-                ')' | ']' | '}' => depth -= 1,
-                c if c == needle && depth == 0 => return Some(i),
-                _ => {}
-            }
-        }
-        None
-    }
-
-    fn literal(src: &str) -> Result<Lit, String> {
-        let mut p = Parser {
-            chars: src.chars().collect(),
-            pos: 0,
-        };
-        let lit = p.value()?;
-        p.skip_ws();
-        if p.pos != p.chars.len() {
-            return Err(format!("unexpected text after literal: {:?}", p.rest()));
-        }
-        Ok(lit)
-    }
-
-    struct Parser {
-        chars: Vec<char>,
-        pos: usize,
-    }
-
-    impl Parser {
-        fn rest(&self) -> String {
-            self.chars[self.pos..].iter().take(40).collect()
-        }
-
-        fn skip_ws(&mut self) {
-            while self.chars.get(self.pos).is_some_and(|c| c.is_whitespace()) {
-                self.pos += 1;
-            }
-        }
-
-        fn peek(&mut self) -> Option<char> {
-            self.skip_ws();
-            self.chars.get(self.pos).copied()
-        }
-
-        fn expect(&mut self, want: char) -> Result<(), String> {
-            match self.peek() {
-                Some(c) if c == want => {
-                    self.pos += 1;
-                    Ok(())
+            if expect_field {
+                if c.is_whitespace() {
+                    out.push(c);
+                    i += 1;
+                    continue;
                 }
-                _ => Err(format!("expected {want:?} at {:?}", self.rest())),
-            }
-        }
-
-        /// Comma-separated items up to `close`; a trailing comma is allowed.
-        fn items<T>(
-            &mut self,
-            close: char,
-            mut item: impl FnMut(&mut Self) -> Result<T, String>,
-        ) -> Result<Vec<T>, String> {
-            let mut out = Vec::new();
-            loop {
-                if self.peek() == Some(close) {
-                    self.pos += 1;
-                    return Ok(out);
-                }
-                out.push(item(self)?);
-                match self.peek() {
-                    Some(',') => self.pos += 1,
-                    Some(c) if c == close => {}
-                    _ => return Err(format!("expected ',' or {close:?} at {:?}", self.rest())),
-                }
-            }
-        }
-
-        fn value(&mut self) -> Result<Lit, String> {
-            match self.peek() {
-                Some('"' | '\'') => self.string().map(Lit::Str),
-                Some('[') => {
-                    self.pos += 1;
-                    self.items(']', Self::value).map(Lit::List)
-                }
-                Some('{') => {
-                    self.pos += 1;
-                    self.items('}', |p| {
-                        let key = p.string()?;
-                        p.expect(':')?;
-                        Ok((key, p.value()?))
-                    })
-                    .map(Lit::Map)
-                }
-                Some(c) if c.is_ascii_digit() || c == '-' => self.int(),
-                Some(c) if c.is_ascii_alphabetic() || c == '_' => {
-                    let ident = self.ident();
-                    match ident.as_str() {
-                        "true" => return Ok(Lit::Bool(true)),
-                        "false" => return Ok(Lit::Bool(false)),
-                        _ => {}
+                expect_field = false;
+                if c.is_ascii_alphabetic() || c == '_' {
+                    let start = i;
+                    while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '_') {
+                        i += 1;
                     }
-                    if self.peek() == Some('{') {
-                        self.pos += 1;
-                        let fields = self.items('}', |p| {
-                            let name = p.ident();
-                            if name.is_empty() || name.contains('.') {
-                                return Err(format!("bad field name at {:?}", p.rest()));
-                            }
-                            p.expect(':')?;
-                            Ok((name, p.value()?))
-                        })?;
-                        Ok(Lit::Obj { ty: ident, fields })
-                    } else if ident.starts_with("variables.") {
-                        Ok(Lit::Ref(ident))
-                    } else {
-                        Err(format!("not a literal: {ident}"))
+                    let name: String = chars[start..i].iter().collect();
+                    let mut j = i;
+                    while j < chars.len() && chars[j].is_whitespace() {
+                        j += 1;
                     }
+                    if chars.get(j) != Some(&':') {
+                        return Err(format!("field {name} without ':'"));
+                    }
+                    if let Some(Open::Struct { field, .. }) = stack.last_mut() {
+                        *field = Some(name.clone());
+                    }
+                    out.push_str(&format!("{name:?}"));
+                    continue;
                 }
-                _ => Err(format!("expected a literal at {:?}", self.rest())),
             }
-        }
-
-        fn ident(&mut self) -> String {
-            self.skip_ws();
-            let start = self.pos;
-            while self
-                .chars
-                .get(self.pos)
-                .is_some_and(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '.')
-            {
-                self.pos += 1;
-            }
-            self.chars[start..self.pos].iter().collect()
-        }
-
-        fn int(&mut self) -> Result<Lit, String> {
-            self.skip_ws();
-            let start = self.pos;
-            if self.chars.get(self.pos) == Some(&'-') {
-                self.pos += 1;
-            }
-            while self.chars.get(self.pos).is_some_and(|c| c.is_ascii_digit()) {
-                self.pos += 1;
-            }
-            let text: String = self.chars[start..self.pos].iter().collect();
-            text.parse()
-                .map(Lit::Int)
-                .map_err(|e| format!("bad integer {text:?}: {e}"))
-        }
-
-        fn string(&mut self) -> Result<String, String> {
-            let quote = match self.peek() {
-                Some(q @ ('"' | '\'')) => q,
-                _ => return Err(format!("expected a string at {:?}", self.rest())),
-            };
-            self.pos += 1;
-            let mut out = String::new();
-            loop {
-                let c = *self.chars.get(self.pos).ok_or("unterminated string")?;
-                self.pos += 1;
-                match c {
-                    '\\' => {
-                        let e = *self.chars.get(self.pos).ok_or("unterminated escape")?;
-                        self.pos += 1;
-                        out.push(match e {
-                            'n' => '\n',
-                            't' => '\t',
-                            '\\' | '"' | '\'' => e,
-                            _ => return Err(format!("unsupported escape \\{e}")),
+            match c {
+                '{' => {
+                    let ident_len = out
+                        .chars()
+                        .rev()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '.')
+                        .count();
+                    let ident: String = out.chars().skip(out.chars().count() - ident_len).collect();
+                    if ident.starts_with(|c: char| c.is_ascii_uppercase()) {
+                        check_type(&stack, &ident)?;
+                        out.truncate(out.len() - ident.len());
+                        stack.push(Open::Struct {
+                            ty: ident,
+                            field: None,
                         });
+                        expect_field = true;
+                    } else {
+                        stack.push(Open::Map);
                     }
-                    c if c == quote => return Ok(out),
-                    c => out.push(c),
+                    out.push('{');
                 }
-            }
-        }
-    }
-}
-
-use cel::{Expr, Lit};
-
-/// What the simulation knows about the policy's CEL beyond literal data:
-/// each condition the policy uses, evaluated on the pod being admitted.
-/// Unknown conditions fail loudly: teach this table when the policy changes.
-fn eval_condition(cond: &str, pod: &Value) -> bool {
-    match cond {
-        "has(object.spec.initContainers)" => pod["spec"].get("initContainers").is_some(),
-        "has(object.spec.volumes)" => pod["spec"].get("volumes").is_some(),
-        // Same meaning as the policy's `guaranteed` variable: the compute
-        // container has cpu and memory requests equal to its limits.
-        "variables.guaranteed" => pod["spec"]["containers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|c| c["name"] == "compute")
-            .any(|c| {
-                let (req, lim) = (&c["resources"]["requests"], &c["resources"]["limits"]);
-                ["cpu", "memory"]
-                    .iter()
-                    .all(|r| !req[r].is_null() && req[r] == lim[r])
-            }),
-        other => panic!("the simulation does not know the CEL condition {other:?}"),
-    }
-}
-
-struct Policy<'a> {
-    variables: BTreeMap<String, String>,
-    pod: &'a Value,
-}
-
-impl Policy<'_> {
-    fn choose(&self, expr: Expr) -> Lit {
-        match expr {
-            Expr::Lit(l) => l,
-            Expr::Cond {
-                cond,
-                then,
-                otherwise,
-            } => {
-                if eval_condition(&cond, self.pod) {
-                    then
-                } else {
-                    otherwise
+                '[' | '(' => {
+                    stack.push(Open::Other);
+                    out.push(c);
                 }
-            }
-        }
-    }
-
-    fn resolve(&self, reference: &str) -> Lit {
-        let name = reference.trim_start_matches("variables.");
-        let expr = self
-            .variables
-            .get(name)
-            .unwrap_or_else(|| panic!("{reference} is not a variable of the policy"));
-        self.choose(cel::parse(expr).unwrap_or_else(|e| panic!("variable {name}: {e}")))
-    }
-
-    /// JSON for a literal; `ty` is the Object type name the position
-    /// requires (`Object.spec.volumes` for an element of spec.volumes), as
-    /// the API server checks for apply configurations.
-    fn to_json(&self, lit: &Lit, ty: Option<&str>) -> Value {
-        match lit {
-            Lit::Str(s) => Value::String(s.clone()),
-            Lit::Int(i) => Value::from(*i),
-            Lit::Bool(b) => Value::Bool(*b),
-            Lit::List(items) => Value::Array(items.iter().map(|i| self.to_json(i, ty)).collect()),
-            Lit::Map(entries) => Value::Object(
-                entries
-                    .iter()
-                    .map(|(k, v)| (k.clone(), self.to_json(v, None)))
-                    .collect(),
-            ),
-            Lit::Ref(r) => self.to_json(&self.resolve(r), ty),
-            Lit::Obj { ty: got, fields } => {
-                if let Some(want) = ty {
-                    assert_eq!(got, want, "Object type name does not match its field path");
+                '}' | ']' | ')' => {
+                    stack.pop().ok_or("unbalanced brackets")?;
+                    out.push(c);
                 }
-                Value::Object(
-                    fields
-                        .iter()
-                        .map(|(k, v)| (k.clone(), self.to_json(v, Some(&format!("{got}.{k}")))))
-                        .collect(),
-                )
+                ',' => {
+                    expect_field = matches!(stack.last(), Some(Open::Struct { .. }));
+                    out.push(c);
+                }
+                _ => out.push(c),
             }
+            i += 1;
         }
+        if !stack.is_empty() {
+            return Err("unbalanced brackets".into());
+        }
+        Ok(out)
+    }
+
+    /// A `Type{...}` opened where `stack` says: `JSONPatch` anywhere, an
+    /// `Object.*` value of a JSONPatch, or `Object.<parent>.<field>`.
+    fn check_type(stack: &[Open], ty: &str) -> Result<(), String> {
+        if ty == "JSONPatch" {
+            return Ok(());
+        }
+        let parent = stack.iter().rev().find_map(|o| match o {
+            Open::Struct { ty, field } => Some((ty.as_str(), field.as_deref())),
+            Open::Map => Some(("map", None)),
+            Open::Other => None,
+        });
+        match parent {
+            Some(("JSONPatch", Some("value"))) if ty.starts_with("Object.") => Ok(()),
+            Some((p, Some(f))) if p.starts_with("Object") && ty == format!("{p}.{f}") => Ok(()),
+            other => Err(format!("type {ty} where {other:?} is open")),
+        }
+    }
+
+    #[test]
+    fn rewrites_initialisers_and_checks_their_types() {
+        let src = r#"[JSONPatch{op: "a{b", value: Object.spec{x: [Object.spec.x{y: {"k": 1}}]}}]"#;
+        assert_eq!(
+            structs_as_maps(src).unwrap(),
+            r#"[{"op": "a{b", "value": {"x": [{"y": {"k": 1}}]}}]"#
+        );
+        assert!(structs_as_maps("[JSONPatch{value: Object.spec{x: Object.spec.z{}}}]").is_err());
     }
 }
 
-/// `Object.spec.volumes` for `/spec/volumes/-` or `/spec/volumes/3`.
-fn object_type_for_path(path: &str) -> String {
-    let mut ty = String::from("Object");
-    for seg in path.split('/').skip(1) {
-        if seg != "-" && seg.parse::<usize>().is_err() {
-            ty.push('.');
-            ty.push_str(seg);
+use cel_interpreter::{Context, Program, Value as Cel};
+
+/// The ConfigMap the policy reads, as `deploy/vms` ships it.
+fn default_params() -> Value {
+    let text = std::fs::read_to_string(repo().join("deploy/vms/config.yaml")).expect("config.yaml");
+    serde_json::to_value(serde_yaml::from_str::<serde_yaml::Value>(&text).expect("YAML"))
+        .expect("JSON")
+}
+
+fn cel_to_json(v: &Cel) -> Value {
+    match v {
+        Cel::List(items) => Value::Array(items.iter().map(cel_to_json).collect()),
+        Cel::Map(m) => Value::Object(
+            m.map
+                .iter()
+                .map(|(k, v)| (k.to_string(), cel_to_json(v)))
+                .collect(),
+        ),
+        Cel::Int(i) => Value::from(*i),
+        Cel::UInt(u) => Value::from(*u),
+        Cel::Float(f) => Value::from(*f),
+        Cel::String(s) => Value::String(s.to_string()),
+        Cel::Bool(b) => Value::Bool(*b),
+        Cel::Null => Value::Null,
+        other => panic!("CEL value without a JSON form: {other:?}"),
+    }
+}
+
+fn eval(expr: &str, ctx: &Context) -> Cel {
+    let src = cel::structs_as_maps(expr).unwrap_or_else(|e| panic!("{e}: {expr}"));
+    let program =
+        Program::compile(&src).unwrap_or_else(|e| panic!("CEL does not compile: {expr}\n{e:?}"));
+    program
+        .execute(ctx)
+        .unwrap_or_else(|e| panic!("CEL fails: {expr}\n{e:?}"))
+}
+
+/// The context of one evaluation: `object`, `params`, `request`, and the
+/// policy's variables in order (each may use the ones before).
+fn context(policy: &MutatingAdmissionPolicy, params: &Value, pod: &Value) -> Context<'static> {
+    let spec = policy.spec.as_ref().expect("policy spec");
+    let mut ctx = Context::default();
+    ctx.add_variable("object", pod).expect("object");
+    ctx.add_variable("params", params).expect("params");
+    ctx.add_variable("request", serde_json::json!({"operation": "CREATE"}))
+        .expect("request");
+    let mut variables = std::collections::HashMap::<String, Cel>::new();
+    ctx.add_variable_from_value("variables", variables.clone());
+    for var in spec.variables.iter().flatten() {
+        let value = eval(&var.expression, &ctx);
+        variables.insert(var.name.clone(), value);
+        ctx.add_variable_from_value("variables", variables.clone());
+    }
+    ctx
+}
+
+/// Whether the policy's matchConditions select `pod`.
+fn matches(policy: &MutatingAdmissionPolicy, pod: &Value) -> bool {
+    let ctx = context(policy, &default_params(), pod);
+    let spec = policy.spec.as_ref().expect("policy spec");
+    spec.match_conditions
+        .iter()
+        .flatten()
+        .all(|c| match eval(&c.expression, &ctx) {
+            Cel::Bool(b) => b,
+            other => panic!("matchCondition {} gives {other:?}", c.name),
+        })
+}
+
+/// Admits `pod` through the mutating policy with the shipped settings.
+fn admit(policy: &MutatingAdmissionPolicy, pod: Value) -> Value {
+    admit_with(policy, &default_params(), pod)
+}
+
+/// Admits `pod` with `params` as the ConfigMap: the matchConditions must
+/// select it, then every mutation in order, each evaluated (variables
+/// included) on the result of the ones before.
+fn admit_with(policy: &MutatingAdmissionPolicy, params: &Value, mut pod: Value) -> Value {
+    assert!(
+        matches(policy, &pod),
+        "the policy's matchConditions select the pod"
+    );
+    let spec = policy.spec.as_ref().expect("policy spec");
+    for mutation in spec.mutations.as_deref().expect("mutations") {
+        assert_eq!(
+            mutation.patch_type, "JSONPatch",
+            "only JSON patches are used"
+        );
+        let expression = mutation
+            .json_patch
+            .as_ref()
+            .and_then(|j| j.expression.as_deref())
+            .expect("JSON patch expression");
+        let ctx = context(policy, params, &pod);
+        let Value::Array(ops) = cel_to_json(&eval(expression, &ctx)) else {
+            panic!("a JSON patch expression must give a list");
+        };
+        for op in ops {
+            assert_eq!(op["op"], "add", "only JSON patch add is applied here");
+            let path = op["path"].as_str().expect("JSONPatch path").to_owned();
+            json_patch_add(&mut pod, &path, op["value"].clone());
         }
     }
-    ty
+    pod
 }
 
 fn json_patch_add(doc: &mut Value, path: &str, value: Value) {
@@ -739,64 +685,6 @@ fn json_patch_add(doc: &mut Value, path: &str, value: Value) {
         }
         _ => panic!("JSON patch add {path}: parent is not a container"),
     }
-}
-
-/// Admits `pod` through the mutating policy: match conditions as the table
-/// knows them, then every mutation in order, each seeing the previous result.
-fn admit(policy: &MutatingAdmissionPolicy, mut pod: Value) -> Value {
-    let spec = policy.spec.as_ref().expect("policy spec");
-    let variables: BTreeMap<String, String> = spec
-        .variables
-        .iter()
-        .flatten()
-        .map(|v| (v.name.clone(), v.expression.clone()))
-        .collect();
-    for mutation in spec.mutations.as_deref().expect("mutations") {
-        assert_eq!(
-            mutation.patch_type, "JSONPatch",
-            "only JSON patches are used"
-        );
-        let expression = mutation
-            .json_patch
-            .as_ref()
-            .and_then(|j| j.expression.as_deref())
-            .expect("JSON patch expression");
-        let parsed = cel::parse(expression).unwrap_or_else(|e| panic!("mutation: {e}"));
-        let ops = {
-            let ctx = Policy {
-                variables: variables.clone(),
-                pod: &pod,
-            };
-            let Lit::List(ops) = ctx.choose(parsed) else {
-                panic!("a JSON patch expression must give a list");
-            };
-            ops.iter()
-                .map(|op| {
-                    let Lit::Obj { ty, fields } = op else {
-                        panic!("JSON patch items must be JSONPatch{{...}}")
-                    };
-                    assert_eq!(ty, "JSONPatch");
-                    let field = |name: &str| {
-                        fields
-                            .iter()
-                            .find(|(k, _)| k == name)
-                            .map(|(_, v)| v)
-                            .unwrap_or_else(|| panic!("JSONPatch without {name}"))
-                    };
-                    let (Lit::Str(op), Lit::Str(path)) = (field("op"), field("path")) else {
-                        panic!("JSONPatch op and path must be strings")
-                    };
-                    let value = ctx.to_json(field("value"), Some(&object_type_for_path(path)));
-                    (op.clone(), path.clone(), value)
-                })
-                .collect::<Vec<_>>()
-        };
-        for (op, path, value) in ops {
-            assert_eq!(op, "add", "only JSON patch add is simulated");
-            json_patch_add(&mut pod, &path, value);
-        }
-    }
-    pod
 }
 
 fn injected(pod: &Pod) -> &Container {
@@ -841,10 +729,16 @@ fn kustomizations_list_every_manifest_next_to_them() {
         "deploy/ has no kustomization.yaml"
     );
     for (dir, k) in &m.kustomizations {
-        let listed: BTreeSet<&str> = k.resources.iter().map(String::as_str).collect();
+        let listed: BTreeSet<&str> = k
+            .resources
+            .iter()
+            .chain(&k.configurations)
+            .map(String::as_str)
+            .collect();
         for r in &listed {
+            let target = dir.join(r);
             assert!(
-                dir.join(r).is_file(),
+                target.is_file() || target.join("kustomization.yaml").is_file(),
                 "{}: lists missing {r}",
                 dir.display()
             );
@@ -907,16 +801,11 @@ fn injected_container_is_a_least_privilege_native_sidecar() {
         Some("RuntimeDefault")
     );
 
-    // Probes: readiness only; a startup probe would hold back the compute
-    // container (native sidecars must be started before the next container).
+    // Probes: liveness on /healthz, readiness on /readyz, both over the
+    // API's unix socket (`nicplug probe`); no startup probe, which would hold
+    // back the compute container (native sidecars must be started before the
+    // next container).
     assert!(c.startup_probe.is_none(), "no startupProbe on the sidecar");
-    let exec = c
-        .readiness_probe
-        .as_ref()
-        .and_then(|p| p.exec.as_ref())
-        .expect("exec readiness probe");
-    let cmd = exec.command.as_deref().expect("probe command");
-    assert_eq!(&cmd[..2], ["nicplug", "status"]);
     let socket_arg = |args: &[String], flag: &str| {
         args.iter()
             .position(|a| a == flag)
@@ -924,14 +813,40 @@ fn injected_container_is_a_least_privilege_native_sidecar() {
             .cloned()
     };
     let args = c.args.as_deref().expect("args");
-    assert_eq!(
-        socket_arg(cmd, "--socket"),
-        socket_arg(args, "--api-socket"),
-        "the probe asks the socket the agent serves"
-    );
+    for (which, probe, endpoint) in [
+        ("liveness", c.liveness_probe.as_ref(), "healthz"),
+        ("readiness", c.readiness_probe.as_ref(), "readyz"),
+    ] {
+        let probe = probe.unwrap_or_else(|| panic!("a {which} probe"));
+        let cmd = probe
+            .exec
+            .as_ref()
+            .and_then(|e| e.command.as_deref())
+            .unwrap_or_else(|| panic!("an exec {which} probe"));
+        assert_eq!(&cmd[..3], ["nicplug", "probe", endpoint], "{which}");
+        assert_eq!(
+            socket_arg(cmd, "--socket"),
+            socket_arg(args, "--api-socket"),
+            "the {which} probe asks the socket the agent serves"
+        );
+        assert!(
+            probe.failure_threshold.unwrap_or(3) >= 3,
+            "{which}: no flapping on one slow answer"
+        );
+        assert!(probe.http_get.is_none() && probe.tcp_socket.is_none());
+    }
     assert!(
         !args.iter().any(|a| a == "--listen"),
         "no TCP listener: the API stays on the unix socket"
+    );
+    assert!(
+        c.ports.as_deref().is_none_or(|p| p.is_empty()),
+        "no port unless metrics are on"
+    );
+    assert_eq!(
+        c.image.as_deref(),
+        default_params()["data"]["image"].as_str(),
+        "the image comes from the settings ConfigMap"
     );
 }
 
@@ -1425,4 +1340,368 @@ fn the_containerfile_matches_the_manifests() {
     // Non-root with NET_ADMIN works only through a file capability: added
     // capabilities do not survive exec for a non-root user otherwise.
     assert!(has("setcap cap_net_admin=ep /usr/local/bin/nicplug"));
+}
+
+#[test]
+fn the_policy_selects_only_launchers_not_injected_yet() {
+    let m = load_deploy();
+    let policy = the(&m.mutating, "MutatingAdmissionPolicy");
+    let launcher = fixture_pod_json();
+    assert!(matches(policy, &launcher));
+    let mut other = launcher.clone();
+    other["metadata"]["labels"]["kubevirt.io"] = "hotplug-disk".into();
+    assert!(!matches(policy, &other), "KubeVirt's other pods");
+    let mut unlabelled = launcher.clone();
+    unlabelled["metadata"]
+        .as_object_mut()
+        .expect("metadata")
+        .remove("labels");
+    assert!(!matches(policy, &unlabelled), "a pod without labels");
+    let injected_once = admit(policy, launcher);
+    assert!(!matches(policy, &injected_once), "no second injection");
+}
+
+#[test]
+fn network_status_comes_from_a_downward_api_volume_not_the_api() {
+    let m = load_deploy();
+    let policy = the(&m.mutating, "MutatingAdmissionPolicy");
+    let pod: Pod = strict_json("after admission", &admit(policy, fixture_pod_json()));
+    let c = injected(&pod);
+    let args = c.args.as_deref().expect("args");
+    assert!(
+        !args.iter().any(|a| a == "--kube-network-status"),
+        "no pod reads through the API"
+    );
+    let file = args
+        .iter()
+        .position(|a| a == "--network-status")
+        .and_then(|i| args.get(i + 1))
+        .expect("--network-status FILE");
+    let volume = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .into_iter()
+        .flatten()
+        .find(|v| v.name == "nicplug-podinfo")
+        .expect("the podinfo volume");
+    let items = volume
+        .downward_api
+        .as_ref()
+        .and_then(|d| d.items.as_ref())
+        .expect("a downwardAPI volume");
+    assert_eq!(items.len(), 1, "only the one annotation, not all of them");
+    let field = items[0].field_ref.as_ref().expect("fieldRef");
+    assert_eq!(
+        field.field_path,
+        "metadata.annotations['k8s.v1.cni.cncf.io/network-status']"
+    );
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|v| v.name == "nicplug-podinfo")
+        .expect("mounted");
+    assert_eq!(mount.read_only, Some(true));
+    assert_eq!(*file, format!("{}/{}", mount.mount_path, items[0].path));
+
+    // And so RBAC needs no read of pods beyond `get` (the pod's own, for the
+    // patch): no list, no watch (a Role cannot name the generated pod name).
+    let role = the(&m.roles, "Role");
+    for rule in role.rules.iter().flatten() {
+        if rule.resources.iter().flatten().any(|r| r == "pods") {
+            assert!(!rule.verbs.iter().any(|v| v == "list" || v == "watch"));
+        }
+    }
+}
+
+#[test]
+fn settings_come_from_a_configmap_in_the_launchers_namespace() {
+    let m = load_deploy();
+    let policy = the(&m.mutating, "MutatingAdmissionPolicy");
+    let spec = policy.spec.as_ref().expect("spec");
+    let kind = spec.param_kind.as_ref().expect("paramKind");
+    assert_eq!(
+        (kind.api_version.as_deref(), kind.kind.as_deref()),
+        (Some("v1"), Some("ConfigMap"))
+    );
+    let binding = the(&m.mutating_bindings, "MutatingAdmissionPolicyBinding");
+    let param_ref = binding
+        .spec
+        .as_ref()
+        .and_then(|s| s.param_ref.as_ref())
+        .expect("paramRef");
+    assert!(
+        param_ref.namespace.is_none() && param_ref.selector.is_none(),
+        "looked up in the admitted pod's namespace, by name"
+    );
+    assert_eq!(
+        param_ref.parameter_not_found_action.as_deref(),
+        Some("Deny")
+    );
+    let cm = the(&m.config_maps, "ConfigMap");
+    assert_eq!(cm.metadata.name, param_ref.name);
+    let sa = the(&m.service_accounts, "ServiceAccount");
+    assert_eq!(
+        cm.metadata.namespace, sa.metadata.namespace,
+        "next to the RBAC"
+    );
+
+    // Every setting reaches the container.
+    let mut params = default_params();
+    params["data"] = serde_json::json!({
+        "image": "registry.internal/nicplug:9.9",
+        "imagePullPolicy": "Always",
+        "logFormat": "text",
+        "metricsPort": "9464"
+    });
+    let pod: Pod = strict_json(
+        "with settings",
+        &admit_with(policy, &params, fixture_pod_json()),
+    );
+    let c = injected(&pod);
+    assert_eq!(c.image.as_deref(), Some("registry.internal/nicplug:9.9"));
+    assert_eq!(c.image_pull_policy.as_deref(), Some("Always"));
+    let args = c.args.as_deref().expect("args");
+    assert!(args.windows(2).any(|w| w == ["--log-format", "text"]));
+    assert!(args.windows(2).any(|w| w == ["--listen", "0.0.0.0:9464"]));
+    let ports = c.ports.as_deref().expect("ports");
+    assert_eq!(ports.len(), 1);
+    assert_eq!(ports[0].name.as_deref(), Some("metrics"));
+    assert_eq!(ports[0].container_port, 9464);
+
+    // Only the image is required.
+    params["data"] = serde_json::json!({"image": "x/nicplug:1"});
+    let pod: Pod = strict_json(
+        "image only",
+        &admit_with(policy, &params, fixture_pod_json()),
+    );
+    let c = injected(&pod);
+    assert_eq!(c.image_pull_policy.as_deref(), Some("IfNotPresent"));
+    let args = c.args.as_deref().expect("args");
+    assert!(args.windows(2).any(|w| w == ["--log-format", "json"]));
+    assert!(!args.iter().any(|a| a == "--listen"));
+}
+
+// ---------------------------------------------------------------------------
+// kustomize, as `kubectl kustomize` renders deploy/
+// ---------------------------------------------------------------------------
+
+/// Renders `dir` with `kubectl kustomize`; None (and a loud SKIP) when
+/// kubectl is not installed.
+fn kustomize(test: &str, dir: &Path) -> Option<Vec<Value>> {
+    let out = match std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("\n*** SKIP {test}: kubectl kustomize unavailable: {e} ***\n");
+            return None;
+        }
+    };
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("UTF-8");
+    Some(
+        serde_yaml::Deserializer::from_str(&text)
+            .map(|de| {
+                serde_json::to_value(serde_yaml::Value::deserialize(de).expect("YAML"))
+                    .expect("JSON")
+            })
+            .filter(|v| !v.is_null())
+            .collect(),
+    )
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let path = entry.expect("entry").path();
+        let dest = to.join(path.file_name().expect("name"));
+        if path.is_dir() {
+            copy_dir(&path, &dest);
+        } else {
+            std::fs::copy(&path, &dest).expect("copy");
+        }
+    }
+}
+
+/// A scratch directory with a copy of deploy/ and an overlay `overlay/`
+/// holding `kustomization`.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str, kustomization: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("nicplug-deploy-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        copy_dir(&repo().join("deploy"), &dir.join("deploy"));
+        std::fs::create_dir_all(dir.join("overlay")).expect("mkdir");
+        std::fs::write(dir.join("overlay/kustomization.yaml"), kustomization).expect("write");
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const CLUSTER_SCOPED: &[&str] = &[
+    "Namespace",
+    "MutatingAdmissionPolicy",
+    "MutatingAdmissionPolicyBinding",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+];
+
+fn kind_of(v: &Value) -> &str {
+    v["kind"].as_str().expect("kind")
+}
+
+#[test]
+fn the_shipped_kustomization_renders_cluster_objects_without_a_namespace() {
+    let test = "the_shipped_kustomization_renders_cluster_objects_without_a_namespace";
+    let Some(objects) = kustomize(test, &repo().join("deploy")) else {
+        return;
+    };
+    let kinds: BTreeSet<&str> = objects.iter().map(kind_of).collect();
+    for k in CLUSTER_SCOPED {
+        assert!(kinds.contains(k), "deploy/ renders a {k}");
+    }
+    for o in &objects {
+        let ns = o["metadata"].get("namespace");
+        if CLUSTER_SCOPED.contains(&kind_of(o)) {
+            assert!(
+                ns.is_none(),
+                "{} {} has a namespace",
+                kind_of(o),
+                o["metadata"]["name"]
+            );
+        } else {
+            assert_eq!(ns, Some(&Value::from("vms")), "{} in vms", kind_of(o));
+        }
+    }
+}
+
+#[test]
+fn a_namespace_overlay_of_vms_moves_only_namespaced_objects() {
+    let test = "a_namespace_overlay_of_vms_moves_only_namespaced_objects";
+    // What docs/deploy.md tells an operator to write for another namespace,
+    // with an image override and the metrics component.
+    let scratch = Scratch::new(
+        "overlay",
+        "apiVersion: kustomize.config.k8s.io/v1beta1\n\
+         kind: Kustomization\n\
+         namespace: team-a\n\
+         resources: [../deploy/vms]\n\
+         components: [../deploy/metrics]\n\
+         images:\n\
+         \x20 - name: registry.example.com/nicplug\n\
+         \x20   newName: registry.internal/nicplug\n\
+         \x20   newTag: \"0.1.1\"\n",
+    );
+    let Some(objects) = kustomize(test, &scratch.0.join("overlay")) else {
+        return;
+    };
+    for o in &objects {
+        let kind = kind_of(o);
+        assert!(
+            !CLUSTER_SCOPED[1..].contains(&kind),
+            "the namespace part holds no admission object ({kind})"
+        );
+        if kind == "Namespace" {
+            assert_eq!(o["metadata"]["name"], "team-a", "the Namespace is renamed");
+            assert!(o["metadata"].get("namespace").is_none());
+        } else {
+            assert_eq!(o["metadata"]["namespace"], "team-a", "{kind} moved");
+        }
+        if kind == "RoleBinding" {
+            assert_eq!(
+                o["subjects"][0]["namespace"], "team-a",
+                "the subject moves too"
+            );
+        }
+    }
+    let cm = objects
+        .iter()
+        .find(|o| kind_of(o) == "ConfigMap")
+        .expect("the settings");
+    assert_eq!(
+        cm["data"]["image"], "registry.internal/nicplug:0.1.1",
+        "`images:` applies"
+    );
+    assert_eq!(cm["data"]["metricsPort"], "9464", "the metrics component");
+
+    // That ConfigMap through the policy: the overridden image, the port the
+    // PodMonitor scrapes, in the launcher the PodMonitor selects.
+    let m = load_deploy();
+    let policy = the(&m.mutating, "MutatingAdmissionPolicy");
+    let mut launcher = fixture_pod_json();
+    launcher["metadata"]["namespace"] = "team-a".into();
+    let pod: Pod = strict_json("overlay", &admit_with(policy, cm, launcher));
+    let c = injected(&pod);
+    assert_eq!(c.image.as_deref(), Some("registry.internal/nicplug:0.1.1"));
+    let monitor = objects
+        .iter()
+        .find(|o| kind_of(o) == "PodMonitor")
+        .expect("a PodMonitor");
+    let monitor: PodMonitor = strict_json("PodMonitor", monitor);
+    let port = &monitor.spec.pod_metrics_endpoints[0].port;
+    assert!(
+        c.ports
+            .iter()
+            .flatten()
+            .any(|p| p.name.as_ref() == Some(port)),
+        "the container declares the port {port} the PodMonitor scrapes"
+    );
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    assert!(label_selector_matches(&monitor.spec.selector, &labels));
+}
+
+#[test]
+fn no_kustomization_sets_a_namespace_over_the_cluster_part() {
+    // Without kubectl: every kustomization in deploy/ that sets `namespace:`
+    // reaches no cluster-scoped manifest through its resources.
+    let m = load_deploy();
+    fn kinds_under(dir: &Path, out: &mut Vec<String>) {
+        let text = std::fs::read_to_string(dir.join("kustomization.yaml")).expect("kustomization");
+        let k: Kustomization = serde_yaml::from_str(&text).expect("kustomization");
+        for r in &k.resources {
+            let p = dir.join(r);
+            if p.is_dir() {
+                kinds_under(&p, out);
+            } else {
+                for d in documents(&p) {
+                    out.push(d.value["kind"].as_str().unwrap_or_default().to_owned());
+                }
+            }
+        }
+    }
+    for (dir, k) in &m.kustomizations {
+        if k.namespace.is_some() {
+            let mut kinds = Vec::new();
+            kinds_under(dir, &mut kinds);
+            for kind in kinds {
+                assert!(
+                    !CLUSTER_SCOPED[1..].contains(&kind.as_str()),
+                    "{}: sets a namespace over a {kind}",
+                    dir.display()
+                );
+            }
+        }
+    }
+    let cluster = m
+        .kustomizations
+        .iter()
+        .find(|(d, _)| d.ends_with("cluster"))
+        .expect("deploy/cluster");
+    assert!(cluster.1.namespace.is_none());
 }

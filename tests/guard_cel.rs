@@ -1,4 +1,4 @@
-//! The guard (`deploy/guard.yaml`) evaluated for real: its matchConditions,
+//! The guard (`deploy/cluster/guard.yaml`) evaluated for real: its matchConditions,
 //! variables, validations and messageExpressions are compiled and run by a
 //! CEL interpreter (`cel-interpreter`), in the order the API server runs
 //! them, against updates of the fixture launcher pod
@@ -82,7 +82,7 @@ fn as_bool(v: Cel, expr: &str) -> bool {
 /// Runs the guard as the API server does: matchConditions, then the
 /// variables (each may use the ones before), then every validation.
 fn guard(request: &Value, old: &Value, new: &Value) -> Verdict {
-    let policy = yaml("deploy/guard.yaml");
+    let policy = yaml("deploy/cluster/guard.yaml");
     let spec = &policy["spec"];
     let mut ctx = Context::default();
     ctx.add_variable("request", request).unwrap();

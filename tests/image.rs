@@ -1,7 +1,7 @@
 //! End-to-end from the real image (issue 11 §2): nicplug runs as a podman
 //! container (runc, the project's containers.conf and image store) joined to
 //! the non-root rig's pod network namespace, with the securityContext
-//! deploy/policy.yaml injects translated to podman flags:
+//! deploy/cluster/policy.yaml injects translated to podman flags:
 //!
 //! | policy | podman |
 //! | --- | --- |
@@ -137,6 +137,44 @@ impl Drop for Container {
 
 /// The status document over the API socket in the container's tmpfs, reached
 /// from the host through the container's root (`/proc/<pid>/root`).
+/// `path` inside the container of `pid`, as the host reaches it through
+/// `/proc/<pid>/root`. Symlinks are resolved against the container's root:
+/// the kernel would resolve an absolute link (Debian's `/var/run -> /run`)
+/// against the host's.
+fn in_container(pid: u32, path: &str) -> std::path::PathBuf {
+    let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+    let mut resolved = std::path::PathBuf::from("/");
+    let mut pending: Vec<String> = path
+        .split('/')
+        .filter(|c| !c.is_empty())
+        .rev()
+        .map(String::from)
+        .collect();
+    let mut hops = 0;
+    while let Some(part) = pending.pop() {
+        let candidate = resolved.join(&part);
+        let on_host = root.join(candidate.strip_prefix("/").unwrap());
+        match std::fs::read_link(&on_host) {
+            Ok(target) if hops < 16 => {
+                hops += 1;
+                if target.is_absolute() {
+                    resolved = std::path::PathBuf::from("/");
+                }
+                for c in target
+                    .to_string_lossy()
+                    .split('/')
+                    .filter(|c| !c.is_empty())
+                    .rev()
+                {
+                    pending.push(c.to_string());
+                }
+            }
+            _ => resolved = candidate,
+        }
+    }
+    root.join(resolved.strip_prefix("/").unwrap())
+}
+
 fn api_status(socket: &Path) -> Option<Value> {
     let (code, body) = api_get(socket, "/status", Duration::from_secs(2)).ok()?;
     (code == 200).then(|| serde_json::from_str(&body).ok())?
@@ -240,7 +278,7 @@ fn image_runs_as_the_sidecar_and_hotplugs_and_unplugs() {
     .unwrap_or_else(|e| panic!("{e}"));
     let c = Container { name };
     let pid = c.pid();
-    let socket = std::path::PathBuf::from(format!("/proc/{pid}/root/var/run/nicplug/nicplug.sock"));
+    let socket = in_container(pid, "/var/run/nicplug/nicplug.sock");
     wait_phase(&socket, &c, "dyniface1", "Pending");
     eprintln!(
         "timing (container): podman run -> API answers, Pending {:?}",
@@ -303,6 +341,20 @@ fn image_runs_as_the_sidecar_and_hotplugs_and_unplugs() {
     ])
     .unwrap();
     eprintln!("nicplug status in the container:\n{table}");
+    // The probes deploy/ injects, run as kubelet runs them: inside the container.
+    for endpoint in ["healthz", "readyz"] {
+        let out = podman_ok(&[
+            "exec",
+            &c.name,
+            "nicplug",
+            "probe",
+            endpoint,
+            "--socket",
+            "/var/run/nicplug/nicplug.sock",
+        ])
+        .unwrap_or_else(|e| panic!("probe {endpoint}: {e}"));
+        assert_eq!(out, "ok\n", "probe {endpoint}");
+    }
     assert!(
         table.contains("dyniface1") && table.contains("Ready"),
         "{table}"

@@ -1,6 +1,6 @@
 //! End-to-end in KubeVirt's non-root launcher shape (issue 11 §1): the pod's
 //! libvirt daemon runs as uid/gid 107 in session mode, so QEMU runs as 107;
-//! nicplug runs as the injected sidecar does (`deploy/policy.yaml`): uid/gid
+//! nicplug runs as the injected sidecar does (`deploy/cluster/policy.yaml`): uid/gid
 //! 107, no supplementary groups, no-new-privs, exactly `CAP_NET_ADMIN`, the
 //! libvirt socket directory mounted read-only at `/var/run/libvirt`, the URI
 //! the policy passes, a writable runtime directory for `XDG_*`. The core

@@ -576,7 +576,8 @@ impl Drop for ClearOnDrop {
     }
 }
 
-/// The owner of the QEMU process whose `-name guest=<domain>` matches.
+/// The owner of the QEMU process whose `-name guest=<domain>` matches, in
+/// this process' network namespace (QEMU shares the pod's).
 fn qemu_process_owner(domain: &str) -> Option<Owner> {
     use std::os::unix::fs::MetadataExt;
     let wanted = format!("guest={domain},");
@@ -590,6 +591,7 @@ fn qemu_process_owner(domain: &str) -> Option<Owner> {
             .next()
             .is_some_and(|a| String::from_utf8_lossy(a).contains("qemu-system"));
         if is_qemu
+            && crate::netns::in_our_netns(&path)
             && args.any(|a| {
                 let a = String::from_utf8_lossy(a);
                 a.starts_with(&wanted) || a == wanted.trim_end_matches(',')

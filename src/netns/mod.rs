@@ -46,6 +46,17 @@ pub enum NetnsError {
     /// process (QEMU) holds it open, so it cannot be recreated safely.
     #[error("tap {tap} is in use but {mismatch}")]
     TapInUse { tap: IfName, mismatch: String },
+    /// SELinux is enabled and QEMU runs in another context than nicplug: a
+    /// tap nicplug creates would carry nicplug's context and QEMU would be
+    /// denied opening it (`tun_socket relabelfrom/relabelto`).
+    #[error(
+        "tap {tap}: QEMU runs in SELinux context {qemu} but nicplug in {own}; a tap nicplug creates would be denied to QEMU (run the sidecar with the launcher pod's seLinuxOptions)"
+    )]
+    SelinuxContext {
+        tap: IfName,
+        own: String,
+        qemu: String,
+    },
     #[error("network namespace: {op} failed")]
     Namespace {
         op: &'static str,
@@ -221,4 +232,33 @@ pub trait PodNetwork: Send + Sync {
     /// Deletes a link by name in one request; a link that does not exist is
     /// success.
     fn delete_link(&self, name: &IfName) -> impl Future<Output = Result<(), NetnsError>> + Send;
+}
+
+/// Whether the process at `proc_dir` (`/proc/<pid>`) is in this process'
+/// network namespace. Another process' namespace link is readable only with
+/// ptrace access (same uid, or root): one nicplug cannot read is not taken
+/// for ours; our own unreadable (no /proc) is no evidence against. Finding "our" QEMU by its command line alone is fooled by
+/// another launcher's QEMU on the same host when process ids are shared
+/// (test rigs side by side; a pod with a host PID namespace).
+pub fn in_our_netns(proc_dir: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let ino = |p: &std::path::Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+    match (
+        ino(std::path::Path::new("/proc/self/ns/net")),
+        ino(&proc_dir.join("ns/net")),
+    ) {
+        (Some(ours), Some(theirs)) => ours == theirs,
+        (Some(_), None) => false,
+        (None, _) => true,
+    }
+}
+
+#[cfg(test)]
+mod netns_tests {
+    #[test]
+    fn we_share_our_own_netns_and_not_a_missing_one() {
+        assert!(super::in_our_netns(std::path::Path::new("/proc/self")));
+        // Not readable (no such process): not ours.
+        assert!(!super::in_our_netns(std::path::Path::new("/proc/0")));
+    }
 }

@@ -277,7 +277,11 @@ impl Netlink {
     /// Writes `/proc/sys/net/ipv6/conf/<link>/<knob>` where it differs, from
     /// a thread in this Netlink's namespace (`/proc/sys/net` shows the
     /// namespace of the thread that opens it). A link without IPv6 (no such
-    /// file) is left alone.
+    /// file) is left alone, and so is every knob when `/proc/sys` is
+    /// read-only, as container runtimes mount it for every unprivileged
+    /// container (the injected sidecar's case): these knobs only back up
+    /// what netlink already does (`addr_gen_mode none`), see
+    /// [`sysctl_write_outcome`].
     fn set_ipv6_conf(&self, link: &IfName, knob: &str, value: &str) -> Result<(), NetnsError> {
         self.netns.run(|| {
             let path = ipv6_conf_path(link.as_str(), knob);
@@ -286,10 +290,12 @@ impl Netlink {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
                 _ => {}
             }
-            std::fs::write(&path, value).map_err(|source| NetnsError::Sysctl {
-                path,
-                value: value.to_string(),
-                source,
+            sysctl_write_outcome(std::fs::write(&path, value)).map_err(|source| {
+                NetnsError::Sysctl {
+                    path,
+                    value: value.to_string(),
+                    source,
+                }
             })
         })
     }
@@ -364,6 +370,12 @@ impl Netlink {
 
     /// Creates the tap in this Netlink's namespace and returns it as observed.
     async fn create_tap(&self, spec: &TapSpec) -> Result<Observed, NetnsError> {
+        // The tap gets the SELinux context of the thread that creates it;
+        // a no-op without SELinux (see super::selinux).
+        super::selinux::admit_tap(
+            &spec.name,
+            &super::selinux::TapLabel::for_owner(spec.owner.uid),
+        )?;
         self.netns.run(|| create_persistent_tap(spec))?;
         // Not found here means it was made in another namespace: a bug
         // worth an error, not a silent retry loop.
@@ -714,6 +726,24 @@ fn ipv6_conf_path(link: &str, knob: &str) -> String {
 
 /// `/proc/sys/net/ipv6/conf/<link>/<knob>` as the calling thread's
 /// namespace sees it, `None` if unreadable (no IPv6).
+/// What a sysctl write's result means: a read-only `/proc/sys` (EROFS: an
+/// unprivileged container) is success with nothing written, logged once;
+/// every other error stays an error.
+fn sysctl_write_outcome(result: std::io::Result<()>) -> std::io::Result<()> {
+    static LOGGED: std::sync::Once = std::sync::Once::new();
+    match result {
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
+            LOGGED.call_once(|| {
+                tracing::info!(
+                    "/proc/sys is read-only (a container): IPv6 sysctls (accept_dad, accept_ra, force_mld_version) are left as they are; addr_gen_mode none over netlink keeps bridge and tap without addresses"
+                )
+            });
+            Ok(())
+        }
+        other => other,
+    }
+}
+
 fn read_ipv6_conf(link: &str, knob: &str) -> Option<String> {
     std::fs::read_to_string(ipv6_conf_path(link, knob))
         .ok()
@@ -903,6 +933,17 @@ fn observe_address(msg: &AddressMessage) -> Option<(u32, IpCidr)> {
 mod tests {
     use super::*;
     use rtnetlink::packet_route::link::InfoPortKind;
+
+    #[test]
+    fn a_read_only_proc_sys_is_no_error_other_failures_are() {
+        let erofs = std::io::Error::from_raw_os_error(libc::EROFS);
+        assert!(sysctl_write_outcome(Err(erofs)).is_ok());
+        assert!(sysctl_write_outcome(Ok(())).is_ok());
+        let eacces = std::io::Error::from_raw_os_error(libc::EACCES);
+        assert!(sysctl_write_outcome(Err(eacces)).is_err());
+        let einval = std::io::Error::from_raw_os_error(libc::EINVAL);
+        assert!(sysctl_write_outcome(Err(einval)).is_err());
+    }
 
     fn link_message(attributes: Vec<LinkAttribute>) -> LinkMessage {
         let mut msg = LinkMessage::default();

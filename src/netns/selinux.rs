@@ -21,8 +21,20 @@
 //! whether that holds: [`check`] compares nicplug's own context with QEMU's
 //! (a pure function, unit-tested), [`TapLabel::observe`] reads both from
 //! `/proc` when SELinux is enabled, and is a no-op otherwise.
+//!
+//! Wired at tap creation (`Netlink::create_tap`): [`TapLabel::for_owner`]
+//! finds the QEMU process of the tap's owner uid and observes both contexts
+//! (nothing is read when SELinux is disabled), then [`admit_tap`] decides:
+//! disabled, matching or unknown (QEMU not visible) create the tap; a
+//! differing context refuses before anything is created, with both contexts
+//! in the error, instead of QEMU failing later with a bare "Permission
+//! denied" on the attach. nicplug does not switch its own context
+//! (KubeVirt's `setexeccon` + exec needs the `transition` permission that
+//! virt-handler's policy has and a container's has not).
 
 use std::path::Path;
+
+use super::NetnsError;
 
 /// What nicplug knows about the label its taps will get.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +61,52 @@ impl TapLabel {
         });
         check(enabled(), own, qemu)
     }
+
+    /// [`TapLabel::observe`] for the QEMU process run by `uid` (the tap's
+    /// owner); `Disabled` without reading `/proc` when SELinux is off.
+    pub fn for_owner(uid: u32) -> Self {
+        if !enabled() {
+            return TapLabel::Disabled;
+        }
+        Self::observe(qemu_pid_of(uid))
+    }
+}
+
+/// Whether a tap may be created given its label decision: everything but a
+/// known mismatch with QEMU's context.
+pub fn admit_tap(tap: &crate::model::IfName, label: &TapLabel) -> Result<(), NetnsError> {
+    match label {
+        TapLabel::Disabled | TapLabel::Matches(_) => Ok(()),
+        TapLabel::Unknown { own } => {
+            tracing::debug!(%tap, context = %own, "QEMU's SELinux context not visible; the tap gets nicplug's");
+            Ok(())
+        }
+        TapLabel::Differs { own, qemu } => Err(NetnsError::SelinuxContext {
+            tap: tap.clone(),
+            own: own.clone(),
+            qemu: qemu.clone(),
+        }),
+    }
+}
+
+/// The first `qemu-system*` process owned by `uid` in this network namespace.
+fn qemu_pid_of(uid: u32) -> Option<i32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let path = entry.path();
+            if std::fs::metadata(&path).ok()?.uid() != uid || !super::in_our_netns(&path) {
+                return None;
+            }
+            let cmdline = std::fs::read(path.join("cmdline")).ok()?;
+            let argv0 = cmdline.split(|b| *b == 0).next()?;
+            String::from_utf8_lossy(argv0)
+                .contains("qemu-system")
+                .then_some(pid)
+        })
 }
 
 /// The decision, from whether SELinux is enabled and the two contexts.
@@ -151,6 +209,40 @@ mod tests {
         assert_eq!(parse_context(b""), None);
         assert_eq!(parse_context(b"unconfined"), None);
         assert_eq!(parse_context(&[0xff, 0xfe]), None);
+    }
+
+    #[test]
+    fn only_a_known_mismatch_refuses_the_tap() {
+        let tap = crate::model::IfName::new("tap0").unwrap();
+        assert!(admit_tap(&tap, &TapLabel::Disabled).is_ok());
+        assert!(admit_tap(&tap, &TapLabel::Matches(LAUNCHER.into())).is_ok());
+        assert!(
+            admit_tap(
+                &tap,
+                &TapLabel::Unknown {
+                    own: LAUNCHER.into()
+                }
+            )
+            .is_ok()
+        );
+        let other = "system_u:system_r:container_t:s0:c7,c8";
+        let err = admit_tap(
+            &tap,
+            &check(true, Some(LAUNCHER.into()), Some(other.into())),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(LAUNCHER) && text.contains(other) && text.contains("tap0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn for_owner_is_a_no_op_without_selinux() {
+        if !Path::new("/sys/fs/selinux/enforce").exists() {
+            assert_eq!(TapLabel::for_owner(0), TapLabel::Disabled);
+        }
     }
 
     #[test]

@@ -103,7 +103,7 @@ pub struct RigOptions {
 /// non-root rig runs libvirtd, QEMU and the sidecar as.
 pub const NONROOT_ID: u32 = 107;
 
-/// The libvirt URI the sidecar uses in the non-root rig: the one `deploy/policy.yaml`
+/// The libvirt URI the sidecar uses in the non-root rig: the one `deploy/cluster/policy.yaml`
 /// passes, resolved inside the sidecar's mount namespace.
 pub const NONROOT_SIDECAR_URI: &str = "qemu+unix:///session?socket=/var/run/libvirt/virtqemud-sock";
 
@@ -457,7 +457,7 @@ impl Rig {
     }
 
     /// A command that runs `program` in the pod the way the injected sidecar runs
-    /// (`deploy/policy.yaml`): in the root rig as root in the pod netns; in the non-root
+    /// (`deploy/cluster/policy.yaml`): in the root rig as root in the pod netns; in the non-root
     /// rig also in a private mount namespace with the rig's libvirt socket directory
     /// mounted read-only at `/var/run/libvirt` (the `libvirt-runtime` volume) and a 0666
     /// `/dev/net/tun` (the device plugin's), as uid/gid 107 without supplementary groups,
