@@ -426,10 +426,6 @@ impl Hypervisor for Libvirt {
             .map(|c| c.lifecycle)
     }
 
-    fn connected(&self) -> Option<bool> {
-        Some(lock(&self.shared.connection).is_some())
-    }
-
     /// `virDomainInterfaceAddresses` with the agent as source. A hung agent
     /// would block the call for libvirt's agent timeout, so the wait is
     /// bounded here and only one query is in flight at a time.

@@ -186,11 +186,6 @@ pub trait Hypervisor: Send + Sync {
         None
     }
 
-    /// Whether a connection to the hypervisor is open now.
-    fn connected(&self) -> Option<bool> {
-        None
-    }
-
     /// The uid/gid the domain's QEMU process runs as, when it runs.
     fn qemu_owner(
         &self,
