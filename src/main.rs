@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -218,8 +219,7 @@ fn positive_duration(text: &str) -> Result<Duration, String> {
 const EXIT_USAGE_OR_STEPS: u8 = 2;
 const EXIT_NOT_READY: u8 = 3;
 
-fn main() -> std::process::ExitCode {
-    use std::process::ExitCode;
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = if matches!(cli.command, Command::Run(_)) {
         "info"
@@ -233,26 +233,33 @@ fn main() -> std::process::ExitCode {
         eprintln!("nicplug: --log-level: {e}");
         return ExitCode::from(EXIT_USAGE_OR_STEPS);
     }
-    let command = match cli.command {
+    match cli.command {
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "nicplug", &mut std::io::stdout());
-            return ExitCode::SUCCESS;
+            ExitCode::SUCCESS
         }
         Command::Man => {
-            return match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("nicplug man: {e}");
                     ExitCode::FAILURE
                 }
-            };
+            }
         }
-        other => other,
-    };
-    // One thread runs the loop and its triggers: a netlink event wakes the
-    // reconcile without a hand-off between threads. Blocking libvirt calls
-    // go to tokio's blocking pool, libvirt's events to their own thread.
+        Command::Run(args) => with_runtime(|runtime| run_command(runtime, *args)),
+        Command::Probe(args) => with_runtime(|runtime| probe_command(runtime, &args)),
+        Command::Status(args) => with_runtime(|runtime| status_cmd(runtime, &args)),
+        Command::Plan(args) => with_runtime(|runtime| plan_command(runtime, &args)),
+    }
+}
+
+/// Runs `command` on the runtime every command but completions and man needs.
+/// One thread runs the loop and its triggers: a netlink event wakes the
+/// reconcile without a hand-off between threads; libvirt calls run on
+/// their own worker threads, libvirt's events on theirs.
+fn with_runtime(command: impl FnOnce(&tokio::runtime::Runtime) -> ExitCode) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -263,95 +270,93 @@ fn main() -> std::process::ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match command {
-        Command::Run(args) => {
-            abort_on_panic();
-            let result = runtime.block_on(run(*args));
-            // Whatever still runs on the blocking pool is not waited for.
-            runtime.shutdown_timeout(Duration::from_millis(500));
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    error!(error = %format!("{e:#}"), "nicplug failed");
-                    ExitCode::FAILURE
-                }
+    let code = command(&runtime);
+    // Whatever still runs on the blocking pool is not waited for.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    code
+}
+
+fn run_command(runtime: &tokio::runtime::Runtime, args: RunArgs) -> ExitCode {
+    abort_on_panic();
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %format!("{e:#}"), "nicplug failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn probe_command(runtime: &tokio::runtime::Runtime, args: &ProbeArgs) -> ExitCode {
+    let path = match args.endpoint {
+        Endpoint::Healthz => "/healthz",
+        Endpoint::Readyz => "/readyz",
+    };
+    match runtime.block_on(nicplug::api::client::fetch(&args.socket, path)) {
+        Ok((200, body)) => {
+            print!("{body}");
+            ExitCode::SUCCESS
+        }
+        Ok((code, body)) => {
+            eprint!("nicplug probe: {path}: {code} {body}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("nicplug probe: {path}: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn status_cmd(runtime: &tokio::runtime::Runtime, args: &StatusArgs) -> ExitCode {
+    let format = match args.output {
+        Output::Table => Format::Table,
+        Output::Json => Format::Json,
+        Output::Yaml => Format::Yaml,
+    };
+    let result = if args.watch {
+        runtime.block_on(watch(&args.socket, format))
+    } else {
+        runtime
+            .block_on(nicplug::api::client::status_command(&args.socket, format))
+            .map(|printed| {
+                print!("{}", printed.text);
+                printed.ready
+            })
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(EXIT_NOT_READY),
+        Err(e) => {
+            eprintln!("nicplug status: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn plan_command(runtime: &tokio::runtime::Runtime, args: &PlanArgs) -> ExitCode {
+    let report = match runtime.block_on(plan(&args.spec)) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("nicplug plan: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if matches!(args.output, PlanOutput::Json) {
+        match serde_json::to_string_pretty(&report) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("nicplug plan: {e}");
+                return ExitCode::FAILURE;
             }
         }
-        Command::Probe(args) => {
-            let path = match args.endpoint {
-                Endpoint::Healthz => "/healthz",
-                Endpoint::Readyz => "/readyz",
-            };
-            match runtime.block_on(nicplug::api::client::fetch(&args.socket, path)) {
-                Ok((200, body)) => {
-                    print!("{body}");
-                    std::process::ExitCode::SUCCESS
-                }
-                Ok((code, body)) => {
-                    eprint!("nicplug probe: {path}: {code} {body}");
-                    std::process::ExitCode::FAILURE
-                }
-                Err(e) => {
-                    eprintln!("nicplug probe: {path}: {}", error_chain(&e));
-                    std::process::ExitCode::FAILURE
-                }
-            }
-        }
-        Command::Status(args) => {
-            let format = match args.output {
-                Output::Table => Format::Table,
-                Output::Json => Format::Json,
-                Output::Yaml => Format::Yaml,
-            };
-            let result = if args.watch {
-                runtime.block_on(watch(&args.socket, format))
-            } else {
-                runtime
-                    .block_on(nicplug::api::client::status_command(&args.socket, format))
-                    .map(|printed| {
-                        print!("{}", printed.text);
-                        printed.ready
-                    })
-            };
-            match result {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::from(EXIT_NOT_READY),
-                Err(e) => {
-                    eprintln!("nicplug status: {}", error_chain(&e));
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::Plan(args) => {
-            let json = matches!(args.output, PlanOutput::Json);
-            let result = runtime.block_on(plan(&args.spec));
-            runtime.shutdown_timeout(Duration::from_millis(500));
-            match result {
-                Ok(report) => {
-                    if json {
-                        match serde_json::to_string_pretty(&report) {
-                            Ok(text) => println!("{text}"),
-                            Err(e) => {
-                                eprintln!("nicplug plan: {e}");
-                                return ExitCode::FAILURE;
-                            }
-                        }
-                    } else {
-                        print!("{}", report.render());
-                    }
-                    if report.converged {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(EXIT_USAGE_OR_STEPS)
-                    }
-                }
-                Err(e) => {
-                    eprintln!("nicplug plan: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::Completions { .. } | Command::Man => unreachable!("handled above"),
+    } else {
+        print!("{}", report.render());
+    }
+    if report.converged {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_USAGE_OR_STEPS)
     }
 }
 
