@@ -296,6 +296,67 @@ pub struct Agent<N, H> {
     domain_seen: Option<(String, DomainLifecycle)>,
 }
 
+/// Retries of whole passes that failed, and their logging: once per
+/// distinct error, then a reminder every [`STILL_FAILING_EVERY`].
+#[derive(Debug, Default)]
+struct PassBackoff {
+    failed_passes: u32,
+    last_error: Option<String>,
+    last_logged: Option<Instant>,
+}
+
+impl PassBackoff {
+    fn succeeded(&mut self) {
+        if self.failed_passes > 0 {
+            info!(
+                failed_passes = self.failed_passes,
+                "reconcile succeeds again"
+            );
+        }
+        *self = Self::default();
+    }
+
+    /// Logs the failure as due and returns how long to wait.
+    fn failed(&mut self, message: &str) -> Duration {
+        self.failed_passes += 1;
+        let delay = PASS_BACKOFF_FIRST
+            .saturating_mul(1 << (self.failed_passes - 1).min(16))
+            .min(PASS_BACKOFF_MAX);
+        let failed_passes = self.failed_passes;
+        if self.last_error.as_deref() != Some(message) {
+            warn!(error = %message, retry_in_ms = delay.as_millis() as u64, "reconcile failed; retrying");
+            self.last_error = Some(message.to_string());
+            self.last_logged = Some(Instant::now());
+        } else if self
+            .last_logged
+            .is_none_or(|t| t.elapsed() >= STILL_FAILING_EVERY)
+        {
+            // Rate-limited reminder: still waiting, and why.
+            info!(error = %message, failed_passes, "reconcile still failing; retrying");
+            self.last_logged = Some(Instant::now());
+        } else {
+            debug!(error = %message, failed_passes, "reconcile failed again");
+        }
+        delay
+    }
+}
+
+/// A spec that removes every secondary interface at once is legal, and
+/// what a spec typo looks like too: said loudly.
+fn warn_if_every_secondary_goes(before: &mut Option<Vec<String>>, vmi: &Vmi) {
+    let now = wanted_secondaries(vmi);
+    if let Some(before) = before.as_ref()
+        && !before.is_empty()
+        && now.is_empty()
+    {
+        warn!(
+            interfaces = %before.join(", "),
+            "the new VMI spec removes every secondary interface: unplugging all of them"
+        );
+    }
+    *before = Some(now);
+}
+
 /// The hot-pluggable interfaces the spec wants plugged.
 fn wanted_secondaries(vmi: &Vmi) -> Vec<String> {
     vmi.interfaces
@@ -418,9 +479,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         shutdown: CancellationToken,
     ) -> Result<(), AgentError> {
         let mut spec_open = true;
-        let mut failed_passes: u32 = 0;
-        let mut last_error: Option<String> = None;
-        let mut last_logged = Instant::now();
+        let mut backoff = PassBackoff::default();
         let mut secondaries: Option<Vec<String>> = None;
         loop {
             let vmi = spec.borrow_and_update().clone();
@@ -430,18 +489,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             }
             if let Some(vmi) = vmi {
                 self.readiness.set(Part::Spec, Ok(()));
-                let now_wanted = wanted_secondaries(&vmi);
-                if let Some(before) = &secondaries
-                    && !before.is_empty()
-                    && now_wanted.is_empty()
-                {
-                    // Legal, and what a spec typo looks like too.
-                    warn!(
-                        interfaces = %before.join(", "),
-                        "the new VMI spec removes every secondary interface: unplugging all of them"
-                    );
-                }
-                secondaries = Some(now_wanted);
+                warn_if_every_secondary_goes(&mut secondaries, &vmi);
                 let started = std::time::Instant::now();
                 let outcome = tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -451,11 +499,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 match outcome {
                     Err(e) if e.is_fatal() => return Err(e),
                     Ok(()) => {
-                        if failed_passes > 0 {
-                            info!(failed_passes, "reconcile succeeds again");
-                        }
-                        failed_passes = 0;
-                        last_error = None;
+                        backoff.succeeded();
                         if let Some(retry) = self.next_retry() {
                             deadline = deadline.min(retry);
                         }
@@ -466,23 +510,8 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                     Err(e) => {
                         // The whole pass failed: interface retries and guest
                         // polls wait for the next good pass.
-                        failed_passes += 1;
-                        let delay = PASS_BACKOFF_FIRST
-                            .saturating_mul(1 << (failed_passes - 1).min(16))
-                            .min(PASS_BACKOFF_MAX);
-                        deadline = Instant::now() + delay;
                         let message = error_chain(&e);
-                        if last_error.as_deref() != Some(message.as_str()) {
-                            warn!(error = %message, retry_in_ms = delay.as_millis() as u64, "reconcile failed; retrying");
-                            last_error = Some(message.clone());
-                            last_logged = Instant::now();
-                        } else if last_logged.elapsed() >= STILL_FAILING_EVERY {
-                            // Rate-limited reminder: still waiting, and why.
-                            info!(error = %message, failed_passes, "reconcile still failing; retrying");
-                            last_logged = Instant::now();
-                        } else {
-                            debug!(error = %message, failed_passes, "reconcile failed again");
-                        }
+                        deadline = Instant::now() + backoff.failed(&message);
                         self.pass_error = Some(message);
                         if matches!(e, AgentError::Domain(_)) {
                             self.domain_seen =
