@@ -610,6 +610,23 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 statuses.push(status);
             }
         }
+        // A detach in flight is Detaching whatever this pass saw: the entry
+        // goes only when a pass finds nothing of the interface left.
+        for name in &self.detaching {
+            if !statuses.iter().any(|s| &s.name == name) {
+                warn!(iface = %name, "this pass found nothing of an interface whose detach is in flight; keeping it listed");
+                let mut status = self
+                    .report
+                    .document()
+                    .interfaces
+                    .iter()
+                    .find(|i| &i.name == name)
+                    .cloned()
+                    .unwrap_or_else(|| InterfaceStatus::new(name.clone(), Phase::Detaching));
+                status.phase = Phase::Detaching;
+                statuses.push(status);
+            }
+        }
         // The status shows the domain as this pass left it.
         let domain = if domain_changed {
             self.hyp.domain(&domain_name).await.ok().flatten()

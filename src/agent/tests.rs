@@ -1263,3 +1263,28 @@ async fn domain_events_wake_the_loop_and_device_events_make_the_guest_view_stale
     drop(tx);
     task.await.unwrap();
 }
+
+#[tokio::test]
+async fn an_interface_whose_detach_is_in_flight_stays_listed_until_a_pass_sees_it_gone() {
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), FakeHyp::new(4));
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    // The network leaves the spec: the detach task starts (and is not run
+    // before the next pass: the fakes never yield).
+    agent.reconcile(&vmi(&[])).await.unwrap();
+    assert_eq!(phases(&agent), [("blue".to_string(), Phase::Detaching)]);
+    // A pass that sees nothing of it (its record and bridge missing from
+    // the dump) must not report it gone while the detach is in flight.
+    let suffix = &pod("blue")[3..];
+    agent.net.links.lock().unwrap().retain(|l| {
+        l.name.as_str() != format!("k6t-{suffix}") && l.name.as_str() != format!("tap{suffix}")
+    });
+    let pod_name = crate::model::names::hashed_pod_iface("blue");
+    agent.net.edit(&pod_name, |l| l.alias = None);
+    agent.reconcile(&vmi(&[])).await.unwrap();
+    assert_eq!(phases(&agent), [("blue".to_string(), Phase::Detaching)]);
+    // Once the detach finished and a pass sees nothing left, it goes.
+    settle().await;
+    agent.reconcile(&vmi(&[])).await.unwrap();
+    agent.reconcile(&vmi(&[])).await.unwrap();
+    assert!(phases(&agent).is_empty(), "{:?}", phases(&agent));
+}
