@@ -164,32 +164,6 @@ fn nonroot_hotplug_reaches_the_guest_and_goes_ready() {
     assert!(!nicplug.log().contains("ERROR"), "{}", nicplug.log());
 }
 
-/// Reads the guest's carrier of the NIC with `mac` through the guest agent.
-fn guest_carrier(rig: &Rig, mac: &str) -> String {
-    let guest = rig.wait_guest_mac(mac, PLUG).unwrap();
-    let out = rig.guest_exec_full(&[
-        "/bin/sh",
-        "-c",
-        &format!(
-            "ip link set {0} up && cat /sys/class/net/{0}/carrier",
-            guest.name
-        ),
-    ]);
-    assert_eq!(out.code, 0, "{} {}", out.stdout, out.stderr);
-    out.stdout.trim().to_string()
-}
-
-fn wait_carrier(rig: &Rig, mac: &str, want: &str) {
-    let deadline = Instant::now() + PLUG;
-    while Instant::now() < deadline {
-        if guest_carrier(rig, mac) == want {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("guest carrier never became {want}");
-}
-
 #[test]
 fn nonroot_link_state_and_unplug_back_to_the_pre_plug_pod() {
     if !support::require_root() {

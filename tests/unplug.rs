@@ -123,32 +123,6 @@ fn pod_interface_removed_first_unplugs_and_waits() {
     assert!(rig.wait_guest_mac(&cni.mac, PLUG).is_some());
 }
 
-/// Reads the guest's carrier of the NIC with `mac` through the guest agent.
-fn guest_carrier(rig: &Rig, mac: &str) -> String {
-    let guest = rig.wait_guest_mac(mac, PLUG).unwrap();
-    let out = rig.guest_exec_full(&[
-        "/bin/sh",
-        "-c",
-        &format!(
-            "ip link set {0} up && cat /sys/class/net/{0}/carrier",
-            guest.name
-        ),
-    ]);
-    assert_eq!(out.code, 0, "{} {}", out.stdout, out.stderr);
-    out.stdout.trim().to_string()
-}
-
-fn wait_carrier(rig: &Rig, mac: &str, want: &str) {
-    let deadline = Instant::now() + PLUG;
-    while Instant::now() < deadline {
-        if guest_carrier(rig, mac) == want {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("guest carrier never became {want}");
-}
-
 #[test]
 fn link_down_and_up_reach_the_guest() {
     if !support::require_root() {

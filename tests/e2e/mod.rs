@@ -631,3 +631,32 @@ pub fn ping_guest(rig: &Rig, net: &CniNet, mac: &str, host: u8) -> Result<(), St
         ))
     }
 }
+
+const CARRIER_WAIT: Duration = Duration::from_secs(20);
+
+/// Reads the guest's carrier of the NIC with `mac` through the guest agent.
+pub fn guest_carrier(rig: &Rig, mac: &str) -> String {
+    let guest = rig.wait_guest_mac(mac, CARRIER_WAIT).unwrap();
+    let out = rig.guest_exec_full(&[
+        "/bin/sh",
+        "-c",
+        &format!(
+            "ip link set {0} up && cat /sys/class/net/{0}/carrier",
+            guest.name
+        ),
+    ]);
+    assert_eq!(out.code, 0, "{} {}", out.stdout, out.stderr);
+    out.stdout.trim().to_string()
+}
+
+/// Waits (up to 20 s) until the guest's carrier of the NIC with `mac` is `want`.
+pub fn wait_carrier(rig: &Rig, mac: &str, want: &str) {
+    let deadline = Instant::now() + CARRIER_WAIT;
+    while Instant::now() < deadline {
+        if guest_carrier(rig, mac) == want {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("guest carrier never became {want}");
+}
