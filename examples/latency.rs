@@ -227,13 +227,7 @@ fn footprint(pid: u32) -> Footprint {
             switches.insert(task.file_name().to_string_lossy().into_owned(), n);
         }
     }
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let rss_kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let rss_kb = e2e::rss_kb(pid as u32);
     Footprint {
         cpu_ticks,
         switches,

@@ -12,7 +12,7 @@ mod support;
 
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -231,25 +231,7 @@ fn wedged_libvirt_socket() {
     let log = std::fs::File::create(&log_path).unwrap();
     // A fresh, empty network namespace of its own: nothing of the machine's
     // is touched.
-    let child = Command::new("unshare")
-        .arg("--net")
-        .arg(nicplug_binary())
-        .args(["run", "--vmi"])
-        .arg(&vmi)
-        .arg("--libvirt-uri")
-        .arg(format!(
-            "qemu+unix:///system?socket={}",
-            wedged.path.display()
-        ))
-        .arg("--api-socket")
-        .arg(&api)
-        .arg("--status-file")
-        .arg(dir.join("status.json"))
-        .env("NICPLUG_LOG", "nicplug=debug,info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
+    let child = nicplug_in_fresh_netns(&vmi, &wedged.path, &api, &dir.join("status.json"), log)
         .spawn()
         .expect("start nicplug");
     let pid = child.id();

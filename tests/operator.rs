@@ -465,27 +465,15 @@ fn status_header_and_exit_code_with_libvirt_unreachable() {
     let log = std::fs::File::create(&log_path).unwrap();
     // A fresh network namespace of its own; a libvirt socket that does not exist.
     let mut child = Child(Some(
-        Command::new("unshare")
-            .arg("--net")
-            .arg(nicplug_binary())
-            .args(["run", "--vmi"])
-            .arg(&vmi)
-            .arg("--libvirt-uri")
-            .arg(format!(
-                "qemu+unix:///system?socket={}",
-                dir.join("no-libvirt-sock").display()
-            ))
-            .arg("--api-socket")
-            .arg(&api)
-            .arg("--status-file")
-            .arg(dir.join("status.json"))
-            .env("NICPLUG_LOG", "nicplug=debug,info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
+        nicplug_in_fresh_netns(
+            &vmi,
+            &dir.join("no-libvirt-sock"),
+            &api,
+            &dir.join("status.json"),
+            log,
+        )
+        .spawn()
+        .unwrap(),
     ));
     let status = || {
         Command::new(nicplug_binary())

@@ -31,13 +31,7 @@ fn footprint(pid: i32) -> Footprint {
             .unwrap_or_else(|e| panic!("{dir}: {e}"))
             .count()
     };
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let rss_kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let rss_kb = rss_kb(pid as u32);
     Footprint {
         fds: count(format!("/proc/{pid}/fd")),
         threads: count(format!("/proc/{pid}/task")),

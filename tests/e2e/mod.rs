@@ -660,3 +660,43 @@ pub fn wait_carrier(rig: &Rig, mac: &str, want: &str) {
     }
     panic!("guest carrier never became {want}");
 }
+
+/// `nicplug run` in a fresh, empty network namespace of its own (nothing of
+/// the machine's is touched) against the libvirt socket `socket`, logging
+/// to `log`: for faults where there is no rig (a wedged or missing daemon).
+pub fn nicplug_in_fresh_netns(
+    vmi: &Path,
+    socket: &Path,
+    api: &Path,
+    status: &Path,
+    log: std::fs::File,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.arg("--net")
+        .arg(nicplug_binary())
+        .args(["run", "--vmi"])
+        .arg(vmi)
+        .arg("--libvirt-uri")
+        .arg(format!("qemu+unix:///system?socket={}", socket.display()))
+        .arg("--api-socket")
+        .arg(api)
+        .arg("--status-file")
+        .arg(status)
+        .env("NICPLUG_LOG", "nicplug=debug,info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    cmd
+}
+
+/// A process's resident memory in kB (`VmRSS` of /proc/PID/status).
+pub fn rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
