@@ -227,7 +227,7 @@ fn footprint(pid: u32) -> Footprint {
             switches.insert(task.file_name().to_string_lossy().into_owned(), n);
         }
     }
-    let rss_kb = e2e::rss_kb(pid as u32);
+    let rss_kb = e2e::rss_kb(pid);
     Footprint {
         cpu_ticks,
         switches,
