@@ -254,6 +254,6 @@ fn process_footprint(pid: u32) -> (usize, u64) {
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .count();
-    let rss = rss_kb(pid as u32);
+    let rss = rss_kb(pid);
     (fds, rss)
 }
