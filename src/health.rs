@@ -71,27 +71,6 @@ impl Readiness {
         *slot = new;
     }
 
-    pub fn set_libvirt(&self, ready: bool) {
-        self.set_ready(Part::Libvirt, ready);
-    }
-
-    pub fn set_netlink(&self, ready: bool) {
-        self.set_ready(Part::Netlink, ready);
-    }
-
-    pub fn set_spec(&self, ready: bool) {
-        self.set_ready(Part::Spec, ready);
-    }
-
-    fn set_ready(&self, part: Part, ready: bool) {
-        let state = if ready {
-            Ok(())
-        } else {
-            Err("not available".to_string())
-        };
-        self.set(part, state);
-    }
-
     /// The parts that are not ready, with the reason, in a fixed order.
     pub fn not_ready(&self) -> Vec<(&'static str, String)> {
         let parts = self.parts.lock().unwrap_or_else(|p| p.into_inner());

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use nicplug::api::client::{ClientError, Format, fetch, fetch_with, status_command, watch_status};
 use nicplug::api::{ApiError, ApiState, Readiness, Server, serve};
+use nicplug::health::Part;
 use nicplug::hypervisor::DomainLifecycle;
 use nicplug::metrics::{Metrics, PlugStage, UnplugStage};
 use nicplug::plan::Phase;
@@ -221,18 +222,18 @@ async fn routes_answer_over_the_unix_socket() {
                 .into()
         )
     );
-    readiness.set_libvirt(true);
-    readiness.set_spec(true);
+    readiness.set(Part::Libvirt, Ok(()));
+    readiness.set(Part::Spec, Ok(()));
     assert_eq!(
         fetch(&socket, "/readyz").await.unwrap(),
         (503, "not ready: netlink (not subscribed yet)\n".into())
     );
-    readiness.set_netlink(true);
+    readiness.set(Part::Netlink, Ok(()));
     assert_eq!(
         fetch(&socket, "/readyz").await.unwrap(),
         (200, "ok\n".into())
     );
-    readiness.set_libvirt(false);
+    readiness.set(Part::Libvirt, Err("not available".into()));
     assert_eq!(fetch(&socket, "/readyz").await.unwrap().0, 503);
 
     // /metrics parses and has the histograms.
