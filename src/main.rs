@@ -585,14 +585,8 @@ async fn start(
     info!(%uri, "libvirt");
 
     // 3. The spec and the CNI results.
+    // The agent marks the spec ready when its loop first holds one.
     let inputs = spawn_inputs(args, tasks, status_rx, shutdown).await?;
-    let mut spec = inputs.spec.clone();
-    let spec_readiness = readiness.clone();
-    tasks.spawn(async move {
-        if spec.wait_for(Option::is_some).await.is_ok() {
-            spec_readiness.set(Part::Spec, Ok(()));
-        }
-    });
 
     let config = AgentConfig {
         attach_timeout: args.attach_timeout,
