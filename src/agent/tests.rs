@@ -207,10 +207,7 @@ impl FakeHyp {
                 running: true,
                 persistent: true,
                 interfaces: vec![],
-                root_ports: RootPorts {
-                    total: 4,
-                    free: free_ports,
-                },
+                root_ports: RootPorts::with_free(4, free_ports),
             }),
             modes: Mutex::default(),
             detach_mode: Mutex::new(DetachMode::Works),
@@ -286,7 +283,12 @@ impl Hypervisor for FakeHyp {
             let device = parse_devices(&xml).unwrap().interfaces.remove(0);
             let mut domain = self.domain.lock().unwrap();
             domain.interfaces.push(device);
-            domain.root_ports.free -= 1;
+            let DomainState {
+                interfaces,
+                root_ports,
+                ..
+            } = &mut *domain;
+            root_ports.refresh(interfaces);
         }
         match mode {
             AttachMode::Works => Ok(()),
@@ -318,7 +320,12 @@ impl Hypervisor for FakeHyp {
                 domain
                     .interfaces
                     .retain(|i| i.alias.as_deref() != Some(alias));
-                domain.root_ports.free += 1;
+                let DomainState {
+                    interfaces,
+                    root_ports,
+                    ..
+                } = &mut *domain;
+                root_ports.refresh(interfaces);
                 Ok(())
             }
             DetachMode::Ignored => Err(HypervisorError::DetachTimeout {

@@ -9,9 +9,12 @@
 
 use std::fmt;
 
+pub mod placement;
+
 use serde::{Deserialize, Serialize};
 
 use crate::hypervisor::{DomainInterface, DomainState, GuestView, InterfaceDevice};
+use placement::PortPool;
 use crate::model::names::is_ordinal_pod_iface;
 use crate::model::record::RecordError;
 use crate::model::vmi::{NetworkSource, PodIfaceScheme, SpecInterface, SpecState, Vmi};
@@ -227,7 +230,7 @@ pub fn pod_iface_scheme(vmi: &Vmi, links: &[Link]) -> PodIfaceScheme {
 pub fn plan(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
     let scheme = pod_iface_scheme(vmi, observed.links);
     let mut budget = Budget {
-        free_ports: observed.domain.map_or(0, |d| d.root_ports.free),
+        pool: port_pool(vmi, observed.domain),
         macs: observed
             .domain
             .map(|d| d.interfaces.iter().filter_map(|i| i.mac).collect())
@@ -251,10 +254,48 @@ fn is_primary(spec: &SpecInterface) -> bool {
     )
 }
 
+/// The position of a hot-pluggable interface among the spec's hot-pluggable
+/// interfaces (absent ones count): what its preferred root port follows.
+fn hotplug_position(vmi: &Vmi, name: &str) -> Option<usize> {
+    vmi.interfaces
+        .iter()
+        .filter(|i| i.is_hotpluggable())
+        .position(|i| i.name == name)
+}
+
+/// The root ports hot-plugged interfaces are placed on (see
+/// [`placement`]): free ones and those of secondary networks' devices
+/// (`ua-<name>` of no primary or other-binding interface of the spec), with
+/// the preferred ports of interfaces without a device kept for them.
+fn port_pool(vmi: &Vmi, domain: Option<&DomainState>) -> PortPool {
+    let Some(domain) = domain else {
+        return PortPool::new(&Default::default(), |_| false);
+    };
+    let secondary = |alias: Option<&str>| {
+        alias
+            .and_then(|a| a.strip_prefix("ua-"))
+            .is_some_and(|network| {
+                !vmi.interfaces
+                    .iter()
+                    .any(|i| i.name == network && !i.is_hotpluggable())
+            })
+    };
+    let mut pool = PortPool::new(&domain.root_ports, secondary);
+    pool.reserve(
+        vmi.interfaces
+            .iter()
+            .filter(|i| i.is_hotpluggable())
+            .enumerate()
+            .filter(|(_, i)| domain.interface_by_alias(&i.alias()).is_none())
+            .map(|(k, _)| k),
+    );
+    pool
+}
+
 /// What the plugs of one pass share and use up, in spec order.
 struct Budget {
     /// Root ports neither in use nor taken by an earlier plug of this pass.
-    free_ports: usize,
+    pool: PortPool,
     /// MACs of the domain's devices and of earlier plugs of this pass.
     macs: Vec<Mac>,
 }
@@ -325,6 +366,9 @@ fn plan_interface(
             }
             plan.steps.extend(clear_late_addresses(pod, &names));
         }
+        if let Some(message) = off_preferred_port(vmi, spec, device, domain) {
+            plan.message = Some(message);
+        }
         let want_up = spec.state != SpecState::Down;
         if device.link_up != want_up {
             plan.steps.push(Step::SetLinkState {
@@ -358,6 +402,34 @@ fn plan_interface(
         domain,
     };
     plug(&case, budget, plan)
+}
+
+/// Says so when an attached device is not on its preferred root port (its
+/// port was taken when it was plugged, or someone else attached it there):
+/// it stays there, devices are never moved.
+fn off_preferred_port(
+    vmi: &Vmi,
+    spec: &SpecInterface,
+    device: &DomainInterface,
+    domain: &DomainState,
+) -> Option<String> {
+    let bus = device.pci?.bus;
+    let port = domain
+        .root_ports
+        .ports
+        .iter()
+        .find(|p| p.index.0 == bus)?
+        .index;
+    let preferred = port_pool(vmi, Some(domain)).preferred(hotplug_position(vmi, &spec.name)?);
+    match preferred {
+        Some(preferred) if preferred == port => None,
+        Some(preferred) => Some(format!(
+            "on root port {port}, not its preferred port {preferred}"
+        )),
+        None => Some(format!(
+            "on root port {port}: the spec has more hot-plug interfaces than the domain has hot-plug root ports"
+        )),
+    }
 }
 
 /// How to put back plumbing that went missing under a live device.
@@ -770,18 +842,27 @@ impl PlugCase<'_> {
             mtu: record.mtu,
             queues: self.vmi.multiqueue.filter(|_| self.spec.model == "virtio"),
             link_up: self.spec.state != SpecState::Down,
+            address: None,
         };
         device
             .validate()
             .map_err(|e| Refusal::Fail(e.to_string()))?;
-        if budget.free_ports == 0 {
-            // Counted as this pass leaves them: in use, or taken by an earlier plug.
-            let total = self.domain.root_ports.total;
+        // Free ports are counted as this pass leaves them: in use, or taken
+        // by an earlier plug.
+        let position = hotplug_position(self.vmi, &self.spec.name).unwrap_or(usize::MAX);
+        let Some(placement) = budget.pool.take(position) else {
+            let total = self.domain.root_ports.total();
             return Err(Refusal::NoRootPort(format!(
                 "no free PCIe root port for hotplug: {total} of {total} in use"
             )));
+        };
+        let device = InterfaceDevice {
+            address: Some(placement.address()),
+            ..device
+        };
+        if placement.fallback.is_some() {
+            plan.message = Some(placement.to_string());
         }
-        budget.free_ports -= 1;
         budget.macs.push(vm_mac);
         Ok(Checked {
             record,

@@ -45,10 +45,7 @@ fn domain(ports: usize, interfaces: Vec<DomainInterface>) -> DomainState {
         running: true,
         persistent: true,
         interfaces,
-        root_ports: RootPorts {
-            total: 4,
-            free: ports,
-        },
+        root_ports: RootPorts::with_free(4, ports),
     }
 }
 
