@@ -151,10 +151,14 @@ mod tests {
         };
         let xml = dev.to_xml().unwrap();
         assert_eq!(xml, include_str!("../../fixtures/device/placed.xml"));
-        let parsed =
-            crate::hypervisor::domain_xml::parse_devices(&format!("<domain><devices>{xml}</devices></domain>"))
-                .unwrap();
-        assert_eq!(parsed.interfaces[0].pci.unwrap().to_string(), "0000:0b:00.0");
+        let parsed = crate::hypervisor::domain_xml::parse_devices(&format!(
+            "<domain><devices>{xml}</devices></domain>"
+        ))
+        .unwrap();
+        assert_eq!(
+            parsed.interfaces[0].pci.unwrap().to_string(),
+            "0000:0b:00.0"
+        );
     }
 
     #[test]

@@ -114,7 +114,9 @@ impl fmt::Display for RootPortIndex {
 pub enum Occupant {
     Free,
     /// A network interface, with its alias if it has one.
-    Interface { alias: Option<String> },
+    Interface {
+        alias: Option<String>,
+    },
     /// Any other device (disk, controller, host device, ...).
     OtherDevice,
 }

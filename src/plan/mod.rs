@@ -14,12 +14,12 @@ pub mod placement;
 use serde::{Deserialize, Serialize};
 
 use crate::hypervisor::{DomainInterface, DomainState, GuestView, InterfaceDevice};
-use placement::PortPool;
 use crate::model::names::is_ordinal_pod_iface;
 use crate::model::record::RecordError;
 use crate::model::vmi::{NetworkSource, PodIfaceScheme, SpecInterface, SpecState, Vmi};
 use crate::model::{IfName, IpCidr, Mac, Owner, PlumbingNames, PodLinkRecord};
 use crate::netns::{Link, LinkKind, TapSpec};
+use placement::PortPool;
 
 /// Where an interface stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -266,7 +266,7 @@ fn hotplug_position(vmi: &Vmi, name: &str) -> Option<usize> {
 /// The root ports hot-plugged interfaces are placed on (see
 /// [`placement`]): free ones and those of secondary networks' devices
 /// (`ua-<name>` of no primary or other-binding interface of the spec), with
-/// the preferred ports of interfaces without a device kept for them.
+/// the preferred ports of interfaces not on them kept for them.
 fn port_pool(vmi: &Vmi, domain: Option<&DomainState>) -> PortPool {
     let Some(domain) = domain else {
         return PortPool::new(&Default::default(), |_| false);
@@ -281,14 +281,23 @@ fn port_pool(vmi: &Vmi, domain: Option<&DomainState>) -> PortPool {
             })
     };
     let mut pool = PortPool::new(&domain.root_ports, secondary);
-    pool.reserve(
-        vmi.interfaces
-            .iter()
-            .filter(|i| i.is_hotpluggable())
-            .enumerate()
-            .filter(|(_, i)| domain.interface_by_alias(&i.alias()).is_none())
-            .map(|(k, _)| k),
-    );
+    // Not on its preferred port: no device yet (or none any more), or one
+    // somewhere else, which may come back to it after an unplug.
+    let elsewhere: Vec<usize> = vmi
+        .interfaces
+        .iter()
+        .filter(|i| i.is_hotpluggable())
+        .enumerate()
+        .filter(|(k, i)| {
+            let bus = domain
+                .interface_by_alias(&i.alias())
+                .and_then(|d| d.pci)
+                .map(|a| a.bus);
+            bus.is_none() || bus != pool.preferred(*k).map(|p| p.0)
+        })
+        .map(|(k, _)| k)
+        .collect();
+    pool.reserve(elsewhere);
     pool
 }
 

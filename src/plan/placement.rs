@@ -23,7 +23,8 @@ use crate::hypervisor::domain_xml::{Occupant, PciAddress, RootPortIndex, RootPor
 pub struct PortPool {
     /// Ordered by index; `true` when free.
     ports: Vec<(RootPortIndex, bool)>,
-    /// Preferred ports of spec interfaces that have no device yet: a
+    /// Preferred ports of spec interfaces that are not on them (no device
+    /// yet, or one elsewhere that may come back after an unplug): a
     /// fallback avoids them while it can.
     reserved: Vec<RootPortIndex>,
 }
@@ -198,7 +199,10 @@ mod tests {
 
     #[test]
     fn the_preferred_port_when_free() {
-        let mut pool = PortPool::new(&ports(&[(1, Occupant::Free), (2, Occupant::Free)]), secondary);
+        let mut pool = PortPool::new(
+            &ports(&[(1, Occupant::Free), (2, Occupant::Free)]),
+            secondary,
+        );
         let p = pool.take(1).unwrap();
         assert_eq!((p.port, p.fallback), (port(2), None));
         assert_eq!(p.address().to_string(), "0000:02:00.0");
@@ -231,7 +235,10 @@ mod tests {
         assert_eq!(p.fallback, Some(Fallback::Taken { preferred: port(1) }));
         assert_eq!(pool.take(1).unwrap().port, port(2));
         // Only reserved ports left: a fallback takes one rather than fail.
-        let mut pool = PortPool::new(&ports(&[(1, Occupant::Free), (2, Occupant::Free)]), secondary);
+        let mut pool = PortPool::new(
+            &ports(&[(1, Occupant::Free), (2, Occupant::Free)]),
+            secondary,
+        );
         pool.reserve([0, 1]);
         let p = pool.take(5).unwrap();
         assert_eq!(p.port, port(1));
