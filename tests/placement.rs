@@ -26,6 +26,17 @@ fn domain_address(rig: &Rig, alias: &str) -> Option<String> {
         .map(|a| a.to_string())
 }
 
+/// The PCI address of device `alias` in the persistent definition.
+fn config_address(rig: &Rig, alias: &str) -> Option<String> {
+    nicplug::hypervisor::domain_xml::parse_devices(&rig.domain_config_xml())
+        .unwrap()
+        .interfaces
+        .into_iter()
+        .find(|i| i.alias.as_deref() == Some(alias))
+        .and_then(|i| i.pci)
+        .map(|a| a.to_string())
+}
+
 /// The PCI address the guest's NIC `name` sits on: the PCI function its
 /// `/sys/class/net/<name>/device` (a virtio device) hangs under.
 fn guest_pci_address(rig: &Rig, name: &str) -> String {
@@ -100,6 +111,11 @@ fn plug_all(
             "{network}: status says what the domain has"
         );
         assert_eq!(at.domain, at.guest, "{network}: the guest sees it there");
+        assert_eq!(
+            config_address(rig, &format!("ua-{network}")).as_ref(),
+            Some(&at.domain),
+            "{network}: the persistent definition has the same address"
+        );
         out.insert(network.to_string(), (cni.mac, at));
     }
     out
