@@ -70,6 +70,9 @@ fn debian_names_hot_plugged_nics_by_their_placement() {
     let (code, out) = rig.guest_exec(&["/bin/sh", "-c", "ls /sys/class/net"]);
     assert_eq!(code, 0);
     rig.log(&format!("guest links before any plug: {}", out.trim()));
+    // What systemd still does when the agent answers (for docs/testing.md).
+    let (_, jobs) = rig.guest_exec(&["/bin/sh", "-c", "systemctl list-jobs 2>&1"]);
+    eprintln!("guest: systemd jobs when the agent first answers:\n{jobs}");
 
     let mut nicplug = Nicplug::new(&rig, &[]);
     // The guest's name for a NIC reaches the status at the next guest poll
@@ -143,6 +146,13 @@ fn debian_names_hot_plugged_nics_by_their_placement() {
     nicplug.set_spec(&spec);
     nicplug.wait_phase("blue", "Attached", PLUG);
     wait_guest_name(&rig, blue_mac, "enp3s0");
+    // Where the boot's time went (kernel vs. userspace).
+    let (_, analyze) = rig.guest_exec(&[
+        "/bin/sh",
+        "-c",
+        "systemd-analyze 2>&1; systemd-analyze blame 2>&1 | head -n 8",
+    ]);
+    eprintln!("guest boot (systemd-analyze):\n{analyze}");
     assert!(!nicplug.log().contains("ERROR"), "{}", nicplug.log());
 }
 

@@ -257,8 +257,14 @@ fn ensure_debian_guest() -> Result<DebianGuest, String> {
         })
         .clone()?;
     let dir = debian_guest_dir();
+    // The decompressed ELF kernel boots faster under TCG (PVH entry, no XZ).
+    let kernel = ["vmlinux", "vmlinuz"]
+        .iter()
+        .map(|k| dir.join(k))
+        .find(|k| k.exists())
+        .ok_or_else(|| format!("no kernel in {}", dir.display()))?;
     Ok(DebianGuest {
-        kernel: dir.join("vmlinuz"),
+        kernel,
         initrd: dir.join("initrd.img"),
         disk: dir.join("disk.img"),
     })
