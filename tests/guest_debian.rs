@@ -75,9 +75,9 @@ fn debian_names_hot_plugged_nics_by_their_placement() {
     eprintln!("guest: systemd jobs when the agent first answers:\n{jobs}");
 
     let mut nicplug = Nicplug::new(&rig, &[]);
-    // The guest's name for a NIC reaches the status at the next guest poll
-    // after udev renamed it (see below): a short poll keeps the test short.
-    nicplug.args = vec!["--guest-refresh".into(), "5s".into()];
+    // No periodic guest refresh within the test: the udev name must reach
+    // the status through the look nicplug takes after the confirmation.
+    nicplug.args = vec!["--guest-refresh".into(), "600s".into()];
     nicplug.start();
     // Three networks in the spec; the pod interfaces of the first and the
     // third appear (the second's never does): they go on root ports 1 and 3,
@@ -122,7 +122,8 @@ fn debian_names_hot_plugged_nics_by_their_placement() {
     }
     // The status shows the guest's name once the guest agent reports it:
     // Ready may come while the NIC is still `eth<N>` (udev renames it a
-    // moment later), the next guest poll has the new name.
+    // moment later); nicplug asks the guest once more a little after the
+    // confirmation (`agent::guest::RENAME_LOOK`).
     nicplug.wait_phase("red", "Ready", PLUG);
     let t0 = Instant::now();
     while nicplug.entry("red").unwrap()["interfaceName"] != "enp1s0" {
