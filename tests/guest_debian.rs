@@ -123,7 +123,7 @@ fn debian_names_hot_plugged_nics_by_their_placement() {
     // The status shows the guest's name once the guest agent reports it:
     // Ready may come while the NIC is still `eth<N>` (udev renames it a
     // moment later); nicplug asks the guest once more a little after the
-    // confirmation (`agent::guest::RENAME_LOOK`).
+    // confirmation (`agent::guest::RENAME_LOOKS`).
     nicplug.wait_phase("red", "Ready", PLUG);
     let t0 = Instant::now();
     while nicplug.entry("red").unwrap()["interfaceName"] != "enp1s0" {

@@ -3,7 +3,7 @@
 //! The guest agent is asked when something may have changed (a device or
 //! agent event marked the view stale), fast whenever an interface becomes
 //! Attached (20 ms, doubling to 2 s, for up to 30 s) until the guest reports
-//! the new MAC, then once more [`RENAME_LOOK`] later (a real guest's udev
+//! the new MAC, then twice more ([`RENAME_LOOKS`]; a real guest's udev
 //! renames a new NIC, `eth0` -> `enp1s0`, shortly after the kernel named it,
 //! so the name the confirmation saw may already be stale), and otherwise
 //! every `refresh`. Idle, nothing wakes more often than that. An agent that is not connected yet (the guest still boots) does
@@ -25,10 +25,11 @@ use crate::hypervisor::{DomainState, GuestView, Hypervisor};
 const FAST_POLL_FIRST: Duration = Duration::from_millis(20);
 const FAST_POLL_MAX: Duration = Duration::from_secs(2);
 const FAST_POLL_FOR: Duration = Duration::from_secs(30);
-/// How long after the guest confirmed a device it is asked once more, for
-/// the name udev gives the NIC (measured on the Debian rig guest: 0.1 to
-/// 2.5 s after the device appeared).
-pub const RENAME_LOOK: Duration = Duration::from_secs(3);
+/// When, after the guest confirmed a device, it is asked again, for the name
+/// udev gives the NIC (measured on the Debian rig guest: 0.1 to 3.4 s after
+/// the device appeared, the machine loaded); the second look is for a slow
+/// guest.
+pub const RENAME_LOOKS: [Duration; 2] = [Duration::from_secs(2), Duration::from_secs(8)];
 
 #[derive(Debug)]
 struct FastPoll {
@@ -43,8 +44,9 @@ pub struct GuestPoller {
     read_at: Option<Instant>,
     stale: Arc<AtomicBool>,
     fast: Option<FastPoll>,
-    /// One more look after the guest confirmed a device ([`RENAME_LOOK`]).
-    rename_look: Option<Instant>,
+    /// The looks still due after the guest confirmed a device
+    /// ([`RENAME_LOOKS`]), earliest first.
+    rename_looks: Vec<Instant>,
 }
 
 impl GuestPoller {
@@ -55,7 +57,7 @@ impl GuestPoller {
             read_at: None,
             stale: Arc::default(),
             fast: None,
-            rename_look: None,
+            rename_looks: Vec::new(),
         }
     }
 
@@ -80,7 +82,7 @@ impl GuestPoller {
         [
             self.fast.as_ref().map(|p| p.next),
             refresh,
-            self.rename_look,
+            self.rename_looks.first().copied(),
         ]
         .into_iter()
         .flatten()
@@ -97,14 +99,15 @@ impl GuestPoller {
         });
     }
 
-    /// Ends fast polling once nothing waits for the guest (with one more
-    /// look [`RENAME_LOOK`] later), or at its deadline.
+    /// Ends fast polling once nothing waits for the guest (with the looks
+    /// of [`RENAME_LOOKS`] after it), or at its deadline.
     pub fn settle(&mut self, waiting: bool) {
         let Some(fast) = &self.fast else {
             return;
         };
         if !waiting {
-            self.rename_look = Some(Instant::now() + RENAME_LOOK);
+            let now = Instant::now();
+            self.rename_looks = RENAME_LOOKS.iter().map(|d| now + *d).collect();
             self.fast = None;
         } else if Instant::now() >= fast.until {
             self.fast = None;
@@ -126,7 +129,7 @@ impl GuestPoller {
         let now = Instant::now();
         let stale = self.stale.swap(false, Ordering::SeqCst);
         let poll_due = self.fast.as_ref().is_some_and(|p| p.next <= now)
-            || self.rename_look.is_some_and(|t| t <= now);
+            || self.rename_looks.first().is_some_and(|t| *t <= now);
         // Half a period early is due too: a pass woken for something else
         // (the resync) takes the refresh along, so the two timers fall into
         // one wake-up instead of drifting apart.
@@ -149,9 +152,7 @@ impl GuestPoller {
         debug!(poll_due, stale, "guest agent asked");
         self.view = Some(view);
         self.read_at = Some(Instant::now());
-        if self.rename_look.is_some_and(|t| t <= now) {
-            self.rename_look = None;
-        }
+        self.rename_looks.retain(|t| *t > now);
         if let Some(poll) = self.fast.as_mut().filter(|_| poll_due) {
             poll.interval = (poll.interval * 2).min(FAST_POLL_MAX);
             poll.next = Instant::now() + poll.interval;
