@@ -158,7 +158,9 @@ fn debian_names_hot_plugged_nics_by_their_placement() {
 }
 
 /// The guest gets its address from nicplug's DHCP server, with
-/// systemd-networkd doing it on its own (issue 10, part 1).
+/// systemd-networkd doing it on its own (issue 10, part 1). Run once on a
+/// trial merge of the dhcp branch: passes, attach -> address 1.1 to 6.5 s
+/// (4 runs); remove the `#[ignore]` once the DHCP server is on main.
 #[test]
 #[ignore = "needs the dhcp branch"]
 fn debian_takes_its_dhcp_address_with_no_action_inside() {
