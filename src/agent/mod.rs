@@ -849,9 +849,10 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 bridge,
                 mac,
                 addresses,
+                routes,
             } => {
                 self.net
-                    .enslave_pod_link(pod, bridge, *mac, addresses)
+                    .enslave_pod_link(pod, bridge, *mac, addresses, routes)
                     .await?
             }
             Step::EnsureTap { spec, bridge } => self.net.ensure_tap(spec, bridge).await?,
