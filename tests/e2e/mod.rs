@@ -446,7 +446,12 @@ pub fn assert_plumbing(rig: &Rig, network: &str, mtu: u64) {
         "pod link carries the bridge's MAC"
     );
     assert_eq!(p["linkinfo"]["info_slave_data"]["learning"], false);
-    assert!(p["ifalias"].as_str().unwrap().starts_with("nicplug/v1 "));
+    // v2: the rig's CNI networks put a route on the pod link, which the record keeps.
+    let alias = p["ifalias"].as_str().unwrap();
+    assert!(
+        alias.starts_with("nicplug/v2 ") && alias.contains(" rt="),
+        "{alias}"
+    );
     // CNI's IPAM may still be adding its address when nicplug has already
     // attached; nicplug records and removes it on the next pass.
     let deadline = Instant::now() + Duration::from_secs(5);

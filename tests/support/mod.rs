@@ -1062,7 +1062,8 @@ impl Rig {
     }
 
     /// Normalized `ip -d -j link` + `ip -j addr` of the pod netns (links sorted by name;
-    /// counters, ifindexes and address lifetimes dropped) for before/after comparisons.
+    /// counters, ifindexes and address lifetimes dropped) and `ip -j route show table
+    /// all` (IPv4, IPv6; as listed) for before/after comparisons.
     pub fn pod_links_snapshot(&self) -> String {
         snapshot(&self.pod_ns)
     }
@@ -1109,7 +1110,17 @@ fn snapshot(ns: &str) -> String {
         .into_iter()
         .map(|a| json!({"ifname": a["ifname"], "addr_info": a["addr_info"]}))
         .collect();
-    serde_json::to_string_pretty(&json!({"links": links, "addrs": addrs})).expect("json")
+    // Every table's routes, as the kernel lists them (no field of a route changes
+    // on its own): CNI's routes on the pod link must come back too.
+    let route_dump = |family: &str| -> Value {
+        let out = util::run(
+            Command::new("ip").args(["-n", ns, "-j", family, "route", "show", "table", "all"]),
+        );
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("ip -j route: {e}: {out}"))
+    };
+    let routes = json!({"ipv4": route_dump("-4"), "ipv6": route_dump("-6")});
+    serde_json::to_string_pretty(&json!({"links": links, "addrs": addrs, "routes": routes}))
+        .expect("json")
 }
 
 /// Counts `pcie-root-port` controllers of a domain XML that no `<address bus=...>` uses.
