@@ -15,6 +15,9 @@ pub struct CniNet {
     pub bridge: String,
     /// `169.254.N.0/24`.
     pub subnet: String,
+    /// Whether the plugin runs IPAM (`host-local`); without, the pod link gets no
+    /// address: a pure L2 network.
+    pub ipam: bool,
 }
 
 impl CniNet {
@@ -26,6 +29,15 @@ impl CniNet {
             name: format!("dyniface{index}"),
             bridge: format!("nicbr{index}"),
             subnet: format!("169.254.{}.0/24", index as u16 + 1),
+            ipam: true,
+        }
+    }
+
+    /// Like [`CniNet::new`], without IPAM: the pod link carries no address or route.
+    pub fn l2(index: u8) -> CniNet {
+        CniNet {
+            ipam: false,
+            ..CniNet::new(index)
         }
     }
 
@@ -66,6 +78,17 @@ impl CniNet {
     /// IPAM has a gateway and one route (see [`CniNet::route`]); the bridge itself is
     /// no gateway, no masquerading, no default route.
     pub fn config(&self, ipam_dir: &str) -> Value {
+        if !self.ipam {
+            return json!({
+                "cniVersion": "0.4.0",
+                "name": self.name,
+                "type": "bridge",
+                "bridge": self.bridge,
+                "isGateway": false,
+                "isDefaultGateway": false,
+                "ipMasq": false,
+            });
+        }
         json!({
             "cniVersion": "0.4.0",
             "name": self.name,
