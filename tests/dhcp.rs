@@ -421,3 +421,38 @@ fn attach_to_dhcp_lease_median_of_ten() {
 fn parse_time(text: &str) -> SystemTime {
     humantime::parse_rfc3339(text).unwrap_or_else(|e| panic!("{text}: {e}"))
 }
+
+/// Without CAP_NET_RAW nicplug still plugs; the status says DHCP is not
+/// served and why, and the refused socket is retried with backoff, not in a
+/// loop.
+#[test]
+fn without_cap_net_raw_it_plugs_and_says_why_dhcp_is_not_served() {
+    if !support::require_root() {
+        return;
+    }
+    let rig = Rig::start(RigOptions::default());
+    let mut nicplug = Nicplug::new(&rig, &["blue"]);
+    // Root minus CAP_NET_RAW: out of the bounding set, so not permitted.
+    nicplug.prefix = ["setpriv", "--bounding-set=-net_raw", "--inh-caps=-net_raw"]
+        .map(String::from)
+        .to_vec();
+    nicplug.start();
+    let net = CniNet::new(24);
+    let cni = rig.cni_add(&net, &pod_iface("blue"));
+    nicplug.wait_phase("blue", "Ready", WAIT);
+    assert!(rig.wait_guest_mac(&cni.mac, WAIT).is_some());
+    let dhcp = wait_dhcp(&nicplug, "blue", false);
+    let reason = dhcp["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("CAP_NET_RAW"), "{dhcp}");
+    // Three seconds of a refused socket: attempts at 0, 1 and 3 s (1 s
+    // doubling); a retry storm would make hundreds.
+    std::thread::sleep(Duration::from_secs(3));
+    let attempts = nicplug.log().matches("dhcp server cannot start").count();
+    assert!(
+        (1..=5).contains(&attempts),
+        "{attempts} attempts\n{}",
+        nicplug.log_tail(20)
+    );
+    assert_eq!(nicplug.phase("blue").as_deref(), Some("Ready"));
+    assert!(!nicplug.log().contains("ERROR"), "{}", nicplug.log());
+}

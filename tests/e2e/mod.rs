@@ -25,6 +25,9 @@ pub struct Nicplug<'a> {
     pub env: Vec<(String, String)>,
     /// How the last process exited, once reaped (`wait_exit`, `kill`, `stop`).
     pub exit: Option<ExitStatus>,
+    /// A program (and its arguments) nicplug runs under, e.g. `setpriv` to
+    /// drop a capability; empty: none.
+    pub prefix: Vec<String>,
 }
 
 impl<'a> Nicplug<'a> {
@@ -39,6 +42,7 @@ impl<'a> Nicplug<'a> {
             args: Vec::new(),
             env: Vec::new(),
             exit: None,
+            prefix: Vec::new(),
         };
         std::fs::create_dir_all(nicplug.vmi_path.parent().unwrap()).unwrap();
         nicplug.set_spec(networks);
@@ -60,6 +64,7 @@ impl<'a> Nicplug<'a> {
             args: Vec::new(),
             env: Vec::new(),
             exit: None,
+            prefix: Vec::new(),
         }
     }
 
@@ -69,9 +74,16 @@ impl<'a> Nicplug<'a> {
             .append(true)
             .open(&self.log_path)
             .unwrap();
-        let child = self
-            .rig
-            .sidecar_cmd(nicplug_binary().to_str().unwrap())
+        let binary = nicplug_binary();
+        let mut command = match self.prefix.split_first() {
+            None => self.rig.sidecar_cmd(binary.to_str().unwrap()),
+            Some((program, args)) => {
+                let mut c = self.rig.sidecar_cmd(program);
+                c.args(args).arg(&binary);
+                c
+            }
+        };
+        let child = command
             .args(["run", "--vmi"])
             .arg(&self.vmi_path)
             .args([

@@ -461,7 +461,8 @@ impl Rig {
     /// rig also in a private mount namespace with the rig's libvirt socket directory
     /// mounted read-only at `/var/run/libvirt` (the `libvirt-runtime` volume) and a 0666
     /// `/dev/net/tun` (the device plugin's), as uid/gid 107 without supplementary groups,
-    /// with no-new-privs and exactly `CAP_NET_ADMIN` (inheritable, ambient, bounding),
+    /// with no-new-privs and exactly `CAP_NET_ADMIN` and `CAP_NET_RAW` (inheritable,
+    /// ambient, bounding),
     /// and `XDG_*` pointing at a writable `<dir>/nicplug-run` (the `nicplug-run`
     /// emptyDir). The caller appends the program's arguments.
     pub fn sidecar_cmd(&self, program: &str) -> Command {
@@ -473,8 +474,8 @@ impl Rig {
         let script = format!(
             "set -e; mount --bind -o ro {d}/run /run/libvirt; mount --bind {d}/tun /dev/net/tun; \
              exec setpriv --reuid={id} --regid={id} --clear-groups --no-new-privs \
-             --inh-caps=-all,+net_admin --ambient-caps=-all,+net_admin \
-             --bounding-set=-all,+net_admin \"$@\""
+             --inh-caps=-all,+net_admin,+net_raw --ambient-caps=-all,+net_admin,+net_raw \
+             --bounding-set=-all,+net_admin,+net_raw \"$@\""
         );
         let run = self.dir.join("nicplug-run");
         let mut c = Command::new("ip");
