@@ -680,14 +680,24 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         if !self.config.dhcp {
             return;
         }
-        let dns = self
+        let pod_dns = self
             .config
             .resolv_conf
             .as_deref()
             .and_then(|path| std::fs::read_to_string(path).ok())
             .map(|text| crate::dhcp::Dns::from_resolv_conf(&text))
             .unwrap_or_default();
-        let (desired, unserved) = crate::dhcp::desired_servers(vmi, links, domain, statuses, &dns);
+        let network_status = self
+            .config
+            .report
+            .network_status
+            .as_ref()
+            .and_then(|rx| rx.borrow().clone())
+            .unwrap_or_default();
+        let (desired, unserved) =
+            crate::dhcp::desired_servers(vmi, links, domain, statuses, &|pod: &str| {
+                crate::dhcp::Dns::for_interface(&network_status, pod, &pod_dns)
+            });
         self.dhcp.reconcile(desired);
         for status in statuses.iter_mut() {
             status.dhcp = self.dhcp.status(&status.name).or_else(|| {

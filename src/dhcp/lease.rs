@@ -28,6 +28,32 @@ pub struct Dns {
 }
 
 impl Dns {
+    /// DNS for pod interface `pod`: its Multus network-status entry's `dns`
+    /// when that names a server (what CNI returned for this network), else
+    /// `pod_default` (the pod's resolv.conf, as KubeVirt does).
+    pub fn for_interface(
+        network_status: &[crate::model::network_status::NetworkStatus],
+        pod: &str,
+        pod_default: &Dns,
+    ) -> Dns {
+        let entry = network_status
+            .iter()
+            .find(|s| s.interface.as_deref() == Some(pod));
+        let servers: Vec<Ipv4Addr> = entry
+            .map(|e| e.dns_servers())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        match entry {
+            Some(e) if !servers.is_empty() => Dns {
+                servers,
+                search: e.dns_search(),
+            },
+            _ => pod_default.clone(),
+        }
+    }
+
     /// Reads `nameserver` and `search` lines of a resolv.conf; IPv6
     /// servers are skipped (DHCPv4 option 6 carries IPv4 only).
     pub fn from_resolv_conf(text: &str) -> Self {
@@ -214,6 +240,26 @@ mod tests {
             LeaseConfig::from_record(&l2, l2.mac, Dns::default(), None),
             None
         );
+    }
+
+    #[test]
+    fn network_status_dns_wins_over_the_pods_resolv_conf() {
+        let statuses = crate::model::network_status::parse(
+            r#"[{"name":"ns/a","interface":"pod1","dns":{"nameservers":["10.1.0.53","fd00::53"],"search":["a.test"]}},
+                {"name":"ns/b","interface":"pod2","dns":{}},
+                {"name":"ns/c","interface":"pod3","dns":{"nameservers":"not a list"}}]"#,
+        )
+        .unwrap();
+        let pod = Dns {
+            servers: vec![Ipv4Addr::new(10, 96, 0, 10)],
+            search: vec!["svc.cluster.local".into()],
+        };
+        let a = Dns::for_interface(&statuses, "pod1", &pod);
+        assert_eq!(a.servers, vec![Ipv4Addr::new(10, 1, 0, 53)]);
+        assert_eq!(a.search, vec!["a.test"]);
+        assert_eq!(Dns::for_interface(&statuses, "pod2", &pod), pod);
+        assert_eq!(Dns::for_interface(&statuses, "pod3", &pod), pod);
+        assert_eq!(Dns::for_interface(&statuses, "pod9", &pod), pod);
     }
 
     #[test]

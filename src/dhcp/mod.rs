@@ -37,7 +37,7 @@ pub fn desired_servers(
     links: &[Link],
     domain: Option<&DomainState>,
     statuses: &[InterfaceStatus],
-    dns: &Dns,
+    dns: &dyn Fn(&str) -> Dns,
 ) -> (Vec<Desired>, Vec<(String, DhcpStatus)>) {
     let mut desired = Vec::new();
     let mut unserved = Vec::new();
@@ -74,7 +74,8 @@ pub fn desired_servers(
         let Some(mac) = device.and_then(|d| d.mac) else {
             continue;
         };
-        match LeaseConfig::from_record(&record, mac, dns.clone(), Some(vmi.name.clone())) {
+        let dns = dns(pod.name.as_str());
+        match LeaseConfig::from_record(&record, mac, dns, Some(vmi.name.clone())) {
             Some(lease) => desired.push(Desired {
                 network: status.name.clone(),
                 tap: names.tap,
@@ -88,4 +89,151 @@ pub fn desired_servers(
         }
     }
     (desired, unserved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::domain_xml::{DomainInterface, RootPorts};
+    use crate::netns::LinkKind;
+
+    const POD: &str = "pod9a6a0c3b4d8";
+    const TAP: &str = "tap9a6a0c3b4d8";
+    const VM_MAC: &str = "02:00:00:00:00:09";
+
+    fn vmi() -> Vmi {
+        Vmi::parse(
+            r#"{"kind":"VirtualMachineInstance","metadata":{"name":"vm1","namespace":"ns"},"spec":{"domain":{"devices":{"interfaces":[
+                {"name":"dyniface1","bridge":{}}]}},
+                "networks":[{"name":"dyniface1","multus":{"networkName":"nad1"}}]}}"#,
+        )
+        .unwrap()
+    }
+
+    fn pod_link(alias: Option<String>) -> Link {
+        Link {
+            alias,
+            ..Link::fixture(3, POD, LinkKind::Veth)
+        }
+    }
+
+    fn record(addresses: &[&str]) -> String {
+        PodLinkRecord {
+            network: Some("dyniface1".into()),
+            mac: VM_MAC.parse().unwrap(),
+            mtu: 1400,
+            addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
+            routes: vec!["169.254.255.2/32>169.254.2.1".parse().unwrap()],
+            previous_alias: None,
+        }
+        .to_alias()
+        .unwrap()
+    }
+
+    fn domain(target: &str) -> DomainState {
+        DomainState {
+            running: true,
+            persistent: true,
+            interfaces: vec![DomainInterface {
+                alias: Some("ua-dyniface1".into()),
+                mac: Some(VM_MAC.parse().unwrap()),
+                target_dev: Some(target.into()),
+                link_up: true,
+                model: Some("virtio".into()),
+                queues: None,
+                mtu: Some(1400),
+                xml: String::new(),
+            }],
+            root_ports: RootPorts { total: 4, free: 3 },
+        }
+    }
+
+    fn status(phase: Phase) -> InterfaceStatus {
+        InterfaceStatus {
+            pod_interface_name: Some(POD.into()),
+            ..InterfaceStatus::new("dyniface1", phase)
+        }
+    }
+
+    #[test]
+    fn an_attached_interface_nicplug_plumbed_with_ipv4_is_served() {
+        let links = [pod_link(Some(record(&["169.254.2.5/24"])))];
+        for phase in [Phase::Attached, Phase::Ready] {
+            let (desired, unserved) = desired_servers(
+                &vmi(),
+                &links,
+                Some(&domain(TAP)),
+                &[status(phase)],
+                &|_: &str| Dns::default(),
+            );
+            assert!(unserved.is_empty());
+            let [want] = desired.as_slice() else {
+                panic!("{desired:?}");
+            };
+            assert_eq!(want.tap.as_str(), TAP);
+            assert_eq!(want.lease.client.to_string(), VM_MAC);
+            assert_eq!(want.lease.address.to_string(), "169.254.2.5");
+            assert_eq!(want.lease.hostname.as_deref(), Some("vm1"));
+            assert_eq!(want.server_mac, Mac::locally_administered_from(POD));
+        }
+    }
+
+    #[test]
+    fn no_server_for_l2_kubevirt_or_unattached_interfaces() {
+        let dom = domain(TAP);
+        let l2 = [pod_link(Some(record(&["fe80::1/64"])))];
+        let (desired, unserved) = desired_servers(
+            &vmi(),
+            &l2,
+            Some(&dom),
+            &[status(Phase::Ready)],
+            &|_: &str| Dns::default(),
+        );
+        assert!(desired.is_empty());
+        assert!(unserved[0].1.reason.as_deref().unwrap().contains("no IPv4"));
+
+        // KubeVirt's layout: no nicplug record on the pod link.
+        let kubevirt = [pod_link(None)];
+        let (desired, unserved) = desired_servers(
+            &vmi(),
+            &kubevirt,
+            Some(&dom),
+            &[status(Phase::Ready)],
+            &|_: &str| Dns::default(),
+        );
+        assert!(desired.is_empty());
+        assert!(
+            unserved[0]
+                .1
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("did not plumb")
+        );
+
+        // A device on another tap is not the one nicplug plumbed.
+        let links = [pod_link(Some(record(&["169.254.2.5/24"])))];
+        let other = domain("tapkubevirt");
+        let (desired, _) = desired_servers(
+            &vmi(),
+            &links,
+            Some(&other),
+            &[status(Phase::Ready)],
+            &|_: &str| Dns::default(),
+        );
+        assert!(desired.is_empty());
+
+        for phase in [
+            Phase::Pending,
+            Phase::Plumbed,
+            Phase::Detaching,
+            Phase::Failed,
+        ] {
+            let (desired, unserved) =
+                desired_servers(&vmi(), &links, Some(&dom), &[status(phase)], &|_: &str| {
+                    Dns::default()
+                });
+            assert!(desired.is_empty() && unserved.is_empty(), "{phase:?}");
+        }
+    }
 }
