@@ -308,10 +308,14 @@ fn dhcp_gives_the_guest_exactly_the_pod_interface() {
     assert!(after_restart["lastLease"]["time"].is_string());
     let (code, metrics) = nicplug.api("/metrics", WAIT).unwrap();
     assert_eq!(code, 200);
-    assert!(
-        metrics.contains("nicplug_dhcp_leases_total{network=\"blue\"} 1"),
-        "one lease since the restart: {metrics}"
-    );
+    // At least the renewal since the restart (udhcpc may repeat a request
+    // it saw no answer to in time).
+    let leases: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("nicplug_dhcp_leases_total{network=\"blue\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no lease counter: {metrics}"));
+    assert!(leases >= 1, "{metrics}");
 
     // Unplug: the server goes with the device, and the pod interface is back
     // as CNI made it, routes included.
