@@ -460,3 +460,56 @@ fn without_cap_net_raw_it_plugs_and_says_why_dhcp_is_not_served() {
     assert_eq!(nicplug.phase("blue").as_deref(), Some("Ready"));
     assert!(!nicplug.log().contains("ERROR"), "{}", nicplug.log());
 }
+
+/// A tap deleted under the live device is recreated by the repair (and the
+/// device re-attached): the server, whose socket died with the old tap,
+/// serves on the new one, and the guest gets its lease again.
+#[test]
+fn after_the_tap_is_recreated_the_server_serves_again() {
+    if !support::require_root() {
+        return;
+    }
+    let rig = Rig::start(RigOptions::default());
+    let mut nicplug = Nicplug::new(&rig, &["blue"]);
+    nicplug.start();
+    install_script(&rig);
+    let net = CniNet::new(25);
+    let cni = rig.cni_add(&net, &pod_iface("blue"));
+    nicplug.wait_phase("blue", "Ready", WAIT);
+    wait_dhcp(&nicplug, "blue", true);
+    let lease = |rig: &Rig| {
+        let guest = rig
+            .wait_guest_mac(&cni.mac, WAIT)
+            .expect("guest sees the NIC");
+        rig.guest_exec(&[
+            "/bin/sh",
+            "-c",
+            &format!(
+                "ip link set {0} up; udhcpc -i {0} -s /tmp/udhcpc.sh -n -q -t 10 -T 1 </dev/null >/dev/null 2>&1; echo exit=$?",
+                guest.name
+            ),
+        ])
+        .1
+    };
+    assert!(lease(&rig).contains("exit=0"), "first lease");
+
+    let offset = nicplug.log_len();
+    rig.pod_ip(&["link", "del", &format!("tap{}", suffix("blue"))]);
+    // The repair re-creates the tap and re-attaches the device (QEMU's fd
+    // to the old tap is dead): the server stops with the detach and a new
+    // one starts on the new tap once the device is back.
+    support::poll(WAIT, Duration::from_millis(50), || {
+        let log = nicplug.log_since(offset);
+        let stopped = log.find("dhcp server stopped")?;
+        log[stopped..].contains("dhcp server started").then_some(())
+    })
+    .unwrap_or_else(|| panic!("no rebind:\n{}", nicplug.log_since(offset)));
+    nicplug.wait_phase("blue", "Ready", WAIT);
+    wait_dhcp(&nicplug, "blue", true);
+    let out = lease(&rig);
+    assert!(
+        out.contains("exit=0"),
+        "lease after the repair: {out}\n{}",
+        nicplug.log_tail(30)
+    );
+}
