@@ -73,9 +73,63 @@ pub fn parse(frame: &[u8]) -> Result<Received, FrameError> {
         return Err(FrameError::Truncated);
     }
     let payload = udp.get(UDP_HEADER..udp_len).ok_or(FrameError::Truncated)?;
-    let message = Message::decode(&mut Decoder::new(payload))
+    let payload = client_options_only(payload)?;
+    let message = Message::decode(&mut Decoder::new(&payload))
         .map_err(|e| FrameError::Decode(e.to_string()))?;
     Ok(Received { source, message })
+}
+
+/// The fixed BOOTP header before the options (RFC 2131 figure 1).
+const BOOTP_HEADER: usize = 236;
+const MAGIC_COOKIE: [u8; 4] = [99, 130, 83, 99];
+const OPTION_PAD: u8 = 0;
+const OPTION_END: u8 = 255;
+
+/// The DHCP payload with only the options a client request carries that
+/// the server reads, each with the length RFC 2132 gives it: message type
+/// (53, 1 byte), requested address (50, 4), server identifier (54, 4),
+/// parameter list (55), maximum message size (57, 2), client identifier
+/// (61, at least 2), hostname (12). Everything else a guest sends is
+/// dropped before the payload reaches the decoder: `dhcproto` 0.15 asserts
+/// on the lengths of some options (debug builds panic on one frame, and
+/// nicplug aborts on a panic), and what the server ignores need not be
+/// parsed at all.
+fn client_options_only(payload: &[u8]) -> Result<Vec<u8>, FrameError> {
+    let header = payload
+        .get(..BOOTP_HEADER + MAGIC_COOKIE.len())
+        .ok_or(FrameError::Truncated)?;
+    if header[BOOTP_HEADER..] != MAGIC_COOKIE {
+        return Err(FrameError::Decode("no DHCP magic cookie".into()));
+    }
+    let mut out = header.to_vec();
+    let mut options = &payload[header.len()..];
+    while let Some((&code, rest)) = options.split_first() {
+        match code {
+            OPTION_PAD => {
+                options = rest;
+                continue;
+            }
+            OPTION_END => break,
+            _ => {}
+        }
+        let (&len, rest) = rest.split_first().ok_or(FrameError::Truncated)?;
+        let value = rest.get(..usize::from(len)).ok_or(FrameError::Truncated)?;
+        options = &rest[usize::from(len)..];
+        let wanted = match code {
+            53 => len == 1,
+            50 | 54 => len == 4,
+            57 => len == 2,
+            61 => len >= 2,
+            55 | 12 => len >= 1,
+            _ => false,
+        };
+        if wanted {
+            out.extend_from_slice(&[code, len]);
+            out.extend_from_slice(value);
+        }
+    }
+    out.push(OPTION_END);
+    Ok(out)
 }
 
 /// The frame carrying `message` from `source` (the server's MAC and
@@ -207,6 +261,44 @@ mod tests {
         assert_eq!(internet_checksum(&[&pseudo, udp]), 0);
         // Sent to port 68, so not a request.
         assert_eq!(parse(&reply), Err(FrameError::NotDhcp));
+    }
+
+    /// The fuzzer's find: option 152 (bulk lease query base time) with a
+    /// length other than 4 made `dhcproto` assert. Dropped before decoding;
+    /// the request itself still parses.
+    #[test]
+    fn options_the_server_does_not_read_never_reach_the_decoder() {
+        let mut m = discover();
+        m.opts_mut()
+            .insert(DhcpOption::RequestedIpAddress(Ipv4Addr::new(
+                169, 254, 2, 5,
+            )));
+        let mut frame = client_frame(&m);
+        // Replace the END option with a malformed option 152 (length 0),
+        // option 53 with a wrong length, then END.
+        assert_eq!(frame.pop(), Some(OPTION_END));
+        frame.extend_from_slice(&[152, 0, 53, 2, 1, 1, OPTION_END]);
+        let total = (frame.len() - ETH_HEADER) as u16;
+        frame[16..18].copy_from_slice(&total.to_be_bytes());
+        frame[38..40].copy_from_slice(&(total - IPV4_HEADER as u16).to_be_bytes());
+        let got = parse(&frame).unwrap();
+        assert_eq!(got.message.opts().msg_type(), Some(MessageType::Discover));
+        assert_eq!(
+            got.message
+                .opts()
+                .get(dhcproto::v4::OptionCode::RequestedIpAddress),
+            Some(&DhcpOption::RequestedIpAddress(Ipv4Addr::new(
+                169, 254, 2, 5
+            )))
+        );
+        // An option running past the end is a truncated frame.
+        let mut cut = client_frame(&m);
+        cut.pop();
+        cut.extend_from_slice(&[61, 9, 1]);
+        let total = (cut.len() - ETH_HEADER) as u16;
+        cut[16..18].copy_from_slice(&total.to_be_bytes());
+        cut[38..40].copy_from_slice(&(total - IPV4_HEADER as u16).to_be_bytes());
+        assert_eq!(parse(&cut), Err(FrameError::Truncated));
     }
 
     #[test]
