@@ -532,7 +532,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 }
             }
             if let Some(retry) = self.dhcp.next_retry() {
-                deadline = deadline.min(retry.into());
+                deadline = deadline.min(retry);
             }
             let dhcp_changed = self.dhcp.changed();
             let finished = tokio::select! {
@@ -610,7 +610,19 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             .retain(|name, _| plans.iter().any(|p| &p.name == name));
         let mut statuses = Vec::with_capacity(plans.len());
         let mut domain_changed = false;
+        // Records this pass wrote: the DHCP server of an interface attached in
+        // this pass starts in this pass, before the guest's first DISCOVER
+        // (the links were read before the record existed).
+        let mut written: Vec<(crate::model::IfName, String)> = Vec::new();
         for plan in plans {
+            let records: Vec<_> = plan
+                .steps
+                .iter()
+                .filter_map(|s| match s {
+                    Step::RecordPodLink { pod, alias } => Some((pod.clone(), alias.clone())),
+                    _ => None,
+                })
+                .collect();
             if plan.steps.iter().any(|s| matches!(s, Step::Attach { .. })) {
                 self.report.pod_seen(&plan.name, observed_at);
             }
@@ -623,6 +635,9 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             let span = info_span!("interface", iface = %plan.name, pod = plan.pod_iface.as_ref().map(|p| p.as_str()));
             let departed = plan.departed;
             let status = self.apply(&domain_name, plan).instrument(span).await;
+            if matches!(status.phase, Phase::Attached | Phase::Ready) {
+                written.extend(records);
+            }
             if !(departed && status.phase == Phase::Detached) {
                 statuses.push(status);
             }
@@ -650,6 +665,12 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         } else {
             domain
         };
+        let mut links = links;
+        for (pod, alias) in written {
+            if let Some(link) = links.iter_mut().find(|l| l.name == pod) {
+                link.alias = Some(alias);
+            }
+        }
         self.serve_dhcp(vmi, &links, domain.as_ref(), &mut statuses);
         let reconnects = self.hyp.reconnects();
         self.last_reconcile = Some(Timestamp::now());
