@@ -1,8 +1,10 @@
 //! End-to-end on the rig with a real distribution guest (`Guest::Debian`:
 //! debootstrapped Debian with systemd, udev, systemd-networkd and
 //! qemu-guest-agent, `scripts/build-guest-debian`): what a real guest does
-//! with a NIC nicplug hot-plugs, with no action inside the guest. One boot
-//! (~the slowest rig of the suite); needs root, see docs/testing.md.
+//! with a NIC nicplug hot-plugs, with no action inside the guest: its
+//! predictable name from nicplug's placement, and its address from nicplug's
+//! DHCP server through systemd-networkd. One boot (the slowest rig of the
+//! suite); needs root, see docs/testing.md.
 
 mod e2e;
 mod support;
@@ -49,15 +51,35 @@ fn wait_guest_name(rig: &Rig, mac: &str, want: &str) -> Duration {
     );
 }
 
+/// Waits until the guest reports `address` on the NIC with `mac`.
+fn wait_guest_address(rig: &Rig, mac: &str, address: &str) {
+    let t0 = Instant::now();
+    loop {
+        let has = rig
+            .try_guest_interfaces()
+            .ok()
+            .and_then(|ifaces| ifaces.into_iter().find(|i| i.mac == mac))
+            .is_some_and(|i| i.has_ip(address));
+        if has {
+            return;
+        }
+        assert!(
+            t0.elapsed() < PLUG,
+            "the guest never got {address} on {mac}\n--- console ---\n{}",
+            rig.console_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// What systemd-networkd says of link `name`: its state file, which names
-/// the `.network` file it applied (no state file: networkd does not manage it).
+/// the `.network` file it applied (empty while networkd has not written one).
 fn networkd_link_state(rig: &Rig, name: &str) -> String {
-    let (code, out) = rig.guest_exec(&[
+    let (_, out) = rig.guest_exec(&[
         "/bin/sh",
         "-c",
-        &format!("cat /run/systemd/netif/links/$(cat /sys/class/net/{name}/ifindex)"),
+        &format!("cat /run/systemd/netif/links/$(cat /sys/class/net/{name}/ifindex) 2>/dev/null"),
     ]);
-    assert_eq!(code, 0, "networkd has no state for {name}: {out}");
     out
 }
 
@@ -100,8 +122,7 @@ fn debian_names_hot_plugged_nics_by_their_placement() {
         );
         let entry = nicplug.entry(network).unwrap();
         assert_eq!(entry["pciAddress"], format!("0000:{port:02x}:00.0"));
-        // systemd-networkd takes the new NIC with the rig's .network file
-        // (DHCP; no server answers on this network).
+        // systemd-networkd takes the new NIC with the rig's .network file.
         let t1 = Instant::now();
         loop {
             let state = networkd_link_state(&rig, &want);
@@ -117,6 +138,21 @@ fn debian_names_hot_plugged_nics_by_their_placement() {
         eprintln!(
             "timing: {network}: {want} named -> systemd-networkd applied its .network {:?}",
             t1.elapsed()
+        );
+        // networkd asks DHCP on its own and gets the pod interface's address
+        // from nicplug's server.
+        let address = cni.ips[0].split('/').next().unwrap().to_string();
+        wait_guest_address(&rig, &cni.mac, &address);
+        eprintln!(
+            "timing: {network}: Attached -> the guest holds its DHCP address {address} {:?}",
+            t0.elapsed() - attached
+        );
+        let dhcp = &nicplug.entry(network).unwrap()["dhcp"];
+        assert_eq!(dhcp["served"], true, "{dhcp}");
+        assert_eq!(dhcp["address"], cni.ips[0], "{dhcp}");
+        assert!(
+            rig.ping_from_node(net, &address),
+            "ping {address} over {want}"
         );
         macs.push((network, cni.mac, want));
     }
@@ -155,49 +191,4 @@ fn debian_names_hot_plugged_nics_by_their_placement() {
     ]);
     eprintln!("guest boot (systemd-analyze):\n{analyze}");
     assert!(!nicplug.log().contains("ERROR"), "{}", nicplug.log());
-}
-
-/// The guest gets its address from nicplug's DHCP server, with
-/// systemd-networkd doing it on its own (issue 10, part 1). Run once on a
-/// trial merge of the dhcp branch: passes, attach -> address 1.1 to 6.5 s
-/// (4 runs); remove the `#[ignore]` once the DHCP server is on main.
-#[test]
-#[ignore = "needs the dhcp branch"]
-fn debian_takes_its_dhcp_address_with_no_action_inside() {
-    if !support::require_root() {
-        return;
-    }
-    let rig = debian_rig();
-    let mut nicplug = Nicplug::new(&rig, &[]);
-    nicplug.start();
-    nicplug.set_spec(&["red"]);
-    let net = CniNet::new(50);
-    let cni = rig.cni_add(&net, &pod_iface("red"));
-    let t0 = Instant::now();
-    nicplug.wait_phase("red", "Attached", PLUG);
-    let attached = t0.elapsed();
-    wait_guest_name(&rig, &cni.mac, "enp1s0");
-    let want = cni.ips[0].split('/').next().unwrap().to_string();
-    let deadline = Instant::now() + PLUG;
-    loop {
-        let has = rig
-            .try_guest_interfaces()
-            .ok()
-            .and_then(|ifaces| ifaces.into_iter().find(|i| i.mac == cni.mac))
-            .is_some_and(|i| i.has_ip(&want));
-        if has {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "enp1s0 never got {want}: {}",
-            networkd_link_state(&rig, "enp1s0")
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    eprintln!(
-        "timing: attach -> Debian holds its DHCP address {:?} (attach itself {attached:?})",
-        t0.elapsed()
-    );
-    assert!(rig.ping_from_node(&net, &want), "ping {want} over enp1s0");
 }
