@@ -22,7 +22,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::error::error_chain;
 use crate::health::{Part, Readiness};
 use crate::hypervisor::events::DomainEvent;
-use crate::hypervisor::{DomainLifecycle, DomainState, Hypervisor, HypervisorError};
+use crate::hypervisor::{DomainLifecycle, DomainState, Hypervisor, HypervisorError, Migration};
 use crate::model::Owner;
 use crate::model::vmi::Vmi;
 use crate::netns::{Link, NetnsError, PodNetwork};
@@ -80,6 +80,43 @@ impl Observation {
     }
 }
 
+/// A step that changes the domain's devices (which no migration may see).
+fn changes_the_domain(step: &Step) -> bool {
+    matches!(
+        step,
+        Step::Attach { .. } | Step::Detach { .. } | Step::SetLinkState { .. }
+    )
+}
+
+/// Readiness of a migration target (domain absent or arriving): every
+/// interface the spec wants plugged is `Prepared`, so the hand-off (which
+/// waits for the pod to be Ready) brings the domain to taps that exist.
+/// Wherever the domain runs (or is shut off) there is nothing to gate.
+fn target_readiness(domain: Option<&DomainState>, plans: &[InterfacePlan]) -> Result<(), String> {
+    if domain.is_some_and(|d| d.migration != Migration::Incoming) {
+        return Ok(());
+    }
+    let waiting: Vec<String> = plans
+        .iter()
+        .filter(|p| !p.departed)
+        .filter(|p| {
+            !matches!(
+                p.phase,
+                Phase::Prepared | Phase::NotManaged | Phase::Unsupported | Phase::Detached
+            )
+        })
+        .map(|p| match &p.message {
+            Some(m) => format!("{} ({m})", p.name),
+            None => p.name.clone(),
+        })
+        .collect();
+    if waiting.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("not prepared for the domain: {}", waiting.join(", ")))
+    }
+}
+
 /// The domain's state for people: what the hypervisor knows, else what
 /// [`DomainState::running`] says.
 fn lifecycle_of<H: Hypervisor>(
@@ -89,10 +126,12 @@ fn lifecycle_of<H: Hypervisor>(
 ) -> DomainLifecycle {
     match domain {
         None => DomainLifecycle::Absent,
-        Some(d) => hyp.lifecycle(name).unwrap_or(if d.running {
-            DomainLifecycle::Running
-        } else {
-            DomainLifecycle::ShutOff
+        Some(d) => hyp.lifecycle(name).unwrap_or(match d.migration {
+            Migration::Incoming => DomainLifecycle::Migrating,
+            Migration::Outgoing => DomainLifecycle::MigratingOut,
+            Migration::Departed => DomainLifecycle::Migrated,
+            Migration::None if d.running => DomainLifecycle::Running,
+            Migration::None => DomainLifecycle::ShutOff,
         }),
     }
 }
@@ -110,8 +149,10 @@ async fn detect_tap_owner<H: Hypervisor>(
         return configured;
     }
     if !domain.is_some_and(|d| d.running) {
+        // A migration target prepares taps before any QEMU runs here: only
+        // what needs no QEMU (a session daemon's socket owner) tells.
         *cache = None;
-        return None;
+        return hyp.qemu_owner(domain_name).await.ok().flatten();
     }
     if cache.is_none() {
         match hyp.qemu_owner(domain_name).await {
@@ -294,7 +335,13 @@ pub struct Agent<N, H> {
     pass_error: Option<String>,
     /// The domain's name and state as the last pass found them.
     domain_seen: Option<(String, DomainLifecycle)>,
+    /// The last pass found a migration in flight: passes repeat every
+    /// [`MIGRATION_POLL`], since a failed migration raises no event.
+    migrating: bool,
 }
+
+/// How often a migration in flight is looked at.
+const MIGRATION_POLL: Duration = Duration::from_secs(1);
 
 /// Retries of whole passes that failed, and their logging: once per
 /// distinct error, then a reminder every [`STILL_FAILING_EVERY`].
@@ -374,6 +421,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             last_reconcile: None,
             pass_error: None,
             domain_seen: None,
+            migrating: false,
             net,
             hyp: Arc::new(hyp),
             report: Reporter::new(config.report.clone()),
@@ -506,6 +554,9 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                         if let Some(guest) = self.report.next_wake() {
                             deadline = deadline.min(guest);
                         }
+                        if self.migrating {
+                            deadline = deadline.min(Instant::now() + MIGRATION_POLL);
+                        }
                     }
                     Err(e) => {
                         // The whole pass failed: interface retries and guest
@@ -579,7 +630,8 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 tracked.retry_at = None;
             }
         }
-        let plans = plan(
+        let mut domain = domain;
+        let mut plans = plan(
             vmi,
             &Observed {
                 links: &links,
@@ -588,6 +640,37 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 clean_kubevirt_leftovers: self.config.coexist,
             },
         );
+        if let Some(d) = domain.as_mut()
+            && d.migration == Migration::None
+            && plans.iter().any(|p| p.steps.iter().any(changes_the_domain))
+        {
+            // A migration that starts raises no event on the source, so the
+            // domain read may predate it: ask afresh before changing devices.
+            match self.hyp.migration(&domain_name).await {
+                Ok(Migration::None) => {}
+                Ok(migration) => {
+                    info!(?migration, "a migration is in flight: device changes wait");
+                    d.migration = migration;
+                    plans = plan(
+                        vmi,
+                        &Observed {
+                            links: &links,
+                            domain: Some(d),
+                            tap_owner,
+                            clean_kubevirt_leftovers: self.config.coexist,
+                        },
+                    );
+                }
+                Err(e) => {
+                    return Err(AgentError::Domain(e));
+                }
+            }
+        }
+        self.migrating = domain
+            .as_ref()
+            .is_some_and(|d| matches!(d.migration, Migration::Incoming | Migration::Outgoing));
+        self.readiness
+            .set(Part::Plumbing, target_readiness(domain.as_ref(), &plans));
 
         self.tracked
             .retain(|name, _| plans.iter().any(|p| &p.name == name));
@@ -597,12 +680,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             if plan.steps.iter().any(|s| matches!(s, Step::Attach { .. })) {
                 self.report.pod_seen(&plan.name, observed_at);
             }
-            domain_changed |= plan.steps.iter().any(|s| {
-                matches!(
-                    s,
-                    Step::Attach { .. } | Step::Detach { .. } | Step::SetLinkState { .. }
-                )
-            });
+            domain_changed |= plan.steps.iter().any(changes_the_domain);
             let span = info_span!("interface", iface = %plan.name, pod = plan.pod_iface.as_ref().map(|p| p.as_str()));
             let departed = plan.departed;
             let status = self.apply(&domain_name, plan).instrument(span).await;

@@ -206,6 +206,7 @@ impl FakeHyp {
             domain: Mutex::new(DomainState {
                 running: true,
                 persistent: true,
+                migration: Migration::None,
                 interfaces: vec![],
                 root_ports: RootPorts {
                     total: 4,

@@ -29,7 +29,7 @@ use super::events::{self, DomainEvent, EventSink, Registration};
 use super::worker::Worker;
 use super::{
     DomainInterface, DomainLifecycle, GuestInterface, GuestView, Hypervisor, HypervisorError,
-    InterfaceDevice,
+    InterfaceDevice, Migration,
 };
 use crate::model::{IpCidr, Owner};
 
@@ -253,7 +253,7 @@ fn read_domain(conn: &Connect, name: &str) -> Result<DomainRead, HypervisorError
     let Some(dom) = lookup(conn, name)? else {
         return Ok((None, DomainLifecycle::Absent));
     };
-    let (running, lifecycle) = domain_state(&dom)?;
+    let (running, lifecycle, migration) = domain_state(&dom)?;
     let persistent = dom
         .is_persistent()
         .map_err(|e| libvirt_error("read the domain state", e))?;
@@ -264,6 +264,7 @@ fn read_domain(conn: &Connect, name: &str) -> Result<DomainRead, HypervisorError
     let state = DomainState {
         running,
         persistent,
+        migration,
         interfaces: devices.interfaces,
         root_ports: devices.root_ports,
     };
@@ -419,6 +420,16 @@ impl Hypervisor for Libvirt {
         self.shared.reconnects.load(Ordering::Relaxed)
     }
 
+    async fn migration(&self, domain: &str) -> Result<Migration, HypervisorError> {
+        self.blocking("read the domain's job", domain, |conn, name| {
+            match lookup(conn, name)? {
+                Some(dom) => domain_state(&dom).map(|(_, _, migration)| migration),
+                None => Ok(Migration::None),
+            }
+        })
+        .await
+    }
+
     fn lifecycle(&self, domain: &str) -> Option<DomainLifecycle> {
         lock(&self.cache)
             .as_ref()
@@ -479,7 +490,9 @@ impl Hypervisor for Libvirt {
             .await?
             .map_or((false, None), |(d, owner)| (d.running, owner));
         if !running {
-            return Ok(None);
+            // No QEMU to ask (a migration target before the domain arrives):
+            // a session daemon runs its QEMUs as itself.
+            return Ok(session_socket_owner(&self.shared.uri));
         }
         Ok(label
             .or_else(|| qemu_process_owner(domain))
@@ -503,6 +516,11 @@ impl Libvirt {
             && c.name == domain
             && c.generation == generation
             && c.read_at.elapsed() < CACHE_MAX_AGE
+            // A migration in flight ends without an event when it fails on
+            // the source: read such a domain every time.
+            && c.state
+                .as_ref()
+                .is_none_or(|(d, _)| matches!(d.migration, Migration::None | Migration::Departed))
         {
             return Ok(c.state.clone());
         }
@@ -702,8 +720,10 @@ fn agent_interfaces(dom: &virt::domain::Domain) -> Result<Vec<GuestInterface>, v
 /// Whether the domain runs *here* and takes devices: running, or paused by a
 /// user. An incoming migration (paused, reason migration or starting up) is
 /// not: its devices arrive with the migration, nicplug must attach nothing.
-/// And the state for people.
-fn domain_state(dom: &virt::domain::Domain) -> Result<(bool, DomainLifecycle), HypervisorError> {
+/// And the state for people, and where a migration has it.
+fn domain_state(
+    dom: &virt::domain::Domain,
+) -> Result<(bool, DomainLifecycle, Migration), HypervisorError> {
     let (mut state, mut reason) = (-1, -1);
     // SAFETY: `dom` is live for the call; the out-pointers are valid ints.
     let rc = unsafe { sys::virDomainGetState(dom.as_ptr(), &mut state, &mut reason, 0) };
@@ -715,7 +735,18 @@ fn domain_state(dom: &virt::domain::Domain) -> Result<(bool, DomainLifecycle), H
     }
     let running = state == sys::VIR_DOMAIN_RUNNING as i32
         || (state == sys::VIR_DOMAIN_PAUSED as i32 && reason == sys::VIR_DOMAIN_PAUSED_USER as i32);
+    let migrated_away =
+        state == sys::VIR_DOMAIN_SHUTOFF as i32 && reason == sys::VIR_DOMAIN_SHUTOFF_MIGRATED as i32;
+    let migration = if migrated_away {
+        Migration::Departed
+    } else if state == sys::VIR_DOMAIN_SHUTOFF as i32 {
+        Migration::None
+    } else {
+        migration_job(dom)?
+    };
     let lifecycle = match state as u32 {
+        _ if migration == Migration::Outgoing => DomainLifecycle::MigratingOut,
+        _ if migration == Migration::Incoming => DomainLifecycle::Migrating,
         sys::VIR_DOMAIN_RUNNING | sys::VIR_DOMAIN_BLOCKED => DomainLifecycle::Running,
         sys::VIR_DOMAIN_PAUSED if running => DomainLifecycle::Running,
         sys::VIR_DOMAIN_PAUSED
@@ -726,12 +757,35 @@ fn domain_state(dom: &virt::domain::Domain) -> Result<(bool, DomainLifecycle), H
         }
         sys::VIR_DOMAIN_PAUSED => DomainLifecycle::Paused,
         sys::VIR_DOMAIN_SHUTDOWN => DomainLifecycle::ShuttingDown,
+        sys::VIR_DOMAIN_SHUTOFF if migrated_away => DomainLifecycle::Migrated,
         sys::VIR_DOMAIN_SHUTOFF => DomainLifecycle::ShutOff,
         sys::VIR_DOMAIN_CRASHED => DomainLifecycle::Crashed,
         sys::VIR_DOMAIN_PMSUSPENDED => DomainLifecycle::Suspended,
         _ => DomainLifecycle::Unknown,
     };
-    Ok((running, lifecycle))
+    Ok((running, lifecycle, migration))
+}
+
+/// The domain's active job, if it is a migration (`virDomainGetJobStats`,
+/// whose `operation` says which way; libvirt 3.3 and later).
+fn migration_job(dom: &virt::domain::Domain) -> Result<Migration, HypervisorError> {
+    let job = match dom.job_stats(0) {
+        Ok(job) => job,
+        // The domain stopped between the two calls, or the driver keeps no
+        // jobs: no migration this pass can see.
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the domain's job");
+            return Ok(Migration::None);
+        }
+    };
+    if job.r#type == sys::VIR_DOMAIN_JOB_NONE as i32 {
+        return Ok(Migration::None);
+    }
+    Ok(match job.operation.map(|o| o as u32) {
+        Some(sys::VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT) => Migration::Outgoing,
+        Some(sys::VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN) => Migration::Incoming,
+        _ => Migration::None,
+    })
 }
 
 /// libvirt's driver names (the part of a URI scheme before `+`).

@@ -30,6 +30,7 @@ pub mod worker;
 pub use device_xml::InterfaceDevice;
 pub use domain_xml::{DomainInterface, DomainState};
 
+
 #[derive(Debug, thiserror::Error)]
 pub enum HypervisorError {
     #[error("libvirt: {op} failed: {message}")]
@@ -75,6 +76,10 @@ pub enum DomainLifecycle {
     /// Paused for a migration: on a target, the domain is arriving and its
     /// devices come with it; nicplug attaches nothing.
     Migrating,
+    /// Running, with a migration to another pod in flight.
+    MigratingOut,
+    /// Shut off because it migrated to another pod.
+    Migrated,
     /// Defined, not running.
     ShutOff,
     ShuttingDown,
@@ -93,6 +98,8 @@ impl DomainLifecycle {
             Self::Running => "running",
             Self::Paused => "paused",
             Self::Migrating => "migrating",
+            Self::MigratingOut => "migrating-out",
+            Self::Migrated => "migrated",
             Self::ShutOff => "shut-off",
             Self::ShuttingDown => "shutting-down",
             Self::Crashed => "crashed",
@@ -107,6 +114,26 @@ impl std::fmt::Display for DomainLifecycle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// Where a live migration has the domain, as the daemon of this pod sees
+/// it (libvirt's job and state). A migration moves the domain, with its live
+/// XML and so its devices, to a daemon in another pod: nothing is plugged or
+/// unplugged on either side while it runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Migration {
+    /// No migration job: the domain stays where it is.
+    #[default]
+    None,
+    /// Arriving here (paused, a migration-in job): its devices come with it
+    /// and need their taps before QEMU starts.
+    Incoming,
+    /// Leaving (a migration-out job): it may still fail and resume here, so
+    /// nothing of its plumbing may go.
+    Outgoing,
+    /// Shut off here because it migrated to another pod (reason migrated):
+    /// gone for good from this pod.
+    Departed,
 }
 
 /// One interface as the guest agent reports it.
@@ -186,7 +213,19 @@ pub trait Hypervisor: Send + Sync {
         None
     }
 
-    /// The uid/gid the domain's QEMU process runs as, when it runs.
+    /// Whether a migration job runs on the domain now, read afresh (never
+    /// from a cache): the agent asks before it changes a running domain's
+    /// devices, since a migration that starts raises no event on the source.
+    fn migration(
+        &self,
+        _domain: &str,
+    ) -> impl Future<Output = Result<Migration, HypervisorError>> + Send {
+        async { Ok(Migration::None) }
+    }
+
+    /// The uid/gid the domain's QEMU process runs as, when it runs; when
+    /// it does not, what tells without a QEMU (a session daemon's user), if
+    /// anything.
     fn qemu_owner(
         &self,
         domain: &str,

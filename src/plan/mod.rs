@@ -11,7 +11,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::hypervisor::{DomainInterface, DomainState, GuestView, InterfaceDevice};
+use crate::hypervisor::{DomainInterface, DomainState, GuestView, InterfaceDevice, Migration};
 use crate::model::names::is_ordinal_pod_iface;
 use crate::model::record::RecordError;
 use crate::model::vmi::{NetworkSource, PodIfaceScheme, SpecInterface, SpecState, Vmi};
@@ -25,6 +25,10 @@ pub enum Phase {
     Pending,
     /// Bridge, pod link and tap are in place; the device is not attached yet.
     Plumbed,
+    /// A migration target: the plumbing is in place for the device that
+    /// arrives with the domain (nothing is attached here; the domain is not
+    /// running here yet).
+    Prepared,
     /// The domain has the device.
     Attached,
     /// The guest agent reports the device's MAC: the guest sees the NIC.
@@ -225,6 +229,57 @@ pub fn pod_iface_scheme(vmi: &Vmi, links: &[Link]) -> PodIfaceScheme {
 /// devices are attached in, so guest NIC order follows the spec), then the
 /// networks nicplug plugged that have left the spec.
 pub fn plan(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
+    if let Some(domain) = observed.domain.filter(|d| d.migration == Migration::Outgoing) {
+        // The domain may still resume here: plan as for a domain that runs
+        // here, and hold every change until the migration finished.
+        let here = DomainState {
+            running: true,
+            ..domain.clone()
+        };
+        let view = Observed {
+            links: observed.links,
+            domain: Some(&here),
+            tap_owner: observed.tap_owner,
+            clean_kubevirt_leftovers: observed.clean_kubevirt_leftovers,
+        };
+        return plan_here(vmi, &view)
+            .into_iter()
+            .map(|p| hold(p, domain, MIGRATING_OUT))
+            .collect();
+    }
+    plan_here(vmi, observed)
+}
+
+/// Why a change waits while the domain leaves.
+const MIGRATING_OUT: &str =
+    "the domain is migrating to another pod: this change waits until the migration finished";
+/// Why a change waits while the domain arrives.
+const MIGRATING_IN: &str =
+    "the domain is migrating here: this change waits until the migration finished";
+
+/// Holds a plan's changes while a migration runs: nothing is attached,
+/// detached or torn down; the phase is what the domain has now.
+fn hold(mut plan: InterfacePlan, domain: &DomainState, why: &str) -> InterfacePlan {
+    if plan.steps.is_empty() {
+        return plan;
+    }
+    let has_device = domain
+        .interface_by_alias(&format!("ua-{}", plan.name))
+        .is_some();
+    plan.steps.clear();
+    plan.rollback.clear();
+    plan.repairs.clear();
+    plan.needs_root_port = false;
+    plan.phase = if has_device {
+        Phase::Attached
+    } else {
+        Phase::Pending
+    };
+    plan.with_message(why)
+}
+
+/// [`plan`] for a domain that is not leaving.
+fn plan_here(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
     let scheme = pod_iface_scheme(vmi, observed.links);
     let mut budget = Budget {
         free_ports: observed.domain.map_or(0, |d| d.root_ports.free),
@@ -276,9 +331,22 @@ fn plan_interface(
     let mut plan = InterfacePlan::new(&spec.name, Phase::Pending);
     plan.pod_iface = Some(names.pod.clone());
 
-    let Some(domain) = observed.domain else {
-        return plan.with_message("the domain is not defined");
+    let case = PrepareCase {
+        vmi,
+        spec,
+        names: &names,
+        observed,
     };
+    let Some(domain) = observed.domain else {
+        // A migration target before the domain arrives (or a pod whose VM
+        // has not started yet): the taps must exist before QEMU starts.
+        return case.prepare(None, plan);
+    };
+    match domain.migration {
+        Migration::Incoming => return case.prepare(Some(domain), plan),
+        Migration::Departed => return migrated_away(plan, &names, observed),
+        Migration::None | Migration::Outgoing => {}
+    }
     let device = domain.interface_by_alias(&spec.alias());
     let kubevirt_layout = observed.link(&names.kubevirt_renamed_pod).is_some();
     plan.mac = device.and_then(|d| d.mac);
@@ -358,6 +426,92 @@ fn plan_interface(
         domain,
     };
     plug(&case, budget, plan)
+}
+
+/// The domain shut off here because it migrated to another pod: it cannot
+/// come back (a new migration would go to a new pod), so this pod is given
+/// back as CNI made it: taps and bridges deleted, pod links released with
+/// their recorded MAC, MTU, addresses and alias (the record goes with the
+/// release). KubeVirt's layout stays KubeVirt's.
+fn migrated_away(
+    mut plan: InterfacePlan,
+    names: &PlumbingNames,
+    observed: &Observed<'_>,
+) -> InterfacePlan {
+    if observed.link(&names.kubevirt_renamed_pod).is_none() {
+        plan.steps = teardown(names, observed);
+    }
+    plan.with_message("the domain migrated to another pod")
+}
+
+/// One spec interface on a migration target.
+struct PrepareCase<'a> {
+    vmi: &'a Vmi,
+    spec: &'a SpecInterface,
+    names: &'a PlumbingNames,
+    observed: &'a Observed<'a>,
+}
+
+impl PrepareCase<'_> {
+    /// Plumbing for the device that arrives with the domain, nothing
+    /// attached: the same bridge, pod link and tap as a plug builds, the tap
+    /// with the queue mode the incoming device has (or the spec asks for).
+    /// `domain` is the incoming domain, `None` before it exists.
+    fn prepare(&self, domain: Option<&DomainState>, mut plan: InterfacePlan) -> InterfacePlan {
+        let (spec, names, observed) = (self.spec, self.names, self.observed);
+        let device = domain.and_then(|d| d.interface_by_alias(&spec.alias()));
+        plan.mac = device.and_then(|d| d.mac).or(spec.mac);
+        if spec.state == SpecState::Absent {
+            let in_use = domain.is_some_and(|d| {
+                d.interfaces.iter().any(|i| {
+                    i.alias.as_deref() == Some(spec.alias().as_str())
+                        || i.target_dev.as_deref() == Some(names.tap.as_str())
+                })
+            });
+            if in_use {
+                // The arriving QEMU holds the tap: the unplug happens once it
+                // runs here.
+                return plan.with_message(MIGRATING_IN);
+            }
+            plan.steps = teardown(names, observed);
+            plan.phase = Phase::Detached;
+            return plan;
+        }
+        if observed.link(&names.kubevirt_renamed_pod).is_some() {
+            // KubeVirt's virt-handler plumbs this network: adopt what it
+            // built, build nothing beside it.
+            if observed.link(&names.tap).is_some() {
+                plan.phase = Phase::Prepared;
+                return plan.with_message("KubeVirt's plumbing is in place");
+            }
+            return plan.with_message(format!(
+                "KubeVirt is plumbing this network ({} exists)",
+                names.kubevirt_renamed_pod
+            ));
+        }
+        let Some(pod) = observed.link(&names.pod) else {
+            plan.steps = teardown(names, observed);
+            return plan.with_message(format!("waiting for pod interface {}", names.pod));
+        };
+        let absent = DomainState::default();
+        let case = PlugCase {
+            vmi: self.vmi,
+            spec,
+            names,
+            pod,
+            observed,
+            domain: domain.unwrap_or(&absent),
+        };
+        match case.check_prepare(device) {
+            Ok(checked) => {
+                let mut plan = case.steps(checked, plan);
+                plan.steps.retain(|s| !matches!(s, Step::Attach { .. }));
+                plan.phase = Phase::Prepared;
+                plan
+            }
+            Err(refusal) => refuse(&case, refusal, plan),
+        }
+    }
 }
 
 /// How to put back plumbing that went missing under a live device.
@@ -724,23 +878,26 @@ struct Checked {
 fn plug(case: &PlugCase<'_>, budget: &mut Budget, mut plan: InterfacePlan) -> InterfacePlan {
     match case.check(budget, &mut plan) {
         Ok(checked) => case.steps(checked, plan),
-        Err(refusal) => {
-            plan.phase = Phase::Failed;
-            let message = match refusal {
-                Refusal::Fail(message) => {
-                    plan.steps = teardown(case.names, case.observed);
-                    message
-                }
-                Refusal::HandsOff(message) => message,
-                Refusal::NoRootPort(message) => {
-                    plan.steps = teardown(case.names, case.observed);
-                    plan.needs_root_port = true;
-                    message
-                }
-            };
-            plan.with_message(message)
-        }
+        Err(refusal) => refuse(case, refusal, plan),
     }
+}
+
+/// The plan of an interface whose plug (or preparation) cannot go ahead.
+fn refuse(case: &PlugCase<'_>, refusal: Refusal, mut plan: InterfacePlan) -> InterfacePlan {
+    plan.phase = Phase::Failed;
+    let message = match refusal {
+        Refusal::Fail(message) => {
+            plan.steps = teardown(case.names, case.observed);
+            message
+        }
+        Refusal::HandsOff(message) => message,
+        Refusal::NoRootPort(message) => {
+            plan.steps = teardown(case.names, case.observed);
+            plan.needs_root_port = true;
+            message
+        }
+    };
+    plan.with_message(message)
 }
 
 impl PlugCase<'_> {
@@ -750,18 +907,8 @@ impl PlugCase<'_> {
         let (record, record_step) = self.original_state()?;
         let vm_mac = self.vm_mac(&record, budget)?;
         plan.mac = Some(vm_mac);
-        let bridge = self.observed.link(&self.names.bridge);
-        if let Some(master) = self.pod.master
-            && bridge.is_none_or(|b| b.index != master)
-        {
-            return Err(Refusal::HandsOff(format!(
-                "pod interface {} is enslaved to another link",
-                self.names.pod
-            )));
-        }
-        let owner = self.observed.tap_owner.ok_or_else(|| {
-            Refusal::Fail("cannot tell which user QEMU runs as; pass --tap-owner".into())
-        })?;
+        self.check_master()?;
+        let owner = self.tap_owner()?;
         let device = InterfaceDevice {
             network: self.spec.name.clone(),
             tap: self.names.tap.clone(),
@@ -788,6 +935,58 @@ impl PlugCase<'_> {
             record_step,
             owner,
             device,
+        })
+    }
+
+    /// What a migration target builds for the device arriving with the
+    /// domain (`device`, once the incoming domain is defined): no root port
+    /// or MAC is taken (the domain brings its own), the tap's queue mode is
+    /// the incoming device's.
+    fn check_prepare(&self, device: Option<&DomainInterface>) -> Result<Checked, Refusal> {
+        let (record, record_step) = self.original_state()?;
+        self.check_master()?;
+        let owner = self.tap_owner()?;
+        let spec_queues = self.vmi.multiqueue.filter(|_| self.spec.model == "virtio");
+        let device = InterfaceDevice {
+            network: self.spec.name.clone(),
+            tap: self.names.tap.clone(),
+            model: self.spec.model.clone(),
+            mac: device
+                .and_then(|d| d.mac)
+                .or(self.spec.mac)
+                .unwrap_or(record.mac),
+            mtu: record.mtu,
+            queues: device.map_or(spec_queues, |d| d.queues),
+            link_up: self.spec.state != SpecState::Down,
+        };
+        device
+            .validate()
+            .map_err(|e| Refusal::Fail(e.to_string()))?;
+        Ok(Checked {
+            record,
+            record_step,
+            owner,
+            device,
+        })
+    }
+
+    /// A pod link enslaved to something else than its bridge is not ours.
+    fn check_master(&self) -> Result<(), Refusal> {
+        let bridge = self.observed.link(&self.names.bridge);
+        if let Some(master) = self.pod.master
+            && bridge.is_none_or(|b| b.index != master)
+        {
+            return Err(Refusal::HandsOff(format!(
+                "pod interface {} is enslaved to another link",
+                self.names.pod
+            )));
+        }
+        Ok(())
+    }
+
+    fn tap_owner(&self) -> Result<Owner, Refusal> {
+        self.observed.tap_owner.ok_or_else(|| {
+            Refusal::Fail("cannot tell which user QEMU runs as; pass --tap-owner".into())
         })
     }
 
