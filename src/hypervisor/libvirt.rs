@@ -15,6 +15,7 @@
 //! the connection's close callback bumps the event generation (the cached
 //! domain is stale) and wakes the loop, so an outage is noticed at once.
 
+use std::ffi::c_int;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -767,23 +768,42 @@ fn domain_state(
 }
 
 /// The domain's active job, if it is a migration (`virDomainGetJobStats`,
-/// whose `operation` says which way; libvirt 3.3 and later).
+/// whose `operation` says which way; libvirt 3.3 and later). Raw: `virt`'s
+/// `job_stats` builds a slice from the NULL array libvirt returns when no
+/// job runs.
 fn migration_job(dom: &virt::domain::Domain) -> Result<Migration, HypervisorError> {
-    let job = match dom.job_stats(0) {
-        Ok(job) => job,
+    let (mut job_type, mut nparams): (c_int, c_int) = (0, 0);
+    let mut params: sys::virTypedParameterPtr = std::ptr::null_mut();
+    // SAFETY: `dom` is live for the call; the out-pointers are valid. libvirt
+    // allocates `params` (or leaves it NULL); it is freed below, once.
+    let rc = unsafe {
+        sys::virDomainGetJobStats(dom.as_ptr(), &mut job_type, &mut params, &mut nparams, 0)
+    };
+    if rc < 0 {
         // The domain stopped between the two calls, or the driver keeps no
         // jobs: no migration this pass can see.
-        Err(e) => {
-            tracing::debug!(error = %e, "cannot read the domain's job");
-            return Ok(Migration::None);
-        }
-    };
-    if job.r#type == sys::VIR_DOMAIN_JOB_NONE as i32 {
+        tracing::debug!(
+            error = %virt::error::Error::last_error(),
+            "cannot read the domain's job"
+        );
         return Ok(Migration::None);
     }
-    Ok(match job.operation.map(|o| o as u32) {
-        Some(sys::VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT) => Migration::Outgoing,
-        Some(sys::VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN) => Migration::Incoming,
+    let mut operation: c_int = -1;
+    if !params.is_null() {
+        // SAFETY: `params` holds `nparams` entries from libvirt; the name is
+        // a NUL-terminated literal; `operation` is a valid int. Then the
+        // array is freed exactly once.
+        unsafe {
+            sys::virTypedParamsGetInt(params, nparams, c"operation".as_ptr(), &mut operation);
+            sys::virTypedParamsFree(params, nparams);
+        }
+    }
+    if job_type == sys::VIR_DOMAIN_JOB_NONE as c_int {
+        return Ok(Migration::None);
+    }
+    Ok(match operation {
+        o if o == sys::VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT as c_int => Migration::Outgoing,
+        o if o == sys::VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN as c_int => Migration::Incoming,
         _ => Migration::None,
     })
 }

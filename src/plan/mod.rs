@@ -429,17 +429,19 @@ fn plan_interface(
 }
 
 /// The domain shut off here because it migrated to another pod: it cannot
-/// come back (a new migration would go to a new pod), so this pod is given
-/// back as CNI made it: taps and bridges deleted, pod links released with
-/// their recorded MAC, MTU, addresses and alias (the record goes with the
-/// release). KubeVirt's layout stays KubeVirt's.
+/// come back (a new migration would go to a new pod), so its tap and bridge
+/// go. The pod link stays as the plumbing left it (nicplug's record in its
+/// alias, the bridge's MAC, no addresses): given back, it would carry its
+/// original MAC, which the VM keeps in the target pod, onto the same network,
+/// and the node's bridge would send the VM's traffic here. CNI DEL deletes it
+/// by name when the pod goes. KubeVirt's layout stays KubeVirt's.
 fn migrated_away(
     mut plan: InterfacePlan,
     names: &PlumbingNames,
     observed: &Observed<'_>,
 ) -> InterfacePlan {
     if observed.link(&names.kubevirt_renamed_pod).is_none() {
-        plan.steps = teardown(names, observed);
+        plan.steps = delete_bridge_and_tap(names, observed);
     }
     plan.with_message("the domain migrated to another pod")
 }

@@ -948,7 +948,7 @@ fn a_domain_migrating_away_gets_no_change_at_all() {
 }
 
 #[test]
-fn a_domain_that_migrated_away_leaves_the_pod_as_cni_made_it() {
+fn a_domain_that_migrated_away_leaves_no_tap_or_bridge_and_its_mac_off_the_wire() {
     let links = plumbed_links();
     let gone = migrating(Migration::Departed, false, vec![attached_device(true)]);
     let p = &plan(&vmi(""), &observed(&links, Some(&gone)))[1];
@@ -957,14 +957,21 @@ fn a_domain_that_migrated_away_leaves_the_pod_as_cni_made_it() {
         p.message.as_deref(),
         Some("the domain migrated to another pod")
     );
+    // The pod link is not given back: its original MAC is the VM's.
     assert_eq!(
-        step_names(p),
-        ["delete-link", "release-pod-link", "delete-link"]
+        p.steps,
+        [
+            Step::DeleteLink { name: name(TAP) },
+            Step::DeleteLink { name: name(BRIDGE) }
+        ]
     );
-    let Step::ReleasePodLink { record, .. } = &p.steps[1] else {
-        panic!()
-    };
-    assert_eq!(record.mac, fresh_pod_link().mac.unwrap(), "CNI's MAC back");
+    // Once they are gone, nothing more.
+    let rest: Vec<Link> = links
+        .into_iter()
+        .filter(|l| l.kind != LinkKind::Bridge && l.kind != LinkKind::Tun)
+        .collect();
+    let p = &plan(&vmi(""), &observed(&rest, Some(&gone)))[1];
+    assert!(p.steps.is_empty(), "{p:?}");
     // KubeVirt's layout stays KubeVirt's.
     let links = kubevirt_layout_links();
     let p = &plan(&vmi(""), &observed(&links, Some(&gone)))[1];
