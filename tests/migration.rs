@@ -145,6 +145,40 @@ impl PingTrain {
     }
 }
 
+/// A process in a pod that holds a single-queue tap open (attached), the
+/// way a stray user would; stopped by its pid on drop.
+struct TapHolder(Child);
+
+/// TUNSETIFF with the flags nicplug's single-queue taps have
+/// (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR), then sleeps.
+const HOLD_TAP: &str = "import fcntl, struct, sys, time\n\
+fd = open('/dev/net/tun', 'r+b', buffering=0)\n\
+fcntl.ioctl(fd, 0x400454ca, struct.pack('16sH', sys.argv[1].encode(), 0x0002 | 0x1000 | 0x4000))\n\
+print('held', flush=True)\n\
+time.sleep(600)\n";
+
+impl TapHolder {
+    fn start(rig: &Rig, tap: &str) -> Self {
+        let mut child = rig
+            .pod_cmd("python3")
+            .args(["-c", HOLD_TAP, tap])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = [0u8; 5];
+        child.stdout.as_mut().unwrap().read_exact(&mut line).unwrap();
+        assert_eq!(&line, b"held\n");
+        TapHolder(child)
+    }
+}
+
+impl Drop for TapHolder {
+    fn drop(&mut self) {
+        support::kill_pid(self.0.id() as i32, libc::SIGKILL);
+        let _ = self.0.wait();
+    }
+}
+
 /// What the source pod must look like once the domain has left: nicplug's
 /// taps and bridges gone, each pod link still carrying nicplug's record,
 /// with the bridge's MAC and no address, so that the VM's MAC (its original
@@ -262,11 +296,13 @@ fn a_migration_failing_on_the_target_leaves_the_vm_working_on_the_source() {
     for (n, net) in NETS.iter().zip(nets()) {
         target.cni_add(&net, &pod_iface(n));
     }
-    // Taps QEMU cannot open: owned by a user QEMU is not.
-    let nicplug = target_nicplug(&target, &NETS, 12345);
+    let nicplug = target_nicplug(&target, &NETS, rig.qemu_uid());
     for n in NETS {
         nicplug.wait_phase(n, "Prepared", WAIT);
     }
+    // The first tap made unusable: another process holds its one queue, so
+    // the arriving QEMU's open fails (EBUSY); nicplug sees a good tap.
+    let _holder = TapHolder::start(&target, &format!("tap{}", suffix(NETS[0])));
     let err = rig
         .migrate_to(&target, &[])
         .expect_err("the target cannot open its taps");
