@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use e2e::*;
 use nicplug::hypervisor::domain_xml::parse_devices;
-use support::{CniNet, Rig, RigOptions};
+use support::{CniNet, Rig, RigOptions, poll};
 
 const NETS: [&str; 2] = ["dyniface1", "dyniface2"];
 const WAIT: Duration = Duration::from_secs(60);
@@ -389,9 +389,18 @@ fn a_nic_added_during_the_migration_is_plugged_once_on_the_target() {
         "still migrating: the NIC waited for it"
     );
     assert_eq!(devices_named(&rig, "dyniface3"), 0);
-    // Let it finish.
-    rig.virsh(&["migrate-setspeed", &rig.domain, "8000"]);
-    let status = migration.wait().unwrap();
+    // Let it finish: lift the bandwidth limit (again, until it is done: a
+    // change can come too early in an iteration to stick).
+    let t0 = Instant::now();
+    let status = loop {
+        rig.virsh(&["migrate-setspeed", &rig.domain, "8000"]);
+        if let Some(status) = poll(Duration::from_secs(2), Duration::from_millis(50), || {
+            migration.try_wait().unwrap()
+        }) {
+            break status;
+        }
+        assert!(t0.elapsed() < WAIT, "the migration does not finish");
+    };
     let mut err = String::new();
     migration
         .stderr

@@ -649,7 +649,11 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             match self.hyp.migration(&domain_name).await {
                 Ok(Migration::None) => {}
                 Ok(migration) => {
-                    info!(?migration, "a migration is in flight: device changes wait");
+                    if self.migrating {
+                        debug!(?migration, "a migration is in flight: device changes wait");
+                    } else {
+                        info!(?migration, "a migration is in flight: device changes wait");
+                    }
                     d.migration = migration;
                     plans = plan(
                         vmi,

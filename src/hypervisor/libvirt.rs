@@ -738,12 +738,21 @@ fn domain_state(
         || (state == sys::VIR_DOMAIN_PAUSED as i32 && reason == sys::VIR_DOMAIN_PAUSED_USER as i32);
     let migrated_away =
         state == sys::VIR_DOMAIN_SHUTOFF as i32 && reason == sys::VIR_DOMAIN_SHUTOFF_MIGRATED as i32;
+    let paused_for_migration = state == sys::VIR_DOMAIN_PAUSED as i32
+        && (reason == sys::VIR_DOMAIN_PAUSED_MIGRATION as i32
+            || reason == sys::VIR_DOMAIN_PAUSED_POSTCOPY as i32);
     let migration = if migrated_away {
         Migration::Departed
     } else if state == sys::VIR_DOMAIN_SHUTOFF as i32 {
         Migration::None
     } else {
-        migration_job(dom)?
+        match migration_job(dom)? {
+            // A target's daemon keeps no statistics of an incoming job
+            // ("available only on the source host"): paused for a migration
+            // without an outgoing job is arriving.
+            Migration::None if paused_for_migration => Migration::Incoming,
+            job => job,
+        }
     };
     let lifecycle = match state as u32 {
         _ if migration == Migration::Outgoing => DomainLifecycle::MigratingOut,
