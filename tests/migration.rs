@@ -34,7 +34,9 @@ fn plug_in_source<'a>(rig: &'a Rig) -> (Nicplug<'a>, Vec<String>) {
     for n in NETS {
         nicplug.wait_phase(n, "Ready", WAIT);
     }
-    let guest = rig.wait_guest_mac(&macs[0], WAIT).expect("guest sees NIC 1");
+    let guest = rig
+        .wait_guest_mac(&macs[0], WAIT)
+        .expect("guest sees NIC 1");
     set_guest_address(rig, &guest.name, None, &nets()[0].addr(50));
     assert!(rig.ping_from_node(&nets()[0], &nets()[0].addr(50)));
     (nicplug, macs)
@@ -166,7 +168,12 @@ impl TapHolder {
             .spawn()
             .unwrap();
         let mut line = [0u8; 5];
-        child.stdout.as_mut().unwrap().read_exact(&mut line).unwrap();
+        child
+            .stdout
+            .as_mut()
+            .unwrap()
+            .read_exact(&mut line)
+            .unwrap();
         assert_eq!(&line, b"held\n");
         TapHolder(child)
     }
@@ -199,7 +206,9 @@ fn assert_source_given_back(rig: &Rig, nicplug: &Nicplug<'_>, macs: &[String]) {
         assert_ne!(link["address"].as_str(), Some(mac.as_str()), "{n}");
         assert!(link["master"].is_null(), "{n}: {link}");
         assert!(
-            link["ifalias"].as_str().is_some_and(|a| a.starts_with("nicplug/v1")),
+            link["ifalias"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("nicplug/v1")),
             "{n}: {link}"
         );
         assert!(pod_addresses(rig, &pod_iface(n)).is_empty(), "{n}");
@@ -253,11 +262,16 @@ fn live_migration_moves_hot_plugged_nics_to_prepared_taps() {
     wait_ready(&nicplug);
     let prepared = started.elapsed();
     assert_eq!(plumbing_links(&target), expected_plumbing(&NETS));
-    assert_eq!(nicplug.status().unwrap()["agent"]["domain"]["state"], "absent");
+    assert_eq!(
+        nicplug.status().unwrap()["agent"]["domain"]["state"],
+        "absent"
+    );
 
     let ping = PingTrain::start(&rig, &nets()[0].addr(50));
     std::thread::sleep(Duration::from_millis(500));
-    let took = rig.migrate_to(&target, &[]).expect("the migration succeeds");
+    let took = rig
+        .migrate_to(&target, &[])
+        .expect("the migration succeeds");
     std::thread::sleep(Duration::from_secs(2));
     let (downtime_ms, replies) = ping.stop();
     eprintln!(
@@ -327,7 +341,9 @@ fn a_migration_failing_on_the_target_leaves_the_vm_working_on_the_source() {
     assert_eq!(plumbing_links(&rig), expected_plumbing(&NETS));
     assert!(!source.log().contains("detaching"));
     assert!(
-        !target.virsh(&["list", "--all", "--name"]).contains(&rig.domain),
+        !target
+            .virsh(&["list", "--all", "--name"])
+            .contains(&rig.domain),
         "no domain left in the target"
     );
 }
@@ -472,13 +488,24 @@ fn a_target_in_kubevirts_layout_is_adopted_and_nothing_built() {
         nicplug.wait_phase(n, "Prepared", WAIT);
     }
     wait_ready(&nicplug);
-    assert_eq!(target_layout(&target), layout, "nicplug built or changed nothing");
-    let took = rig.migrate_to(&target, &[]).expect("the migration succeeds");
-    eprintln!("timing: migration (virsh migrate) into KubeVirt's layout, no nicplug preparation: {took:?}");
+    assert_eq!(
+        target_layout(&target),
+        layout,
+        "nicplug built or changed nothing"
+    );
+    let took = rig
+        .migrate_to(&target, &[])
+        .expect("the migration succeeds");
+    eprintln!(
+        "timing: migration (virsh migrate) into KubeVirt's layout, no nicplug preparation: {took:?}"
+    );
     assert_target_adopted(&target, &nicplug, &before);
     for n in NETS {
         let nic = pod_link(&target, &format!("{}-nic", suffix(n))).unwrap();
-        assert!(nic["ifalias"].is_null(), "no nicplug record on KubeVirt's link: {nic}");
+        assert!(
+            nic["ifalias"].is_null(),
+            "no nicplug record on KubeVirt's link: {nic}"
+        );
     }
     assert!(target.ping_from_node(&nets()[0], &nets()[0].addr(50)));
     assert_source_given_back(&rig, &source, &macs);

@@ -113,7 +113,10 @@ fn target_readiness(domain: Option<&DomainState>, plans: &[InterfacePlan]) -> Re
     if waiting.is_empty() {
         Ok(())
     } else {
-        Err(format!("not prepared for the domain: {}", waiting.join(", ")))
+        Err(format!(
+            "not prepared for the domain: {}",
+            waiting.join(", ")
+        ))
     }
 }
 

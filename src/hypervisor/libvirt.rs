@@ -422,12 +422,14 @@ impl Hypervisor for Libvirt {
     }
 
     async fn migration(&self, domain: &str) -> Result<Migration, HypervisorError> {
-        self.blocking("read the domain's job", domain, |conn, name| {
-            match lookup(conn, name)? {
+        self.blocking(
+            "read the domain's job",
+            domain,
+            |conn, name| match lookup(conn, name)? {
                 Some(dom) => domain_state(&dom).map(|(_, _, migration)| migration),
                 None => Ok(Migration::None),
-            }
-        })
+            },
+        )
         .await
     }
 
@@ -736,8 +738,8 @@ fn domain_state(
     }
     let running = state == sys::VIR_DOMAIN_RUNNING as i32
         || (state == sys::VIR_DOMAIN_PAUSED as i32 && reason == sys::VIR_DOMAIN_PAUSED_USER as i32);
-    let migrated_away =
-        state == sys::VIR_DOMAIN_SHUTOFF as i32 && reason == sys::VIR_DOMAIN_SHUTOFF_MIGRATED as i32;
+    let migrated_away = state == sys::VIR_DOMAIN_SHUTOFF as i32
+        && reason == sys::VIR_DOMAIN_SHUTOFF_MIGRATED as i32;
     let paused_for_migration = state == sys::VIR_DOMAIN_PAUSED as i32
         && (reason == sys::VIR_DOMAIN_PAUSED_MIGRATION as i32
             || reason == sys::VIR_DOMAIN_PAUSED_POSTCOPY as i32);

@@ -30,7 +30,6 @@ pub mod worker;
 pub use device_xml::InterfaceDevice;
 pub use domain_xml::{DomainInterface, DomainState};
 
-
 #[derive(Debug, thiserror::Error)]
 pub enum HypervisorError {
     #[error("libvirt: {op} failed: {message}")]

@@ -229,7 +229,10 @@ pub fn pod_iface_scheme(vmi: &Vmi, links: &[Link]) -> PodIfaceScheme {
 /// devices are attached in, so guest NIC order follows the spec), then the
 /// networks nicplug plugged that have left the spec.
 pub fn plan(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
-    if let Some(domain) = observed.domain.filter(|d| d.migration == Migration::Outgoing) {
+    if let Some(domain) = observed
+        .domain
+        .filter(|d| d.migration == Migration::Outgoing)
+    {
         // The domain may still resume here: plan as for a domain that runs
         // here, and hold every change until the migration finished.
         let here = DomainState {

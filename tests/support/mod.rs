@@ -167,9 +167,9 @@ pub const MIGRATION_TARGET_ADDR: &str = "169.254.88.2";
 
 /// A distinct libvirt `host_uuid` per rig (libvirt refuses to migrate to "the same host").
 fn host_uuid(id: &str) -> String {
-    let n = id
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let n = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
     format!("6e696370-6c75-4467-a000-{:012x}", n & 0xffff_ffff_ffff)
 }
 
@@ -397,16 +397,37 @@ impl Rig {
             .and_then(|_| {
                 let (src, dst) = (&self.pod_ns, &rig.pod_ns);
                 util::try_run(Command::new("ip").args([
-                    "-n", src, "link", "add", MIGRATION_LINK, "type", "veth", "peer", "name",
-                    MIGRATION_LINK, "netns", dst,
+                    "-n",
+                    src,
+                    "link",
+                    "add",
+                    MIGRATION_LINK,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    MIGRATION_LINK,
+                    "netns",
+                    dst,
                 ]))?;
                 for (ns, addr) in [(src, MIGRATION_SOURCE_ADDR), (dst, MIGRATION_TARGET_ADDR)] {
                     let cidr = format!("{addr}/30");
                     util::try_run(Command::new("ip").args([
-                        "-n", ns, "addr", "add", &cidr, "dev", MIGRATION_LINK,
+                        "-n",
+                        ns,
+                        "addr",
+                        "add",
+                        &cidr,
+                        "dev",
+                        MIGRATION_LINK,
                     ]))?;
                     util::try_run(Command::new("ip").args([
-                        "-n", ns, "link", "set", MIGRATION_LINK, "up",
+                        "-n",
+                        ns,
+                        "link",
+                        "set",
+                        MIGRATION_LINK,
+                        "up",
                     ]))?;
                 }
                 Ok(())
@@ -435,7 +456,10 @@ impl Rig {
         c.args(["-q", "-c", &self.libvirt_uri])
             .args(["migrate", "--live", "--p2p", "--persistent", &self.domain])
             .arg(&target.libvirt_uri)
-            .args(["--migrateuri", &format!("tcp://{MIGRATION_TARGET_ADDR}:49152")])
+            .args([
+                "--migrateuri",
+                &format!("tcp://{MIGRATION_TARGET_ADDR}:49152"),
+            ])
             .args(["--listen-address", MIGRATION_TARGET_ADDR])
             .args(extra);
         c
