@@ -684,7 +684,8 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         let mut statuses = Vec::with_capacity(plans.len());
         let mut domain_changed = false;
         for plan in plans {
-            if plan.steps.iter().any(|s| matches!(s, Step::Attach { .. })) {
+            let preparing = plan.phase == Phase::Prepared && !plan.steps.is_empty();
+            if preparing || plan.steps.iter().any(|s| matches!(s, Step::Attach { .. })) {
                 self.report.pod_seen(&plan.name, observed_at);
             }
             domain_changed |= plan.steps.iter().any(changes_the_domain);

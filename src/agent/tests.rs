@@ -198,6 +198,11 @@ struct FakeHyp {
     domain_reads: Mutex<u32>,
     /// Cancelled after this many domain reads, so a loop that spins stops.
     stop_after_reads: Mutex<Option<(u32, CancellationToken)>>,
+    /// No domain defined (a migration target before the domain arrives).
+    absent: Mutex<bool>,
+    /// What a fresh job read says; domain reads keep saying `domain`'s
+    /// (a cached read from before the migration started).
+    migration_job: Mutex<Migration>,
 }
 
 impl FakeHyp {
@@ -221,6 +226,8 @@ impl FakeHyp {
             unreachable: Mutex::new(false),
             domain_reads: Mutex::new(0),
             stop_after_reads: Mutex::new(None),
+            absent: Mutex::new(false),
+            migration_job: Mutex::new(Migration::None),
         }
     }
 
@@ -255,7 +262,14 @@ impl Hypervisor for FakeHyp {
                 message: "Failed to connect socket: No such file or directory".into(),
             });
         }
+        if *self.absent.lock().unwrap() {
+            return Ok(None);
+        }
         Ok(Some(self.domain.lock().unwrap().clone()))
+    }
+
+    async fn migration(&self, _domain: &str) -> Result<Migration, HypervisorError> {
+        Ok(*self.migration_job.lock().unwrap())
     }
 
     async fn attach(
@@ -1288,4 +1302,109 @@ async fn an_interface_whose_detach_is_in_flight_stays_listed_until_a_pass_sees_i
     agent.reconcile(&vmi(&[])).await.unwrap();
     agent.reconcile(&vmi(&[])).await.unwrap();
     assert!(phases(&agent).is_empty(), "{:?}", phases(&agent));
+}
+
+#[tokio::test]
+async fn a_plug_waits_while_the_domain_migrates_away_then_goes_ahead() {
+    let vmi = vmi(&["blue"]);
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), FakeHyp::new(4));
+    // The domain read predates the migration; only the fresh job read knows.
+    *agent.hyp.migration_job.lock().unwrap() = Migration::Outgoing;
+    agent.reconcile(&vmi).await.unwrap();
+    let status = &agent.status().interfaces[0];
+    assert_eq!(status.phase, Phase::Pending);
+    assert_eq!(
+        status.message.as_deref(),
+        Some(
+            "the domain is migrating to another pod: this change waits until the migration finished"
+        )
+    );
+    assert!(agent.hyp.attaches.lock().unwrap().is_empty());
+    assert!(
+        agent.net.calls.lock().unwrap().is_empty(),
+        "nothing plumbed"
+    );
+    assert!(agent.migrating, "passes repeat while it runs");
+    // The migration failed: the domain runs here still, the plug happens.
+    *agent.hyp.migration_job.lock().unwrap() = Migration::None;
+    agent.reconcile(&vmi).await.unwrap();
+    assert!(matches!(
+        phases(&agent)[0].1,
+        Phase::Attached | Phase::Ready
+    ));
+    assert_eq!(agent.hyp.attaches.lock().unwrap().len(), 1);
+    assert!(!agent.migrating);
+}
+
+#[tokio::test]
+async fn a_target_is_ready_once_every_interface_is_prepared() {
+    let vmi = vmi(&["blue", "red"]);
+    let hyp = FakeHyp::new(4);
+    *hyp.absent.lock().unwrap() = true;
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), hyp);
+    agent.reconcile(&vmi).await.unwrap();
+    assert_eq!(
+        phases(&agent),
+        [
+            ("blue".to_string(), Phase::Prepared),
+            ("red".to_string(), Phase::Pending)
+        ]
+    );
+    assert!(agent.hyp.attaches.lock().unwrap().is_empty());
+    // (The spec part is the run loop's; reconcile alone leaves it unset.)
+    let not_ready: Vec<_> = agent
+        .readiness
+        .not_ready()
+        .into_iter()
+        .filter(|(part, _)| *part != "spec")
+        .collect();
+    assert_eq!(not_ready.len(), 1, "{not_ready:?}");
+    assert_eq!(not_ready[0].0, "plumbing");
+    assert!(
+        not_ready[0].1.contains("red (waiting for pod interface"),
+        "{not_ready:?}"
+    );
+    // Both pod interfaces there: prepared, ready.
+    let hyp = FakeHyp::new(4);
+    *hyp.absent.lock().unwrap() = true;
+    let mut agent = Agent::new(
+        FakeNet::with_pod_links(&[&pod("blue"), &pod("red")]),
+        hyp,
+        AgentConfig::default(),
+    );
+    agent.reconcile(&vmi).await.unwrap();
+    assert_eq!(agent.readiness.missing(), ["spec"]);
+    assert_eq!(
+        agent.status().agent.domain.as_ref().unwrap().state,
+        DomainLifecycle::Absent
+    );
+    // The domain arrives running with its devices: adopted, nothing attached.
+    *agent.hyp.absent.lock().unwrap() = false;
+    for (network, mac) in [("blue", "02:00:00:00:00:42"), ("red", "02:00:00:00:00:43")] {
+        let device = crate::hypervisor::InterfaceDevice {
+            network: network.into(),
+            tap: IfName::new(format!("tap{}", &pod(network)[3..])).unwrap(),
+            model: "virtio".into(),
+            mac: mac.parse().unwrap(),
+            mtu: 1500,
+            queues: None,
+            link_up: true,
+        };
+        let xml = format!(
+            "<domain><devices>{}</devices></domain>",
+            device.to_xml().unwrap()
+        );
+        let mut domain = agent.hyp.domain.lock().unwrap();
+        domain
+            .interfaces
+            .push(parse_devices(&xml).unwrap().interfaces.remove(0));
+    }
+    agent.reconcile(&vmi).await.unwrap();
+    assert!(agent.hyp.attaches.lock().unwrap().is_empty());
+    for (name, phase) in phases(&agent) {
+        assert!(
+            matches!(phase, Phase::Attached | Phase::Ready),
+            "{name}: {phase}"
+        );
+    }
 }
