@@ -296,6 +296,15 @@ fn live_migration_moves_hot_plugged_nics_to_prepared_taps() {
         source.entry("dyniface1").unwrap()["message"],
         "the domain migrated to another pod"
     );
+    // The source pod is deleted: CNI DEL finds each pod link by name.
+    for (n, net) in NETS.iter().zip(nets()) {
+        rig.cni_del(&net, &pod_iface(n));
+        assert!(pod_link(&rig, &pod_iface(n)).is_none(), "{n}");
+    }
+    assert!(
+        target.ping_from_node(&nets()[0], &nets()[0].addr(50)),
+        "the VM stays reachable after the source pod's CNI DEL"
+    );
 }
 
 #[test]
