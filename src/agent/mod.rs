@@ -92,13 +92,15 @@ fn changes_the_domain(step: &Step) -> bool {
 /// interface the spec wants plugged is `Prepared`, so the hand-off (which
 /// waits for the pod to be Ready) brings the domain to taps that exist.
 /// Wherever the domain runs (or is shut off) there is nothing to gate.
-fn target_readiness(domain: Option<&DomainState>, plans: &[InterfacePlan]) -> Result<(), String> {
+fn target_readiness(
+    domain: Option<&DomainState>,
+    statuses: &[InterfaceStatus],
+) -> Result<(), String> {
     if domain.is_some_and(|d| d.migration != Migration::Incoming) {
         return Ok(());
     }
-    let waiting: Vec<String> = plans
+    let waiting: Vec<String> = statuses
         .iter()
-        .filter(|p| !p.departed)
         .filter(|p| {
             !matches!(
                 p.phase,
@@ -676,8 +678,6 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         self.migrating = domain
             .as_ref()
             .is_some_and(|d| matches!(d.migration, Migration::Incoming | Migration::Outgoing));
-        self.readiness
-            .set(Part::Plumbing, target_readiness(domain.as_ref(), &plans));
 
         self.tracked
             .retain(|name, _| plans.iter().any(|p| &p.name == name));
@@ -696,6 +696,10 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 statuses.push(status);
             }
         }
+        // What this pass left, not what it planned: a preparation step that
+        // failed leaves the target not ready.
+        self.readiness
+            .set(Part::Plumbing, target_readiness(domain.as_ref(), &statuses));
         // A detach in flight is Detaching whatever this pass saw: the entry
         // goes only when a pass finds nothing of the interface left.
         for name in &self.detaching {

@@ -1408,3 +1408,18 @@ async fn a_target_is_ready_once_every_interface_is_prepared() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_target_whose_preparation_fails_is_not_ready_and_rolled_back() {
+    let vmi = vmi(&["blue"]);
+    let pod_name = pod("blue");
+    let hyp = FakeHyp::new(4);
+    *hyp.absent.lock().unwrap() = true;
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod_name]), hyp);
+    let before = agent.net.get(&pod_name).unwrap();
+    *agent.net.fail.lock().unwrap() = Some("ensure_tap");
+    agent.reconcile(&vmi).await.unwrap();
+    assert_eq!(phases(&agent)[0].1, Phase::Failed);
+    assert_eq!(agent.net.get(&pod_name).unwrap(), before, "rolled back");
+    assert!(agent.readiness.missing().contains(&"plumbing"));
+}
