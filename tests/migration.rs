@@ -396,19 +396,18 @@ fn a_nic_added_during_the_migration_is_plugged_once_on_the_target() {
     target.cni_add(&net3, &pod_iface("dyniface3"));
     nicplug.wait_phase("dyniface3", "Prepared", WAIT);
     let t0 = Instant::now();
-    while !source.log().contains("a migration is in flight") {
+    let held = loop {
+        if let Some(entry) = source.entry("dyniface3")
+            && entry["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("migrating to another pod"))
+        {
+            break entry;
+        }
         assert!(t0.elapsed() < WAIT, "{}", source.log_tail(30));
         std::thread::sleep(Duration::from_millis(20));
-    }
-    let held = source.entry("dyniface3").unwrap();
+    };
     assert_eq!(held["phase"], "Pending", "{held}");
-    assert!(
-        held["message"]
-            .as_str()
-            .unwrap()
-            .contains("migrating to another pod"),
-        "{held}"
-    );
     assert!(
         migration.try_wait().unwrap().is_none(),
         "still migrating: the NIC waited for it"

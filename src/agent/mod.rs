@@ -317,6 +317,9 @@ enum Progress {
     Done,
     /// A detach is in flight; the remaining steps wait for the device to go.
     Detaching,
+    /// A migration is in flight: the step that would change the domain, and
+    /// those after it, wait until it is over.
+    Held,
 }
 
 type DetachResult = (String, Result<(), HypervisorError>);
@@ -635,8 +638,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 tracked.retry_at = None;
             }
         }
-        let mut domain = domain;
-        let mut plans = plan(
+        let plans = plan(
             vmi,
             &Observed {
                 links: &links,
@@ -645,36 +647,6 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 clean_kubevirt_leftovers: self.config.coexist,
             },
         );
-        if let Some(d) = domain.as_mut()
-            && d.migration == Migration::None
-            && plans.iter().any(|p| p.steps.iter().any(changes_the_domain))
-        {
-            // A migration that starts raises no event on the source, so the
-            // domain read may predate it: ask afresh before changing devices.
-            match self.hyp.migration(&domain_name).await {
-                Ok(Migration::None) => {}
-                Ok(migration) => {
-                    if self.migrating {
-                        debug!(?migration, "a migration is in flight: device changes wait");
-                    } else {
-                        info!(?migration, "a migration is in flight: device changes wait");
-                    }
-                    d.migration = migration;
-                    plans = plan(
-                        vmi,
-                        &Observed {
-                            links: &links,
-                            domain: Some(d),
-                            tap_owner,
-                            clean_kubevirt_leftovers: self.config.coexist,
-                        },
-                    );
-                }
-                Err(e) => {
-                    return Err(AgentError::Domain(e));
-                }
-            }
-        }
         self.migrating = domain
             .as_ref()
             .is_some_and(|d| matches!(d.migration, Migration::Incoming | Migration::Outgoing));
@@ -815,6 +787,15 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 status.phase = Phase::Detaching;
                 status.message = plan.message.clone();
             }
+            Ok(Progress::Held) => {
+                let plugging = plan.steps.iter().any(|s| matches!(s, Step::Attach { .. }));
+                status.phase = if plugging {
+                    Phase::Pending
+                } else {
+                    Phase::Attached
+                };
+                status.message = Some(crate::plan::MIGRATING_OUT.to_string());
+            }
             Ok(Progress::Done) if plan.phase == Phase::Failed => {
                 let message = plan.message.clone().unwrap_or_default();
                 self.record_failure(&plan.name, "plan", Phase::Failed, message);
@@ -854,11 +835,37 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
     ) -> Result<Progress, (&'static str, String)> {
         let mut failures: Vec<(&'static str, String)> = Vec::new();
         for step in &plan.steps {
-            match step {
-                Step::Attach { .. } => {
-                    // Everything before the attach is done: say so.
-                    self.report.enter_now(&plan.name, Phase::Plumbed);
+            if let Step::Attach { .. } = step {
+                // Everything before the attach is done: say so.
+                self.report.enter_now(&plan.name, Phase::Plumbed);
+            }
+            if changes_the_domain(step) {
+                // A migration that starts raises no event on the source, so
+                // the pass's domain read may predate it: ask afresh, right
+                // before the change.
+                match self.hyp.migration(domain_name).await {
+                    Ok(Migration::None) => {}
+                    Ok(migration) => {
+                        if self.migrating {
+                            debug!(?migration, "a migration is in flight: device changes wait");
+                        } else {
+                            info!(?migration, "a migration is in flight: device changes wait");
+                        }
+                        self.migrating = true;
+                        return Ok(Progress::Held);
+                    }
+                    Err(e) => {
+                        // Nothing changed yet, the plumbing stays: retried.
+                        let message = format!(
+                            "{}: cannot tell whether a migration runs: {}",
+                            step.name(),
+                            error_chain(&e)
+                        );
+                        return Err((step.name(), message));
+                    }
                 }
+            }
+            match step {
                 Step::Detach { alias, persistent } => {
                     self.report.detach_started(&plan.name);
                     self.report.enter_now(&plan.name, Phase::Detaching);

@@ -1305,7 +1305,7 @@ async fn an_interface_whose_detach_is_in_flight_stays_listed_until_a_pass_sees_i
 }
 
 #[tokio::test]
-async fn a_plug_waits_while_the_domain_migrates_away_then_goes_ahead() {
+async fn an_attach_waits_while_the_domain_migrates_away_then_goes_ahead() {
     let vmi = vmi(&["blue"]);
     let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), FakeHyp::new(4));
     // The domain read predates the migration; only the fresh job read knows.
@@ -1320,11 +1320,15 @@ async fn a_plug_waits_while_the_domain_migrates_away_then_goes_ahead() {
         )
     );
     assert!(agent.hyp.attaches.lock().unwrap().is_empty());
-    assert!(
-        agent.net.calls.lock().unwrap().is_empty(),
-        "nothing plumbed"
-    );
     assert!(agent.migrating, "passes repeat while it runs");
+    // The plumbing is built (it touches no device); the attach waits, pass
+    // after pass, and nothing is undone.
+    let plumbed = agent.net.calls.lock().unwrap().len();
+    assert_eq!(plumbed, 4);
+    agent.reconcile(&vmi).await.unwrap();
+    assert_eq!(agent.net.calls.lock().unwrap().len(), plumbed);
+    assert!(agent.hyp.attaches.lock().unwrap().is_empty());
+    assert_eq!(phases(&agent)[0].1, Phase::Pending);
     // The migration failed: the domain runs here still, the plug happens.
     *agent.hyp.migration_job.lock().unwrap() = Migration::None;
     agent.reconcile(&vmi).await.unwrap();

@@ -254,7 +254,7 @@ pub fn plan(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
 }
 
 /// Why a change waits while the domain leaves.
-const MIGRATING_OUT: &str =
+pub const MIGRATING_OUT: &str =
     "the domain is migrating to another pod: this change waits until the migration finished";
 /// Why a change waits while the domain arrives.
 const MIGRATING_IN: &str =
