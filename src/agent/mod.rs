@@ -865,14 +865,11 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                     }
                 }
             }
-            match step {
-                Step::Detach { alias, persistent } => {
-                    self.report.detach_started(&plan.name);
-                    self.report.enter_now(&plan.name, Phase::Detaching);
-                    self.start_detach(domain_name, &plan.name, alias, *persistent);
-                    return Ok(Progress::Detaching);
-                }
-                _ => {}
+            if let Step::Detach { alias, persistent } = step {
+                self.report.detach_started(&plan.name);
+                self.report.enter_now(&plan.name, Phase::Detaching);
+                self.start_detach(domain_name, &plan.name, alias, *persistent);
+                return Ok(Progress::Detaching);
             }
             let result = self.run_step(domain_name, step).await;
             let Err(e) = result else { continue };
