@@ -357,24 +357,18 @@ fn a_migration_failing_on_the_target_leaves_the_vm_working_on_the_source() {
     );
 }
 
-#[test]
-fn a_nic_added_during_the_migration_is_plugged_once_on_the_target() {
-    if !support::require_root() {
-        return;
-    }
-    let rig = Rig::start(RigOptions::default());
-    let (source, _) = plug_in_source(&rig);
-    let target = rig.start_target();
-    for (n, net) in NETS.iter().zip(nets()) {
-        target.cni_add(&net, &pod_iface(n));
-    }
-    let nicplug = target_nicplug(&target, &NETS, rig.qemu_uid());
-    for n in NETS {
-        nicplug.wait_phase(n, "Prepared", WAIT);
-    }
+/// Starts a migration slow enough to stay in flight (1 MiB/s), adds a third
+/// NIC to both specs and both pods while it runs, and returns once the source
+/// holds it (no device) and the target prepared it. Returns `virsh migrate`.
+fn third_nic_during_migration(
+    rig: &Rig,
+    source: &Nicplug<'_>,
+    target: &Rig,
+    nicplug: &Nicplug<'_>,
+) -> Child {
     // 1 MiB/s keeps the migration in flight until the test lets it finish.
     let mut migration = rig
-        .migrate_command(&target, &["--bandwidth", "1"])
+        .migrate_command(target, &["--bandwidth", "1"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -412,7 +406,27 @@ fn a_nic_added_during_the_migration_is_plugged_once_on_the_target() {
         migration.try_wait().unwrap().is_none(),
         "still migrating: the NIC waited for it"
     );
-    assert_eq!(devices_named(&rig, "dyniface3"), 0);
+    assert_eq!(devices_named(rig, "dyniface3"), 0);
+    migration
+}
+
+#[test]
+fn a_nic_added_during_the_migration_is_plugged_once_on_the_target() {
+    if !support::require_root() {
+        return;
+    }
+    let rig = Rig::start(RigOptions::default());
+    let (source, _) = plug_in_source(&rig);
+    let target = rig.start_target();
+    for (n, net) in NETS.iter().zip(nets()) {
+        target.cni_add(&net, &pod_iface(n));
+    }
+    let nicplug = target_nicplug(&target, &NETS, rig.qemu_uid());
+    for n in NETS {
+        nicplug.wait_phase(n, "Prepared", WAIT);
+    }
+    let mut migration = third_nic_during_migration(&rig, &source, &target, &nicplug);
+    let three = ["dyniface1", "dyniface2", "dyniface3"];
     // Let it finish: lift the bandwidth limit (again, until it is done: a
     // change can come too early in an iteration to stick).
     let t0 = Instant::now();
@@ -475,6 +489,58 @@ fn target_layout(rig: &Rig) -> Vec<String> {
         .collect();
     links.sort();
     links
+}
+
+#[test]
+fn a_cancelled_migration_applies_the_held_nic_on_the_source() {
+    if !support::require_root() {
+        return;
+    }
+    let rig = Rig::start(RigOptions::default());
+    let (source, _) = plug_in_source(&rig);
+    let before = devices(&rig);
+    let target = rig.start_target();
+    for (n, net) in NETS.iter().zip(nets()) {
+        target.cni_add(&net, &pod_iface(n));
+    }
+    let nicplug = target_nicplug(&target, &NETS, rig.qemu_uid());
+    for n in NETS {
+        nicplug.wait_phase(n, "Prepared", WAIT);
+    }
+    let mut migration = third_nic_during_migration(&rig, &source, &target, &nicplug);
+    // Cancelled (as KubeVirt's migration abort does): the domain stays here.
+    rig.virsh(&["domjobabort", &rig.domain]);
+    let status = migration.wait().unwrap();
+    assert!(!status.success(), "the migration was cancelled");
+    assert_eq!(rig.virsh(&["domstate", &rig.domain]).trim(), "running");
+    // The held NIC is plugged here now, once; the others are as they were.
+    source.wait_phase("dyniface3", "Ready", WAIT);
+    assert_eq!(devices_named(&rig, "dyniface3"), 1);
+    let now = devices(&rig);
+    for device in &before {
+        assert!(now.contains(device), "{device:?} still there: {now:?}");
+    }
+    for n in NETS {
+        assert_eq!(source.phase(n).as_deref(), Some("Ready"), "{n}");
+    }
+    assert!(!source.log().contains("detaching"));
+    assert!(
+        rig.ping_from_node(&nets()[0], &nets()[0].addr(50)),
+        "NIC 1 still works"
+    );
+    // The target is back to waiting for a domain: still prepared, nothing attached.
+    assert!(
+        !target
+            .virsh(&["list", "--all", "--name"])
+            .contains(&rig.domain),
+        "no domain left in the target"
+    );
+    for n in ["dyniface1", "dyniface2", "dyniface3"] {
+        nicplug.wait_phase(n, "Prepared", WAIT);
+    }
+    assert!(!nicplug.log().contains("attached mac"));
+    assert_valid_status(&source.status().unwrap());
+    assert_valid_status(&nicplug.status().unwrap());
 }
 
 #[test]
