@@ -17,6 +17,15 @@ use support::{CniNet, Rig, RigOptions, poll};
 const NETS: [&str; 2] = ["dyniface1", "dyniface2"];
 const WAIT: Duration = Duration::from_secs(60);
 
+/// Both pods run root system daemons: `Rig::start_target` has no non-root
+/// shape (yet), whatever `NICPLUG_RIG_NONROOT` says.
+fn root_rig() -> RigOptions {
+    RigOptions {
+        non_root: false,
+        ..RigOptions::default()
+    }
+}
+
 fn nets() -> [CniNet; 2] {
     [CniNet::new(1), CniNet::new(2)]
 }
@@ -247,7 +256,7 @@ fn live_migration_moves_hot_plugged_nics_to_prepared_taps() {
     if !support::require_root() {
         return;
     }
-    let rig = Rig::start(RigOptions::default());
+    let rig = Rig::start(root_rig());
     let (source, macs) = plug_in_source(&rig);
     let before = devices(&rig);
     let target = rig.start_target();
@@ -312,7 +321,7 @@ fn a_migration_failing_on_the_target_leaves_the_vm_working_on_the_source() {
     if !support::require_root() {
         return;
     }
-    let rig = Rig::start(RigOptions::default());
+    let rig = Rig::start(root_rig());
     let (source, _) = plug_in_source(&rig);
     let before = devices(&rig);
     let target = rig.start_target();
@@ -415,7 +424,7 @@ fn a_nic_added_during_the_migration_is_plugged_once_on_the_target() {
     if !support::require_root() {
         return;
     }
-    let rig = Rig::start(RigOptions::default());
+    let rig = Rig::start(root_rig());
     let (source, _) = plug_in_source(&rig);
     let target = rig.start_target();
     for (n, net) in NETS.iter().zip(nets()) {
@@ -496,7 +505,7 @@ fn a_cancelled_migration_applies_the_held_nic_on_the_source() {
     if !support::require_root() {
         return;
     }
-    let rig = Rig::start(RigOptions::default());
+    let rig = Rig::start(root_rig());
     let (source, _) = plug_in_source(&rig);
     let before = devices(&rig);
     let target = rig.start_target();
@@ -548,7 +557,7 @@ fn a_target_in_kubevirts_layout_is_adopted_and_nothing_built() {
     if !support::require_root() {
         return;
     }
-    let rig = Rig::start(RigOptions::default());
+    let rig = Rig::start(root_rig());
     let (source, macs) = plug_in_source(&rig);
     let before = devices(&rig);
     let target = rig.start_target();
