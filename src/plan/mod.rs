@@ -768,6 +768,21 @@ fn plan_departed(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
             }
         }
     }
+    if observed
+        .domain
+        .is_some_and(|d| d.migration == Migration::Departed)
+    {
+        // Left the spec while the domain left the pod: only the plumbing goes.
+        return departed
+            .into_iter()
+            .map(|(network, names)| {
+                let mut plan = InterfacePlan::new(&network, Phase::Detached);
+                plan.departed = true;
+                plan.pod_iface = Some(names.pod.clone());
+                migrated_away(plan, &names, observed)
+            })
+            .collect();
+    }
     let Some(domain) = observed.domain.filter(|d| d.running) else {
         return Vec::new();
     };

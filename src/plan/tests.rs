@@ -976,4 +976,10 @@ fn a_domain_that_migrated_away_leaves_no_tap_or_bridge_and_its_mac_off_the_wire(
     let links = kubevirt_layout_links();
     let p = &plan(&vmi(""), &observed(&links, Some(&gone)))[1];
     assert!(p.steps.is_empty(), "{p:?}");
+    // A network that also left the spec: its tap and bridge go the same way.
+    let departed = Vmi::parse(r#"{"kind":"VirtualMachineInstance","metadata":{"name":"vm"},"spec":{"domain":{"devices":{}}}}"#).unwrap();
+    let plans = plan(&departed, &observed(&plumbed_links(), Some(&gone)));
+    assert_eq!(plans.len(), 1, "{plans:?}");
+    assert_eq!((plans[0].phase, plans[0].departed), (Phase::Detached, true));
+    assert_eq!(step_names(&plans[0]), ["delete-link", "delete-link"]);
 }
