@@ -346,6 +346,9 @@ pub struct Agent<N, H> {
     /// The last pass found a migration in flight: passes repeat every
     /// [`MIGRATION_POLL`], since a failed migration raises no event.
     migrating: bool,
+    /// A device change (a detach finishing between passes) met a migration
+    /// that the pass's domain read may not show yet.
+    change_met_migration: bool,
 }
 
 /// How often a migration in flight is looked at.
@@ -430,6 +433,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             pass_error: None,
             domain_seen: None,
             migrating: false,
+            change_met_migration: false,
             net,
             hyp: Arc::new(hyp),
             report: Reporter::new(config.report.clone()),
@@ -647,9 +651,10 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 clean_kubevirt_leftovers: self.config.coexist,
             },
         );
-        self.migrating = domain
-            .as_ref()
-            .is_some_and(|d| matches!(d.migration, Migration::Incoming | Migration::Outgoing));
+        self.migrating = std::mem::take(&mut self.change_met_migration)
+            || domain
+                .as_ref()
+                .is_some_and(|d| matches!(d.migration, Migration::Incoming | Migration::Outgoing));
 
         self.tracked
             .retain(|name, _| plans.iter().any(|p| &p.name == name));
@@ -723,6 +728,11 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 fault::after("detach-device");
                 self.tracked.remove(&name);
             }
+            Err(HypervisorError::Migrating { migration }) => {
+                // Nothing was detached; the next pass plans it again, where
+                // the domain runs once the migration is over.
+                self.migration_met(migration);
+            }
             Err(e @ HypervisorError::DetachTimeout { .. }) => {
                 self.record_failure(&name, "detach-timeout", Phase::DetachPending, e.to_string());
             }
@@ -731,6 +741,18 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 self.record_failure(&name, "detach-device", Phase::Failed, message);
             }
         }
+    }
+
+    /// A device change met a migration in flight: said once per migration,
+    /// and passes repeat until it is over.
+    fn migration_met(&mut self, migration: Migration) {
+        if self.migrating {
+            debug!(?migration, "a migration is in flight: device changes wait");
+        } else {
+            info!(?migration, "a migration is in flight: device changes wait");
+        }
+        self.migrating = true;
+        self.change_met_migration = true;
     }
 
     fn record_failure(&mut self, name: &str, reason: &str, phase: Phase, message: String) {
@@ -839,32 +861,6 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 // Everything before the attach is done: say so.
                 self.report.enter_now(&plan.name, Phase::Plumbed);
             }
-            if changes_the_domain(step) {
-                // A migration that starts raises no event on the source, so
-                // the pass's domain read may predate it: ask afresh, right
-                // before the change.
-                match self.hyp.migration(domain_name).await {
-                    Ok(Migration::None) => {}
-                    Ok(migration) => {
-                        if self.migrating {
-                            debug!(?migration, "a migration is in flight: device changes wait");
-                        } else {
-                            info!(?migration, "a migration is in flight: device changes wait");
-                        }
-                        self.migrating = true;
-                        return Ok(Progress::Held);
-                    }
-                    Err(e) => {
-                        // Nothing changed yet, the plumbing stays: retried.
-                        let message = format!(
-                            "{}: cannot tell whether a migration runs: {}",
-                            step.name(),
-                            error_chain(&e)
-                        );
-                        return Err((step.name(), message));
-                    }
-                }
-            }
             if let Step::Detach { alias, persistent } = step {
                 self.report.detach_started(&plan.name);
                 self.report.enter_now(&plan.name, Phase::Detaching);
@@ -873,6 +869,13 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             }
             let result = self.run_step(domain_name, step).await;
             let Err(e) = result else { continue };
+            if let StepError::Hypervisor(HypervisorError::Migrating { migration }) = &e {
+                // Checked by libvirt's worker right before the change: the
+                // domain started migrating after this pass read it. Nothing
+                // changed; the plumbing stays for when the migration is over.
+                self.migration_met(*migration);
+                return Ok(Progress::Held);
+            }
             let message = format!("{}: {}", step.name(), error_chain(&e));
             if plan.rollback.is_empty() {
                 warn!(step = step.name(), error = %message, "clean-up step failed; going on");

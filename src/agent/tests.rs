@@ -200,8 +200,8 @@ struct FakeHyp {
     stop_after_reads: Mutex<Option<(u32, CancellationToken)>>,
     /// No domain defined (a migration target before the domain arrives).
     absent: Mutex<bool>,
-    /// What a fresh job read says; domain reads keep saying `domain`'s
-    /// (a cached read from before the migration started).
+    /// The job libvirt's worker finds right before a device change; domain
+    /// reads keep saying `domain`'s (a read from before the migration began).
     migration_job: Mutex<Migration>,
 }
 
@@ -239,6 +239,13 @@ impl FakeHyp {
             .cloned()
     }
 
+    fn refuse_during_migration(&self) -> Result<(), HypervisorError> {
+        match *self.migration_job.lock().unwrap() {
+            Migration::None | Migration::Departed => Ok(()),
+            migration => Err(HypervisorError::Migrating { migration }),
+        }
+    }
+
     fn set_mode(&self, alias: &str, mode: AttachMode) {
         self.modes.lock().unwrap().insert(alias.into(), mode);
     }
@@ -268,10 +275,6 @@ impl Hypervisor for FakeHyp {
         Ok(Some(self.domain.lock().unwrap().clone()))
     }
 
-    async fn migration(&self, _domain: &str) -> Result<Migration, HypervisorError> {
-        Ok(*self.migration_job.lock().unwrap())
-    }
-
     async fn attach(
         &self,
         _domain: &str,
@@ -279,6 +282,7 @@ impl Hypervisor for FakeHyp {
         _persistent: bool,
         timeout: Duration,
     ) -> Result<(), HypervisorError> {
+        self.refuse_during_migration()?;
         let alias = device.alias();
         let alias = alias.as_str();
         let device_xml = device.to_xml().unwrap();
@@ -323,6 +327,7 @@ impl Hypervisor for FakeHyp {
         _persistent: bool,
         timeout: Duration,
     ) -> Result<(), HypervisorError> {
+        self.refuse_during_migration()?;
         self.detaches.lock().unwrap().push(alias.into());
         let mut domain = self.domain.lock().unwrap();
         if domain.interface_by_alias(alias).is_none() {
@@ -353,6 +358,7 @@ impl Hypervisor for FakeHyp {
         up: bool,
         _persistent: bool,
     ) -> Result<(), HypervisorError> {
+        self.refuse_during_migration()?;
         let alias = device.alias.clone();
         let mut domain = self.domain.lock().unwrap();
         let device = domain
@@ -1337,7 +1343,8 @@ async fn an_attach_waits_while_the_domain_migrates_away_then_goes_ahead() {
         Phase::Attached | Phase::Ready
     ));
     assert_eq!(agent.hyp.attaches.lock().unwrap().len(), 1);
-    assert!(!agent.migrating);
+    agent.reconcile(&vmi).await.unwrap();
+    assert!(!agent.migrating, "no more migration polls");
 }
 
 #[tokio::test]
@@ -1426,4 +1433,34 @@ async fn a_target_whose_preparation_fails_is_not_ready_and_rolled_back() {
     assert_eq!(phases(&agent)[0].1, Phase::Failed);
     assert_eq!(agent.net.get(&pod_name).unwrap(), before, "rolled back");
     assert!(agent.readiness.missing().contains(&"plumbing"));
+}
+
+#[tokio::test]
+async fn a_detach_that_meets_a_migration_changes_nothing_and_waits() {
+    let pod_name = pod("blue");
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod_name]), FakeHyp::new(4));
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    let plumbed = agent.net.links.lock().unwrap().clone();
+    *agent.hyp.migration_job.lock().unwrap() = Migration::Outgoing;
+    let absent = vmi_with(&["blue"], r#","state":"absent""#);
+    agent.reconcile(&absent).await.unwrap();
+    settle().await;
+    agent.reconcile(&absent).await.unwrap();
+    settle().await;
+    assert!(agent.hyp.device("ua-blue").is_some(), "still attached");
+    assert!(agent.hyp.detaches.lock().unwrap().is_empty());
+    assert_eq!(
+        *agent.net.links.lock().unwrap(),
+        plumbed,
+        "nothing torn down"
+    );
+    assert_ne!(phases(&agent)[0].1, Phase::Failed, "no failure, no backoff");
+    assert!(agent.migrating);
+    // Over (it failed: the domain stays here): the unplug goes ahead.
+    *agent.hyp.migration_job.lock().unwrap() = Migration::None;
+    agent.reconcile(&absent).await.unwrap();
+    settle().await;
+    agent.reconcile(&absent).await.unwrap();
+    assert_eq!(phases(&agent)[0].1, Phase::Detached);
+    assert!(agent.hyp.device("ua-blue").is_none());
 }

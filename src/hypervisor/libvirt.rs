@@ -298,6 +298,7 @@ impl Hypervisor for Libvirt {
         }
         self.blocking("attach the device", domain, move |conn, name| {
             let dom = lookup(conn, name)?.ok_or_else(|| HypervisorError::NoDomain(name.into()))?;
+            refuse_during_migration(&dom)?;
             dom.attach_device_flags(&xml, flags)
                 .map_err(|e| libvirt_error("attach the device", e))
         })
@@ -334,6 +335,7 @@ impl Hypervisor for Libvirt {
                 let Some(dom) = lookup(conn, name)? else {
                     return Ok(false);
                 };
+                refuse_during_migration(&dom)?;
                 // Detach from each definition that still has the device: after
                 // an attempt the guest did not answer, the persistent config
                 // no longer has it while the live domain still does.
@@ -405,6 +407,7 @@ impl Hypervisor for Libvirt {
             .blocking("update the link state", domain, move |conn, name| {
                 let dom =
                     lookup(conn, name)?.ok_or_else(|| HypervisorError::NoDomain(name.into()))?;
+                refuse_during_migration(&dom)?;
                 let mut flags = sys::VIR_DOMAIN_AFFECT_LIVE;
                 if persistent {
                     flags |= sys::VIR_DOMAIN_AFFECT_CONFIG;
@@ -419,18 +422,6 @@ impl Hypervisor for Libvirt {
 
     fn reconnects(&self) -> u64 {
         self.shared.reconnects.load(Ordering::Relaxed)
-    }
-
-    async fn migration(&self, domain: &str) -> Result<Migration, HypervisorError> {
-        self.blocking(
-            "read the domain's job",
-            domain,
-            |conn, name| match lookup(conn, name)? {
-                Some(dom) => domain_state(&dom).map(|(_, _, migration)| migration),
-                None => Ok(Migration::None),
-            },
-        )
-        .await
     }
 
     fn lifecycle(&self, domain: &str) -> Option<DomainLifecycle> {
@@ -776,6 +767,16 @@ fn domain_state(
         _ => DomainLifecycle::Unknown,
     };
     Ok((running, lifecycle, migration))
+}
+
+/// A migration that starts raises no event on the source, so the caller's
+/// domain read may predate it: every device change asks first, in the same
+/// worker job, right before the change.
+fn refuse_during_migration(dom: &virt::domain::Domain) -> Result<(), HypervisorError> {
+    match domain_state(dom)?.2 {
+        Migration::None | Migration::Departed => Ok(()),
+        migration => Err(HypervisorError::Migrating { migration }),
+    }
 }
 
 /// The domain's active job, if it is a migration (`virDomainGetJobStats`,

@@ -61,6 +61,9 @@ pub enum HypervisorError {
     DetachFailed { alias: String },
     #[error("libvirt event loop is not running")]
     EventLoop,
+    /// A device change met a migration in flight: nothing was changed.
+    #[error("the domain is migrating ({migration:?}): its devices do not change now")]
+    Migrating { migration: Migration },
 }
 
 /// A domain's state as an operator reads it (libvirt's state and reason,
@@ -210,16 +213,6 @@ pub trait Hypervisor: Send + Sync {
     /// ask `running`).
     fn lifecycle(&self, _domain: &str) -> Option<DomainLifecycle> {
         None
-    }
-
-    /// Whether a migration job runs on the domain now, read afresh (never
-    /// from a cache): the agent asks before it changes a running domain's
-    /// devices, since a migration that starts raises no event on the source.
-    fn migration(
-        &self,
-        _domain: &str,
-    ) -> impl Future<Output = Result<Migration, HypervisorError>> + Send {
-        async { Ok(Migration::None) }
     }
 
     /// The uid/gid the domain's QEMU process runs as, when it runs; when
