@@ -15,6 +15,10 @@
 //! (asynchronous: the guest must acknowledge the PCIe unplug), then waits. A
 //! guest that does not answer leaves the device in place: the caller keeps
 //! the plumbing and retries.
+//!
+//! Every device change first reads the domain's state and job in the same
+//! call and refuses ([`HypervisorError::Migrating`]) while a live migration
+//! runs: the domain (and its devices) may be moving to another pod.
 
 use std::future::Future;
 use std::time::Duration;
