@@ -160,19 +160,18 @@ impl PingTrain {
 /// way a stray user would; stopped by its pid on drop.
 struct TapHolder(Child);
 
-/// TUNSETIFF with the flags nicplug's single-queue taps have
-/// (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR), then sleeps.
-const HOLD_TAP: &str = "import fcntl, struct, sys, time\n\
-fd = open('/dev/net/tun', 'r+b', buffering=0)\n\
-fcntl.ioctl(fd, 0x400454ca, struct.pack('16sH', sys.argv[1].encode(), 0x0002 | 0x1000 | 0x4000))\n\
-print('held', flush=True)\n\
-time.sleep(600)\n";
+/// TUNSETIFF (0x400454ca) with the flags nicplug's single-queue taps have
+/// (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR = 0x5002), then sleeps. perl is in
+/// perl-base (Essential), as the rig's reaper.
+const HOLD_TAP: &str = "open(my $t, '+<', '/dev/net/tun') or die qq(tun: $!); \
+    ioctl($t, 0x400454ca, pack('a16 s', $ARGV[0], 0x5002)) or die qq(TUNSETIFF: $!); \
+    $| = 1; print qq(held\\n); sleep 600";
 
 impl TapHolder {
     fn start(rig: &Rig, tap: &str) -> Self {
         let mut child = rig
-            .pod_cmd("python3")
-            .args(["-c", HOLD_TAP, tap])
+            .pod_cmd("perl")
+            .args(["-e", HOLD_TAP, tap])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
