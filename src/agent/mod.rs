@@ -76,6 +76,7 @@ impl Observation {
             domain: self.domain.as_ref(),
             tap_owner: self.tap_owner,
             clean_kubevirt_leftovers: coexist,
+            kubevirt_plumbs: coexist,
         }
     }
 }
@@ -649,6 +650,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 domain: domain.as_ref(),
                 tap_owner,
                 clean_kubevirt_leftovers: self.config.coexist,
+                kubevirt_plumbs: self.config.coexist,
             },
         );
         self.migrating = std::mem::take(&mut self.change_met_migration)
@@ -675,8 +677,14 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         }
         // What this pass left, not what it planned: a preparation step that
         // failed leaves the target not ready.
-        self.readiness
-            .set(Part::Plumbing, target_readiness(domain.as_ref(), &statuses));
+        let plumbing = if self.config.coexist {
+            // KubeVirt plumbs a target after the hand-off: waiting for it
+            // here could hold the hand-off forever.
+            Ok(())
+        } else {
+            target_readiness(domain.as_ref(), &statuses)
+        };
+        self.readiness.set(Part::Plumbing, plumbing);
         // A detach in flight is Detaching whatever this pass saw: the entry
         // goes only when a pass finds nothing of the interface left.
         for name in &self.detaching {

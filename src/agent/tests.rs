@@ -1184,6 +1184,7 @@ mod properties {
                 domain: Some(&domain),
                 tap_owner: Some(Owner { uid: 107, gid: 107 }),
                 clean_kubevirt_leftovers: false,
+                kubevirt_plumbs: false,
             },
         )
     }

@@ -201,6 +201,11 @@ pub struct Observed<'a> {
     /// both the spec and the domain. Only safe when the spec is complete and
     /// authoritative (the VMI from the API).
     pub clean_kubevirt_leftovers: bool,
+    /// KubeVirt runs beside nicplug (coexistence): its virt-handler plumbs
+    /// every spec network at a VM's start and on a migration target, so a
+    /// pod without the domain gets nothing prepared by nicplug (it would
+    /// race virt-handler); KubeVirt's layout, once there, is adopted.
+    pub kubevirt_plumbs: bool,
 }
 
 impl Observed<'_> {
@@ -244,6 +249,7 @@ pub fn plan(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
             domain: Some(&here),
             tap_owner: observed.tap_owner,
             clean_kubevirt_leftovers: observed.clean_kubevirt_leftovers,
+            kubevirt_plumbs: observed.kubevirt_plumbs,
         };
         return plan_here(vmi, &view)
             .into_iter()
@@ -493,6 +499,9 @@ impl PrepareCase<'_> {
                 "KubeVirt is plumbing this network ({} exists)",
                 names.kubevirt_renamed_pod
             ));
+        }
+        if observed.kubevirt_plumbs {
+            return plan.with_message("KubeVirt plumbs this network before the domain arrives");
         }
         let Some(pod) = observed.link(&names.pod) else {
             plan.steps = teardown(names, observed);

@@ -59,6 +59,7 @@ fn observed<'a>(links: &'a [Link], domain: Option<&'a DomainState>) -> Observed<
         domain,
         tap_owner: Some(OWNER),
         clean_kubevirt_leftovers: false,
+        kubevirt_plumbs: false,
     }
 }
 
@@ -587,6 +588,7 @@ fn kubevirts_leftovers_go_only_in_coexistence_mode_and_only_when_unused() {
     // link and the dummy stay.
     let coexist = Observed {
         clean_kubevirt_leftovers: true,
+        kubevirt_plumbs: true,
         ..observed(&links, Some(&gone))
     };
     let p = &plan(&absent, &coexist)[1];
@@ -596,6 +598,7 @@ fn kubevirts_leftovers_go_only_in_coexistence_mode_and_only_when_unused() {
     let attached = domain(3, vec![attached_device(true)]);
     let coexist = Observed {
         clean_kubevirt_leftovers: true,
+        kubevirt_plumbs: true,
         ..observed(&links, Some(&attached))
     };
     let p = &plan(&absent, &coexist)[1];
@@ -610,6 +613,7 @@ fn kubevirts_leftovers_go_only_in_coexistence_mode_and_only_when_unused() {
     leftovers.retain(|l| l.name.as_str() != POD);
     let coexist = Observed {
         clean_kubevirt_leftovers: true,
+        kubevirt_plumbs: true,
         ..observed(&leftovers, Some(&gone))
     };
     let plans = plan(&empty, &coexist);
@@ -619,6 +623,7 @@ fn kubevirts_leftovers_go_only_in_coexistence_mode_and_only_when_unused() {
     // Never while a device still uses the tap, and never outside coexistence.
     let coexist = Observed {
         clean_kubevirt_leftovers: true,
+        kubevirt_plumbs: true,
         ..observed(&leftovers, Some(&attached))
     };
     assert!(
@@ -982,4 +987,27 @@ fn a_domain_that_migrated_away_leaves_no_tap_or_bridge_and_its_mac_off_the_wire(
     assert_eq!(plans.len(), 1, "{plans:?}");
     assert_eq!((plans[0].phase, plans[0].departed), (Phase::Detached, true));
     assert_eq!(step_names(&plans[0]), ["delete-link", "delete-link"]);
+}
+
+#[test]
+fn beside_kubevirt_a_target_prepares_nothing_and_adopts_kubevirts_layout() {
+    // virt-handler plumbs every spec network at a start and on a target.
+    let links = [eth0(), fresh_pod_link()];
+    let view = Observed {
+        kubevirt_plumbs: true,
+        ..observed(&links, None)
+    };
+    let p = &plan(&vmi(""), &view)[1];
+    assert_eq!((p.phase, p.steps.len()), (Phase::Pending, 0), "{p:?}");
+    assert_eq!(
+        p.message.as_deref(),
+        Some("KubeVirt plumbs this network before the domain arrives")
+    );
+    let links = kubevirt_layout_links();
+    let view = Observed {
+        kubevirt_plumbs: true,
+        ..observed(&links, None)
+    };
+    let p = &plan(&vmi(""), &view)[1];
+    assert_eq!((p.phase, p.steps.len()), (Phase::Prepared, 0), "{p:?}");
 }
