@@ -101,12 +101,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         mac,
         mtu,
         addresses: Vec::new(),
+        routes: Vec::new(),
         previous_alias: None,
     };
     net.set_alias(&pod, Some(&record.to_alias()?)).await?;
     let bridge_mac = Mac::locally_administered_from(pod.as_str());
     net.ensure_bridge(&names.bridge, bridge_mac).await?;
-    net.enslave_pod_link(&pod, &names.bridge, bridge_mac, &record.addresses)
+    net.enslave_pod_link(&pod, &names.bridge, bridge_mac, &record.addresses, &[])
         .await?;
     let tap = TapSpec {
         name: names.tap.clone(),

@@ -159,11 +159,16 @@ pub fn describe(step: &Step) -> String {
             bridge,
             mac,
             addresses,
+            routes,
         } => {
             let mut text = format!("{pod} into {bridge} (mac {mac}");
             if !addresses.is_empty() {
                 let list: Vec<String> = addresses.iter().map(ToString::to_string).collect();
                 text.push_str(&format!(", removing {}", list.join(" ")));
+            }
+            if !routes.is_empty() {
+                let list: Vec<String> = routes.iter().map(ToString::to_string).collect();
+                text.push_str(&format!(", routes {}", list.join(" ")));
             }
             text.push(')');
             text

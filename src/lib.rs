@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod dhcp;
 pub mod error;
 pub mod health;
 pub mod hypervisor;

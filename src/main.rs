@@ -154,6 +154,14 @@ struct RunArgs {
     /// Time between guest-agent refreshes when nothing else prompts one.
     #[arg(long, default_value = "30s", value_parser = positive_duration)]
     guest_refresh: Duration,
+    /// The resolv.conf whose name servers and search domains the VM gets by
+    /// DHCP (the pod's own, as KubeVirt's bridge binding does).
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
+    /// Serve no DHCPv4 to the VM (on an IPAM network the guest then has to
+    /// be configured some other way).
+    #[arg(long)]
+    no_dhcp: bool,
     /// Unix socket of the status/health/metrics API (owner-only, mode 0600).
     #[arg(long, default_value = DEFAULT_SOCKET)]
     api_socket: PathBuf,
@@ -604,6 +612,8 @@ async fn start(
         },
         coexist: inputs.coexist,
         readiness: Some(readiness),
+        resolv_conf: Some(args.resolv_conf.clone()),
+        dhcp: !args.no_dhcp,
         ..AgentConfig::default()
     };
     let agent = Agent::new(net, hyp, config);

@@ -102,6 +102,11 @@ struct ReasonLabel {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct NetworkLabel {
+    network: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct VersionLabel {
     version: &'static str,
 }
@@ -257,6 +262,7 @@ pub struct Metrics {
     reconcile: Histogram,
     reconcile_errors: Counter,
     netlink_overflows: Counter,
+    dhcp_leases: Family<NetworkLabel, Counter>,
     /// The watcher's running total, and what was already added from it.
     netlink_overflows_source: Mutex<(Option<crate::netns::watch::Overflows>, u64)>,
     process: ProcessMetrics,
@@ -357,8 +363,15 @@ impl Metrics {
             "Times the kernel dropped link events (ENOBUFS); each is followed by a full re-read",
             netlink_overflows.clone(),
         );
+        let dhcp_leases = Family::<NetworkLabel, Counter>::default();
+        registry.register(
+            "nicplug_dhcp_leases",
+            "DHCPv4 leases nicplug's server acknowledged to the VM, per network",
+            dhcp_leases.clone(),
+        );
         let process = ProcessMetrics::register(&mut registry);
         Self {
+            dhcp_leases,
             registry,
             plug,
             unplug,
@@ -421,6 +434,16 @@ impl Metrics {
                 })
                 .set(value);
         }
+    }
+
+    /// Counts one DHCPv4 lease acknowledged to the VM on `network` (one
+    /// label per VMI network: bounded by the spec).
+    pub fn inc_dhcp_lease(&self, network: &str) {
+        self.dhcp_leases
+            .get_or_create(&NetworkLabel {
+                network: network.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts one failed attempt. `reason` should be a short, bounded label

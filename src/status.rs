@@ -101,6 +101,28 @@ pub struct InterfaceStatus {
     /// When each phase was entered, oldest first (the latest entry per phase).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub phase_transitions: Vec<PhaseTransition>,
+    /// nicplug's DHCPv4 server for the VM on this interface; absent when
+    /// nicplug serves none (an L2 network, an interface KubeVirt plumbed,
+    /// a device not attached).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp: Option<DhcpStatus>,
+}
+
+/// Whether the VM gets DHCPv4 from nicplug on an interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DhcpStatus {
+    /// The server is listening on the interface's tap.
+    pub served: bool,
+    /// Why not, when not served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The address (with prefix) offered: the pod interface's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// When the guest last took its lease (the last ACK).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_lease: Option<Timestamp>,
 }
 
 impl InterfaceStatus {
@@ -119,6 +141,7 @@ impl InterfaceStatus {
             message: None,
             pod_interface_seen: None,
             phase_transitions: Vec::new(),
+            dhcp: None,
         }
     }
 

@@ -52,6 +52,14 @@ fn adopts_a_device_kubevirt_attached_and_touches_nothing() {
     let entry = nicplug.entry("kvnet").unwrap();
     assert_eq!(entry["mac"], mac.as_str());
     assert_eq!(entry["infoSource"], "domain, guest-agent");
+    // KubeVirt serves DHCP for what it plumbs: nicplug starts no server.
+    assert_eq!(entry["dhcp"]["served"], false, "{entry}");
+    assert!(
+        entry["dhcp"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("did not plumb")),
+        "{entry}"
+    );
     // A while later: nothing created, renamed, re-addressed or re-aliased.
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(pod_link_state(&rig), before, "KubeVirt's layout untouched");
@@ -62,6 +70,7 @@ fn adopts_a_device_kubevirt_attached_and_touches_nothing() {
         "no step ran:\n{}",
         nicplug.log()
     );
+    assert!(!nicplug.log().contains("dhcp server started"));
 }
 
 #[test]

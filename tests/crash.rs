@@ -71,7 +71,7 @@ fn plugged_state(rig: &Rig, nicplug: &Nicplug<'_>) -> Vec<String> {
                 .map(|p| p["master"].clone())
                 .unwrap_or_default(),
             pod.as_ref()
-                .and_then(|p| p["ifalias"].as_str().map(|a| a.starts_with("nicplug/v1 ")))
+                .and_then(|p| p["ifalias"].as_str().map(|a| a.starts_with("nicplug/v2 ")))
                 .unwrap_or(false),
             pod_addresses(rig, &pod_iface(NET))
         ),

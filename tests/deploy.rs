@@ -785,10 +785,14 @@ fn injected_container_is_a_least_privilege_native_sidecar() {
         "KubeVirt's init containers are kept"
     );
 
-    // Exactly NET_ADMIN, everything else dropped, non-root as QEMU's user.
+    // Exactly NET_ADMIN and NET_RAW (the DHCP server's packet socket),
+    // everything else dropped, non-root as QEMU's user.
     let sc = c.security_context.as_ref().expect("securityContext");
     let caps = sc.capabilities.as_ref().expect("capabilities");
-    assert_eq!(caps.add.as_deref(), Some(&["NET_ADMIN".to_owned()][..]));
+    assert_eq!(
+        caps.add.as_deref(),
+        Some(&["NET_ADMIN".to_owned(), "NET_RAW".to_owned()][..])
+    );
     assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
     assert_eq!(sc.allow_privilege_escalation, Some(false));
     assert_eq!(sc.read_only_root_filesystem, Some(true));
@@ -1339,7 +1343,9 @@ fn the_containerfile_matches_the_manifests() {
     assert!(has(&format!("USER {QEMU_UID}:{QEMU_UID}")));
     // Non-root with NET_ADMIN works only through a file capability: added
     // capabilities do not survive exec for a non-root user otherwise.
-    assert!(has("setcap cap_net_admin=ep /usr/local/bin/nicplug"));
+    assert!(has(
+        "setcap cap_net_admin,cap_net_raw=ep /usr/local/bin/nicplug"
+    ));
 }
 
 #[test]

@@ -6,7 +6,7 @@
 //! | policy | podman |
 //! | --- | --- |
 //! | `runAsUser/runAsGroup: 107`, `runAsNonRoot` | `--user 107:107` |
-//! | `capabilities: {drop: [ALL], add: [NET_ADMIN]}` | `--cap-drop ALL --cap-add NET_ADMIN` |
+//! | `capabilities: {drop: [ALL], add: [NET_ADMIN, NET_RAW]}` | `--cap-drop ALL --cap-add NET_ADMIN --cap-add NET_RAW` |
 //! | `allowPrivilegeEscalation: false` | `--security-opt no-new-privileges` |
 //! | `readOnlyRootFilesystem: true` | `--read-only --read-only-tmpfs=false` |
 //! | `devices.kubevirt.io/tun: 1` | `--device <0666 tun node>:/dev/net/tun` |
@@ -34,7 +34,8 @@ use serde_json::Value;
 use support::{CniNet, NONROOT_ID, NONROOT_SIDECAR_URI, Rig, RigOptions};
 
 const PLUG: Duration = Duration::from_secs(30);
-const NET_ADMIN: u64 = 1 << 12;
+/// CAP_NET_ADMIN (bit 12) and CAP_NET_RAW (bit 13).
+const SIDECAR_CAPS: u64 = (1 << 12) | (1 << 13);
 
 fn image() -> String {
     std::env::var("NICPLUG_IMAGE").unwrap_or_else(|_| "localhost/nicplug:dev".into())
@@ -244,6 +245,8 @@ fn image_runs_as_the_sidecar_and_hotplugs_and_unplugs() {
         "ALL",
         "--cap-add",
         "NET_ADMIN",
+        "--cap-add",
+        "NET_RAW",
         "--security-opt",
         "no-new-privileges",
         "--read-only",
@@ -303,8 +306,8 @@ fn image_runs_as_the_sidecar_and_hotplugs_and_unplugs() {
     for set in ["CapEff", "CapPrm", "CapBnd"] {
         assert_eq!(
             u64::from_str_radix(&field(set), 16).unwrap(),
-            NET_ADMIN,
-            "{set} is exactly CAP_NET_ADMIN"
+            SIDECAR_CAPS,
+            "{set} is exactly CAP_NET_ADMIN and CAP_NET_RAW"
         );
     }
 

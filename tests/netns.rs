@@ -61,6 +61,7 @@ async fn record_of_pod_link(net: &Netlink) -> PodLinkRecord {
         mac: pod.mac.unwrap(),
         mtu: pod.mtu,
         addresses: pod.addresses.clone(),
+        routes: pod.routes.clone(),
         previous_alias: pod.alias.clone(),
     }
 }
@@ -78,6 +79,7 @@ async fn plug(net: &Netlink, record: &PodLinkRecord, multi_queue: bool) {
         &name(BRIDGE),
         pod_new_mac(),
         &record.addresses,
+        &record.routes,
     )
     .await
     .unwrap();
@@ -498,7 +500,7 @@ fn delete_of_a_missing_link_is_ok_and_kinds_are_checked() {
             "link pod9a6a0c3b4d8 exists but is a veth, not a tap"
         );
         let missing = net
-            .enslave_pod_link(&name("nosuchlink0"), &name(BRIDGE), pod_new_mac(), &[])
+            .enslave_pod_link(&name("nosuchlink0"), &name(BRIDGE), pod_new_mac(), &[], &[])
             .await
             .unwrap_err();
         assert!(matches!(missing, NetnsError::NotFound(_)), "{missing:?}");
@@ -566,6 +568,7 @@ fn an_address_added_after_recording_survives_the_enslave() {
             &name(BRIDGE),
             pod_new_mac(),
             &record.addresses,
+            &record.routes,
         )
         .await
         .unwrap();
@@ -594,6 +597,7 @@ fn an_address_added_after_recording_survives_the_enslave() {
             &name(BRIDGE),
             pod_new_mac(),
             &absorbed.addresses,
+            &absorbed.routes,
         )
         .await
         .unwrap();
@@ -1007,4 +1011,177 @@ fn link_events_survive_a_receive_queue_overflow() {
         assert!(!task.is_finished(), "the watcher stopped");
         task.abort();
     });
+}
+
+/// `ip -j <family> route show table all` and `ip -j addr` and `ip -j rule`
+/// of the namespace, raw: compared byte for byte.
+fn raw_routing_state(ns: &TestNs) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for args in [
+        &["-j", "-4", "route", "show", "table", "all"][..],
+        &["-j", "-6", "route", "show", "table", "all"],
+        &["-j", "addr", "show"],
+        &["-j", "-4", "rule", "show"],
+        &["-j", "-6", "rule", "show"],
+    ] {
+        out.push((args.join(" "), ns.ip(args)));
+    }
+    out
+}
+
+/// Routes of `ip -j route show table all` whose device is `dev`.
+fn routes_of(ns: &TestNs, family: &str, dev: &str) -> Vec<Value> {
+    let all = ns.ip_json(&[family, "route", "show", "table", "all"]);
+    all.as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["dev"] == dev)
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn routes_cni_made_come_back_byte_for_byte() {
+    if !require_root() {
+        return;
+    }
+    let env = PodEnv::new("routes");
+    let pod = &env.pod;
+    // No previous alias: it would take 26 of the record's 255 bytes.
+    pod.ip(&["link", "set", "dev", POD_IF, "alias", ""]);
+    // What a CNI plugin may leave on the pod link: a host route and a
+    // subnet route via a gateway, a direct route, a default route in a
+    // secondary table, a route with its own metric, protocol and source,
+    // IPv6 via a link-local gateway; and policy rules pointing at the table.
+    for route in [
+        &[
+            "route",
+            "add",
+            "169.254.255.10/32",
+            "via",
+            "169.254.10.1",
+            "dev",
+            POD_IF,
+        ][..],
+        &["route", "add", "169.254.20.0/24", "dev", POD_IF],
+        &[
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.10.1",
+            "dev",
+            POD_IF,
+            "table",
+            "100",
+        ],
+        &[
+            "route",
+            "add",
+            "169.254.30.0/24",
+            "via",
+            "169.254.10.1",
+            "dev",
+            POD_IF,
+            "table",
+            "100",
+            "metric",
+            "50",
+            "proto",
+            "static",
+        ],
+        &[
+            "-6", "route", "add", "default", "via", "fe80::1", "dev", POD_IF, "table", "100",
+        ],
+        &[
+            "rule",
+            "add",
+            "from",
+            "169.254.10.2",
+            "table",
+            "100",
+            "priority",
+            "100",
+        ],
+        &[
+            "-6", "rule", "add", "oif", POD_IF, "table", "100", "priority", "100",
+        ],
+    ] {
+        pod.ip(route);
+    }
+    pod.settle();
+    let before = raw_routing_state(pod);
+    let kernel_routes: usize = ["-4", "-6"]
+        .iter()
+        .map(|f| {
+            routes_of(pod, f, POD_IF)
+                .iter()
+                .filter(|r| r["protocol"] == "kernel")
+                .count()
+        })
+        .sum();
+    assert!(
+        kernel_routes >= 4,
+        "connected, local, broadcast, fe80: {before:?}"
+    );
+
+    let (record, plugged) = pod.run(|| async {
+        let net = Netlink::new().unwrap();
+        let record = record_of_pod_link(&net).await;
+        plug(&net, &record, false).await;
+        (record, net.links().await.unwrap())
+    });
+    let recorded: Vec<String> = record.routes.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        recorded,
+        [
+            "0.0.0.0/0>169.254.10.1~t100",
+            "169.254.30.0/24>169.254.10.1~t100~p4~m50",
+            "169.254.20.0/24",
+            "169.254.255.10/32>169.254.10.1",
+            "::/0>fe80::1~t100",
+        ]
+        .map(String::from)
+        .to_vec(),
+        "every non-kernel route, in dump order, nothing the kernel makes"
+    );
+    assert!(
+        record.to_alias().unwrap().starts_with("nicplug/v2 "),
+        "{record:?}"
+    );
+    // No route of CNI's is left through the bridge port: the kernel dropped
+    // the IPv4 ones with the addresses (its own included), enslave removed
+    // the recorded IPv6 one the kernel keeps (only its own ff00::/8 stays).
+    assert!(
+        find(&plugged, POD_IF).routes.is_empty(),
+        "{:?}",
+        find(&plugged, POD_IF).routes
+    );
+    for family in ["-4", "-6"] {
+        let left: Vec<Value> = routes_of(pod, family, POD_IF)
+            .into_iter()
+            .filter(|r| r["protocol"] != "kernel")
+            .collect();
+        assert_eq!(left, Vec::<Value>::new());
+    }
+    // Rules name no link index: plumbing leaves them alone.
+    assert_eq!(raw_routing_state(pod)[3..], before[3..], "rules unchanged");
+
+    let again = record.clone();
+    pod.run(move || async move {
+        let net = Netlink::new().unwrap();
+        unplug(&net, &record).await;
+    });
+    pod.settle();
+    let after = raw_routing_state(pod);
+    for ((what, b), (_, a)) in before.iter().zip(&after) {
+        assert_eq!(a, b, "{what} differs after release");
+    }
+    // Idempotent: a second release (a restart after the last sub-step)
+    // changes nothing.
+    pod.run(move || async move {
+        let net = Netlink::new().unwrap();
+        unplug(&net, &again).await;
+    });
+    assert_eq!(raw_routing_state(pod), before);
 }

@@ -1,7 +1,7 @@
 //! End-to-end in KubeVirt's non-root launcher shape (issue 11 §1): the pod's
 //! libvirt daemon runs as uid/gid 107 in session mode, so QEMU runs as 107;
 //! nicplug runs as the injected sidecar does (`deploy/cluster/policy.yaml`): uid/gid
-//! 107, no supplementary groups, no-new-privs, exactly `CAP_NET_ADMIN`, the
+//! 107, no supplementary groups, no-new-privs, exactly `CAP_NET_ADMIN` and `CAP_NET_RAW`, the
 //! libvirt socket directory mounted read-only at `/var/run/libvirt`, the URI
 //! the policy passes, a writable runtime directory for `XDG_*`. The core
 //! cases of the root suites, in this mode: a plug with ping and Ready, link
@@ -18,8 +18,8 @@ use support::{CniNet, NONROOT_ID, Rig, RigOptions};
 
 const PLUG: Duration = Duration::from_secs(20);
 
-/// CAP_NET_ADMIN is bit 12.
-const NET_ADMIN: u64 = 1 << 12;
+/// CAP_NET_ADMIN is bit 12, CAP_NET_RAW bit 13: what deploy/ gives the sidecar.
+const SIDECAR_CAPS: u64 = (1 << 12) | (1 << 13);
 
 fn non_root_rig() -> Rig {
     Rig::start(RigOptions {
@@ -77,7 +77,11 @@ fn assert_shape(rig: &Rig, nicplug: &Nicplug<'_>) {
     assert_eq!(me["Groups"], "", "no supplementary groups");
     assert_eq!(me["NoNewPrivs"], "1");
     for set in ["CapEff", "CapPrm", "CapBnd", "CapAmb"] {
-        assert_eq!(caps(&me, set), NET_ADMIN, "{set} is exactly CAP_NET_ADMIN");
+        assert_eq!(
+            caps(&me, set),
+            SIDECAR_CAPS,
+            "{set} is exactly CAP_NET_ADMIN and CAP_NET_RAW"
+        );
     }
 }
 

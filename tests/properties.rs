@@ -9,7 +9,7 @@ use nicplug::hypervisor::domain_xml::parse_devices;
 use nicplug::model::names::PlumbingNames;
 use nicplug::model::network_status;
 use nicplug::model::vmi::Vmi;
-use nicplug::model::{IfName, IpCidr, Mac, Owner, PodLinkRecord};
+use nicplug::model::{IfName, IpCidr, Mac, Owner, PodLinkRecord, PodRoute};
 use proptest::prelude::*;
 
 /// Interface names the kernel takes: 1..=15 bytes without '/', ':',
@@ -33,6 +33,58 @@ fn cidr() -> impl Strategy<Value = IpCidr> {
         (any::<[u8; 4]>(), 0u8..=32).prop_map(|(a, p)| IpCidr::new(IpAddr::from(a), p).unwrap()),
         (any::<[u8; 16]>(), 0u8..=128).prop_map(|(a, p)| IpCidr::new(IpAddr::from(a), p).unwrap()),
     ]
+}
+
+/// Any route a record can carry: gateway and preferred source of the
+/// destination's family, any table but RT_TABLE_UNSPEC, any other value.
+fn route() -> impl Strategy<Value = PodRoute> {
+    let family_v4 = any::<bool>();
+    family_v4.prop_flat_map(|v4| {
+        let addr = move || -> BoxedStrategy<IpAddr> {
+            if v4 {
+                any::<[u8; 4]>().prop_map(IpAddr::from).boxed()
+            } else {
+                any::<[u8; 16]>().prop_map(IpAddr::from).boxed()
+            }
+        };
+        let max = if v4 { 32 } else { 128 };
+        (
+            (addr(), 0u8..=max),
+            proptest::option::of(addr()),
+            1u32..,
+            any::<u8>(),
+            any::<u8>(),
+            any::<u32>(),
+            proptest::option::of(addr()),
+            any::<u8>(),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(
+                    (dst, prefix),
+                    gateway,
+                    table,
+                    protocol,
+                    scope,
+                    metric,
+                    source,
+                    preference,
+                    onlink,
+                )| {
+                    PodRoute {
+                        destination: IpCidr::new(dst, prefix).unwrap(),
+                        gateway,
+                        table,
+                        protocol,
+                        scope,
+                        metric,
+                        preferred_source: source,
+                        preference,
+                        onlink,
+                    }
+                },
+            )
+    })
 }
 
 /// VMI network names nicplug accepts.
@@ -70,6 +122,13 @@ proptest! {
     }
 
     #[test]
+    fn route_round_trips(route in route()) {
+        let text = route.to_string();
+        prop_assert!(!text.contains([' ', ',']), "{}", text);
+        prop_assert_eq!(text.parse::<PodRoute>().unwrap(), route);
+    }
+
+    #[test]
     fn cidr_round_trips(cidr in cidr()) {
         prop_assert_eq!(cidr.to_string().parse::<IpCidr>().unwrap(), cidr);
     }
@@ -86,9 +145,10 @@ proptest! {
         mac in mac(),
         mtu in 68u32..=65535,
         addresses in proptest::collection::vec(cidr(), 0..4),
+        routes in proptest::collection::vec(route(), 0..4),
         previous_alias in proptest::option::of("\\PC{0,40}"),
     ) {
-        let record = PodLinkRecord { network, mac, mtu, addresses, previous_alias };
+        let record = PodLinkRecord { network, mac, mtu, addresses, routes, previous_alias };
         // Too long for an ifalias is an error, never a truncated record.
         if let Ok(alias) = record.to_alias() {
             prop_assert!(alias.len() <= 255);
@@ -144,6 +204,8 @@ proptest! {
         let _ = network_status::go_unquote(&text);
         let _ = PodLinkRecord::from_alias(&text);
         let _ = PodLinkRecord::from_alias(&format!("nicplug/v1 {text}"));
+        let _ = PodLinkRecord::from_alias(&format!("nicplug/v2 mac=02:00:00:00:00:01 mtu=1500 rt={text}"));
+        let _ = text.parse::<PodRoute>();
         let _ = parse_devices(&text);
     }
 }

@@ -267,6 +267,11 @@ pub struct AgentConfig {
     pub backoff_max: Duration,
     /// Where each pass reports whether libvirt and netlink answered.
     pub readiness: Option<Arc<Readiness>>,
+    /// The resolv.conf whose name servers and search domains the DHCP
+    /// server hands the VM (the pod's, as KubeVirt does); `None`: no DNS.
+    pub resolv_conf: Option<std::path::PathBuf>,
+    /// Serve DHCPv4 to the VM on interfaces nicplug plumbed.
+    pub dhcp: bool,
 }
 
 /// Retry delays of a whole pass that failed (libvirt or netlink not
@@ -295,6 +300,8 @@ impl Default for AgentConfig {
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             readiness: None,
+            resolv_conf: Some("/etc/resolv.conf".into()),
+            dhcp: true,
         }
     }
 }
@@ -350,6 +357,8 @@ pub struct Agent<N, H> {
     /// A device change (a detach finishing between passes) met a migration
     /// that the pass's domain read may not show yet.
     change_met_migration: bool,
+    /// The DHCPv4 server tasks, one per served interface.
+    dhcp: crate::dhcp::Servers,
 }
 
 /// How often a migration in flight is looked at.
@@ -435,6 +444,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             domain_seen: None,
             migrating: false,
             change_met_migration: false,
+            dhcp: crate::dhcp::Servers::new(config.report.metrics.clone()),
             net,
             hyp: Arc::new(hyp),
             report: Reporter::new(config.report.clone()),
@@ -585,9 +595,16 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                     }
                 }
             }
+            if let Some(retry) = self.dhcp.next_retry() {
+                deadline = deadline.min(retry);
+            }
+            let dhcp_changed = self.dhcp.changed();
             let finished = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = wake.notified() => None,
+                // A server started, died or acknowledged a lease: the status
+                // shows it.
+                _ = dhcp_changed.notified() => None,
                 changed = spec.changed(), if spec_open => {
                     // A closed source keeps the last spec.
                     spec_open = changed.is_ok();
@@ -662,7 +679,19 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             .retain(|name, _| plans.iter().any(|p| &p.name == name));
         let mut statuses = Vec::with_capacity(plans.len());
         let mut domain_changed = false;
+        // Records this pass wrote: the DHCP server of an interface attached in
+        // this pass starts in this pass, before the guest's first DISCOVER
+        // (the links were read before the record existed).
+        let mut written: Vec<(crate::model::IfName, String)> = Vec::new();
         for plan in plans {
+            let records: Vec<_> = plan
+                .steps
+                .iter()
+                .filter_map(|s| match s {
+                    Step::RecordPodLink { pod, alias } => Some((pod.clone(), alias.clone())),
+                    _ => None,
+                })
+                .collect();
             let preparing = plan.phase == Phase::Prepared && !plan.steps.is_empty();
             if preparing || plan.steps.iter().any(|s| matches!(s, Step::Attach { .. })) {
                 self.report.pod_seen(&plan.name, observed_at);
@@ -671,6 +700,9 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             let span = info_span!("interface", iface = %plan.name, pod = plan.pod_iface.as_ref().map(|p| p.as_str()));
             let departed = plan.departed;
             let status = self.apply(&domain_name, plan).instrument(span).await;
+            if matches!(status.phase, Phase::Attached | Phase::Ready) {
+                written.extend(records);
+            }
             if !(departed && status.phase == Phase::Detached) {
                 statuses.push(status);
             }
@@ -708,6 +740,13 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         } else {
             domain
         };
+        let mut links = links;
+        for (pod, alias) in written {
+            if let Some(link) = links.iter_mut().find(|l| l.name == pod) {
+                link.alias = Some(alias);
+            }
+        }
+        self.serve_dhcp(vmi, &links, domain.as_ref(), &mut statuses);
         let reconnects = self.hyp.reconnects();
         self.last_reconcile = Some(Timestamp::now());
         self.pass_error = None;
@@ -723,6 +762,47 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             )
             .await;
         Ok(())
+    }
+
+    /// Starts and stops DHCP server tasks to match this pass, and puts each
+    /// interface's DHCP state into its status.
+    fn serve_dhcp(
+        &mut self,
+        vmi: &Vmi,
+        links: &[Link],
+        domain: Option<&DomainState>,
+        statuses: &mut [InterfaceStatus],
+    ) {
+        if !self.config.dhcp {
+            return;
+        }
+        let pod_dns = self
+            .config
+            .resolv_conf
+            .as_deref()
+            .and_then(|path| std::fs::read_to_string(path).ok())
+            .map(|text| crate::dhcp::Dns::from_resolv_conf(&text))
+            .unwrap_or_default();
+        let network_status = self
+            .config
+            .report
+            .network_status
+            .as_ref()
+            .and_then(|rx| rx.borrow().clone())
+            .unwrap_or_default();
+        let (desired, unserved) =
+            crate::dhcp::desired_servers(vmi, links, domain, statuses, &|pod: &str| {
+                crate::dhcp::Dns::for_interface(&network_status, pod, &pod_dns)
+            });
+        self.dhcp.reconcile(desired);
+        for status in statuses.iter_mut() {
+            status.dhcp = self.dhcp.status(&status.name).or_else(|| {
+                unserved
+                    .iter()
+                    .find(|(name, _)| name == &status.name)
+                    .map(|(_, s)| s.clone())
+            });
+        }
     }
 
     fn detach_finished(&mut self, (name, result): DetachResult) {
@@ -954,9 +1034,10 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 bridge,
                 mac,
                 addresses,
+                routes,
             } => {
                 self.net
-                    .enslave_pod_link(pod, bridge, *mac, addresses)
+                    .enslave_pod_link(pod, bridge, *mac, addresses, routes)
                     .await?
             }
             Step::EnsureTap { spec, bridge } => self.net.ensure_tap(spec, bridge).await?,

@@ -9,7 +9,7 @@ use super::*;
 use crate::health::Readiness;
 use crate::hypervisor::domain_xml::{RootPorts, parse_devices};
 use crate::hypervisor::{GuestInterface, GuestView};
-use crate::model::{IfName, IpCidr, Mac, PodLinkRecord};
+use crate::model::{IfName, IpCidr, Mac, PodLinkRecord, PodRoute};
 use crate::netns::{Link, LinkKind, TapInfo, TapSpec};
 
 #[derive(Default)]
@@ -107,11 +107,14 @@ impl PodNetwork for FakeNet {
         bridge: &IfName,
         mac: Mac,
         recorded: &[IpCidr],
+        _recorded_routes: &[PodRoute],
     ) -> Result<(), NetnsError> {
         self.call("enslave_pod_link", pod)?;
         let master = self.index_of(bridge);
         self.edit(pod, |l| {
             l.addresses.retain(|a| !recorded.contains(a));
+            // The kernel drops a link's routes with its addresses.
+            l.routes.clear();
             l.mac = Some(mac);
             l.master = master;
             l.learning = Some(false);
@@ -151,6 +154,7 @@ impl PodNetwork for FakeNet {
             l.mac = Some(record.mac);
             l.mtu = record.mtu;
             l.addresses = record.addresses.clone();
+            l.routes = record.routes.clone();
             l.alias = record.previous_alias.clone();
         });
         Ok(())

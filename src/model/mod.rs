@@ -5,10 +5,12 @@ pub mod depth;
 pub mod names;
 pub mod network_status;
 pub mod record;
+pub mod route;
 pub mod vmi;
 
 pub use names::{IfName, Mac, PlumbingNames};
 pub use record::{IpCidr, PodLinkRecord};
+pub use route::PodRoute;
 
 /// A uid/gid pair (the owner of a tap device).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -47,6 +47,46 @@ pub struct NetworkStatus {
     pub mac: Option<String>,
     #[serde(default)]
     pub default: bool,
+    /// The `dns` object CNI returned (`nameservers`, `domain`, `search`),
+    /// kept as JSON and read leniently ([`NetworkStatus::dns_servers`]):
+    /// a malformed one only means no DNS from here.
+    #[serde(default)]
+    pub dns: Option<serde_json::Value>,
+}
+
+impl NetworkStatus {
+    /// The name servers of the `dns` object, as written.
+    pub fn dns_servers(&self) -> Vec<String> {
+        self.dns_strings("nameservers")
+    }
+
+    /// The search domains of the `dns` object: `search`, else `domain`.
+    pub fn dns_search(&self) -> Vec<String> {
+        let search = self.dns_strings("search");
+        if !search.is_empty() {
+            return search;
+        }
+        self.dns
+            .as_ref()
+            .and_then(|d| d.get("domain"))
+            .and_then(|d| d.as_str())
+            .filter(|d| !d.is_empty())
+            .map(|d| vec![d.to_string()])
+            .unwrap_or_default()
+    }
+
+    fn dns_strings(&self, key: &str) -> Vec<String> {
+        self.dns
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }
 
 /// Parses a raw JSON array or a downward-API annotations file.

@@ -3,10 +3,16 @@
 //! with the link (no state file can go stale).
 //!
 //! Format (at most 255 bytes, the kernel's IFALIASZ - 1):
-//! `nicplug/v1 net=blue mac=02:00:00:00:00:01 mtu=1500 addr=169.254.1.5/24,fe80::1/64 was=<original alias>`
-//! `net=`, `addr=` and `was=` are optional; `was=` is last and takes the rest of the line.
+//! `nicplug/v2 net=blue mac=02:00:00:00:00:01 mtu=1500 addr=169.254.1.5/24,fe80::1/64 rt=169.254.255.2/32>169.254.1.1 was=<original alias>`
+//! `net=`, `addr=`, `rt=` and `was=` are optional; `was=` is last and takes the rest of the line.
 //! `net=` names the VMI network, so plumbing whose network left the spec can
-//! still be found and removed.
+//! still be found and removed. `rt=` lists the routes through the link that
+//! the kernel does not recreate with the addresses (see [`super::route`]).
+//!
+//! Versions: `nicplug/v1` is the same format without `rt=`. A record without
+//! routes is still written as `v1`, byte for byte what earlier nicplug
+//! versions wrote and read; one with routes is `v2`, which a v1 reader
+//! refuses as a whole instead of dropping the routes silently. Both are read.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -15,8 +21,12 @@ use std::str::FromStr;
 use serde::Serialize;
 
 use super::names::{Mac, NameError, check_network_name};
+use super::route::PodRoute;
 
-const MAGIC: &str = "nicplug/v1";
+/// A record without routes.
+const MAGIC_V1: &str = "nicplug/v1";
+/// A record with routes (`rt=`).
+const MAGIC_V2: &str = "nicplug/v2";
 /// The kernel truncates aliases longer than this.
 pub const MAX_ALIAS_LEN: usize = 255;
 
@@ -38,6 +48,10 @@ pub enum RecordError {
     Duplicate(&'static str),
     #[error("mtu={0} is outside {MIN_MTU}..={MAX_MTU}")]
     Mtu(u32),
+    #[error("malformed route {0:?} in nicplug record")]
+    Route(String),
+    #[error("a nicplug/v1 record cannot have routes (rt=)")]
+    RoutesInV1,
 }
 
 /// The smallest MTU an IPv4 link may have (RFC 791) and the largest the
@@ -89,6 +103,8 @@ pub struct PodLinkRecord {
     pub mac: Mac,
     pub mtu: u32,
     pub addresses: Vec<IpCidr>,
+    /// The routes through the link that release must add again.
+    pub routes: Vec<PodRoute>,
     /// The alias the link had before nicplug wrote its record, if any.
     pub previous_alias: Option<String>,
 }
@@ -101,7 +117,12 @@ impl PodLinkRecord {
 
     /// The ifalias value, or an error if it would not fit.
     pub fn to_alias(&self) -> Result<String, RecordError> {
-        let mut out = MAGIC.to_string();
+        let mut out = if self.routes.is_empty() {
+            MAGIC_V1
+        } else {
+            MAGIC_V2
+        }
+        .to_string();
         if let Some(network) = &self.network {
             check_network_name("network name", network)
                 .map_err(|e| RecordError::Network(network.clone(), e))?;
@@ -117,6 +138,11 @@ impl PodLinkRecord {
             out.push_str(" addr=");
             out.push_str(&addrs.join(","));
         }
+        if !self.routes.is_empty() {
+            let routes: Vec<String> = self.routes.iter().map(ToString::to_string).collect();
+            out.push_str(" rt=");
+            out.push_str(&routes.join(","));
+        }
         if let Some(previous) = &self.previous_alias {
             out.push_str(" was=");
             out.push_str(previous);
@@ -128,15 +154,19 @@ impl PodLinkRecord {
     }
 
     pub fn from_alias(alias: &str) -> Result<Self, RecordError> {
-        let rest = alias
-            .strip_prefix(MAGIC)
-            .and_then(|r| r.strip_prefix(' '))
+        let (version, rest) = [MAGIC_V1, MAGIC_V2]
+            .into_iter()
+            .find_map(|magic| {
+                let rest = alias.strip_prefix(magic)?.strip_prefix(' ')?;
+                Some((magic, rest))
+            })
             .ok_or(RecordError::NotARecord)?;
         let (fields, previous_alias) = match rest.split_once(" was=") {
             Some((fields, was)) => (fields, Some(was.to_string())),
             None => (rest, None),
         };
         let (mut network, mut mac, mut mtu, mut addresses) = (None, None, None, None);
+        let mut routes = None;
         fn set<T>(slot: &mut Option<T>, name: &'static str, value: T) -> Result<(), RecordError> {
             if slot.replace(value).is_some() {
                 return Err(RecordError::Duplicate(name));
@@ -163,6 +193,11 @@ impl PodLinkRecord {
                     let list = v.split(',').map(str::parse).collect::<Result<_, _>>()?;
                     set(&mut addresses, "addr", list)?;
                 }
+                ("rt", _) if version == MAGIC_V1 => return Err(RecordError::RoutesInV1),
+                ("rt", v) => {
+                    let list = v.split(',').map(str::parse).collect::<Result<_, _>>()?;
+                    set(&mut routes, "rt", list)?;
+                }
                 _ => return Err(bad()),
             }
         }
@@ -172,6 +207,7 @@ impl PodLinkRecord {
             mac: mac.ok_or(RecordError::Missing("mac"))?,
             mtu: mtu.ok_or(RecordError::Missing("mtu"))?,
             addresses,
+            routes: routes.unwrap_or_default(),
             previous_alias,
         })
     }
@@ -190,6 +226,7 @@ mod tests {
                 "169.254.1.5/24".parse().unwrap(),
                 "fe80::858:a9ff:fefe:105/64".parse().unwrap(),
             ],
+            routes: vec![],
             previous_alias: None,
         }
     }
@@ -202,6 +239,32 @@ mod tests {
             "nicplug/v1 net=dyniface1 mac=0a:58:a9:fe:01:05 mtu=1400 addr=169.254.1.5/24,fe80::858:a9ff:fefe:105/64"
         );
         assert_eq!(PodLinkRecord::from_alias(&alias).unwrap(), record());
+    }
+
+    #[test]
+    fn routes_make_a_v2_record_and_v1_stays_readable() {
+        let mut rec = record();
+        rec.routes = vec![
+            "169.254.255.2/32>169.254.1.1".parse().unwrap(),
+            "0.0.0.0/0>169.254.1.1~t100".parse().unwrap(),
+        ];
+        let alias = rec.to_alias().unwrap();
+        assert_eq!(
+            alias,
+            "nicplug/v2 net=dyniface1 mac=0a:58:a9:fe:01:05 mtu=1400 addr=169.254.1.5/24,fe80::858:a9ff:fefe:105/64 rt=169.254.255.2/32>169.254.1.1,0.0.0.0/0>169.254.1.1~t100"
+        );
+        assert_eq!(PodLinkRecord::from_alias(&alias).unwrap(), rec);
+        // What nicplug before routes wrote.
+        let old = "nicplug/v1 net=dyniface1 mac=0a:58:a9:fe:01:05 mtu=1400 addr=169.254.1.5/24,fe80::858:a9ff:fefe:105/64";
+        assert_eq!(PodLinkRecord::from_alias(old).unwrap(), record());
+        assert_eq!(
+            PodLinkRecord::from_alias(&format!("{old} rt=169.254.9.0/24")),
+            Err(RecordError::RoutesInV1)
+        );
+        assert!(matches!(
+            PodLinkRecord::from_alias("nicplug/v2 mac=0a:58:a9:fe:01:05 mtu=1400 rt=169.254.9.0"),
+            Err(RecordError::Route(r)) if r == "169.254.9.0"
+        ));
     }
 
     #[test]

@@ -9,7 +9,7 @@
 
 use std::future::Future;
 
-use crate::model::{IfName, IpCidr, Mac, Owner, PodLinkRecord};
+use crate::model::{IfName, IpCidr, Mac, Owner, PodLinkRecord, PodRoute};
 
 pub mod netlink;
 pub mod selinux;
@@ -22,6 +22,13 @@ pub enum NetnsError {
     Netlink {
         op: &'static str,
         link: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("cannot add route {route} to {link}")]
+    Route {
+        route: String,
+        link: IfName,
         #[source]
         source: rtnetlink::Error,
     },
@@ -134,6 +141,14 @@ pub struct Link {
     pub up: bool,
     pub alias: Option<String>,
     pub addresses: Vec<IpCidr>,
+    /// The routes of every table whose output link this is and that the
+    /// kernel does not recreate by itself when the addresses come back
+    /// (not `proto kernel`, `ra` or `redirect`), in the kernel's dump order.
+    pub routes: Vec<PodRoute>,
+    /// Routes through this link that a record cannot carry (multipath,
+    /// metrics, nexthop objects, ...), described: a pod link with one is
+    /// not plumbed, since release could not give the route back.
+    pub unrecordable_routes: Vec<String>,
     /// Bridge-port learning, when the link is a bridge port.
     pub learning: Option<bool>,
     pub tap: Option<TapInfo>,
@@ -153,6 +168,8 @@ impl Link {
             up: true,
             alias: None,
             addresses: vec![],
+            routes: vec![],
+            unrecordable_routes: vec![],
             learning: None,
             tap: None,
         }
@@ -194,7 +211,9 @@ pub trait PodNetwork: Send + Sync {
     ) -> impl Future<Output = Result<(), NetnsError>> + Send;
 
     /// Removes the addresses `recorded` (those of the pod link's record, the
-    /// crash-safe state) from `pod`, sets its MAC to `mac`, enslaves it to
+    /// crash-safe state) from `pod`, then the `recorded_routes` the kernel
+    /// kept (IPv6 routes outlive the addresses; a bridge port routes
+    /// nothing), sets its MAC to `mac`, enslaves it to
     /// `bridge` with learning off, and sets it up. An address that is not in
     /// `recorded` (CNI added it after the record was written) stays: the
     /// planner records it and removes it on its next pass, so it is never
@@ -205,6 +224,7 @@ pub trait PodNetwork: Send + Sync {
         bridge: &IfName,
         mac: Mac,
         recorded: &[IpCidr],
+        recorded_routes: &[PodRoute],
     ) -> impl Future<Output = Result<(), NetnsError>> + Send;
 
     /// Creates persistent tap `spec.name` through /dev/net/tun if it does not
@@ -216,8 +236,9 @@ pub trait PodNetwork: Send + Sync {
         bridge: &IfName,
     ) -> impl Future<Output = Result<(), NetnsError>> + Send;
 
-    /// Releases `pod` from its bridge and restores the recorded MAC, MTU and
-    /// addresses, then the previous alias (the record goes last, so an
+    /// Releases `pod` from its bridge and restores the recorded MAC, MTU,
+    /// addresses and routes (after the addresses, whose connected routes
+    /// make the gateways reachable), then the previous alias (the record goes last, so an
     /// interrupted release is finished by the next reconcile). Every sub-step
     /// is tried even when another fails, and every failure is reported
     /// ([`NetnsError::Incomplete`]); the alias is only restored when all

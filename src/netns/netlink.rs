@@ -50,6 +50,18 @@
 //!   running guest. A non-tun link of that name is [`NetnsError::WrongKind`].
 //! - **IPv4 addresses** are restored with a broadcast address for prefixes
 //!   shorter than /31, as CNI plugins (vishvananda/netlink) add them.
+//! - **Routes.** [`PodNetwork::links`] lists, per link, the routes of every
+//!   table (IPv4 and IPv6) whose output link it is, except those the kernel
+//!   makes itself and makes again when the addresses come back (`proto
+//!   kernel`: connected, local, broadcast, `fe80::/64`, multicast) and those
+//!   learned from the network (`proto ra`, `redirect`). Flushing the
+//!   addresses and enslaving the link drops the rest, so they go into the
+//!   record and [`PodNetwork::release_pod_link`] adds them back after the
+//!   addresses, in rounds (a gateway may only be reachable through another
+//!   recorded route); a route that exists already (EEXIST) is success.
+//!   Policy rules are not recorded: nothing nicplug does removes a rule
+//!   (they name links by name, and the link keeps its name), which
+//!   `tests/netns.rs` checks.
 
 use std::net::IpAddr;
 
@@ -61,11 +73,15 @@ use rtnetlink::packet_route::link::{
     AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoBridge, InfoBridgePort, InfoData, InfoKind,
     InfoPortData, InfoTun, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo, LinkMessage,
 };
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RoutePreference,
+    RouteProtocol, RouteScope, RouteType,
+};
 use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec};
 
 use super::tap::{NetnsHandle, create_persistent_tap};
 use super::{Link, LinkKind, NetnsError, PodNetwork, TapInfo, TapSpec};
-use crate::model::{IfName, IpCidr, Mac, PodLinkRecord};
+use crate::model::{IfName, IpCidr, Mac, PodLinkRecord, PodRoute};
 
 const IFLA_IFALIAS: u16 = 20;
 const IFLA_TUN_OWNER: u16 = 1;
@@ -368,6 +384,66 @@ impl Netlink {
         }
     }
 
+    /// Every route of every table, IPv4 then IPv6 (RT_TABLE_UNSPEC: all
+    /// tables).
+    async fn dump_routes(&self, link: &IfName) -> Result<Vec<RouteMessage>, NetnsError> {
+        let mut out = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut request = RouteMessage::default();
+            request.header.address_family = family;
+            request.header.table = RouteHeader::RT_TABLE_UNSPEC;
+            let routes: Vec<RouteMessage> = self
+                .handle
+                .route()
+                .get(request)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|e| nl_err("dump routes", link, e))?;
+            out.extend(routes);
+        }
+        Ok(out)
+    }
+
+    /// Deletes one route as dumped; one already gone is success.
+    async fn delete_route(&self, link: &IfName, message: RouteMessage) -> Result<(), NetnsError> {
+        match self.handle.route().del(message).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::ESRCH) => Ok(()),
+            Err(e) => Err(nl_err("delete route", link, e)),
+        }
+    }
+
+    /// Adds `routes` through link `index`, in rounds: a route whose gateway
+    /// is only reachable through another recorded route succeeds once that
+    /// one is in. Returns the failures of the last round.
+    async fn add_routes(&self, index: u32, pod: &IfName, routes: &[PodRoute]) -> Vec<NetnsError> {
+        let mut pending: Vec<&PodRoute> = routes.iter().collect();
+        loop {
+            let mut failed = Vec::new();
+            let mut errors = Vec::new();
+            for route in &pending {
+                let request = route_message(index, route);
+                match self.handle.route().add(request).execute().await {
+                    Ok(()) => {}
+                    Err(e) if errno(&e) == Some(libc::EEXIST) => {}
+                    Err(source) => {
+                        failed.push(*route);
+                        errors.push(NetnsError::Route {
+                            route: route.to_string(),
+                            link: pod.clone(),
+                            source,
+                        });
+                    }
+                }
+            }
+            if failed.is_empty() || failed.len() == pending.len() {
+                return errors;
+            }
+            pending = failed;
+        }
+    }
+
     /// Creates the tap in this Netlink's namespace and returns it as observed.
     async fn create_tap(&self, spec: &TapSpec) -> Result<Observed, NetnsError> {
         // The tap gets the SELinux context of the thread that creates it;
@@ -416,6 +492,16 @@ impl PodNetwork for Netlink {
         }
         for link in &mut out {
             link.addresses.sort();
+        }
+        for message in self.dump_routes(&all).await? {
+            for (index, route) in observe_route(&message) {
+                if let Some(link) = out.iter_mut().find(|l| l.index == index) {
+                    match route {
+                        Ok(route) => link.routes.push(route),
+                        Err(unrecordable) => link.unrecordable_routes.push(unrecordable),
+                    }
+                }
+            }
         }
         Ok(out)
     }
@@ -480,6 +566,7 @@ impl PodNetwork for Netlink {
         bridge: &IfName,
         mac: Mac,
         recorded: &[IpCidr],
+        recorded_routes: &[PodRoute],
     ) -> Result<(), NetnsError> {
         let br = self.require(bridge).await?;
         if br.link.kind != LinkKind::Bridge {
@@ -497,6 +584,15 @@ impl PodNetwork for Netlink {
                 self.delete_address(pod, &cidr, message).await?;
             } else {
                 tracing::info!(link = %pod, address = %cidr, "address not in the record yet: kept until it is recorded");
+            }
+        }
+        // IPv4 routes went with the addresses; IPv6 routes stay. Only
+        // recorded ones go, as for addresses.
+        for message in self.dump_routes(pod).await? {
+            for (index, route) in observe_route(&message) {
+                if index == link.link.index && route.is_ok_and(|r| recorded_routes.contains(&r)) {
+                    self.delete_route(pod, message.clone()).await?;
+                }
             }
         }
         self.set_mac(&link, mac).await?;
@@ -589,6 +685,7 @@ impl PodNetwork for Netlink {
                 }
             }
         }
+        errors.extend(self.add_routes(link.link.index, pod, &record.routes).await);
         if !errors.is_empty() {
             // The record stays: it is what the next pass retries from.
             return Err(NetnsError::Incomplete {
@@ -860,6 +957,8 @@ fn observe_link(msg: &LinkMessage) -> Option<Observed> {
             up: msg.header.flags.contains(LinkFlags::Up),
             alias,
             addresses: Vec::new(),
+            routes: Vec::new(),
+            unrecordable_routes: Vec::new(),
             learning,
             tap,
         },
@@ -927,6 +1026,160 @@ fn observe_address(msg: &AddressMessage) -> Option<(u32, IpCidr)> {
     }
     let cidr = IpCidr::new(ip, msg.header.prefix_len).ok()?;
     Some((msg.header.index, cidr))
+}
+
+/// Maps one RTM_NEWROUTE message to the links it goes out of, each with
+/// the route as a record keeps it, or a description of why a record cannot
+/// keep it. Empty for what release need not give back: routes the kernel
+/// makes itself (`proto kernel`, recreated with the addresses), routes
+/// learned from the network (`ra`, `redirect`), cached clones, and routes
+/// through no link (blackhole, unreachable, prohibit).
+fn observe_route(msg: &RouteMessage) -> Vec<(u32, Result<PodRoute, String>)> {
+    let header = &msg.header;
+    if matches!(
+        header.protocol,
+        RouteProtocol::Kernel | RouteProtocol::Ra | RouteProtocol::IcmpRedirect
+    ) || header.flags.contains(RouteFlags::Cloned)
+    {
+        return Vec::new();
+    }
+    let ipv4 = match header.address_family {
+        AddressFamily::Inet => true,
+        AddressFamily::Inet6 => false,
+        _ => return Vec::new(),
+    };
+    let ip = |address: &RouteAddress| match address {
+        RouteAddress::Inet(v4) if ipv4 => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) if !ipv4 => Some(IpAddr::V6(*v6)),
+        _ => None,
+    };
+    let unspecified = if ipv4 {
+        IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+    };
+    let mut destination = unspecified;
+    let mut gateway = None;
+    let mut oif = None;
+    let mut table = u32::from(header.table);
+    let mut metric = None;
+    let mut preferred_source = None;
+    let mut preference = crate::model::route::PREF_MEDIUM;
+    let mut multipath = Vec::new();
+    let mut problems: Vec<String> = Vec::new();
+    for attribute in &msg.attributes {
+        match attribute {
+            RouteAttribute::Destination(a) => match ip(a) {
+                Some(addr) => destination = addr,
+                None => problems.push("a destination of another family".into()),
+            },
+            RouteAttribute::Gateway(a) => match ip(a) {
+                Some(addr) => gateway = Some(addr),
+                None => problems.push("a gateway of another family".into()),
+            },
+            RouteAttribute::Oif(index) => oif = Some(*index),
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Priority(p) => metric = Some(*p),
+            RouteAttribute::PrefSource(a) => preferred_source = ip(a),
+            RouteAttribute::Preference(p) => preference = u8::from(*p),
+            RouteAttribute::MultiPath(hops) => {
+                multipath.extend(hops.iter().map(|h| h.interface_index));
+            }
+            RouteAttribute::Metrics(m) if !m.is_empty() => {
+                problems.push("route metrics (mtu, window, ...)".into())
+            }
+            RouteAttribute::Expires(_) => problems.push("an expiry time".into()),
+            RouteAttribute::NhId(_) => problems.push("a nexthop object".into()),
+            RouteAttribute::Encap(_) | RouteAttribute::EncapType(_) => {
+                problems.push("an encapsulation".into())
+            }
+            RouteAttribute::Via(_) => problems.push("a gateway of another family (via)".into()),
+            RouteAttribute::Realm(_) => problems.push("a realm".into()),
+            RouteAttribute::Mark(_) => problems.push("a mark".into()),
+            _ => {}
+        }
+    }
+    if header.kind != RouteType::Unicast {
+        problems.push(format!("type {:?}", header.kind));
+    }
+    if header.tos != 0 {
+        problems.push(format!("tos {}", header.tos));
+    }
+    if header.source_prefix_length != 0 {
+        problems.push("a source prefix".into());
+    }
+    if !multipath.is_empty() {
+        problems.push("several nexthops".into());
+    }
+    let links: Vec<u32> = oif.into_iter().chain(multipath).collect();
+    let described = |what: String| {
+        let dst = format!("{destination}/{}", header.destination_prefix_length);
+        let table = if table == crate::model::route::TABLE_MAIN {
+            String::new()
+        } else {
+            format!(" table {table}")
+        };
+        format!("route {dst}{table} has {what}")
+    };
+    let route = match IpCidr::new(destination, header.destination_prefix_length) {
+        Err(_) => Err(described("an invalid prefix length".into())),
+        Ok(_) if !problems.is_empty() => Err(described(problems.join(", "))),
+        Ok(cidr) => {
+            let mut route = PodRoute::new(cidr, gateway);
+            route.table = table;
+            route.protocol = u8::from(header.protocol);
+            route.scope = u8::from(header.scope);
+            route.metric = metric.unwrap_or(0);
+            route.preferred_source = preferred_source;
+            route.preference = preference;
+            route.onlink = header.flags.contains(RouteFlags::Onlink);
+            Ok(route)
+        }
+    };
+    links
+        .into_iter()
+        .map(|index| (index, route.clone()))
+        .collect()
+}
+
+/// The RTM_NEWROUTE that adds `route` through link `index`.
+fn route_message(index: u32, route: &PodRoute) -> RouteMessage {
+    let mut msg = RouteMessage::default();
+    let header = &mut msg.header;
+    header.address_family = if route.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    header.destination_prefix_length = route.destination.prefix;
+    // Tables above 255 only fit RTA_TABLE; the header says RT_TABLE_COMPAT
+    // then, as iproute2 does.
+    header.table = u8::try_from(route.table).unwrap_or(252);
+    header.protocol = RouteProtocol::from(route.protocol);
+    header.scope = RouteScope::from(route.scope);
+    header.kind = RouteType::Unicast;
+    if route.onlink {
+        header.flags = RouteFlags::Onlink;
+    }
+    let attributes = &mut msg.attributes;
+    attributes.push(RouteAttribute::Table(route.table));
+    if route.destination.prefix != 0 {
+        attributes.push(RouteAttribute::Destination(route.destination.addr.into()));
+    }
+    if let Some(gateway) = route.gateway {
+        attributes.push(RouteAttribute::Gateway(gateway.into()));
+    }
+    attributes.push(RouteAttribute::Oif(index));
+    attributes.push(RouteAttribute::Priority(route.metric));
+    if let Some(source) = route.preferred_source {
+        attributes.push(RouteAttribute::PrefSource(source.into()));
+    }
+    if !route.is_ipv4() {
+        attributes.push(RouteAttribute::Preference(RoutePreference::from(
+            route.preference,
+        )));
+    }
+    msg
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use crate::hypervisor::{DomainInterface, DomainState, GuestView, InterfaceDevice
 use crate::model::names::is_ordinal_pod_iface;
 use crate::model::record::RecordError;
 use crate::model::vmi::{NetworkSource, PodIfaceScheme, SpecInterface, SpecState, Vmi};
-use crate::model::{IfName, IpCidr, Mac, Owner, PlumbingNames, PodLinkRecord};
+use crate::model::{IfName, IpCidr, Mac, Owner, PlumbingNames, PodLinkRecord, PodRoute};
 use crate::netns::{Link, LinkKind, TapSpec};
 
 /// Where an interface stands.
@@ -71,13 +71,15 @@ pub enum Step {
         bridge: IfName,
         mac: Mac,
     },
-    /// Enslave the pod link, removing only the `addresses` of its record (an
-    /// address CNI adds later stays until the next pass records it).
+    /// Enslave the pod link, removing only the `addresses` and `routes` of
+    /// its record (an address CNI adds later stays until the next pass
+    /// records it).
     EnslavePodLink {
         pod: IfName,
         bridge: IfName,
         mac: Mac,
         addresses: Vec<IpCidr>,
+        routes: Vec<PodRoute>,
     },
     EnsureTap {
         spec: TapSpec,
@@ -600,6 +602,7 @@ fn repair_plumbing(
             bridge: names.bridge.clone(),
             mac: Mac::locally_administered_from(names.pod.as_str()),
             addresses: record.addresses.clone(),
+            routes: record.routes.clone(),
         });
     }
     if !tap.is_some_and(enslaved) {
@@ -649,6 +652,7 @@ fn clear_late_addresses(pod: &Link, names: &PlumbingNames) -> Vec<Step> {
         bridge: names.bridge.clone(),
         mac,
         addresses: record.addresses,
+        routes: record.routes,
     });
     steps
 }
@@ -674,8 +678,10 @@ fn record_step(names: &PlumbingNames, record: &PodLinkRecord) -> Result<Step, St
 
 /// nicplug removes every address right after recording, so an address on
 /// the link that the record lacks was added by CNI after nicplug first acted
-/// (IPAM runs after the link appears): it belongs to the original state.
-/// Returns the record with such addresses, and the step to save it.
+/// (IPAM runs after the link appears): it belongs to the original state, and
+/// so do routes CNI added with it (the kernel drops them when the address
+/// goes). Returns the record with such addresses and routes, and the step
+/// to save it.
 fn absorb_late_addresses(
     pod: &Link,
     names: &PlumbingNames,
@@ -687,10 +693,17 @@ fn absorb_late_addresses(
         .filter(|a| !record.addresses.contains(a))
         .copied()
         .collect();
-    if late.is_empty() {
+    let late_routes: Vec<_> = pod
+        .routes
+        .iter()
+        .filter(|r| !record.routes.contains(r))
+        .cloned()
+        .collect();
+    if late.is_empty() && late_routes.is_empty() {
         return Ok((record, None));
     }
     record.addresses.extend(late);
+    record.routes.extend(late_routes);
     let step = record_step(names, &record)?;
     Ok((record, Some(step)))
 }
@@ -1033,11 +1046,20 @@ impl PlugCase<'_> {
                 let mac = pod.mac.ok_or_else(|| {
                     Refusal::Fail(format!("pod interface {} has no MAC address", names.pod))
                 })?;
+                if !pod.unrecordable_routes.is_empty() {
+                    // Flushing the addresses would drop it for good.
+                    return Err(Refusal::Fail(format!(
+                        "pod interface {} has a route nicplug cannot record and give back: {}",
+                        names.pod,
+                        pod.unrecordable_routes.join("; ")
+                    )));
+                }
                 let record = PodLinkRecord {
                     network: Some(self.spec.name.clone()),
                     mac,
                     mtu: pod.mtu,
                     addresses: pod.addresses.clone(),
+                    routes: pod.routes.clone(),
                     previous_alias: pod.alias.clone(),
                 };
                 let step = record_step(names, &record).map_err(Refusal::Fail)?;
@@ -1099,6 +1121,7 @@ impl PlugCase<'_> {
         let pod_done = enslaved(pod)
             && pod.mac == Some(bridge_mac)
             && pod.addresses.is_empty()
+            && pod.routes.is_empty()
             && pod.up
             && pod.learning == Some(false);
         if !pod_done {
@@ -1107,6 +1130,7 @@ impl PlugCase<'_> {
                 bridge: names.bridge.clone(),
                 mac: bridge_mac,
                 addresses: record.addresses.clone(),
+                routes: record.routes.clone(),
             });
         }
         let tap_done = tap.is_some_and(|t| {

@@ -75,6 +75,7 @@ fn plumbed_links() -> Vec<Link> {
         mac: original.mac.unwrap(),
         mtu: 1400,
         addresses: original.addresses.clone(),
+        routes: vec![],
         previous_alias: None,
     };
     let bridge_mac = Mac::locally_administered_from(POD);

@@ -25,6 +25,9 @@ pub struct Nicplug<'a> {
     pub env: Vec<(String, String)>,
     /// How the last process exited, once reaped (`wait_exit`, `kill`, `stop`).
     pub exit: Option<ExitStatus>,
+    /// A program (and its arguments) nicplug runs under, e.g. `setpriv` to
+    /// drop a capability; empty: none.
+    pub prefix: Vec<String>,
 }
 
 impl<'a> Nicplug<'a> {
@@ -39,6 +42,7 @@ impl<'a> Nicplug<'a> {
             args: Vec::new(),
             env: Vec::new(),
             exit: None,
+            prefix: Vec::new(),
         };
         std::fs::create_dir_all(nicplug.vmi_path.parent().unwrap()).unwrap();
         nicplug.set_spec(networks);
@@ -60,6 +64,7 @@ impl<'a> Nicplug<'a> {
             args: Vec::new(),
             env: Vec::new(),
             exit: None,
+            prefix: Vec::new(),
         }
     }
 
@@ -69,9 +74,16 @@ impl<'a> Nicplug<'a> {
             .append(true)
             .open(&self.log_path)
             .unwrap();
-        let child = self
-            .rig
-            .sidecar_cmd(nicplug_binary().to_str().unwrap())
+        let binary = nicplug_binary();
+        let mut command = match self.prefix.split_first() {
+            None => self.rig.sidecar_cmd(binary.to_str().unwrap()),
+            Some((program, args)) => {
+                let mut c = self.rig.sidecar_cmd(program);
+                c.args(args).arg(&binary);
+                c
+            }
+        };
+        let child = command
             .args(["run", "--vmi"])
             .arg(&self.vmi_path)
             .args([
@@ -446,7 +458,12 @@ pub fn assert_plumbing(rig: &Rig, network: &str, mtu: u64) {
         "pod link carries the bridge's MAC"
     );
     assert_eq!(p["linkinfo"]["info_slave_data"]["learning"], false);
-    assert!(p["ifalias"].as_str().unwrap().starts_with("nicplug/v1 "));
+    // v2: the rig's CNI networks put a route on the pod link, which the record keeps.
+    let alias = p["ifalias"].as_str().unwrap();
+    assert!(
+        alias.starts_with("nicplug/v2 ") && alias.contains(" rt="),
+        "{alias}"
+    );
     // CNI's IPAM may still be adding its address when nicplug has already
     // attached; nicplug records and removes it on the next pass.
     let deadline = Instant::now() + Duration::from_secs(5);

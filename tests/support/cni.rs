@@ -15,6 +15,9 @@ pub struct CniNet {
     pub bridge: String,
     /// `169.254.N.0/24`.
     pub subnet: String,
+    /// Whether the plugin runs IPAM (`host-local`); without, the pod link gets no
+    /// address: a pure L2 network.
+    pub ipam: bool,
 }
 
 impl CniNet {
@@ -26,6 +29,15 @@ impl CniNet {
             name: format!("dyniface{index}"),
             bridge: format!("nicbr{index}"),
             subnet: format!("169.254.{}.0/24", index as u16 + 1),
+            ipam: true,
+        }
+    }
+
+    /// Like [`CniNet::new`], without IPAM: the pod link carries no address or route.
+    pub fn l2(index: u8) -> CniNet {
+        CniNet {
+            ipam: false,
+            ..CniNet::new(index)
         }
     }
 
@@ -49,9 +61,34 @@ impl CniNet {
         format!("{}/24", self.addr(1))
     }
 
+    /// The gateway IPAM gives the pod link: `169.254.N.1`, the node side's address.
+    pub fn gateway(&self) -> String {
+        self.addr(1)
+    }
+
+    /// The route IPAM puts on the pod link, via [`CniNet::gateway`]: a host route to
+    /// `169.254.255.N/32` (link-local, and no namespace holds it: nothing is sent
+    /// there), so that before/after snapshots of the pod namespace have a route of
+    /// CNI's to compare and a DHCP server has a router and a classless route to give.
+    pub fn route(&self) -> String {
+        format!("169.254.255.{}/32", self.octet())
+    }
+
     /// The CNI network configuration (cniVersion 0.4.0), IPAM state under `ipam_dir`.
-    /// No gateway on the bridge, no masquerading, no default route.
+    /// IPAM has a gateway and one route (see [`CniNet::route`]); the bridge itself is
+    /// no gateway, no masquerading, no default route.
     pub fn config(&self, ipam_dir: &str) -> Value {
+        if !self.ipam {
+            return json!({
+                "cniVersion": "0.4.0",
+                "name": self.name,
+                "type": "bridge",
+                "bridge": self.bridge,
+                "isGateway": false,
+                "isDefaultGateway": false,
+                "ipMasq": false,
+            });
+        }
         json!({
             "cniVersion": "0.4.0",
             "name": self.name,
@@ -63,6 +100,8 @@ impl CniNet {
             "ipam": {
                 "type": "host-local",
                 "subnet": self.subnet,
+                "gateway": self.gateway(),
+                "routes": [{ "dst": self.route() }],
                 "dataDir": ipam_dir,
             }
         })

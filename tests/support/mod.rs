@@ -636,7 +636,8 @@ impl Rig {
     /// rig also in a private mount namespace with the rig's libvirt socket directory
     /// mounted read-only at `/var/run/libvirt` (the `libvirt-runtime` volume) and a 0666
     /// `/dev/net/tun` (the device plugin's), as uid/gid 107 without supplementary groups,
-    /// with no-new-privs and exactly `CAP_NET_ADMIN` (inheritable, ambient, bounding),
+    /// with no-new-privs and exactly `CAP_NET_ADMIN` and `CAP_NET_RAW` (inheritable,
+    /// ambient, bounding),
     /// and `XDG_*` pointing at a writable `<dir>/nicplug-run` (the `nicplug-run`
     /// emptyDir). The caller appends the program's arguments.
     pub fn sidecar_cmd(&self, program: &str) -> Command {
@@ -648,8 +649,8 @@ impl Rig {
         let script = format!(
             "set -e; mount --bind -o ro {d}/run /run/libvirt; mount --bind {d}/tun /dev/net/tun; \
              exec setpriv --reuid={id} --regid={id} --clear-groups --no-new-privs \
-             --inh-caps=-all,+net_admin --ambient-caps=-all,+net_admin \
-             --bounding-set=-all,+net_admin \"$@\""
+             --inh-caps=-all,+net_admin,+net_raw --ambient-caps=-all,+net_admin,+net_raw \
+             --bounding-set=-all,+net_admin,+net_raw \"$@\""
         );
         let run = self.dir.join("nicplug-run");
         let mut c = Command::new("ip");
@@ -1237,7 +1238,8 @@ impl Rig {
     }
 
     /// Normalized `ip -d -j link` + `ip -j addr` of the pod netns (links sorted by name;
-    /// counters, ifindexes and address lifetimes dropped) for before/after comparisons.
+    /// counters, ifindexes and address lifetimes dropped) and `ip -j route show table
+    /// all` (IPv4, IPv6; as listed) for before/after comparisons.
     pub fn pod_links_snapshot(&self) -> String {
         snapshot(&self.pod_ns)
     }
@@ -1284,7 +1286,17 @@ fn snapshot(ns: &str) -> String {
         .into_iter()
         .map(|a| json!({"ifname": a["ifname"], "addr_info": a["addr_info"]}))
         .collect();
-    serde_json::to_string_pretty(&json!({"links": links, "addrs": addrs})).expect("json")
+    // Every table's routes, as the kernel lists them (no field of a route changes
+    // on its own): CNI's routes on the pod link must come back too.
+    let route_dump = |family: &str| -> Value {
+        let out = util::run(
+            Command::new("ip").args(["-n", ns, "-j", family, "route", "show", "table", "all"]),
+        );
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("ip -j route: {e}: {out}"))
+    };
+    let routes = json!({"ipv4": route_dump("-4"), "ipv6": route_dump("-6")});
+    serde_json::to_string_pretty(&json!({"links": links, "addrs": addrs, "routes": routes}))
+        .expect("json")
 }
 
 /// Counts `pcie-root-port` controllers of a domain XML that no `<address bus=...>` uses.

@@ -1,0 +1,240 @@
+//! DHCPv4 for the VM behind a bridge binding nicplug plumbed: what KubeVirt's
+//! launcher does for the interfaces it plumbs itself, and does not for a
+//! device nicplug attached (it adopts the device and starts no server).
+//!
+//! - [`lease`]: the lease, derived only from the pod link's record (its
+//!   first IPv4 address, prefix, MTU, routes), DNS and the VMI name;
+//! - [`server`]: the server logic, a pure function of a request and the
+//!   lease;
+//! - [`frame`]: Ethernet/IPv4/UDP framing of the DHCP payload (the wire
+//!   format of the payload itself is `dhcproto`'s).
+
+pub mod frame;
+pub mod lease;
+pub mod server;
+pub mod socket;
+pub mod task;
+
+pub use lease::{Dns, LeaseConfig};
+pub use server::{Outcome, Reply, answer};
+pub use task::{Desired, Servers};
+
+use crate::hypervisor::DomainState;
+use crate::model::vmi::Vmi;
+use crate::model::{Mac, PlumbingNames, PodLinkRecord};
+use crate::netns::Link;
+use crate::plan::Phase;
+use crate::status::{DhcpStatus, InterfaceStatus};
+
+/// The servers a pass wants, from what it observed and decided: one per
+/// interface whose device is attached (Attached or Ready) on a tap nicplug
+/// plumbed (the pod link carries nicplug's record for that network, and
+/// the live device uses the tap of that pod link) and whose record has an
+/// IPv4 address. Also returns, for the other attached interfaces, why they
+/// get no server (for the status).
+pub fn desired_servers(
+    vmi: &Vmi,
+    links: &[Link],
+    domain: Option<&DomainState>,
+    statuses: &[InterfaceStatus],
+    dns: &dyn Fn(&str) -> Dns,
+) -> (Vec<Desired>, Vec<(String, DhcpStatus)>) {
+    let mut desired = Vec::new();
+    let mut unserved = Vec::new();
+    let not_served = |reason: &str| DhcpStatus {
+        served: false,
+        reason: Some(reason.to_string()),
+        address: None,
+        last_lease: None,
+    };
+    for status in statuses {
+        if !matches!(status.phase, Phase::Attached | Phase::Ready) {
+            continue;
+        }
+        let pod = status
+            .pod_interface_name
+            .as_deref()
+            .and_then(|name| links.iter().find(|l| l.name.as_str() == name));
+        let record = pod
+            .and_then(|p| p.alias.as_deref())
+            .filter(|a| PodLinkRecord::is_record(a))
+            .and_then(|a| PodLinkRecord::from_alias(a).ok())
+            .filter(|r| r.network.as_deref() == Some(status.name.as_str()));
+        let (Some(pod), Some(record)) = (pod, record) else {
+            unserved.push((
+                status.name.clone(),
+                not_served("not served by nicplug: it did not plumb this interface (KubeVirt serves the interfaces it plumbs)"),
+            ));
+            continue;
+        };
+        let names = PlumbingNames::for_pod_iface(&pod.name);
+        let device = domain
+            .and_then(|d| d.interface_by_alias(&format!("ua-{}", status.name)))
+            .filter(|d| d.target_dev.as_deref() == Some(names.tap.as_str()));
+        let Some(mac) = device.and_then(|d| d.mac) else {
+            continue;
+        };
+        let dns = dns(pod.name.as_str());
+        match LeaseConfig::from_record(&record, mac, dns, Some(vmi.name.clone())) {
+            Some(lease) => desired.push(Desired {
+                network: status.name.clone(),
+                tap: names.tap,
+                server_mac: Mac::locally_administered_from(pod.name.as_str()),
+                lease,
+            }),
+            None => unserved.push((
+                status.name.clone(),
+                not_served("not served: the pod interface had no IPv4 address (an L2 network)"),
+            )),
+        }
+    }
+    (desired, unserved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::domain_xml::{DomainInterface, RootPorts};
+    use crate::netns::LinkKind;
+
+    const POD: &str = "pod9a6a0c3b4d8";
+    const TAP: &str = "tap9a6a0c3b4d8";
+    const VM_MAC: &str = "02:00:00:00:00:09";
+
+    fn vmi() -> Vmi {
+        Vmi::parse(
+            r#"{"kind":"VirtualMachineInstance","metadata":{"name":"vm1","namespace":"ns"},"spec":{"domain":{"devices":{"interfaces":[
+                {"name":"dyniface1","bridge":{}}]}},
+                "networks":[{"name":"dyniface1","multus":{"networkName":"nad1"}}]}}"#,
+        )
+        .unwrap()
+    }
+
+    fn pod_link(alias: Option<String>) -> Link {
+        Link {
+            alias,
+            ..Link::fixture(3, POD, LinkKind::Veth)
+        }
+    }
+
+    fn record(addresses: &[&str]) -> String {
+        PodLinkRecord {
+            network: Some("dyniface1".into()),
+            mac: VM_MAC.parse().unwrap(),
+            mtu: 1400,
+            addresses: addresses.iter().map(|a| a.parse().unwrap()).collect(),
+            routes: vec!["169.254.255.2/32>169.254.2.1".parse().unwrap()],
+            previous_alias: None,
+        }
+        .to_alias()
+        .unwrap()
+    }
+
+    fn domain(target: &str) -> DomainState {
+        DomainState {
+            running: true,
+            persistent: true,
+            migration: crate::hypervisor::Migration::None,
+            interfaces: vec![DomainInterface {
+                alias: Some("ua-dyniface1".into()),
+                mac: Some(VM_MAC.parse().unwrap()),
+                target_dev: Some(target.into()),
+                link_up: true,
+                model: Some("virtio".into()),
+                queues: None,
+                mtu: Some(1400),
+                xml: String::new(),
+            }],
+            root_ports: RootPorts { total: 4, free: 3 },
+        }
+    }
+
+    fn status(phase: Phase) -> InterfaceStatus {
+        InterfaceStatus {
+            pod_interface_name: Some(POD.into()),
+            ..InterfaceStatus::new("dyniface1", phase)
+        }
+    }
+
+    #[test]
+    fn an_attached_interface_nicplug_plumbed_with_ipv4_is_served() {
+        let links = [pod_link(Some(record(&["169.254.2.5/24"])))];
+        for phase in [Phase::Attached, Phase::Ready] {
+            let (desired, unserved) = desired_servers(
+                &vmi(),
+                &links,
+                Some(&domain(TAP)),
+                &[status(phase)],
+                &|_: &str| Dns::default(),
+            );
+            assert!(unserved.is_empty());
+            let [want] = desired.as_slice() else {
+                panic!("{desired:?}");
+            };
+            assert_eq!(want.tap.as_str(), TAP);
+            assert_eq!(want.lease.client.to_string(), VM_MAC);
+            assert_eq!(want.lease.address.to_string(), "169.254.2.5");
+            assert_eq!(want.lease.hostname.as_deref(), Some("vm1"));
+            assert_eq!(want.server_mac, Mac::locally_administered_from(POD));
+        }
+    }
+
+    #[test]
+    fn no_server_for_l2_kubevirt_or_unattached_interfaces() {
+        let dom = domain(TAP);
+        let l2 = [pod_link(Some(record(&["fe80::1/64"])))];
+        let (desired, unserved) = desired_servers(
+            &vmi(),
+            &l2,
+            Some(&dom),
+            &[status(Phase::Ready)],
+            &|_: &str| Dns::default(),
+        );
+        assert!(desired.is_empty());
+        assert!(unserved[0].1.reason.as_deref().unwrap().contains("no IPv4"));
+
+        // KubeVirt's layout: no nicplug record on the pod link.
+        let kubevirt = [pod_link(None)];
+        let (desired, unserved) = desired_servers(
+            &vmi(),
+            &kubevirt,
+            Some(&dom),
+            &[status(Phase::Ready)],
+            &|_: &str| Dns::default(),
+        );
+        assert!(desired.is_empty());
+        assert!(
+            unserved[0]
+                .1
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("did not plumb")
+        );
+
+        // A device on another tap is not the one nicplug plumbed.
+        let links = [pod_link(Some(record(&["169.254.2.5/24"])))];
+        let other = domain("tapkubevirt");
+        let (desired, _) = desired_servers(
+            &vmi(),
+            &links,
+            Some(&other),
+            &[status(Phase::Ready)],
+            &|_: &str| Dns::default(),
+        );
+        assert!(desired.is_empty());
+
+        for phase in [
+            Phase::Pending,
+            Phase::Plumbed,
+            Phase::Detaching,
+            Phase::Failed,
+        ] {
+            let (desired, unserved) =
+                desired_servers(&vmi(), &links, Some(&dom), &[status(phase)], &|_: &str| {
+                    Dns::default()
+                });
+            assert!(desired.is_empty() && unserved.is_empty(), "{phase:?}");
+        }
+    }
+}
