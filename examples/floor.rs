@@ -124,6 +124,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         mtu,
         queues: None,
         link_up: true,
+        // The floor lets libvirt choose the port, as KubeVirt does.
+        address: None,
     };
     device.validate()?;
     say("plumbed", mono_ns());

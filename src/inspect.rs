@@ -79,7 +79,10 @@ impl PlanReport {
             vmi: format!("{}/{}", vmi.namespace, vmi.name),
             domain: domain.to_string(),
             domain_state: observation.lifecycle,
-            root_ports_free: observation.domain.as_ref().map_or(0, |d| d.root_ports.free),
+            root_ports_free: observation
+                .domain
+                .as_ref()
+                .map_or(0, |d| d.root_ports.free()),
             converged,
             interfaces,
         }

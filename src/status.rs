@@ -92,6 +92,10 @@ pub struct InterfaceStatus {
     pub link_state: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_count: Option<u32>,
+    /// The device's PCI address in the domain (`0000:05:00.0`): the guest's
+    /// predictable NIC name follows it (`enp5s0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_address: Option<String>,
     pub phase: Phase,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -137,6 +141,7 @@ impl InterfaceStatus {
             info_source: None,
             link_state: None,
             queue_count: None,
+            pci_address: None,
             phase,
             message: None,
             pod_interface_seen: None,
@@ -419,6 +424,7 @@ pub fn enrich(status: &mut InterfaceStatus, sources: &Sources<'_>) {
         info.push("domain");
         status.link_state = Some(if device.link_up { "up" } else { "down" }.into());
         status.queue_count = Some(device.queues.unwrap_or(1));
+        status.pci_address = device.pci.map(|a| a.to_string());
         if let Some(mac) = device.mac {
             status.mac = Some(mac.to_string());
         }

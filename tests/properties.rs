@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 
 use nicplug::hypervisor::device_xml::InterfaceDevice;
-use nicplug::hypervisor::domain_xml::parse_devices;
+use nicplug::hypervisor::domain_xml::{PciAddress, RootPortIndex, parse_devices};
 use nicplug::model::names::PlumbingNames;
 use nicplug::model::network_status;
 use nicplug::model::vmi::Vmi;
@@ -171,8 +171,10 @@ proptest! {
         mtu in 68u32..=65535,
         queues in proptest::option::of(1u32..=256),
         link_up: bool,
+        bus in proptest::option::of(0u8..=255),
     ) {
-        let device = InterfaceDevice { network, tap, model, mac, mtu, queues, link_up };
+        let address = bus.map(|b| PciAddress::on_root_port(RootPortIndex(b)));
+        let device = InterfaceDevice { network, tap, model, mac, mtu, queues, link_up, address };
         let xml = device.to_xml().unwrap();
         prop_assert_eq!(raw_control(&xml), None);
         let mut reader = quick_xml::Reader::from_str(&xml);
@@ -194,6 +196,7 @@ proptest! {
         prop_assert_eq!(iface.mtu, Some(device.mtu));
         prop_assert_eq!(iface.link_up, device.link_up);
         prop_assert_eq!(iface.queues, device.queues.filter(|q| *q > 1));
+        prop_assert_eq!(iface.pci, device.address);
     }
 
     /// Any text: an answer, never a panic.

@@ -509,6 +509,8 @@ fn device_template(network: &str) -> String {
         mtu: 9999,
         queues: None,
         link_up: true,
+        // The baselines let libvirt choose the port, as KubeVirt does.
+        address: None,
     }
     .to_xml()
     .unwrap();

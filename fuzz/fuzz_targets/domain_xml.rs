@@ -12,7 +12,15 @@ fuzz_target!(|data: &[u8]| {
     let Ok(devices) = parse_devices(text) else {
         return;
     };
-    assert!(devices.root_ports.free <= devices.root_ports.total);
+    assert!(devices.root_ports.free() <= devices.root_ports.total());
+    // Root ports come ordered by index, each once.
+    assert!(
+        devices
+            .root_ports
+            .ports
+            .windows(2)
+            .all(|w| w[0].index < w[1].index)
+    );
     for iface in &devices.interfaces {
         for up in [true, false] {
             if let Ok(xml) = with_link_state(&iface.xml, up) {

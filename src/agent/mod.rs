@@ -654,7 +654,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         )
         .await?;
         self.domain_seen = Some((domain_name.clone(), lifecycle));
-        if domain.as_ref().is_some_and(|d| d.root_ports.free > 0) {
+        if domain.as_ref().is_some_and(|d| d.root_ports.free() > 0) {
             // A port freed (or was free all along): who waits for one may try now.
             for tracked in self.tracked.values_mut().filter(|t| t.needs_root_port) {
                 tracked.retry_at = None;

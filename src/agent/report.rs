@@ -221,7 +221,7 @@ impl Reporter {
             let counts: Vec<(String, i64)> = counts.into_iter().collect();
             metrics.set_interfaces_per_phase(&counts);
             metrics.set_libvirt_reconnects(reconnects);
-            metrics.set_root_ports_free(domain.map(|d| d.root_ports.free));
+            metrics.set_root_ports_free(domain.map(|d| d.root_ports.free()));
         }
         self.publish(StatusDocument {
             agent: self.agent_section(),

@@ -217,10 +217,7 @@ impl FakeHyp {
                 persistent: true,
                 migration: Migration::None,
                 interfaces: vec![],
-                root_ports: RootPorts {
-                    total: 4,
-                    free: free_ports,
-                },
+                root_ports: RootPorts::with_free(4, free_ports),
             }),
             modes: Mutex::default(),
             detach_mode: Mutex::new(DetachMode::Works),
@@ -309,7 +306,12 @@ impl Hypervisor for FakeHyp {
             let device = parse_devices(&xml).unwrap().interfaces.remove(0);
             let mut domain = self.domain.lock().unwrap();
             domain.interfaces.push(device);
-            domain.root_ports.free -= 1;
+            let DomainState {
+                interfaces,
+                root_ports,
+                ..
+            } = &mut *domain;
+            root_ports.refresh(interfaces);
         }
         match mode {
             AttachMode::Works => Ok(()),
@@ -342,7 +344,12 @@ impl Hypervisor for FakeHyp {
                 domain
                     .interfaces
                     .retain(|i| i.alias.as_deref() != Some(alias));
-                domain.root_ports.free += 1;
+                let DomainState {
+                    interfaces,
+                    root_ports,
+                    ..
+                } = &mut *domain;
+                root_ports.refresh(interfaces);
                 Ok(())
             }
             DetachMode::Ignored => Err(HypervisorError::DetachTimeout {
@@ -1405,6 +1412,7 @@ async fn a_target_is_ready_once_every_interface_is_prepared() {
             mtu: 1500,
             queues: None,
             link_up: true,
+            address: None,
         };
         let xml = format!(
             "<domain><devices>{}</devices></domain>",
@@ -1468,4 +1476,43 @@ async fn a_detach_that_meets_a_migration_changes_nothing_and_waits() {
     agent.reconcile(&absent).await.unwrap();
     assert_eq!(phases(&agent)[0].1, Phase::Detached);
     assert!(agent.hyp.device("ua-blue").is_none());
+}
+
+/// After the guest confirmed a device, it is asked twice more a little
+/// later (a real guest's udev renames the NIC shortly after it appeared),
+/// then only at the refresh period again.
+#[tokio::test(start_paused = true)]
+async fn the_guest_is_asked_again_for_the_name_udev_gives_a_new_nic() {
+    use super::guest::{GuestPoller, RENAME_LOOKS};
+    let hyp = FakeHyp::new(4);
+    let domain = hyp.domain.lock().unwrap().clone();
+    let mut poller = GuestPoller::new(Duration::from_secs(600));
+    assert!(poller.refresh(&hyp, "d", Some(&domain)).await, "first look");
+    poller.expect_device();
+    tokio::time::advance(Duration::from_millis(20)).await;
+    assert!(poller.refresh(&hyp, "d", Some(&domain)).await, "fast poll");
+    // The guest reported the MAC: nothing waits any more.
+    poller.settle(false);
+    let confirmed = tokio::time::Instant::now();
+    let mut last = Duration::ZERO;
+    for look in RENAME_LOOKS {
+        assert_eq!(poller.next_wake(), Some(confirmed + look));
+        assert!(
+            !poller.refresh(&hyp, "d", Some(&domain)).await,
+            "not due yet"
+        );
+        tokio::time::advance(look - last).await;
+        last = look;
+        assert!(
+            poller.refresh(&hyp, "d", Some(&domain)).await,
+            "the look at {look:?}"
+        );
+        poller.settle(false);
+    }
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert!(
+        !poller.refresh(&hyp, "d", Some(&domain)).await,
+        "no more looks"
+    );
+    assert!(poller.next_wake().unwrap() > tokio::time::Instant::now() + Duration::from_secs(60));
 }

@@ -143,9 +143,10 @@ mod tests {
                 model: Some("virtio".into()),
                 queues: None,
                 mtu: Some(1400),
+                pci: None,
                 xml: String::new(),
             }],
-            root_ports: RootPorts { total: 4, free: 3 },
+            root_ports: RootPorts::with_free(4, 3),
         }
     }
 

@@ -4,6 +4,7 @@
 
 use std::fmt::Write;
 
+use super::domain_xml::PciAddress;
 use crate::model::{IfName, Mac};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -27,6 +28,8 @@ pub struct InterfaceDevice {
     /// `Some(n)` with n > 1 adds `<driver name='vhost' queues='n'/>`.
     pub queues: Option<u32>,
     pub link_up: bool,
+    /// Where the device goes; `None` lets libvirt choose (what KubeVirt does).
+    pub address: Option<PciAddress>,
 }
 
 impl InterfaceDevice {
@@ -86,6 +89,13 @@ impl InterfaceDevice {
         if !self.link_up {
             xml.push_str("  <link state='down'/>\n");
         }
+        if let Some(a) = self.address {
+            let _ = writeln!(
+                xml,
+                "  <address type='pci' domain='{:#06x}' bus='{:#04x}' slot='{:#04x}' function='{:#x}'/>",
+                a.domain, a.bus, a.slot, a.function
+            );
+        }
         xml.push_str("</interface>\n");
         Ok(xml)
     }
@@ -104,6 +114,7 @@ mod tests {
             mtu: 1400,
             queues: None,
             link_up: true,
+            address: None,
         }
     }
 
@@ -127,6 +138,26 @@ mod tests {
         assert_eq!(
             dev.to_xml().unwrap(),
             include_str!("../../fixtures/device/multiqueue-down-e1000e.xml")
+        );
+    }
+
+    #[test]
+    fn golden_placed_on_a_root_port() {
+        let dev = InterfaceDevice {
+            address: Some(PciAddress::on_root_port(
+                crate::hypervisor::domain_xml::RootPortIndex(0x0b),
+            )),
+            ..device()
+        };
+        let xml = dev.to_xml().unwrap();
+        assert_eq!(xml, include_str!("../../fixtures/device/placed.xml"));
+        let parsed = crate::hypervisor::domain_xml::parse_devices(&format!(
+            "<domain><devices>{xml}</devices></domain>"
+        ))
+        .unwrap();
+        assert_eq!(
+            parsed.interfaces[0].pci.unwrap().to_string(),
+            "0000:0b:00.0"
         );
     }
 

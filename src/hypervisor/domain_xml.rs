@@ -3,6 +3,7 @@
 //! modelled, and nicplug never writes a domain back (only device fragments).
 
 use std::collections::BTreeSet;
+use std::fmt;
 
 use quick_xml::Reader;
 use quick_xml::XmlVersion;
@@ -58,16 +59,129 @@ pub struct DomainInterface {
     pub queues: Option<u32>,
     /// `<mtu size>`.
     pub mtu: Option<u32>,
+    /// `<address type='pci'>`: where the device sits (its bus is the root
+    /// port's index when it is on a root port).
+    pub pci: Option<PciAddress>,
     /// The element's own XML, as libvirt printed it: the base for a live
     /// update of the device (libvirt wants the whole device back).
     pub xml: String,
 }
 
-/// Hot-pluggable PCIe root ports of the domain.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// A PCI address, `domain:bus:slot.function`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PciAddress {
+    pub domain: u16,
+    pub bus: u8,
+    pub slot: u8,
+    pub function: u8,
+}
+
+impl PciAddress {
+    /// The one device slot of the bus a PCIe root port provides.
+    pub fn on_root_port(index: RootPortIndex) -> Self {
+        Self {
+            domain: 0,
+            bus: index.0,
+            slot: 0,
+            function: 0,
+        }
+    }
+}
+
+impl fmt::Display for PciAddress {
+    /// The form Linux uses in sysfs (`0000:05:00.0`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:04x}:{:02x}:{:02x}.{:x}",
+            self.domain, self.bus, self.slot, self.function
+        )
+    }
+}
+
+/// A `pcie-root-port` controller's index: the number of the bus it provides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RootPortIndex(pub u8);
+
+impl fmt::Display for RootPortIndex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// What sits on a root port's bus.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Occupant {
+    Free,
+    /// A network interface, with its alias if it has one.
+    Interface {
+        alias: Option<String>,
+    },
+    /// Any other device (disk, controller, host device, ...).
+    OtherDevice,
+}
+
+/// One hot-pluggable `pcie-root-port` of the domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootPort {
+    pub index: RootPortIndex,
+    pub occupant: Occupant,
+}
+
+/// Hot-pluggable PCIe root ports of the domain (`hotplug='off'` ones are
+/// left out), ordered by index.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RootPorts {
-    pub total: usize,
-    pub free: usize,
+    pub ports: Vec<RootPort>,
+}
+
+impl RootPorts {
+    pub fn total(&self) -> usize {
+        self.ports.len()
+    }
+
+    /// Ports nothing sits on.
+    pub fn free(&self) -> usize {
+        self.ports
+            .iter()
+            .filter(|p| p.occupant == Occupant::Free)
+            .count()
+    }
+
+    /// Test fixture: ports 1..=total, of which the first `total - free`
+    /// hold some other device.
+    #[cfg(test)]
+    pub fn with_free(total: usize, free: usize) -> Self {
+        let ports = (1..=total)
+            .map(|i| RootPort {
+                index: RootPortIndex(i as u8),
+                occupant: if i <= total - free {
+                    Occupant::OtherDevice
+                } else {
+                    Occupant::Free
+                },
+            })
+            .collect();
+        Self { ports }
+    }
+
+    /// Test fixture: the occupants after `interfaces` changed (a fake
+    /// hypervisor's attach or detach).
+    #[cfg(test)]
+    pub fn refresh(&mut self, interfaces: &[DomainInterface]) {
+        for port in &mut self.ports {
+            let interface = interfaces
+                .iter()
+                .find(|i| i.pci.is_some_and(|a| a.bus == port.index.0));
+            port.occupant = match (interface, &port.occupant) {
+                (Some(i), _) => Occupant::Interface {
+                    alias: i.alias.clone(),
+                },
+                (None, Occupant::OtherDevice) => Occupant::OtherDevice,
+                (None, _) => Occupant::Free,
+            };
+        }
+    }
 }
 
 /// What nicplug knows of the domain.
@@ -201,7 +315,8 @@ struct DeviceScan {
     /// (index, hotplug allowed) of the pcie-root-port controllers.
     ports: Vec<(u32, bool)>,
     port: Option<(u32, bool)>,
-    used_buses: BTreeSet<u32>,
+    /// Buses that a device other than an `<interface>` sits on.
+    other_buses: BTreeSet<u32>,
     in_dac_label: bool,
     dac_owner: Option<Owner>,
 }
@@ -252,10 +367,23 @@ impl DeviceScan {
 
     fn device_child(&mut self, name: &str, e: &BytesStart<'_>) -> Result<(), DomainXmlError> {
         if name == "address" && attr(e, "address", "type")?.as_deref() == Some("pci") {
-            for (part, max) in PCI_LIMITS {
-                let value = number(e, "address", part, max)?;
-                if part == "bus" {
-                    self.used_buses.extend(value);
+            let mut parts = [0u32; 4];
+            for (value, (part, max)) in parts.iter_mut().zip(PCI_LIMITS) {
+                *value = number(e, "address", part, max)?.unwrap_or(0);
+            }
+            let [domain, bus, slot, function] = parts;
+            match self.interface.as_mut() {
+                Some((iface, _)) if self.path[2] == "interface" => {
+                    // In range: checked against PCI_LIMITS above.
+                    iface.pci = Some(PciAddress {
+                        domain: domain as u16,
+                        bus: bus as u8,
+                        slot: slot as u8,
+                        function: function as u8,
+                    });
+                }
+                _ => {
+                    self.other_buses.insert(bus);
                 }
             }
         }
@@ -287,17 +415,38 @@ impl DeviceScan {
     }
 
     fn finish(self) -> DomainDevices {
-        let hotpluggable: Vec<u32> = self.ports.iter().filter(|p| p.1).map(|p| p.0).collect();
-        let free = hotpluggable
+        let mut hotpluggable: Vec<u8> = self
+            .ports
             .iter()
-            .filter(|index| !self.used_buses.contains(index))
-            .count();
+            .filter(|p| p.1)
+            // The index was read with a limit of 0xff.
+            .map(|p| p.0 as u8)
+            .collect();
+        hotpluggable.sort_unstable();
+        hotpluggable.dedup();
+        let ports = hotpluggable
+            .into_iter()
+            .map(|index| {
+                let interface = self
+                    .interfaces
+                    .iter()
+                    .find(|i| i.pci.is_some_and(|a| a.domain == 0 && a.bus == index));
+                let occupant = match interface {
+                    Some(i) => Occupant::Interface {
+                        alias: i.alias.clone(),
+                    },
+                    None if self.other_buses.contains(&u32::from(index)) => Occupant::OtherDevice,
+                    None => Occupant::Free,
+                };
+                RootPort {
+                    index: RootPortIndex(index),
+                    occupant,
+                }
+            })
+            .collect();
         DomainDevices {
             interfaces: self.interfaces,
-            root_ports: RootPorts {
-                total: hotpluggable.len(),
-                free,
-            },
+            root_ports: RootPorts { ports },
             dac_owner: self.dac_owner,
         }
     }
@@ -461,7 +610,27 @@ mod tests {
         assert_eq!(second.mtu, Some(1400));
         assert_eq!(second.model.as_deref(), Some("virtio-non-transitional"));
         // 5 root ports, one with hotplug off; buses 1 and 2 are taken by the NICs, 3 by the serial controller.
-        assert_eq!(devices.root_ports, RootPorts { total: 4, free: 1 });
+        assert_eq!(devices.root_ports.total(), 4);
+        assert_eq!(devices.root_ports.free(), 1);
+        let occupants: Vec<(u8, &Occupant)> = devices
+            .root_ports
+            .ports
+            .iter()
+            .map(|p| (p.index.0, &p.occupant))
+            .collect();
+        let iface = |alias: &str| Occupant::Interface {
+            alias: Some(alias.into()),
+        };
+        assert_eq!(
+            occupants,
+            [
+                (1, &iface("ua-default")),
+                (2, &iface("ua-dyniface1")),
+                (3, &Occupant::OtherDevice),
+                (4, &Occupant::Free)
+            ]
+        );
+        assert_eq!(second.pci.unwrap().to_string(), "0000:02:00.0");
         assert_eq!(devices.dac_owner, Some(Owner { uid: 107, gid: 107 }));
     }
 

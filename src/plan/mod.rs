@@ -9,6 +9,8 @@
 
 use std::fmt;
 
+pub mod placement;
+
 use serde::{Deserialize, Serialize};
 
 use crate::hypervisor::{DomainInterface, DomainState, GuestView, InterfaceDevice, Migration};
@@ -17,6 +19,7 @@ use crate::model::record::RecordError;
 use crate::model::vmi::{NetworkSource, PodIfaceScheme, SpecInterface, SpecState, Vmi};
 use crate::model::{IfName, IpCidr, Mac, Owner, PlumbingNames, PodLinkRecord, PodRoute};
 use crate::netns::{Link, LinkKind, TapSpec};
+use placement::PortPool;
 
 /// Where an interface stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -293,7 +296,7 @@ fn hold(mut plan: InterfacePlan, domain: &DomainState, why: &str) -> InterfacePl
 fn plan_here(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
     let scheme = pod_iface_scheme(vmi, observed.links);
     let mut budget = Budget {
-        free_ports: observed.domain.map_or(0, |d| d.root_ports.free),
+        pool: port_pool(vmi, observed.domain),
         macs: observed
             .domain
             .map(|d| d.interfaces.iter().filter_map(|i| i.mac).collect())
@@ -317,10 +320,57 @@ fn is_primary(spec: &SpecInterface) -> bool {
     )
 }
 
+/// The position of a hot-pluggable interface among the spec's hot-pluggable
+/// interfaces (absent ones count): what its preferred root port follows.
+fn hotplug_position(vmi: &Vmi, name: &str) -> Option<usize> {
+    vmi.interfaces
+        .iter()
+        .filter(|i| i.is_hotpluggable())
+        .position(|i| i.name == name)
+}
+
+/// The root ports hot-plugged interfaces are placed on (see
+/// [`placement`]): free ones and those of secondary networks' devices
+/// (`ua-<name>` of no primary or other-binding interface of the spec), with
+/// the preferred ports of interfaces not on them kept for them.
+fn port_pool(vmi: &Vmi, domain: Option<&DomainState>) -> PortPool {
+    let Some(domain) = domain else {
+        return PortPool::new(&Default::default(), |_| false);
+    };
+    let secondary = |alias: Option<&str>| {
+        alias
+            .and_then(|a| a.strip_prefix("ua-"))
+            .is_some_and(|network| {
+                !vmi.interfaces
+                    .iter()
+                    .any(|i| i.name == network && !i.is_hotpluggable())
+            })
+    };
+    let mut pool = PortPool::new(&domain.root_ports, secondary);
+    // Not on its preferred port: no device yet (or none any more), or one
+    // somewhere else, which may come back to it after an unplug.
+    let elsewhere: Vec<usize> = vmi
+        .interfaces
+        .iter()
+        .filter(|i| i.is_hotpluggable())
+        .enumerate()
+        .filter(|(k, i)| {
+            let bus = domain
+                .interface_by_alias(&i.alias())
+                .and_then(|d| d.pci)
+                .map(|a| a.bus);
+            bus.is_none() || bus != pool.preferred(*k).map(|p| p.0)
+        })
+        .map(|(k, _)| k)
+        .collect();
+    pool.reserve(elsewhere);
+    pool
+}
+
 /// What the plugs of one pass share and use up, in spec order.
 struct Budget {
     /// Root ports neither in use nor taken by an earlier plug of this pass.
-    free_ports: usize,
+    pool: PortPool,
     /// MACs of the domain's devices and of earlier plugs of this pass.
     macs: Vec<Mac>,
 }
@@ -403,6 +453,9 @@ fn plan_interface(
                 return repair.apply_to(plan);
             }
             plan.steps.extend(clear_late_addresses(pod, &names));
+        }
+        if let Some(message) = off_preferred_port(vmi, spec, device, domain) {
+            plan.message = Some(message);
         }
         let want_up = spec.state != SpecState::Down;
         if device.link_up != want_up {
@@ -527,6 +580,34 @@ impl PrepareCase<'_> {
             }
             Err(refusal) => refuse(&case, refusal, plan),
         }
+    }
+}
+
+/// Says so when an attached device is not on its preferred root port (its
+/// port was taken when it was plugged, or someone else attached it there):
+/// it stays there, devices are never moved.
+fn off_preferred_port(
+    vmi: &Vmi,
+    spec: &SpecInterface,
+    device: &DomainInterface,
+    domain: &DomainState,
+) -> Option<String> {
+    let bus = device.pci?.bus;
+    let port = domain
+        .root_ports
+        .ports
+        .iter()
+        .find(|p| p.index.0 == bus)?
+        .index;
+    let preferred = port_pool(vmi, Some(domain)).preferred(hotplug_position(vmi, &spec.name)?);
+    match preferred {
+        Some(preferred) if preferred == port => None,
+        Some(preferred) => Some(format!(
+            "on root port {port}, not its preferred port {preferred}"
+        )),
+        None => Some(format!(
+            "on root port {port}: the spec has more hot-plug interfaces than the domain has hot-plug root ports"
+        )),
     }
 }
 
@@ -959,18 +1040,27 @@ impl PlugCase<'_> {
             mtu: record.mtu,
             queues: self.vmi.multiqueue.filter(|_| self.spec.model == "virtio"),
             link_up: self.spec.state != SpecState::Down,
+            address: None,
         };
         device
             .validate()
             .map_err(|e| Refusal::Fail(e.to_string()))?;
-        if budget.free_ports == 0 {
-            // Counted as this pass leaves them: in use, or taken by an earlier plug.
-            let total = self.domain.root_ports.total;
+        // Free ports are counted as this pass leaves them: in use, or taken
+        // by an earlier plug.
+        let position = hotplug_position(self.vmi, &self.spec.name).unwrap_or(usize::MAX);
+        let Some(placement) = budget.pool.take(position) else {
+            let total = self.domain.root_ports.total();
             return Err(Refusal::NoRootPort(format!(
                 "no free PCIe root port for hotplug: {total} of {total} in use"
             )));
+        };
+        let device = InterfaceDevice {
+            address: Some(placement.address()),
+            ..device
+        };
+        if placement.fallback.is_some() {
+            plan.message = Some(placement.to_string());
         }
-        budget.free_ports -= 1;
         budget.macs.push(vm_mac);
         Ok(Checked {
             record,
@@ -1000,6 +1090,8 @@ impl PlugCase<'_> {
             mtu: record.mtu,
             queues: device.map_or(spec_queues, |d| d.queues),
             link_up: self.spec.state != SpecState::Down,
+            // Nothing is attached here: the arriving device keeps its address.
+            address: None,
         };
         device
             .validate()

@@ -1,5 +1,7 @@
 use super::*;
-use crate::hypervisor::domain_xml::{DomainInterface, RootPorts};
+use crate::hypervisor::domain_xml::{
+    DomainInterface, Occupant, PciAddress, RootPortIndex, RootPorts,
+};
 use crate::model::IpCidr;
 use crate::netns::TapInfo;
 
@@ -46,10 +48,7 @@ fn domain(ports: usize, interfaces: Vec<DomainInterface>) -> DomainState {
         persistent: true,
         migration: Migration::None,
         interfaces,
-        root_ports: RootPorts {
-            total: 4,
-            free: ports,
-        },
+        root_ports: RootPorts::with_free(4, ports),
     }
 }
 
@@ -1011,4 +1010,186 @@ fn beside_kubevirt_a_target_prepares_nothing_and_adopts_kubevirts_layout() {
     };
     let p = &plan(&vmi(""), &view)[1];
     assert_eq!((p.phase, p.steps.len()), (Phase::Prepared, 0), "{p:?}");
+}
+
+/// A VMI with the pod network first, then bridge networks `names` (`name=absent`
+/// marks one absent).
+fn vmi_with(names: &[&str]) -> Vmi {
+    let ifaces: Vec<String> = names
+        .iter()
+        .map(|n| match n.split_once('=') {
+            Some((n, state)) => format!(r#"{{"name":"{n}","bridge":{{}},"state":"{state}"}}"#),
+            None => format!(r#"{{"name":"{n}","bridge":{{}}}}"#),
+        })
+        .collect();
+    let nets: Vec<String> = names
+        .iter()
+        .map(|n| n.split('=').next().unwrap())
+        .map(|n| format!(r#"{{"name":"{n}","multus":{{"networkName":"{n}"}}}}"#))
+        .collect();
+    Vmi::parse(&format!(
+        r#"{{"kind":"VirtualMachineInstance","metadata":{{"name":"vm","namespace":"ns"}},"spec":{{"domain":{{"devices":{{"interfaces":[
+            {{"name":"default","masquerade":{{}}}},{}]}}}},
+            "networks":[{{"name":"default","pod":{{}}}},{}]}}}}"#,
+        ifaces.join(","),
+        nets.join(",")
+    ))
+    .unwrap()
+}
+
+/// A fresh pod link (CNI just made it) for each network.
+fn fresh_links(names: &[&str]) -> Vec<Link> {
+    let mut links = vec![eth0()];
+    for (i, n) in names.iter().enumerate() {
+        let index = 20 + i as u32;
+        links.push(Link {
+            index,
+            name: crate::model::names::hashed_pod_iface(n),
+            mac: Some(Mac::from_bytes([0x0a, 0x58, 0, 0, 1, index as u8])),
+            ..fresh_pod_link()
+        });
+    }
+    links
+}
+
+/// Root ports `1..=n`: the primary NIC on port 1, the rest free.
+fn domain_with_primary(ports: u8, mut devices: Vec<DomainInterface>) -> DomainState {
+    devices.insert(0, on_port("default", 1));
+    let mut dom = DomainState {
+        running: true,
+        persistent: true,
+        migration: Migration::None,
+        interfaces: devices,
+        root_ports: RootPorts::with_free(ports as usize, ports as usize),
+    };
+    let DomainState {
+        interfaces,
+        root_ports,
+        ..
+    } = &mut dom;
+    root_ports.refresh(interfaces);
+    dom
+}
+
+/// A device `ua-<network>` on root port `bus`.
+fn on_port(network: &str, bus: u8) -> DomainInterface {
+    DomainInterface {
+        alias: Some(format!("ua-{network}")),
+        mac: Some(Mac::from_bytes([0x02, 0, 0, 0, 9, bus])),
+        link_up: true,
+        pci: Some(PciAddress::on_root_port(RootPortIndex(bus))),
+        ..Default::default()
+    }
+}
+
+/// The root port each plan attaches its device on.
+fn attach_buses(plans: &[InterfacePlan]) -> Vec<(String, u8)> {
+    plans
+        .iter()
+        .filter_map(|p| {
+            p.steps.iter().find_map(|s| match s {
+                Step::Attach { device, .. } => Some((p.name.clone(), device.address?.bus)),
+                _ => None,
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn interfaces_are_placed_on_root_ports_by_spec_position() {
+    let nets = ["red", "green", "blue"];
+    let vmi = vmi_with(&nets);
+    let links = fresh_links(&nets);
+    // Port 1 holds the primary NIC, port 2 a disk: the pool is 3, 4, 5, 6.
+    let mut dom = domain_with_primary(6, vec![]);
+    dom.root_ports.ports[1].occupant = Occupant::OtherDevice;
+    let plans = plan(&vmi, &observed(&links, Some(&dom)));
+    assert_eq!(
+        attach_buses(&plans),
+        [("red".into(), 3), ("green".into(), 4), ("blue".into(), 5)]
+    );
+    assert!(plans.iter().all(|p| p.message.is_none()), "{plans:?}");
+    // The same spec and domain: the same addresses, whatever else is plugged.
+    let only_blue = [links[0].clone(), links[3].clone()];
+    let plans = plan(&vmi, &observed(&only_blue, Some(&dom)));
+    assert_eq!(attach_buses(&plans), [("blue".into(), 5)]);
+}
+
+#[test]
+fn a_new_network_does_not_take_the_port_of_an_unplugged_one() {
+    // green was on port 3 and is absent now; a fourth network arrives.
+    let vmi = vmi_with(&["red", "green=absent", "blue", "white"]);
+    let links = fresh_links(&["red", "green", "blue", "white"]);
+    let links = [links[0].clone(), links[4].clone()];
+    let dom = domain_with_primary(5, vec![on_port("red", 2), on_port("blue", 4)]);
+    let plans = plan(&vmi, &observed(&links, Some(&dom)));
+    assert_eq!(attach_buses(&plans), [("white".into(), 5)]);
+    // green comes back: its port is free, it gets it again.
+    let vmi = vmi_with(&["red", "green", "blue", "white"]);
+    let links = fresh_links(&["red", "green", "blue", "white"]);
+    let links = [links[0].clone(), links[2].clone()];
+    let dom = domain_with_primary(
+        5,
+        vec![on_port("red", 2), on_port("blue", 4), on_port("white", 5)],
+    );
+    let plans = plan(&vmi, &observed(&links, Some(&dom)));
+    assert_eq!(attach_buses(&plans), [("green".into(), 3)]);
+    assert!(plans.iter().all(|p| p.message.is_none()), "{plans:?}");
+}
+
+#[test]
+fn a_taken_preferred_port_falls_back_and_says_so() {
+    // Another agent (or KubeVirt) put green on red's port 2.
+    let vmi = vmi_with(&["red", "green", "blue"]);
+    let links = fresh_links(&["red"]);
+    let dom = domain_with_primary(5, vec![on_port("green", 2)]);
+    let plans = plan(&vmi, &observed(&links, Some(&dom)));
+    // Port 3 is green's preferred port (free) and port 4 blue's: red gets
+    // port 5, which nobody prefers.
+    assert_eq!(attach_buses(&plans), [("red".into(), 5)]);
+    let red = plans.iter().find(|p| p.name == "red").unwrap();
+    assert_eq!(red.phase, Phase::Attached);
+    assert_eq!(
+        red.message.as_deref(),
+        Some("placed on root port 5: preferred port 2 is taken")
+    );
+    // Green stays where it is, and says it is not on its preferred port.
+    let green = plans.iter().find(|p| p.name == "green").unwrap();
+    assert!(green.steps.is_empty(), "{green:?}");
+    assert_eq!(
+        green.message.as_deref(),
+        Some("on root port 2, not its preferred port 3")
+    );
+}
+
+#[test]
+fn more_networks_than_ports_take_what_is_free_then_fail_clearly() {
+    let nets = ["a", "b", "c"];
+    let vmi = vmi_with(&nets);
+    let links = fresh_links(&nets);
+    // Ports 2 and 3 free: a and b get them, c has none.
+    let dom = domain_with_primary(3, vec![]);
+    let plans = plan(&vmi, &observed(&links, Some(&dom)));
+    assert_eq!(attach_buses(&plans), [("a".into(), 2), ("b".into(), 3)]);
+    let c = plans.iter().find(|p| p.name == "c").unwrap();
+    assert_eq!(c.phase, Phase::Failed);
+    assert!(c.needs_root_port);
+    assert_eq!(
+        c.message.as_deref(),
+        Some("no free PCIe root port for hotplug: 3 of 3 in use")
+    );
+    // a is absent and unplugged: c is beyond the pool and takes a's port
+    // (the only free one), saying why.
+    let vmi = vmi_with(&["a=absent", "b", "c"]);
+    let links = [links[0].clone(), links[3].clone()];
+    let dom = domain_with_primary(3, vec![on_port("b", 3)]);
+    let plans = plan(&vmi, &observed(&links, Some(&dom)));
+    assert_eq!(attach_buses(&plans), [("c".into(), 2)]);
+    let c = plans.iter().find(|p| p.name == "c").unwrap();
+    assert_eq!(
+        c.message.as_deref(),
+        Some(
+            "placed on root port 2: it is hot-plug interface 3 of the spec, the domain has 2 hot-plug root ports"
+        )
+    );
 }

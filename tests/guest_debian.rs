@@ -1,0 +1,194 @@
+//! End-to-end on the rig with a real distribution guest (`Guest::Debian`:
+//! debootstrapped Debian with systemd, udev, systemd-networkd and
+//! qemu-guest-agent, `scripts/build-guest-debian`): what a real guest does
+//! with a NIC nicplug hot-plugs, with no action inside the guest: its
+//! predictable name from nicplug's placement, and its address from nicplug's
+//! DHCP server through systemd-networkd. One boot (the slowest rig of the
+//! suite); needs root, see docs/testing.md.
+
+mod e2e;
+mod support;
+
+use std::time::{Duration, Instant};
+
+use e2e::*;
+use support::{CniNet, Guest, Rig, RigOptions};
+
+const PLUG: Duration = Duration::from_secs(60);
+
+fn debian_rig() -> Rig {
+    let rig = Rig::start(RigOptions {
+        guest: Guest::Debian,
+        ..RigOptions::default()
+    });
+    eprintln!(
+        "timing: Debian guest boot to a connected guest agent {:?}",
+        rig.boot_to_agent.get()
+    );
+    rig
+}
+
+/// Waits until the guest reports `mac` under the name `want` (udev renames
+/// the kernel's `eth<N>` shortly after the device appears); returns how long
+/// that took.
+fn wait_guest_name(rig: &Rig, mac: &str, want: &str) -> Duration {
+    let t0 = Instant::now();
+    let mut last = None;
+    while t0.elapsed() < PLUG {
+        if let Ok(ifaces) = rig.try_guest_interfaces()
+            && let Some(iface) = ifaces.into_iter().find(|i| i.mac == mac)
+        {
+            if iface.name == want {
+                return t0.elapsed();
+            }
+            last = Some(iface.name);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "the guest names {mac} {last:?}, not {want}, after {PLUG:?}\n--- console ---\n{}",
+        rig.console_tail(30)
+    );
+}
+
+/// Waits until the guest reports `address` on the NIC with `mac`.
+fn wait_guest_address(rig: &Rig, mac: &str, address: &str) {
+    let t0 = Instant::now();
+    loop {
+        let has = rig
+            .try_guest_interfaces()
+            .ok()
+            .and_then(|ifaces| ifaces.into_iter().find(|i| i.mac == mac))
+            .is_some_and(|i| i.has_ip(address));
+        if has {
+            return;
+        }
+        assert!(
+            t0.elapsed() < PLUG,
+            "the guest never got {address} on {mac}\n--- console ---\n{}",
+            rig.console_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What systemd-networkd says of link `name`: its state file, which names
+/// the `.network` file it applied (empty while networkd has not written one).
+fn networkd_link_state(rig: &Rig, name: &str) -> String {
+    let (_, out) = rig.guest_exec(&[
+        "/bin/sh",
+        "-c",
+        &format!("cat /run/systemd/netif/links/$(cat /sys/class/net/{name}/ifindex) 2>/dev/null"),
+    ]);
+    out
+}
+
+#[test]
+fn debian_names_hot_plugged_nics_by_their_placement() {
+    if !support::require_root() {
+        return;
+    }
+    let rig = debian_rig();
+    let (code, out) = rig.guest_exec(&["/bin/sh", "-c", "ls /sys/class/net"]);
+    assert_eq!(code, 0);
+    rig.log(&format!("guest links before any plug: {}", out.trim()));
+    // What systemd still does when the agent answers (for docs/testing.md).
+    let (_, jobs) = rig.guest_exec(&["/bin/sh", "-c", "systemctl list-jobs 2>&1"]);
+    eprintln!("guest: systemd jobs when the agent first answers:\n{jobs}");
+
+    let mut nicplug = Nicplug::new(&rig, &[]);
+    // No periodic guest refresh within the test: the udev name must reach
+    // the status through the look nicplug takes after the confirmation.
+    nicplug.args = vec!["--guest-refresh".into(), "600s".into()];
+    nicplug.start();
+    // Three networks in the spec; the pod interfaces of the first and the
+    // third appear (the second's never does): they go on root ports 1 and 3,
+    // so the guest calls them enp1s0 and enp3s0.
+    let spec = ["red", "green", "blue"];
+    nicplug.set_spec(&spec);
+    let red_net = CniNet::new(50);
+    let blue_net = CniNet::new(52);
+    let mut macs = Vec::new();
+    for (network, net, port) in [("blue", &blue_net, 3), ("red", &red_net, 1)] {
+        let t0 = Instant::now();
+        let cni = rig.cni_add(net, &pod_iface(network));
+        nicplug.wait_phase(network, "Attached", PLUG);
+        let attached = t0.elapsed();
+        let want = format!("enp{port}s0");
+        let named = wait_guest_name(&rig, &cni.mac, &want);
+        eprintln!(
+            "timing: {network}: pod interface -> Attached {attached:?}, guest reports it as {want} {:?} later",
+            named
+        );
+        let entry = nicplug.entry(network).unwrap();
+        assert_eq!(entry["pciAddress"], format!("0000:{port:02x}:00.0"));
+        // systemd-networkd takes the new NIC with the rig's .network file.
+        let t1 = Instant::now();
+        loop {
+            let state = networkd_link_state(&rig, &want);
+            if state.contains("NETWORK_FILE=/etc/systemd/network/50-dhcp-en.network") {
+                break;
+            }
+            assert!(
+                t1.elapsed() < PLUG,
+                "networkd never configured {want}: {state}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!(
+            "timing: {network}: {want} named -> systemd-networkd applied its .network {:?}",
+            t1.elapsed()
+        );
+        // networkd asks DHCP on its own and gets the pod interface's address
+        // from nicplug's server.
+        let address = cni.ips[0].split('/').next().unwrap().to_string();
+        wait_guest_address(&rig, &cni.mac, &address);
+        eprintln!(
+            "timing: {network}: Attached -> the guest holds its DHCP address {address} {:?}",
+            t0.elapsed() - attached
+        );
+        let dhcp = &nicplug.entry(network).unwrap()["dhcp"];
+        assert_eq!(dhcp["served"], true, "{dhcp}");
+        assert_eq!(dhcp["address"], cni.ips[0], "{dhcp}");
+        assert!(
+            rig.ping_from_node(net, &address),
+            "ping {address} over {want}"
+        );
+        macs.push((network, cni.mac, want));
+    }
+    // The status shows the guest's name once the guest agent reports it:
+    // Ready may come while the NIC is still `eth<N>` (udev renames it a
+    // moment later); nicplug asks the guest once more a little after the
+    // confirmation (`agent::guest::RENAME_LOOKS`).
+    nicplug.wait_phase("red", "Ready", PLUG);
+    let t0 = Instant::now();
+    while nicplug.entry("red").unwrap()["interfaceName"] != "enp1s0" {
+        assert!(
+            t0.elapsed() < PLUG,
+            "status never says enp1s0: {:?}",
+            nicplug.entry("red")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "timing: red Ready -> status interfaceName enp1s0 {:?}",
+        t0.elapsed()
+    );
+
+    // Unplug blue and plug it again: the same port, the same name.
+    nicplug.set_spec_states(&[("red", "up"), ("green", "up"), ("blue", "absent")]);
+    nicplug.wait_phase("blue", "Detached", PLUG);
+    let (_, blue_mac, _) = &macs[0];
+    assert!(rig.wait_guest_mac_gone(blue_mac, PLUG));
+    nicplug.set_spec(&spec);
+    nicplug.wait_phase("blue", "Attached", PLUG);
+    wait_guest_name(&rig, blue_mac, "enp3s0");
+    // Where the boot's time went (kernel vs. userspace).
+    let (_, analyze) = rig.guest_exec(&[
+        "/bin/sh",
+        "-c",
+        "systemd-analyze 2>&1; systemd-analyze blame 2>&1 | head -n 8",
+    ]);
+    eprintln!("guest boot (systemd-analyze):\n{analyze}");
+    assert!(!nicplug.log().contains("ERROR"), "{}", nicplug.log());
+}
