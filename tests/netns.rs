@@ -1185,3 +1185,61 @@ fn routes_cni_made_come_back_byte_for_byte() {
     });
     assert_eq!(raw_routing_state(pod), before);
 }
+
+/// CNI adds a pod link's routes after its addresses, and the record must
+/// hold them: a route added alone (no link or address change with it)
+/// wakes the loop, or nicplug would not record it before the 30 s resync.
+#[test]
+fn a_route_added_alone_wakes_the_loop() {
+    if !require_root() {
+        return;
+    }
+    let ns = TestNs::new("routewake");
+    ns.ip(&["link", "add", "rw0", "type", "bridge"]);
+    ns.ip(&["addr", "add", "169.254.31.2/24", "dev", "rw0"]);
+    ns.ip(&["link", "set", "rw0", "up"]);
+    let ns_name = ns.name.clone();
+    ns.run(move || async move {
+        let events = LinkEvents::subscribe().await.unwrap();
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let task = tokio::spawn(events.run(notify.clone()));
+        // Whatever the setup still queues, then quiet.
+        while tokio::time::timeout(Duration::from_millis(500), notify.notified())
+            .await
+            .is_ok()
+        {}
+        for route in [
+            vec![
+                "route",
+                "add",
+                "169.254.255.7/32",
+                "via",
+                "169.254.31.1",
+                "dev",
+                "rw0",
+            ],
+            vec![
+                "-6",
+                "route",
+                "add",
+                "fe80::7/128",
+                "dev",
+                "rw0",
+                "table",
+                "100",
+            ],
+        ] {
+            let status = tokio::process::Command::new("ip")
+                .args(["-n", &ns_name])
+                .args(&route)
+                .status()
+                .await
+                .unwrap();
+            assert!(status.success(), "ip {route:?}");
+            tokio::time::timeout(Duration::from_secs(5), notify.notified())
+                .await
+                .unwrap_or_else(|_| panic!("no wake-up for ip {route:?}"));
+        }
+        task.abort();
+    });
+}

@@ -1,10 +1,11 @@
-//! Link and address events of the pod network namespace, as reconcile
-//! triggers.
+//! Link, address and route events of the pod network namespace, as
+//! reconcile triggers.
 //!
 //! Protocol, step by step:
 //! 1. [`LinkEvents::subscribe`] opens a NETLINK_ROUTE socket in the calling
-//!    thread's network namespace and binds it to RTNLGRP_LINK,
-//!    RTNLGRP_IPV4_IFADDR and RTNLGRP_IPV6_IFADDR ([`LINK_AND_ADDRESS_EVENTS`];
+//!    thread's network namespace and binds it to RTNLGRP_LINK, the IPv4 and
+//!    IPv6 address and route groups ([`POD_NETNS_EVENTS`]; routes because
+//!    CNI adds them after the addresses, and the record must hold them;
 //!    this module is the one place those groups are named). When it returns,
 //!    the kernel already queues every later event for it.
 //! 2. The caller then does its initial dump (so nothing that happens between
@@ -53,11 +54,14 @@ pub const fn group_mask(groups: &[u32]) -> u32 {
 /// Link events only (what the benchmark's listener needs).
 pub const LINK_EVENTS: u32 = group_mask(&[libc::RTNLGRP_LINK]);
 
-/// Link and IPv4/IPv6 address events: what [`LinkEvents`] subscribes to.
-pub const LINK_AND_ADDRESS_EVENTS: u32 = group_mask(&[
+/// Link and IPv4/IPv6 address and route events: what [`LinkEvents`]
+/// subscribes to.
+pub const POD_NETNS_EVENTS: u32 = group_mask(&[
     libc::RTNLGRP_LINK,
     libc::RTNLGRP_IPV4_IFADDR,
     libc::RTNLGRP_IPV6_IFADDR,
+    libc::RTNLGRP_IPV4_ROUTE,
+    libc::RTNLGRP_IPV6_ROUTE,
 ]);
 
 const NLMSG_NOOP: u16 = 1;
@@ -109,7 +113,7 @@ impl Overflows {
     }
 }
 
-/// A subscription to link and address events of one network namespace.
+/// A subscription to link, address and route events of one network namespace.
 pub struct LinkEvents {
     socket: AsyncFd<Socket>,
     overflows: Overflows,
@@ -133,7 +137,7 @@ impl LinkEvents {
     pub async fn subscribe_with(options: SubscribeOptions) -> Result<LinkEvents, NetnsError> {
         let mut socket = Socket::new(NETLINK_ROUTE).map_err(NetnsError::Socket)?;
         socket
-            .bind(&SocketAddr::new(0, LINK_AND_ADDRESS_EVENTS))
+            .bind(&SocketAddr::new(0, POD_NETNS_EVENTS))
             .map_err(NetnsError::Socket)?;
         // A bigger queue makes ENOBUFS rarer; failing to get it is harmless.
         if let Err(e) = socket.set_rx_buf_sz(options.receive_buffer) {
@@ -252,7 +256,7 @@ mod tests {
     fn group_masks_match_linux_rtnetlink_h() {
         // RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
         assert_eq!(LINK_EVENTS, 0x1);
-        assert_eq!(LINK_AND_ADDRESS_EVENTS, 0x1 | 0x10 | 0x100);
+        assert_eq!(POD_NETNS_EVENTS, 0x1 | 0x10 | 0x40 | 0x100 | 0x400);
     }
 
     #[test]
