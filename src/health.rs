@@ -14,24 +14,32 @@ pub enum Part {
     Netlink,
     /// A valid VMI spec has been read.
     Spec,
+    /// On a migration target (the domain absent or arriving): every spec
+    /// interface's plumbing is prepared.
+    Plumbing,
 }
 
 impl Part {
-    pub const ALL: [Part; 3] = [Part::Libvirt, Part::Netlink, Part::Spec];
+    pub const ALL: [Part; 4] = [Part::Libvirt, Part::Netlink, Part::Spec, Part::Plumbing];
 
     pub fn name(self) -> &'static str {
         match self {
             Part::Libvirt => "libvirt",
             Part::Netlink => "netlink",
             Part::Spec => "spec",
+            Part::Plumbing => "plumbing",
         }
     }
 
-    fn initial_reason(self) -> &'static str {
+    /// Why the part is not ready before anyone set it; `None`: ready (a
+    /// pod that is no migration target has nothing to prepare, and the
+    /// first pass, which needs libvirt, sets it anyway).
+    fn initial_reason(self) -> Option<&'static str> {
         match self {
-            Part::Libvirt => "not connected yet",
-            Part::Netlink => "not subscribed yet",
-            Part::Spec => "no VMI read yet",
+            Part::Libvirt => Some("not connected yet"),
+            Part::Netlink => Some("not subscribed yet"),
+            Part::Spec => Some("no VMI read yet"),
+            Part::Plumbing => None,
         }
     }
 }
@@ -39,13 +47,13 @@ impl Part {
 /// Per part: `None` when ready, else why not.
 #[derive(Debug)]
 pub struct Readiness {
-    parts: Mutex<[Option<String>; 3]>,
+    parts: Mutex<[Option<String>; 4]>,
 }
 
 impl Default for Readiness {
     fn default() -> Self {
         Self {
-            parts: Mutex::new(Part::ALL.map(|p| Some(p.initial_reason().to_string()))),
+            parts: Mutex::new(Part::ALL.map(|p| p.initial_reason().map(str::to_string))),
         }
     }
 }
@@ -110,5 +118,7 @@ mod tests {
         );
         r.set(Part::Libvirt, Ok(()));
         assert!(r.missing().is_empty());
+        r.set(Part::Plumbing, Err("not prepared for the domain: a".into()));
+        assert_eq!(r.missing(), ["plumbing"]);
     }
 }

@@ -48,6 +48,8 @@ pub const OTHER_REASON: &str = "other";
 pub enum PlugStage {
     /// Bridge, pod link and tap are in place.
     Plumbed,
+    /// A migration target's plumbing is in place for the arriving device.
+    Prepared,
     /// libvirt reported DEVICE_ADDED.
     Attached,
     /// The guest uses the interface.
@@ -58,6 +60,7 @@ impl PlugStage {
     pub fn as_str(self) -> &'static str {
         match self {
             PlugStage::Plumbed => "plumbed",
+            PlugStage::Prepared => "prepared",
             PlugStage::Attached => "attached",
             PlugStage::Ready => "ready",
         }

@@ -206,7 +206,7 @@ pub struct DomainRef {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Dependency {
-    /// `libvirt`, `netlink`, `spec` or `guestAgent`.
+    /// `libvirt`, `netlink`, `spec`, `plumbing` or `guestAgent`.
     pub name: String,
     pub ready: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]

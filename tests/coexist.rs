@@ -14,31 +14,6 @@ use support::{CniNet, Rig, RigOptions};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// KubeVirt's bridge-binding layout for `network`, built by hand as
-/// virt-handler does it (rename the pod link to `H-nic`, bridge `k6t-H`, tap
-/// `tapH`). KubeVirt's dummy `podH` cannot be made: this kernel has no
-/// `dummy` link type. Returns the pod link's original MAC.
-fn kubevirt_layout(rig: &Rig, net: &CniNet, network: &str) -> String {
-    let h = suffix(network);
-    let cni = rig.cni_add(net, &pod_iface(network));
-    let (nic, bridge, tap) = (format!("{h}-nic"), format!("k6t-{h}"), format!("tap{h}"));
-    let uid = rig.qemu_uid().to_string();
-    for args in [
-        vec!["link", "set", &pod_iface(network), "down"],
-        vec!["link", "set", &pod_iface(network), "name", &nic],
-        vec!["link", "add", &bridge, "type", "bridge"],
-        vec!["link", "set", &nic, "master", &bridge, "up"],
-        vec!["link", "set", &bridge, "up"],
-        vec![
-            "tuntap", "add", "dev", &tap, "mode", "tap", "user", &uid, "vnet_hdr",
-        ],
-        vec!["link", "set", &tap, "master", &bridge, "up"],
-    ] {
-        rig.pod_ip(&args);
-    }
-    cni.mac
-}
-
 fn device_xml(rig: &Rig, network: &str, mac: &str) -> std::path::PathBuf {
     let path = rig.dir.join(format!("{network}.xml"));
     std::fs::write(
@@ -59,7 +34,7 @@ fn adopts_a_device_kubevirt_attached_and_touches_nothing() {
         return;
     }
     let rig = Rig::start(RigOptions::default());
-    let mac = kubevirt_layout(&rig, &CniNet::new(50), "kvnet");
+    let mac = kubevirt_layout(&rig, &CniNet::new(50), "kvnet", rig.qemu_uid());
     let xml = device_xml(&rig, "kvnet", &mac);
     rig.virsh(&[
         "attach-device",
@@ -164,7 +139,7 @@ fn migration_target_like_start_creates_nothing_then_adopts() {
     // The domain is not running here yet; KubeVirt's virt-handler has built
     // the plumbing of every spec network already (as on a migration target).
     rig.virsh(&["destroy", &rig.domain]);
-    let mac = kubevirt_layout(&rig, &CniNet::new(52), "moved");
+    let mac = kubevirt_layout(&rig, &CniNet::new(52), "moved", rig.qemu_uid());
     let plain = CniNet::new(53);
     rig.cni_add(&plain, &pod_iface("plain"));
     // The kernel adds the link's IPv6 link-local address a moment after CNI

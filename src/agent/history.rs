@@ -106,7 +106,7 @@ impl PhaseHistory {
             change.outcome = outcome_of(status, entry);
             if matches!(
                 status.phase,
-                Phase::Plumbed | Phase::Attached | Phase::Ready
+                Phase::Plumbed | Phase::Prepared | Phase::Attached | Phase::Ready
             ) && let Some(seen) = &entry.pod_seen
             {
                 change

@@ -22,7 +22,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::error::error_chain;
 use crate::health::{Part, Readiness};
 use crate::hypervisor::events::DomainEvent;
-use crate::hypervisor::{DomainLifecycle, DomainState, Hypervisor, HypervisorError};
+use crate::hypervisor::{DomainLifecycle, DomainState, Hypervisor, HypervisorError, Migration};
 use crate::model::Owner;
 use crate::model::vmi::Vmi;
 use crate::netns::{Link, NetnsError, PodNetwork};
@@ -76,7 +76,50 @@ impl Observation {
             domain: self.domain.as_ref(),
             tap_owner: self.tap_owner,
             clean_kubevirt_leftovers: coexist,
+            kubevirt_plumbs: coexist,
         }
+    }
+}
+
+/// A step that changes the domain's devices (which no migration may see).
+fn changes_the_domain(step: &Step) -> bool {
+    matches!(
+        step,
+        Step::Attach { .. } | Step::Detach { .. } | Step::SetLinkState { .. }
+    )
+}
+
+/// Readiness of a migration target (domain absent or arriving): every
+/// interface the spec wants plugged is `Prepared`, so the hand-off (which
+/// waits for the pod to be Ready) brings the domain to taps that exist.
+/// Wherever the domain runs (or is shut off) there is nothing to gate.
+fn target_readiness(
+    domain: Option<&DomainState>,
+    statuses: &[InterfaceStatus],
+) -> Result<(), String> {
+    if domain.is_some_and(|d| d.migration != Migration::Incoming) {
+        return Ok(());
+    }
+    let waiting: Vec<String> = statuses
+        .iter()
+        .filter(|p| {
+            !matches!(
+                p.phase,
+                Phase::Prepared | Phase::NotManaged | Phase::Unsupported | Phase::Detached
+            )
+        })
+        .map(|p| match &p.message {
+            Some(m) => format!("{} ({m})", p.name),
+            None => p.name.clone(),
+        })
+        .collect();
+    if waiting.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "not prepared for the domain: {}",
+            waiting.join(", ")
+        ))
     }
 }
 
@@ -89,10 +132,12 @@ fn lifecycle_of<H: Hypervisor>(
 ) -> DomainLifecycle {
     match domain {
         None => DomainLifecycle::Absent,
-        Some(d) => hyp.lifecycle(name).unwrap_or(if d.running {
-            DomainLifecycle::Running
-        } else {
-            DomainLifecycle::ShutOff
+        Some(d) => hyp.lifecycle(name).unwrap_or(match d.migration {
+            Migration::Incoming => DomainLifecycle::Migrating,
+            Migration::Outgoing => DomainLifecycle::MigratingOut,
+            Migration::Departed => DomainLifecycle::Migrated,
+            Migration::None if d.running => DomainLifecycle::Running,
+            Migration::None => DomainLifecycle::ShutOff,
         }),
     }
 }
@@ -110,8 +155,10 @@ async fn detect_tap_owner<H: Hypervisor>(
         return configured;
     }
     if !domain.is_some_and(|d| d.running) {
+        // A migration target prepares taps before any QEMU runs here: only
+        // what needs no QEMU (a session daemon's socket owner) tells.
         *cache = None;
-        return None;
+        return hyp.qemu_owner(domain_name).await.ok().flatten();
     }
     if cache.is_none() {
         match hyp.qemu_owner(domain_name).await {
@@ -278,6 +325,9 @@ enum Progress {
     Done,
     /// A detach is in flight; the remaining steps wait for the device to go.
     Detaching,
+    /// A migration is in flight: the step that would change the domain, and
+    /// those after it, wait until it is over.
+    Held,
 }
 
 type DetachResult = (String, Result<(), HypervisorError>);
@@ -301,9 +351,18 @@ pub struct Agent<N, H> {
     pass_error: Option<String>,
     /// The domain's name and state as the last pass found them.
     domain_seen: Option<(String, DomainLifecycle)>,
+    /// The last pass found a migration in flight: passes repeat every
+    /// [`MIGRATION_POLL`], since a failed migration raises no event.
+    migrating: bool,
+    /// A device change (a detach finishing between passes) met a migration
+    /// that the pass's domain read may not show yet.
+    change_met_migration: bool,
     /// The DHCPv4 server tasks, one per served interface.
     dhcp: crate::dhcp::Servers,
 }
+
+/// How often a migration in flight is looked at.
+const MIGRATION_POLL: Duration = Duration::from_secs(1);
 
 /// Retries of whole passes that failed, and their logging: once per
 /// distinct error, then a reminder every [`STILL_FAILING_EVERY`].
@@ -383,6 +442,8 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             last_reconcile: None,
             pass_error: None,
             domain_seen: None,
+            migrating: false,
+            change_met_migration: false,
             dhcp: crate::dhcp::Servers::new(config.report.metrics.clone()),
             net,
             hyp: Arc::new(hyp),
@@ -516,6 +577,9 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                         if let Some(guest) = self.report.next_wake() {
                             deadline = deadline.min(guest);
                         }
+                        if self.migrating {
+                            deadline = deadline.min(Instant::now() + MIGRATION_POLL);
+                        }
                     }
                     Err(e) => {
                         // The whole pass failed: interface retries and guest
@@ -603,8 +667,13 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 domain: domain.as_ref(),
                 tap_owner,
                 clean_kubevirt_leftovers: self.config.coexist,
+                kubevirt_plumbs: self.config.coexist,
             },
         );
+        self.migrating = std::mem::take(&mut self.change_met_migration)
+            || domain
+                .as_ref()
+                .is_some_and(|d| matches!(d.migration, Migration::Incoming | Migration::Outgoing));
 
         self.tracked
             .retain(|name, _| plans.iter().any(|p| &p.name == name));
@@ -623,15 +692,11 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                     _ => None,
                 })
                 .collect();
-            if plan.steps.iter().any(|s| matches!(s, Step::Attach { .. })) {
+            let preparing = plan.phase == Phase::Prepared && !plan.steps.is_empty();
+            if preparing || plan.steps.iter().any(|s| matches!(s, Step::Attach { .. })) {
                 self.report.pod_seen(&plan.name, observed_at);
             }
-            domain_changed |= plan.steps.iter().any(|s| {
-                matches!(
-                    s,
-                    Step::Attach { .. } | Step::Detach { .. } | Step::SetLinkState { .. }
-                )
-            });
+            domain_changed |= plan.steps.iter().any(changes_the_domain);
             let span = info_span!("interface", iface = %plan.name, pod = plan.pod_iface.as_ref().map(|p| p.as_str()));
             let departed = plan.departed;
             let status = self.apply(&domain_name, plan).instrument(span).await;
@@ -642,6 +707,16 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 statuses.push(status);
             }
         }
+        // What this pass left, not what it planned: a preparation step that
+        // failed leaves the target not ready.
+        let plumbing = if self.config.coexist {
+            // KubeVirt plumbs a target after the hand-off: waiting for it
+            // here could hold the hand-off forever.
+            Ok(())
+        } else {
+            target_readiness(domain.as_ref(), &statuses)
+        };
+        self.readiness.set(Part::Plumbing, plumbing);
         // A detach in flight is Detaching whatever this pass saw: the entry
         // goes only when a pass finds nothing of the interface left.
         for name in &self.detaching {
@@ -741,6 +816,11 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 fault::after("detach-device");
                 self.tracked.remove(&name);
             }
+            Err(HypervisorError::Migrating { migration }) => {
+                // Nothing was detached; the next pass plans it again, where
+                // the domain runs once the migration is over.
+                self.migration_met(migration);
+            }
             Err(e @ HypervisorError::DetachTimeout { .. }) => {
                 self.record_failure(&name, "detach-timeout", Phase::DetachPending, e.to_string());
             }
@@ -749,6 +829,18 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 self.record_failure(&name, "detach-device", Phase::Failed, message);
             }
         }
+    }
+
+    /// A device change met a migration in flight: said once per migration,
+    /// and passes repeat until it is over.
+    fn migration_met(&mut self, migration: Migration) {
+        if self.migrating {
+            debug!(?migration, "a migration is in flight: device changes wait");
+        } else {
+            info!(?migration, "a migration is in flight: device changes wait");
+        }
+        self.migrating = true;
+        self.change_met_migration = true;
     }
 
     fn record_failure(&mut self, name: &str, reason: &str, phase: Phase, message: String) {
@@ -805,6 +897,15 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 status.phase = Phase::Detaching;
                 status.message = plan.message.clone();
             }
+            Ok(Progress::Held) => {
+                let plugging = plan.steps.iter().any(|s| matches!(s, Step::Attach { .. }));
+                status.phase = if plugging {
+                    Phase::Pending
+                } else {
+                    Phase::Attached
+                };
+                status.message = Some(crate::plan::MIGRATING_OUT.to_string());
+            }
             Ok(Progress::Done) if plan.phase == Phase::Failed => {
                 let message = plan.message.clone().unwrap_or_default();
                 self.record_failure(&plan.name, "plan", Phase::Failed, message);
@@ -844,21 +945,25 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
     ) -> Result<Progress, (&'static str, String)> {
         let mut failures: Vec<(&'static str, String)> = Vec::new();
         for step in &plan.steps {
-            match step {
-                Step::Attach { .. } => {
-                    // Everything before the attach is done: say so.
-                    self.report.enter_now(&plan.name, Phase::Plumbed);
-                }
-                Step::Detach { alias, persistent } => {
-                    self.report.detach_started(&plan.name);
-                    self.report.enter_now(&plan.name, Phase::Detaching);
-                    self.start_detach(domain_name, &plan.name, alias, *persistent);
-                    return Ok(Progress::Detaching);
-                }
-                _ => {}
+            if let Step::Attach { .. } = step {
+                // Everything before the attach is done: say so.
+                self.report.enter_now(&plan.name, Phase::Plumbed);
+            }
+            if let Step::Detach { alias, persistent } = step {
+                self.report.detach_started(&plan.name);
+                self.report.enter_now(&plan.name, Phase::Detaching);
+                self.start_detach(domain_name, &plan.name, alias, *persistent);
+                return Ok(Progress::Detaching);
             }
             let result = self.run_step(domain_name, step).await;
             let Err(e) = result else { continue };
+            if let StepError::Hypervisor(HypervisorError::Migrating { migration }) = &e {
+                // Checked by libvirt's worker right before the change: the
+                // domain started migrating after this pass read it. Nothing
+                // changed; the plumbing stays for when the migration is over.
+                self.migration_met(*migration);
+                return Ok(Progress::Held);
+            }
             let message = format!("{}: {}", step.name(), error_chain(&e));
             if plan.rollback.is_empty() {
                 warn!(step = step.name(), error = %message, "clean-up step failed; going on");

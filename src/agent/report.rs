@@ -260,6 +260,7 @@ impl Reporter {
             Timing::Plug(phase, seconds) => {
                 let stage = match phase {
                     Phase::Plumbed => PlugStage::Plumbed,
+                    Phase::Prepared => PlugStage::Prepared,
                     Phase::Attached => PlugStage::Attached,
                     _ => PlugStage::Ready,
                 };

@@ -202,6 +202,11 @@ struct FakeHyp {
     domain_reads: Mutex<u32>,
     /// Cancelled after this many domain reads, so a loop that spins stops.
     stop_after_reads: Mutex<Option<(u32, CancellationToken)>>,
+    /// No domain defined (a migration target before the domain arrives).
+    absent: Mutex<bool>,
+    /// The job libvirt's worker finds right before a device change; domain
+    /// reads keep saying `domain`'s (a read from before the migration began).
+    migration_job: Mutex<Migration>,
 }
 
 impl FakeHyp {
@@ -210,6 +215,7 @@ impl FakeHyp {
             domain: Mutex::new(DomainState {
                 running: true,
                 persistent: true,
+                migration: Migration::None,
                 interfaces: vec![],
                 root_ports: RootPorts::with_free(4, free_ports),
             }),
@@ -221,6 +227,8 @@ impl FakeHyp {
             unreachable: Mutex::new(false),
             domain_reads: Mutex::new(0),
             stop_after_reads: Mutex::new(None),
+            absent: Mutex::new(false),
+            migration_job: Mutex::new(Migration::None),
         }
     }
 
@@ -230,6 +238,13 @@ impl FakeHyp {
             .unwrap()
             .interface_by_alias(alias)
             .cloned()
+    }
+
+    fn refuse_during_migration(&self) -> Result<(), HypervisorError> {
+        match *self.migration_job.lock().unwrap() {
+            Migration::None | Migration::Departed => Ok(()),
+            migration => Err(HypervisorError::Migrating { migration }),
+        }
     }
 
     fn set_mode(&self, alias: &str, mode: AttachMode) {
@@ -255,6 +270,9 @@ impl Hypervisor for FakeHyp {
                 message: "Failed to connect socket: No such file or directory".into(),
             });
         }
+        if *self.absent.lock().unwrap() {
+            return Ok(None);
+        }
         Ok(Some(self.domain.lock().unwrap().clone()))
     }
 
@@ -265,6 +283,7 @@ impl Hypervisor for FakeHyp {
         _persistent: bool,
         timeout: Duration,
     ) -> Result<(), HypervisorError> {
+        self.refuse_during_migration()?;
         let alias = device.alias();
         let alias = alias.as_str();
         let device_xml = device.to_xml().unwrap();
@@ -314,6 +333,7 @@ impl Hypervisor for FakeHyp {
         _persistent: bool,
         timeout: Duration,
     ) -> Result<(), HypervisorError> {
+        self.refuse_during_migration()?;
         self.detaches.lock().unwrap().push(alias.into());
         let mut domain = self.domain.lock().unwrap();
         if domain.interface_by_alias(alias).is_none() {
@@ -349,6 +369,7 @@ impl Hypervisor for FakeHyp {
         up: bool,
         _persistent: bool,
     ) -> Result<(), HypervisorError> {
+        self.refuse_during_migration()?;
         let alias = device.alias.clone();
         let mut domain = self.domain.lock().unwrap();
         let device = domain
@@ -1174,6 +1195,7 @@ mod properties {
                 domain: Some(&domain),
                 tap_owner: Some(Owner { uid: 107, gid: 107 }),
                 clean_kubevirt_leftovers: false,
+                kubevirt_plumbs: false,
             },
         )
     }
@@ -1298,6 +1320,162 @@ async fn an_interface_whose_detach_is_in_flight_stays_listed_until_a_pass_sees_i
     agent.reconcile(&vmi(&[])).await.unwrap();
     agent.reconcile(&vmi(&[])).await.unwrap();
     assert!(phases(&agent).is_empty(), "{:?}", phases(&agent));
+}
+
+#[tokio::test]
+async fn an_attach_waits_while_the_domain_migrates_away_then_goes_ahead() {
+    let vmi = vmi(&["blue"]);
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), FakeHyp::new(4));
+    // The domain read predates the migration; only the fresh job read knows.
+    *agent.hyp.migration_job.lock().unwrap() = Migration::Outgoing;
+    agent.reconcile(&vmi).await.unwrap();
+    let status = &agent.status().interfaces[0];
+    assert_eq!(status.phase, Phase::Pending);
+    assert_eq!(
+        status.message.as_deref(),
+        Some(
+            "the domain is migrating to another pod: this change waits until the migration finished"
+        )
+    );
+    assert!(agent.hyp.attaches.lock().unwrap().is_empty());
+    assert!(agent.migrating, "passes repeat while it runs");
+    // The plumbing is built (it touches no device); the attach waits, pass
+    // after pass, and nothing is undone.
+    let plumbed = agent.net.calls.lock().unwrap().len();
+    assert_eq!(plumbed, 4);
+    agent.reconcile(&vmi).await.unwrap();
+    assert_eq!(agent.net.calls.lock().unwrap().len(), plumbed);
+    assert!(agent.hyp.attaches.lock().unwrap().is_empty());
+    assert_eq!(phases(&agent)[0].1, Phase::Pending);
+    // The migration failed: the domain runs here still, the plug happens.
+    *agent.hyp.migration_job.lock().unwrap() = Migration::None;
+    agent.reconcile(&vmi).await.unwrap();
+    assert!(matches!(
+        phases(&agent)[0].1,
+        Phase::Attached | Phase::Ready
+    ));
+    assert_eq!(agent.hyp.attaches.lock().unwrap().len(), 1);
+    agent.reconcile(&vmi).await.unwrap();
+    assert!(!agent.migrating, "no more migration polls");
+}
+
+#[tokio::test]
+async fn a_target_is_ready_once_every_interface_is_prepared() {
+    let vmi = vmi(&["blue", "red"]);
+    let hyp = FakeHyp::new(4);
+    *hyp.absent.lock().unwrap() = true;
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), hyp);
+    agent.reconcile(&vmi).await.unwrap();
+    assert_eq!(
+        phases(&agent),
+        [
+            ("blue".to_string(), Phase::Prepared),
+            ("red".to_string(), Phase::Pending)
+        ]
+    );
+    assert!(agent.hyp.attaches.lock().unwrap().is_empty());
+    // (The spec part is the run loop's; reconcile alone leaves it unset.)
+    let not_ready: Vec<_> = agent
+        .readiness
+        .not_ready()
+        .into_iter()
+        .filter(|(part, _)| *part != "spec")
+        .collect();
+    assert_eq!(not_ready.len(), 1, "{not_ready:?}");
+    assert_eq!(not_ready[0].0, "plumbing");
+    assert!(
+        not_ready[0].1.contains("red (waiting for pod interface"),
+        "{not_ready:?}"
+    );
+    // Both pod interfaces there: prepared, ready.
+    let hyp = FakeHyp::new(4);
+    *hyp.absent.lock().unwrap() = true;
+    let mut agent = Agent::new(
+        FakeNet::with_pod_links(&[&pod("blue"), &pod("red")]),
+        hyp,
+        AgentConfig::default(),
+    );
+    agent.reconcile(&vmi).await.unwrap();
+    assert_eq!(agent.readiness.missing(), ["spec"]);
+    assert_eq!(
+        agent.status().agent.domain.as_ref().unwrap().state,
+        DomainLifecycle::Absent
+    );
+    // The domain arrives running with its devices: adopted, nothing attached.
+    *agent.hyp.absent.lock().unwrap() = false;
+    for (network, mac) in [("blue", "02:00:00:00:00:42"), ("red", "02:00:00:00:00:43")] {
+        let device = crate::hypervisor::InterfaceDevice {
+            network: network.into(),
+            tap: IfName::new(format!("tap{}", &pod(network)[3..])).unwrap(),
+            model: "virtio".into(),
+            mac: mac.parse().unwrap(),
+            mtu: 1500,
+            queues: None,
+            link_up: true,
+            address: None,
+        };
+        let xml = format!(
+            "<domain><devices>{}</devices></domain>",
+            device.to_xml().unwrap()
+        );
+        let mut domain = agent.hyp.domain.lock().unwrap();
+        domain
+            .interfaces
+            .push(parse_devices(&xml).unwrap().interfaces.remove(0));
+    }
+    agent.reconcile(&vmi).await.unwrap();
+    assert!(agent.hyp.attaches.lock().unwrap().is_empty());
+    for (name, phase) in phases(&agent) {
+        assert!(
+            matches!(phase, Phase::Attached | Phase::Ready),
+            "{name}: {phase}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_target_whose_preparation_fails_is_not_ready_and_rolled_back() {
+    let vmi = vmi(&["blue"]);
+    let pod_name = pod("blue");
+    let hyp = FakeHyp::new(4);
+    *hyp.absent.lock().unwrap() = true;
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod_name]), hyp);
+    let before = agent.net.get(&pod_name).unwrap();
+    *agent.net.fail.lock().unwrap() = Some("ensure_tap");
+    agent.reconcile(&vmi).await.unwrap();
+    assert_eq!(phases(&agent)[0].1, Phase::Failed);
+    assert_eq!(agent.net.get(&pod_name).unwrap(), before, "rolled back");
+    assert!(agent.readiness.missing().contains(&"plumbing"));
+}
+
+#[tokio::test]
+async fn a_detach_that_meets_a_migration_changes_nothing_and_waits() {
+    let pod_name = pod("blue");
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod_name]), FakeHyp::new(4));
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    let plumbed = agent.net.links.lock().unwrap().clone();
+    *agent.hyp.migration_job.lock().unwrap() = Migration::Outgoing;
+    let absent = vmi_with(&["blue"], r#","state":"absent""#);
+    agent.reconcile(&absent).await.unwrap();
+    settle().await;
+    agent.reconcile(&absent).await.unwrap();
+    settle().await;
+    assert!(agent.hyp.device("ua-blue").is_some(), "still attached");
+    assert!(agent.hyp.detaches.lock().unwrap().is_empty());
+    assert_eq!(
+        *agent.net.links.lock().unwrap(),
+        plumbed,
+        "nothing torn down"
+    );
+    assert_ne!(phases(&agent)[0].1, Phase::Failed, "no failure, no backoff");
+    assert!(agent.migrating);
+    // Over (it failed: the domain stays here): the unplug goes ahead.
+    *agent.hyp.migration_job.lock().unwrap() = Migration::None;
+    agent.reconcile(&absent).await.unwrap();
+    settle().await;
+    agent.reconcile(&absent).await.unwrap();
+    assert_eq!(phases(&agent)[0].1, Phase::Detached);
+    assert!(agent.hyp.device("ua-blue").is_none());
 }
 
 /// After the guest confirmed a device, it is asked twice more a little

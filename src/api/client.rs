@@ -254,7 +254,8 @@ pub async fn watch_status(
 /// The header of the table: what the agent follows and whether it can
 /// work, e.g. `vmi ns1/vm1   domain ns1_vm1 running   libvirt ok   netlink
 /// ok   spec ok   guest agent connected   reconciled 2s ago`, then one
-/// `not ready:` line per dependency that is not (with the reason).
+/// `not ready:` line per dependency that is not (with the reason). The
+/// `plumbing` part (a migration target's) shows only when it is not ready.
 pub fn render_header(doc: &StatusDocument, now: SystemTime) -> String {
     let agent = &doc.agent;
     let mut parts = Vec::new();
@@ -268,6 +269,10 @@ pub fn render_header(doc: &StatusDocument, now: SystemTime) -> String {
     });
     let mut reasons = Vec::new();
     for dep in &agent.dependencies {
+        if dep.name == "plumbing" && dep.ready {
+            // Only a migration target waits for it: said only when it does.
+            continue;
+        }
         let label = if dep.name == "guestAgent" {
             "guest agent"
         } else {
@@ -491,7 +496,9 @@ mod tests {
     use super::*;
 
     use crate::plan::Phase;
-    use crate::status::{GuestInterfaceStatus, InterfaceStatus, PhaseTransition, Timestamp};
+    use crate::status::{
+        Dependency, GuestInterfaceStatus, InterfaceStatus, PhaseTransition, Timestamp,
+    };
 
     fn at(now: SystemTime, ago: u64) -> Timestamp {
         Timestamp {
@@ -584,6 +591,33 @@ GUEST-ONLY IFACE   MAC   IPS
 docker0 [2J        -     172.17.0.1/16
 ";
         assert_eq!(render_table(&doc, now), want);
+    }
+
+    #[test]
+    fn the_header_names_a_targets_plumbing_only_while_it_waits() {
+        let dependency = |name: &str, reason: Option<&str>| Dependency {
+            name: name.into(),
+            ready: reason.is_none(),
+            reason: reason.map(Into::into),
+            required: true,
+        };
+        let mut doc = StatusDocument::default();
+        doc.agent.dependencies = vec![dependency("libvirt", None), dependency("plumbing", None)];
+        let header = render_header(&doc, SystemTime::now());
+        assert!(
+            header.contains("libvirt ok") && !header.contains("plumbing"),
+            "{header}"
+        );
+        doc.agent.dependencies[1] = dependency(
+            "plumbing",
+            Some("not prepared for the domain: blue (waiting)"),
+        );
+        let header = render_header(&doc, SystemTime::now());
+        assert!(header.contains("plumbing NOT READY"), "{header}");
+        assert!(
+            header.contains("not ready: plumbing: not prepared for the domain: blue (waiting)\n"),
+            "{header}"
+        );
     }
 
     #[test]

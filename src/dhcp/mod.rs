@@ -134,6 +134,7 @@ mod tests {
         DomainState {
             running: true,
             persistent: true,
+            migration: crate::hypervisor::Migration::None,
             interfaces: vec![DomainInterface {
                 alias: Some("ua-dyniface1".into()),
                 mac: Some(VM_MAC.parse().unwrap()),

@@ -189,6 +189,8 @@ impl RootPorts {
 pub struct DomainState {
     pub running: bool,
     pub persistent: bool,
+    /// Where a live migration has the domain, as this pod's daemon sees it.
+    pub migration: super::Migration,
     pub interfaces: Vec<DomainInterface>,
     pub root_ports: RootPorts,
 }

@@ -15,6 +15,7 @@
 //! the connection's close callback bumps the event generation (the cached
 //! domain is stale) and wakes the loop, so an outage is noticed at once.
 
+use std::ffi::c_int;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,7 +30,7 @@ use super::events::{self, DomainEvent, EventSink, Registration};
 use super::worker::Worker;
 use super::{
     DomainInterface, DomainLifecycle, GuestInterface, GuestView, Hypervisor, HypervisorError,
-    InterfaceDevice,
+    InterfaceDevice, Migration,
 };
 use crate::model::{IpCidr, Owner};
 
@@ -253,7 +254,7 @@ fn read_domain(conn: &Connect, name: &str) -> Result<DomainRead, HypervisorError
     let Some(dom) = lookup(conn, name)? else {
         return Ok((None, DomainLifecycle::Absent));
     };
-    let (running, lifecycle) = domain_state(&dom)?;
+    let (running, lifecycle, migration) = domain_state(&dom)?;
     let persistent = dom
         .is_persistent()
         .map_err(|e| libvirt_error("read the domain state", e))?;
@@ -264,6 +265,7 @@ fn read_domain(conn: &Connect, name: &str) -> Result<DomainRead, HypervisorError
     let state = DomainState {
         running,
         persistent,
+        migration,
         interfaces: devices.interfaces,
         root_ports: devices.root_ports,
     };
@@ -296,6 +298,7 @@ impl Hypervisor for Libvirt {
         }
         self.blocking("attach the device", domain, move |conn, name| {
             let dom = lookup(conn, name)?.ok_or_else(|| HypervisorError::NoDomain(name.into()))?;
+            refuse_during_migration(&dom)?;
             dom.attach_device_flags(&xml, flags)
                 .map_err(|e| libvirt_error("attach the device", e))
         })
@@ -332,6 +335,7 @@ impl Hypervisor for Libvirt {
                 let Some(dom) = lookup(conn, name)? else {
                     return Ok(false);
                 };
+                refuse_during_migration(&dom)?;
                 // Detach from each definition that still has the device: after
                 // an attempt the guest did not answer, the persistent config
                 // no longer has it while the live domain still does.
@@ -403,6 +407,7 @@ impl Hypervisor for Libvirt {
             .blocking("update the link state", domain, move |conn, name| {
                 let dom =
                     lookup(conn, name)?.ok_or_else(|| HypervisorError::NoDomain(name.into()))?;
+                refuse_during_migration(&dom)?;
                 let mut flags = sys::VIR_DOMAIN_AFFECT_LIVE;
                 if persistent {
                     flags |= sys::VIR_DOMAIN_AFFECT_CONFIG;
@@ -479,7 +484,9 @@ impl Hypervisor for Libvirt {
             .await?
             .map_or((false, None), |(d, owner)| (d.running, owner));
         if !running {
-            return Ok(None);
+            // No QEMU to ask (a migration target before the domain arrives):
+            // a session daemon runs its QEMUs as itself.
+            return Ok(session_socket_owner(&self.shared.uri));
         }
         Ok(label
             .or_else(|| qemu_process_owner(domain))
@@ -503,6 +510,11 @@ impl Libvirt {
             && c.name == domain
             && c.generation == generation
             && c.read_at.elapsed() < CACHE_MAX_AGE
+            // A migration in flight ends without an event when it fails on
+            // the source: read such a domain every time.
+            && c.state
+                .as_ref()
+                .is_none_or(|(d, _)| matches!(d.migration, Migration::None | Migration::Departed))
         {
             return Ok(c.state.clone());
         }
@@ -702,8 +714,10 @@ fn agent_interfaces(dom: &virt::domain::Domain) -> Result<Vec<GuestInterface>, v
 /// Whether the domain runs *here* and takes devices: running, or paused by a
 /// user. An incoming migration (paused, reason migration or starting up) is
 /// not: its devices arrive with the migration, nicplug must attach nothing.
-/// And the state for people.
-fn domain_state(dom: &virt::domain::Domain) -> Result<(bool, DomainLifecycle), HypervisorError> {
+/// And the state for people, and where a migration has it.
+fn domain_state(
+    dom: &virt::domain::Domain,
+) -> Result<(bool, DomainLifecycle, Migration), HypervisorError> {
     let (mut state, mut reason) = (-1, -1);
     // SAFETY: `dom` is live for the call; the out-pointers are valid ints.
     let rc = unsafe { sys::virDomainGetState(dom.as_ptr(), &mut state, &mut reason, 0) };
@@ -715,7 +729,27 @@ fn domain_state(dom: &virt::domain::Domain) -> Result<(bool, DomainLifecycle), H
     }
     let running = state == sys::VIR_DOMAIN_RUNNING as i32
         || (state == sys::VIR_DOMAIN_PAUSED as i32 && reason == sys::VIR_DOMAIN_PAUSED_USER as i32);
+    let migrated_away = state == sys::VIR_DOMAIN_SHUTOFF as i32
+        && reason == sys::VIR_DOMAIN_SHUTOFF_MIGRATED as i32;
+    let paused_for_migration = state == sys::VIR_DOMAIN_PAUSED as i32
+        && (reason == sys::VIR_DOMAIN_PAUSED_MIGRATION as i32
+            || reason == sys::VIR_DOMAIN_PAUSED_POSTCOPY as i32);
+    let migration = if migrated_away {
+        Migration::Departed
+    } else if state == sys::VIR_DOMAIN_SHUTOFF as i32 {
+        Migration::None
+    } else {
+        match migration_job(dom)? {
+            // A target's daemon keeps no statistics of an incoming job
+            // ("available only on the source host"): paused for a migration
+            // without an outgoing job is arriving.
+            Migration::None if paused_for_migration => Migration::Incoming,
+            job => job,
+        }
+    };
     let lifecycle = match state as u32 {
+        _ if migration == Migration::Outgoing => DomainLifecycle::MigratingOut,
+        _ if migration == Migration::Incoming => DomainLifecycle::Migrating,
         sys::VIR_DOMAIN_RUNNING | sys::VIR_DOMAIN_BLOCKED => DomainLifecycle::Running,
         sys::VIR_DOMAIN_PAUSED if running => DomainLifecycle::Running,
         sys::VIR_DOMAIN_PAUSED
@@ -726,12 +760,64 @@ fn domain_state(dom: &virt::domain::Domain) -> Result<(bool, DomainLifecycle), H
         }
         sys::VIR_DOMAIN_PAUSED => DomainLifecycle::Paused,
         sys::VIR_DOMAIN_SHUTDOWN => DomainLifecycle::ShuttingDown,
+        sys::VIR_DOMAIN_SHUTOFF if migrated_away => DomainLifecycle::Migrated,
         sys::VIR_DOMAIN_SHUTOFF => DomainLifecycle::ShutOff,
         sys::VIR_DOMAIN_CRASHED => DomainLifecycle::Crashed,
         sys::VIR_DOMAIN_PMSUSPENDED => DomainLifecycle::Suspended,
         _ => DomainLifecycle::Unknown,
     };
-    Ok((running, lifecycle))
+    Ok((running, lifecycle, migration))
+}
+
+/// A migration that starts raises no event on the source, so the caller's
+/// domain read may predate it: every device change asks first, in the same
+/// worker job, right before the change.
+fn refuse_during_migration(dom: &virt::domain::Domain) -> Result<(), HypervisorError> {
+    match domain_state(dom)?.2 {
+        Migration::None | Migration::Departed => Ok(()),
+        migration => Err(HypervisorError::Migrating { migration }),
+    }
+}
+
+/// The domain's active job, if it is a migration (`virDomainGetJobStats`,
+/// whose `operation` says which way; libvirt 3.3 and later). Raw: `virt`'s
+/// `job_stats` builds a slice from the NULL array libvirt returns when no
+/// job runs.
+fn migration_job(dom: &virt::domain::Domain) -> Result<Migration, HypervisorError> {
+    let (mut job_type, mut nparams): (c_int, c_int) = (0, 0);
+    let mut params: sys::virTypedParameterPtr = std::ptr::null_mut();
+    // SAFETY: `dom` is live for the call; the out-pointers are valid. libvirt
+    // allocates `params` (or leaves it NULL); it is freed below, once.
+    let rc = unsafe {
+        sys::virDomainGetJobStats(dom.as_ptr(), &mut job_type, &mut params, &mut nparams, 0)
+    };
+    if rc < 0 {
+        // The domain stopped between the two calls, or the driver keeps no
+        // jobs: no migration this pass can see.
+        tracing::debug!(
+            error = %virt::error::Error::last_error(),
+            "cannot read the domain's job"
+        );
+        return Ok(Migration::None);
+    }
+    let mut operation: c_int = -1;
+    if !params.is_null() {
+        // SAFETY: `params` holds `nparams` entries from libvirt; the name is
+        // a NUL-terminated literal; `operation` is a valid int. Then the
+        // array is freed exactly once.
+        unsafe {
+            sys::virTypedParamsGetInt(params, nparams, c"operation".as_ptr(), &mut operation);
+            sys::virTypedParamsFree(params, nparams);
+        }
+    }
+    if job_type == sys::VIR_DOMAIN_JOB_NONE as c_int {
+        return Ok(Migration::None);
+    }
+    Ok(match operation {
+        o if o == sys::VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT as c_int => Migration::Outgoing,
+        o if o == sys::VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN as c_int => Migration::Incoming,
+        _ => Migration::None,
+    })
 }
 
 /// libvirt's driver names (the part of a URI scheme before `+`).

@@ -15,6 +15,10 @@
 //! (asynchronous: the guest must acknowledge the PCIe unplug), then waits. A
 //! guest that does not answer leaves the device in place: the caller keeps
 //! the plumbing and retries.
+//!
+//! Every device change first reads the domain's state and job in the same
+//! call and refuses ([`HypervisorError::Migrating`]) while a live migration
+//! runs: the domain (and its devices) may be moving to another pod.
 
 use std::future::Future;
 use std::time::Duration;
@@ -61,6 +65,9 @@ pub enum HypervisorError {
     DetachFailed { alias: String },
     #[error("libvirt event loop is not running")]
     EventLoop,
+    /// A device change met a migration in flight: nothing was changed.
+    #[error("the domain is migrating ({migration:?}): its devices do not change now")]
+    Migrating { migration: Migration },
 }
 
 /// A domain's state as an operator reads it (libvirt's state and reason,
@@ -75,6 +82,10 @@ pub enum DomainLifecycle {
     /// Paused for a migration: on a target, the domain is arriving and its
     /// devices come with it; nicplug attaches nothing.
     Migrating,
+    /// Running, with a migration to another pod in flight.
+    MigratingOut,
+    /// Shut off because it migrated to another pod.
+    Migrated,
     /// Defined, not running.
     ShutOff,
     ShuttingDown,
@@ -93,6 +104,8 @@ impl DomainLifecycle {
             Self::Running => "running",
             Self::Paused => "paused",
             Self::Migrating => "migrating",
+            Self::MigratingOut => "migrating-out",
+            Self::Migrated => "migrated",
             Self::ShutOff => "shut-off",
             Self::ShuttingDown => "shutting-down",
             Self::Crashed => "crashed",
@@ -107,6 +120,26 @@ impl std::fmt::Display for DomainLifecycle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// Where a live migration has the domain, as the daemon of this pod sees
+/// it (libvirt's job and state). A migration moves the domain, with its live
+/// XML and so its devices, to a daemon in another pod: nothing is plugged or
+/// unplugged on either side while it runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Migration {
+    /// No migration job: the domain stays where it is.
+    #[default]
+    None,
+    /// Arriving here (paused, a migration-in job): its devices come with it
+    /// and need their taps before QEMU starts.
+    Incoming,
+    /// Leaving (a migration-out job): it may still fail and resume here, so
+    /// nothing of its plumbing may go.
+    Outgoing,
+    /// Shut off here because it migrated to another pod (reason migrated):
+    /// gone for good from this pod.
+    Departed,
 }
 
 /// One interface as the guest agent reports it.
@@ -186,7 +219,9 @@ pub trait Hypervisor: Send + Sync {
         None
     }
 
-    /// The uid/gid the domain's QEMU process runs as, when it runs.
+    /// The uid/gid the domain's QEMU process runs as, when it runs; when
+    /// it does not, what tells without a QEMU (a session daemon's user), if
+    /// anything.
     fn qemu_owner(
         &self,
         domain: &str,

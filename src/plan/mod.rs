@@ -13,7 +13,7 @@ pub mod placement;
 
 use serde::{Deserialize, Serialize};
 
-use crate::hypervisor::{DomainInterface, DomainState, GuestView, InterfaceDevice};
+use crate::hypervisor::{DomainInterface, DomainState, GuestView, InterfaceDevice, Migration};
 use crate::model::names::is_ordinal_pod_iface;
 use crate::model::record::RecordError;
 use crate::model::vmi::{NetworkSource, PodIfaceScheme, SpecInterface, SpecState, Vmi};
@@ -28,6 +28,10 @@ pub enum Phase {
     Pending,
     /// Bridge, pod link and tap are in place; the device is not attached yet.
     Plumbed,
+    /// A migration target: the plumbing is in place for the device that
+    /// arrives with the domain (nothing is attached here; the domain is not
+    /// running here yet).
+    Prepared,
     /// The domain has the device.
     Attached,
     /// The guest agent reports the device's MAC: the guest sees the NIC.
@@ -202,6 +206,11 @@ pub struct Observed<'a> {
     /// both the spec and the domain. Only safe when the spec is complete and
     /// authoritative (the VMI from the API).
     pub clean_kubevirt_leftovers: bool,
+    /// KubeVirt runs beside nicplug (coexistence): its virt-handler plumbs
+    /// every spec network at a VM's start and on a migration target, so a
+    /// pod without the domain gets nothing prepared by nicplug (it would
+    /// race virt-handler); KubeVirt's layout, once there, is adopted.
+    pub kubevirt_plumbs: bool,
 }
 
 impl Observed<'_> {
@@ -230,6 +239,61 @@ pub fn pod_iface_scheme(vmi: &Vmi, links: &[Link]) -> PodIfaceScheme {
 /// devices are attached in, so guest NIC order follows the spec), then the
 /// networks nicplug plugged that have left the spec.
 pub fn plan(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
+    if let Some(domain) = observed
+        .domain
+        .filter(|d| d.migration == Migration::Outgoing)
+    {
+        // The domain may still resume here: plan as for a domain that runs
+        // here, and hold every change until the migration finished.
+        let here = DomainState {
+            running: true,
+            ..domain.clone()
+        };
+        let view = Observed {
+            links: observed.links,
+            domain: Some(&here),
+            tap_owner: observed.tap_owner,
+            clean_kubevirt_leftovers: observed.clean_kubevirt_leftovers,
+            kubevirt_plumbs: observed.kubevirt_plumbs,
+        };
+        return plan_here(vmi, &view)
+            .into_iter()
+            .map(|p| hold(p, domain, MIGRATING_OUT))
+            .collect();
+    }
+    plan_here(vmi, observed)
+}
+
+/// Why a change waits while the domain leaves.
+pub const MIGRATING_OUT: &str =
+    "the domain is migrating to another pod: this change waits until the migration finished";
+/// Why a change waits while the domain arrives.
+const MIGRATING_IN: &str =
+    "the domain is migrating here: this change waits until the migration finished";
+
+/// Holds a plan's changes while a migration runs: nothing is attached,
+/// detached or torn down; the phase is what the domain has now.
+fn hold(mut plan: InterfacePlan, domain: &DomainState, why: &str) -> InterfacePlan {
+    if plan.steps.is_empty() {
+        return plan;
+    }
+    let has_device = domain
+        .interface_by_alias(&format!("ua-{}", plan.name))
+        .is_some();
+    plan.steps.clear();
+    plan.rollback.clear();
+    plan.repairs.clear();
+    plan.needs_root_port = false;
+    plan.phase = if has_device {
+        Phase::Attached
+    } else {
+        Phase::Pending
+    };
+    plan.with_message(why)
+}
+
+/// [`plan`] for a domain that is not leaving.
+fn plan_here(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
     let scheme = pod_iface_scheme(vmi, observed.links);
     let mut budget = Budget {
         pool: port_pool(vmi, observed.domain),
@@ -328,9 +392,22 @@ fn plan_interface(
     let mut plan = InterfacePlan::new(&spec.name, Phase::Pending);
     plan.pod_iface = Some(names.pod.clone());
 
-    let Some(domain) = observed.domain else {
-        return plan.with_message("the domain is not defined");
+    let case = PrepareCase {
+        vmi,
+        spec,
+        names: &names,
+        observed,
     };
+    let Some(domain) = observed.domain else {
+        // A migration target before the domain arrives (or a pod whose VM
+        // has not started yet): the taps must exist before QEMU starts.
+        return case.prepare(None, plan);
+    };
+    match domain.migration {
+        Migration::Incoming => return case.prepare(Some(domain), plan),
+        Migration::Departed => return migrated_away(plan, &names, observed),
+        Migration::None | Migration::Outgoing => {}
+    }
     let device = domain.interface_by_alias(&spec.alias());
     let kubevirt_layout = observed.link(&names.kubevirt_renamed_pod).is_some();
     plan.mac = device.and_then(|d| d.mac);
@@ -413,6 +490,97 @@ fn plan_interface(
         domain,
     };
     plug(&case, budget, plan)
+}
+
+/// The domain shut off here because it migrated to another pod: it cannot
+/// come back (a new migration would go to a new pod), so its tap and bridge
+/// go. The pod link stays as the plumbing left it (nicplug's record in its
+/// alias, the bridge's MAC, no addresses): given back, it would carry its
+/// original MAC, which the VM keeps in the target pod, onto the same network,
+/// and the node's bridge would send the VM's traffic here. CNI DEL deletes it
+/// by name when the pod goes. KubeVirt's layout stays KubeVirt's.
+fn migrated_away(
+    mut plan: InterfacePlan,
+    names: &PlumbingNames,
+    observed: &Observed<'_>,
+) -> InterfacePlan {
+    if observed.link(&names.kubevirt_renamed_pod).is_none() {
+        plan.steps = delete_bridge_and_tap(names, observed);
+    }
+    plan.with_message("the domain migrated to another pod")
+}
+
+/// One spec interface on a migration target.
+struct PrepareCase<'a> {
+    vmi: &'a Vmi,
+    spec: &'a SpecInterface,
+    names: &'a PlumbingNames,
+    observed: &'a Observed<'a>,
+}
+
+impl PrepareCase<'_> {
+    /// Plumbing for the device that arrives with the domain, nothing
+    /// attached: the same bridge, pod link and tap as a plug builds, the tap
+    /// with the queue mode the incoming device has (or the spec asks for).
+    /// `domain` is the incoming domain, `None` before it exists.
+    fn prepare(&self, domain: Option<&DomainState>, mut plan: InterfacePlan) -> InterfacePlan {
+        let (spec, names, observed) = (self.spec, self.names, self.observed);
+        let device = domain.and_then(|d| d.interface_by_alias(&spec.alias()));
+        plan.mac = device.and_then(|d| d.mac).or(spec.mac);
+        if spec.state == SpecState::Absent {
+            let in_use = domain.is_some_and(|d| {
+                d.interfaces.iter().any(|i| {
+                    i.alias.as_deref() == Some(spec.alias().as_str())
+                        || i.target_dev.as_deref() == Some(names.tap.as_str())
+                })
+            });
+            if in_use {
+                // The arriving QEMU holds the tap: the unplug happens once it
+                // runs here.
+                return plan.with_message(MIGRATING_IN);
+            }
+            plan.steps = teardown(names, observed);
+            plan.phase = Phase::Detached;
+            return plan;
+        }
+        if observed.link(&names.kubevirt_renamed_pod).is_some() {
+            // KubeVirt's virt-handler plumbs this network: adopt what it
+            // built, build nothing beside it.
+            if observed.link(&names.tap).is_some() {
+                plan.phase = Phase::Prepared;
+                return plan.with_message("KubeVirt's plumbing is in place");
+            }
+            return plan.with_message(format!(
+                "KubeVirt is plumbing this network ({} exists)",
+                names.kubevirt_renamed_pod
+            ));
+        }
+        if observed.kubevirt_plumbs {
+            return plan.with_message("KubeVirt plumbs this network before the domain arrives");
+        }
+        let Some(pod) = observed.link(&names.pod) else {
+            plan.steps = teardown(names, observed);
+            return plan.with_message(format!("waiting for pod interface {}", names.pod));
+        };
+        let absent = DomainState::default();
+        let case = PlugCase {
+            vmi: self.vmi,
+            spec,
+            names,
+            pod,
+            observed,
+            domain: domain.unwrap_or(&absent),
+        };
+        match case.check_prepare(device) {
+            Ok(checked) => {
+                let mut plan = case.steps(checked, plan);
+                plan.steps.retain(|s| !matches!(s, Step::Attach { .. }));
+                plan.phase = Phase::Prepared;
+                plan
+            }
+            Err(refusal) => refuse(&case, refusal, plan),
+        }
+    }
 }
 
 /// Says so when an attached device is not on its preferred root port (its
@@ -703,6 +871,21 @@ fn plan_departed(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
             }
         }
     }
+    if observed
+        .domain
+        .is_some_and(|d| d.migration == Migration::Departed)
+    {
+        // Left the spec while the domain left the pod: only the plumbing goes.
+        return departed
+            .into_iter()
+            .map(|(network, names)| {
+                let mut plan = InterfacePlan::new(&network, Phase::Detached);
+                plan.departed = true;
+                plan.pod_iface = Some(names.pod.clone());
+                migrated_away(plan, &names, observed)
+            })
+            .collect();
+    }
     let Some(domain) = observed.domain.filter(|d| d.running) else {
         return Vec::new();
     };
@@ -818,23 +1001,26 @@ struct Checked {
 fn plug(case: &PlugCase<'_>, budget: &mut Budget, mut plan: InterfacePlan) -> InterfacePlan {
     match case.check(budget, &mut plan) {
         Ok(checked) => case.steps(checked, plan),
-        Err(refusal) => {
-            plan.phase = Phase::Failed;
-            let message = match refusal {
-                Refusal::Fail(message) => {
-                    plan.steps = teardown(case.names, case.observed);
-                    message
-                }
-                Refusal::HandsOff(message) => message,
-                Refusal::NoRootPort(message) => {
-                    plan.steps = teardown(case.names, case.observed);
-                    plan.needs_root_port = true;
-                    message
-                }
-            };
-            plan.with_message(message)
-        }
+        Err(refusal) => refuse(case, refusal, plan),
     }
+}
+
+/// The plan of an interface whose plug (or preparation) cannot go ahead.
+fn refuse(case: &PlugCase<'_>, refusal: Refusal, mut plan: InterfacePlan) -> InterfacePlan {
+    plan.phase = Phase::Failed;
+    let message = match refusal {
+        Refusal::Fail(message) => {
+            plan.steps = teardown(case.names, case.observed);
+            message
+        }
+        Refusal::HandsOff(message) => message,
+        Refusal::NoRootPort(message) => {
+            plan.steps = teardown(case.names, case.observed);
+            plan.needs_root_port = true;
+            message
+        }
+    };
+    plan.with_message(message)
 }
 
 impl PlugCase<'_> {
@@ -844,18 +1030,8 @@ impl PlugCase<'_> {
         let (record, record_step) = self.original_state()?;
         let vm_mac = self.vm_mac(&record, budget)?;
         plan.mac = Some(vm_mac);
-        let bridge = self.observed.link(&self.names.bridge);
-        if let Some(master) = self.pod.master
-            && bridge.is_none_or(|b| b.index != master)
-        {
-            return Err(Refusal::HandsOff(format!(
-                "pod interface {} is enslaved to another link",
-                self.names.pod
-            )));
-        }
-        let owner = self.observed.tap_owner.ok_or_else(|| {
-            Refusal::Fail("cannot tell which user QEMU runs as; pass --tap-owner".into())
-        })?;
+        self.check_master()?;
+        let owner = self.tap_owner()?;
         let device = InterfaceDevice {
             network: self.spec.name.clone(),
             tap: self.names.tap.clone(),
@@ -891,6 +1067,60 @@ impl PlugCase<'_> {
             record_step,
             owner,
             device,
+        })
+    }
+
+    /// What a migration target builds for the device arriving with the
+    /// domain (`device`, once the incoming domain is defined): no root port
+    /// or MAC is taken (the domain brings its own), the tap's queue mode is
+    /// the incoming device's.
+    fn check_prepare(&self, device: Option<&DomainInterface>) -> Result<Checked, Refusal> {
+        let (record, record_step) = self.original_state()?;
+        self.check_master()?;
+        let owner = self.tap_owner()?;
+        let spec_queues = self.vmi.multiqueue.filter(|_| self.spec.model == "virtio");
+        let device = InterfaceDevice {
+            network: self.spec.name.clone(),
+            tap: self.names.tap.clone(),
+            model: self.spec.model.clone(),
+            mac: device
+                .and_then(|d| d.mac)
+                .or(self.spec.mac)
+                .unwrap_or(record.mac),
+            mtu: record.mtu,
+            queues: device.map_or(spec_queues, |d| d.queues),
+            link_up: self.spec.state != SpecState::Down,
+            // Nothing is attached here: the arriving device keeps its address.
+            address: None,
+        };
+        device
+            .validate()
+            .map_err(|e| Refusal::Fail(e.to_string()))?;
+        Ok(Checked {
+            record,
+            record_step,
+            owner,
+            device,
+        })
+    }
+
+    /// A pod link enslaved to something else than its bridge is not ours.
+    fn check_master(&self) -> Result<(), Refusal> {
+        let bridge = self.observed.link(&self.names.bridge);
+        if let Some(master) = self.pod.master
+            && bridge.is_none_or(|b| b.index != master)
+        {
+            return Err(Refusal::HandsOff(format!(
+                "pod interface {} is enslaved to another link",
+                self.names.pod
+            )));
+        }
+        Ok(())
+    }
+
+    fn tap_owner(&self) -> Result<Owner, Refusal> {
+        self.observed.tap_owner.ok_or_else(|| {
+            Refusal::Fail("cannot tell which user QEMU runs as; pass --tap-owner".into())
         })
     }
 

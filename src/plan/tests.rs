@@ -46,6 +46,7 @@ fn domain(ports: usize, interfaces: Vec<DomainInterface>) -> DomainState {
     DomainState {
         running: true,
         persistent: true,
+        migration: Migration::None,
         interfaces,
         root_ports: RootPorts::with_free(4, ports),
     }
@@ -57,6 +58,7 @@ fn observed<'a>(links: &'a [Link], domain: Option<&'a DomainState>) -> Observed<
         domain,
         tap_owner: Some(OWNER),
         clean_kubevirt_leftovers: false,
+        kubevirt_plumbs: false,
     }
 }
 
@@ -228,8 +230,6 @@ fn waits_for_the_pod_interface_and_the_domain() {
     );
 
     let links = [eth0(), fresh_pod_link()];
-    let p = &plan(&vmi, &observed(&links, None))[1];
-    assert_eq!((p.phase, p.steps.len()), (Phase::Pending, 0));
     let stopped = DomainState {
         running: false,
         ..domain(4, vec![])
@@ -588,6 +588,7 @@ fn kubevirts_leftovers_go_only_in_coexistence_mode_and_only_when_unused() {
     // link and the dummy stay.
     let coexist = Observed {
         clean_kubevirt_leftovers: true,
+        kubevirt_plumbs: true,
         ..observed(&links, Some(&gone))
     };
     let p = &plan(&absent, &coexist)[1];
@@ -597,6 +598,7 @@ fn kubevirts_leftovers_go_only_in_coexistence_mode_and_only_when_unused() {
     let attached = domain(3, vec![attached_device(true)]);
     let coexist = Observed {
         clean_kubevirt_leftovers: true,
+        kubevirt_plumbs: true,
         ..observed(&links, Some(&attached))
     };
     let p = &plan(&absent, &coexist)[1];
@@ -611,6 +613,7 @@ fn kubevirts_leftovers_go_only_in_coexistence_mode_and_only_when_unused() {
     leftovers.retain(|l| l.name.as_str() != POD);
     let coexist = Observed {
         clean_kubevirt_leftovers: true,
+        kubevirt_plumbs: true,
         ..observed(&leftovers, Some(&gone))
     };
     let plans = plan(&empty, &coexist);
@@ -620,6 +623,7 @@ fn kubevirts_leftovers_go_only_in_coexistence_mode_and_only_when_unused() {
     // Never while a device still uses the tap, and never outside coexistence.
     let coexist = Observed {
         clean_kubevirt_leftovers: true,
+        kubevirt_plumbs: true,
         ..observed(&leftovers, Some(&attached))
     };
     assert!(
@@ -784,6 +788,230 @@ fn primary_networks_are_not_managed_and_other_bindings_unsupported() {
     );
 }
 
+/// A domain in the middle of a migration, as this pod's daemon sees it.
+fn migrating(migration: Migration, running: bool, devices: Vec<DomainInterface>) -> DomainState {
+    DomainState {
+        running,
+        migration,
+        ..domain(3, devices)
+    }
+}
+
+#[test]
+fn a_migration_target_prepares_the_plumbing_and_attaches_nothing() {
+    let vmi = vmi("");
+    // Before the domain arrives: the whole plumbing, no attach.
+    let links = [eth0(), fresh_pod_link()];
+    let p = &plan(&vmi, &observed(&links, None))[1];
+    assert_eq!(p.phase, Phase::Prepared);
+    assert_eq!(
+        step_names(p),
+        [
+            "record-pod-link",
+            "ensure-bridge",
+            "enslave-pod-link",
+            "ensure-tap"
+        ]
+    );
+    assert_eq!(p.rollback.len(), 3, "a failed preparation is undone");
+    // Prepared already: nothing to do, still Prepared.
+    let links = plumbed_links();
+    let p = &plan(&vmi, &observed(&links, None))[1];
+    assert_eq!((p.phase, p.steps.len()), (Phase::Prepared, 0), "{p:?}");
+    // The domain arriving with its device: the same, and the status gets
+    // the MAC the VM keeps (the source's, not this pod link's).
+    let mut device = attached_device(true);
+    device.mac = Some("02:00:00:00:00:42".parse().unwrap());
+    let incoming = migrating(Migration::Incoming, false, vec![device.clone()]);
+    let p = &plan(&vmi, &observed(&links, Some(&incoming)))[1];
+    assert_eq!((p.phase, p.steps.len()), (Phase::Prepared, 0), "{p:?}");
+    assert_eq!(p.mac, device.mac);
+    // Once it runs here, the device is adopted: nothing attached.
+    let running = domain(3, vec![device]);
+    let p = &plan(&vmi, &observed(&links, Some(&running)))[1];
+    assert_eq!((p.phase, p.steps.len()), (Phase::Attached, 0), "{p:?}");
+}
+
+#[test]
+fn a_target_tap_gets_the_queue_mode_of_the_incoming_device() {
+    let links = [eth0(), fresh_pod_link()];
+    let device = DomainInterface {
+        queues: Some(4),
+        ..attached_device(true)
+    };
+    let incoming = migrating(Migration::Incoming, false, vec![device]);
+    let p = &plan(&vmi(""), &observed(&links, Some(&incoming)))[1];
+    let Some(Step::EnsureTap { spec, .. }) = p.steps.last() else {
+        panic!("{p:?}")
+    };
+    assert!(spec.multi_queue);
+    // Before the domain is there, the spec says: single queue here.
+    let p = &plan(&vmi(""), &observed(&links, None))[1];
+    let Some(Step::EnsureTap { spec, .. }) = p.steps.last() else {
+        panic!("{p:?}")
+    };
+    assert!(!spec.multi_queue);
+}
+
+#[test]
+fn a_target_without_a_tap_owner_fails_with_the_reason() {
+    let links = [eth0(), fresh_pod_link()];
+    let view = Observed {
+        tap_owner: None,
+        ..observed(&links, None)
+    };
+    let p = &plan(&vmi(""), &view)[1];
+    assert_eq!(p.phase, Phase::Failed);
+    assert_eq!(
+        p.message.as_deref(),
+        Some("cannot tell which user QEMU runs as; pass --tap-owner")
+    );
+}
+
+#[test]
+fn a_target_in_kubevirts_layout_is_adopted_and_nothing_built() {
+    let links = kubevirt_layout_links();
+    let p = &plan(&vmi(""), &observed(&links, None))[1];
+    assert_eq!((p.phase, p.steps.len()), (Phase::Prepared, 0), "{p:?}");
+    // KubeVirt mid-way (no tap yet): not prepared, and left alone.
+    let links: Vec<Link> = links
+        .into_iter()
+        .filter(|l| l.name.as_str() != TAP)
+        .collect();
+    let p = &plan(&vmi(""), &observed(&links, None))[1];
+    assert_eq!((p.phase, p.steps.len()), (Phase::Pending, 0), "{p:?}");
+}
+
+#[test]
+fn an_unplug_reaching_a_target_waits_for_the_arriving_device() {
+    let absent = vmi(r#","state":"absent""#);
+    let links = plumbed_links();
+    let incoming = migrating(Migration::Incoming, false, vec![attached_device(true)]);
+    let p = &plan(&absent, &observed(&links, Some(&incoming)))[1];
+    assert!(p.steps.is_empty(), "the arriving QEMU holds the tap: {p:?}");
+    assert_eq!(
+        p.message.as_deref(),
+        Some("the domain is migrating here: this change waits until the migration finished")
+    );
+    // Without a domain (or one without the device), the plumbing goes.
+    let p = &plan(&absent, &observed(&links, None))[1];
+    assert_eq!(p.phase, Phase::Detached);
+    assert_eq!(
+        step_names(p),
+        ["delete-link", "release-pod-link", "delete-link"]
+    );
+}
+
+#[test]
+fn a_domain_migrating_away_gets_no_change_at_all() {
+    let links = plumbed_links();
+    let leaving = migrating(Migration::Outgoing, true, vec![attached_device(true)]);
+    let held = |vmi: &Vmi, links: &[Link], dom: &DomainState| {
+        let p = plan(vmi, &observed(links, Some(dom))).remove(1);
+        assert!(p.steps.is_empty() && p.rollback.is_empty(), "{p:?}");
+        p
+    };
+    // Nothing to change: adopted as usual, no message.
+    let p = held(&vmi(""), &links, &leaving);
+    assert_eq!((p.phase, p.message), (Phase::Attached, None));
+    // An unplug, a link state change, a repair: all wait.
+    for extra in [r#","state":"absent""#, r#","state":"down""#] {
+        let p = held(&vmi(extra), &links, &leaving);
+        assert_eq!(p.phase, Phase::Attached);
+        assert_eq!(
+            p.message.as_deref(),
+            Some(
+                "the domain is migrating to another pod: this change waits until the migration finished"
+            )
+        );
+    }
+    let without_tap: Vec<Link> = links
+        .iter()
+        .filter(|l| l.name.as_str() != TAP)
+        .cloned()
+        .collect();
+    assert!(held(&vmi(""), &without_tap, &leaving).repairs.is_empty());
+    // A new NIC: not plugged here while the domain may leave (also not
+    // while it is paused at the switch-over).
+    let bare = migrating(Migration::Outgoing, true, vec![]);
+    let paused = migrating(Migration::Outgoing, false, vec![]);
+    for dom in [&bare, &paused] {
+        let p = held(&vmi(""), &[eth0(), fresh_pod_link()], dom);
+        assert_eq!(p.phase, Phase::Pending);
+    }
+    // The pod interface gone under the device: no unplug either.
+    let no_pod: Vec<Link> = links
+        .iter()
+        .filter(|l| l.name.as_str() != POD)
+        .cloned()
+        .collect();
+    assert_eq!(held(&vmi(""), &no_pod, &leaving).phase, Phase::Attached);
+    // A failed migration: the domain is just running again, changes go ahead.
+    let back = domain(3, vec![attached_device(true)]);
+    let p = &plan(&vmi(r#","state":"absent""#), &observed(&links, Some(&back)))[1];
+    assert_eq!(step_names(p)[0], "detach-device");
+}
+
+#[test]
+fn a_domain_that_migrated_away_leaves_no_tap_or_bridge_and_its_mac_off_the_wire() {
+    let links = plumbed_links();
+    let gone = migrating(Migration::Departed, false, vec![attached_device(true)]);
+    let p = &plan(&vmi(""), &observed(&links, Some(&gone)))[1];
+    assert_eq!(p.phase, Phase::Pending);
+    assert_eq!(
+        p.message.as_deref(),
+        Some("the domain migrated to another pod")
+    );
+    // The pod link is not given back: its original MAC is the VM's.
+    assert_eq!(
+        p.steps,
+        [
+            Step::DeleteLink { name: name(TAP) },
+            Step::DeleteLink { name: name(BRIDGE) }
+        ]
+    );
+    // Once they are gone, nothing more.
+    let rest: Vec<Link> = links
+        .into_iter()
+        .filter(|l| l.kind != LinkKind::Bridge && l.kind != LinkKind::Tun)
+        .collect();
+    let p = &plan(&vmi(""), &observed(&rest, Some(&gone)))[1];
+    assert!(p.steps.is_empty(), "{p:?}");
+    // KubeVirt's layout stays KubeVirt's.
+    let links = kubevirt_layout_links();
+    let p = &plan(&vmi(""), &observed(&links, Some(&gone)))[1];
+    assert!(p.steps.is_empty(), "{p:?}");
+    // A network that also left the spec: its tap and bridge go the same way.
+    let departed = Vmi::parse(r#"{"kind":"VirtualMachineInstance","metadata":{"name":"vm"},"spec":{"domain":{"devices":{}}}}"#).unwrap();
+    let plans = plan(&departed, &observed(&plumbed_links(), Some(&gone)));
+    assert_eq!(plans.len(), 1, "{plans:?}");
+    assert_eq!((plans[0].phase, plans[0].departed), (Phase::Detached, true));
+    assert_eq!(step_names(&plans[0]), ["delete-link", "delete-link"]);
+}
+
+#[test]
+fn beside_kubevirt_a_target_prepares_nothing_and_adopts_kubevirts_layout() {
+    // virt-handler plumbs every spec network at a start and on a target.
+    let links = [eth0(), fresh_pod_link()];
+    let view = Observed {
+        kubevirt_plumbs: true,
+        ..observed(&links, None)
+    };
+    let p = &plan(&vmi(""), &view)[1];
+    assert_eq!((p.phase, p.steps.len()), (Phase::Pending, 0), "{p:?}");
+    assert_eq!(
+        p.message.as_deref(),
+        Some("KubeVirt plumbs this network before the domain arrives")
+    );
+    let links = kubevirt_layout_links();
+    let view = Observed {
+        kubevirt_plumbs: true,
+        ..observed(&links, None)
+    };
+    let p = &plan(&vmi(""), &view)[1];
+    assert_eq!((p.phase, p.steps.len()), (Phase::Prepared, 0), "{p:?}");
+}
+
 /// A VMI with the pod network first, then bridge networks `names` (`name=absent`
 /// marks one absent).
 fn vmi_with(names: &[&str]) -> Vmi {
@@ -830,6 +1058,7 @@ fn domain_with_primary(ports: u8, mut devices: Vec<DomainInterface>) -> DomainSt
     let mut dom = DomainState {
         running: true,
         persistent: true,
+        migration: Migration::None,
         interfaces: devices,
         root_ports: RootPorts::with_free(ports as usize, ports as usize),
     };

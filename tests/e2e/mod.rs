@@ -720,3 +720,29 @@ pub fn rss_kb(pid: u32) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }
+
+/// KubeVirt's bridge-binding layout for `network`, built by hand as
+/// virt-handler does it (rename the pod link to `H-nic`, bridge `k6t-H`, tap
+/// `tapH`). KubeVirt's dummy `podH` cannot be made: this kernel has no
+/// `dummy` link type. The tap is `tap_uid`'s (QEMU's). Returns the pod link's
+/// original MAC.
+pub fn kubevirt_layout(rig: &Rig, net: &CniNet, network: &str, tap_uid: u32) -> String {
+    let h = suffix(network);
+    let cni = rig.cni_add(net, &pod_iface(network));
+    let (nic, bridge, tap) = (format!("{h}-nic"), format!("k6t-{h}"), format!("tap{h}"));
+    let uid = tap_uid.to_string();
+    for args in [
+        vec!["link", "set", &pod_iface(network), "down"],
+        vec!["link", "set", &pod_iface(network), "name", &nic],
+        vec!["link", "add", &bridge, "type", "bridge"],
+        vec!["link", "set", &nic, "master", &bridge, "up"],
+        vec!["link", "set", &bridge, "up"],
+        vec![
+            "tuntap", "add", "dev", &tap, "mode", "tap", "user", &uid, "vnet_hdr",
+        ],
+        vec!["link", "set", &tap, "master", &bridge, "up"],
+    ] {
+        rig.pod_ip(&args);
+    }
+    cni.mac
+}

@@ -175,9 +175,27 @@ pub struct Rig {
     qemu_uid: Cell<u32>,
     qemu_gid: Cell<u32>,
     netns_made: Vec<String>,
-    domain_started: bool,
+    domain_started: Cell<bool>,
     keep: bool,
-    _guard: MutexGuard<'static, ()>,
+    /// host-local IPAM state: the node's, shared by every pod on it.
+    ipam_dir: PathBuf,
+    /// A second pod of the same node ([`Rig::start_target`]) runs under the first
+    /// one's lock.
+    _guard: Option<MutexGuard<'static, ()>>,
+}
+
+/// The veth between a rig's pod and its migration target pod carries the
+/// migration stream: `169.254.88.1` (source) and `.2` (target), link-local.
+pub const MIGRATION_LINK: &str = "mig0";
+const MIGRATION_SOURCE_ADDR: &str = "169.254.88.1";
+pub const MIGRATION_TARGET_ADDR: &str = "169.254.88.2";
+
+/// A distinct libvirt `host_uuid` per rig (libvirt refuses to migrate to "the same host").
+fn host_uuid(id: &str) -> String {
+    let n = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    format!("6e696370-6c75-4467-a000-{:012x}", n & 0xffff_ffff_ffff)
 }
 
 fn guest_dir() -> PathBuf {
@@ -360,10 +378,12 @@ impl Rig {
             qemu_uid: Cell::new(0),
             qemu_gid: Cell::new(0),
             netns_made: Vec::new(),
-            domain_started: false,
+            domain_started: Cell::new(false),
             keep: std::env::var("NICPLUG_KEEP_RIG").is_ok_and(|v| v == "1"),
-            _guard: guard,
+            ipam_dir: PathBuf::new(),
+            _guard: Some(guard),
         };
+        rig.ipam_dir = rig.dir.join("ipam");
         reap_stale();
         if let Err(e) = rig.setup(&opts) {
             let msg = format!(
@@ -404,7 +424,187 @@ impl Rig {
             }
         };
         self.log("guest image ready");
+        let (g_kernel, g_initrd, g_disk) =
+            self.setup_pod(&kernel, &initrd, disk.as_deref(), true)?;
 
+        // The domain.
+        let xml = domain_xml(
+            &self.domain,
+            opts,
+            &g_kernel,
+            &g_initrd,
+            g_disk.as_deref(),
+            &self.console_log,
+        );
+        let xml_path = self.dir.join("domain.xml");
+        fs::write(&xml_path, &xml).map_err(|e| e.to_string())?;
+        let xml_arg = xml_path.display().to_string();
+        if opts.persistent {
+            self.virsh_try(&["define", &xml_arg])?;
+            self.log("domain defined");
+            self.virsh_try(&["start", &self.domain.clone()])?;
+        } else {
+            self.virsh_try(&["create", &xml_arg])?;
+        }
+        self.domain_started.set(true);
+        self.log("domain started");
+        copy_dir_files(&self.caps_dir(), &caps_cache(self.non_root));
+
+        self.record_qemu()?;
+        self.wait_guest_agent(self.boot_timeout())
+    }
+
+    /// A second launcher pod on this rig's node, as a migration target: its own pod netns
+    /// and libvirt daemon (own mount namespace, directories and `host_uuid`), the same
+    /// node netns, CNI networks and IPAM, the domain's name, no domain yet, and a veth
+    /// ([`MIGRATION_LINK`]) to this pod for the migration stream. Dropped before this rig
+    /// (declare it after). Panics with the daemon's log on failure.
+    pub fn start_target(&self) -> Rig {
+        assert!(!self.non_root, "start_target: the root rig only");
+        let n = RIG_SEQ.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{}-{n}", std::process::id());
+        let dir = tmp_base().join(format!("{PREFIX}-rig-{id}"));
+        let mut rig = Rig {
+            pod_ns: format!("{PREFIX}-pod-{id}"),
+            node_ns: self.node_ns.clone(),
+            libvirt_uri: format!(
+                "qemu+unix:///system?socket={}",
+                dir.join("run/libvirt-sock").display()
+            ),
+            domain: self.domain.clone(),
+            console_log: dir.join("console.log"),
+            dir,
+            clock: Clock::new(&id),
+            id,
+            persistent: true,
+            non_root: false,
+            daemon: RefCell::new(None),
+            daemon_frozen: Cell::new(false),
+            qemu_pid: Cell::new(0),
+            qemu_uid: Cell::new(0),
+            qemu_gid: Cell::new(0),
+            netns_made: Vec::new(),
+            domain_started: Cell::new(false),
+            keep: self.keep,
+            ipam_dir: self.ipam_dir.clone(),
+            guest: self.guest,
+            boot_to_agent: Cell::new(Duration::ZERO),
+            _guard: None,
+        };
+        let setup = ensure_guest()
+            .and_then(|(kernel, initrd)| rig.setup_pod(&kernel, &initrd, None, false))
+            .and_then(|_| {
+                let (src, dst) = (&self.pod_ns, &rig.pod_ns);
+                util::try_run(Command::new("ip").args([
+                    "-n",
+                    src,
+                    "link",
+                    "add",
+                    MIGRATION_LINK,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    MIGRATION_LINK,
+                    "netns",
+                    dst,
+                ]))?;
+                for (ns, addr) in [(src, MIGRATION_SOURCE_ADDR), (dst, MIGRATION_TARGET_ADDR)] {
+                    let cidr = format!("{addr}/30");
+                    util::try_run(Command::new("ip").args([
+                        "-n",
+                        ns,
+                        "addr",
+                        "add",
+                        &cidr,
+                        "dev",
+                        MIGRATION_LINK,
+                    ]))?;
+                    util::try_run(Command::new("ip").args([
+                        "-n",
+                        ns,
+                        "link",
+                        "set",
+                        MIGRATION_LINK,
+                        "up",
+                    ]))?;
+                }
+                Ok(())
+            });
+        if let Err(e) = setup {
+            let msg = format!(
+                "start_target failed: {e}\n--- libvirtd log ---\n{}",
+                util::tail(&rig.dir.join("libvirtd.log"), 20)
+            );
+            drop(rig);
+            panic!("{msg}");
+        }
+        rig.log(&format!(
+            "migration target ready: pod={} node={} uri={}",
+            rig.pod_ns, rig.node_ns, rig.libvirt_uri
+        ));
+        rig
+    }
+
+    /// `virsh migrate` of the domain to `target` (started by [`Rig::start_target`]) the way
+    /// KubeVirt migrates (`VIR_MIGRATE_LIVE | PEER2PEER | PERSIST_DEST`), the stream over
+    /// [`MIGRATION_LINK`]; `extra` is appended. For a migration the test runs beside
+    /// (a child process); [`Rig::migrate_to`] runs it to the end.
+    pub fn migrate_command(&self, target: &Rig, extra: &[&str]) -> Command {
+        let mut c = Command::new("virsh");
+        c.args(["-q", "-c", &self.libvirt_uri])
+            .args(["migrate", "--live", "--p2p", "--persistent", &self.domain])
+            .arg(&target.libvirt_uri)
+            .args([
+                "--migrateuri",
+                &format!("tcp://{MIGRATION_TARGET_ADDR}:49152"),
+            ])
+            .args(["--listen-address", MIGRATION_TARGET_ADDR])
+            .args(extra);
+        c
+    }
+
+    /// Runs [`Rig::migrate_command`] to the end; returns how long it took, or virsh's
+    /// error. Then [`Rig::adopt_migrated_domain`] on `target`.
+    pub fn migrate_to(&self, target: &Rig, extra: &[&str]) -> Result<Duration, String> {
+        let t0 = Instant::now();
+        let result = util::try_run(&mut self.migrate_command(target, extra));
+        let took = t0.elapsed();
+        self.log(&format!(
+            "migration to {}: {} ({} ms)",
+            target.pod_ns,
+            match &result {
+                Ok(_) => "done".to_string(),
+                Err(e) => format!("failed: {}", e.trim()),
+            },
+            took.as_millis()
+        ));
+        target.adopt_migrated_domain()?;
+        result.map(|_| took)
+    }
+
+    /// On a migration target: once the domain runs here, records its QEMU, and from now
+    /// on Drop destroys and undefines it. Nothing when it does not run here.
+    pub fn adopt_migrated_domain(&self) -> Result<(), String> {
+        if let Ok(state) = self.virsh_try(&["domstate", &self.domain])
+            && state.trim() == "running"
+        {
+            self.domain_started.set(true);
+            self.record_qemu()?;
+        }
+        Ok(())
+    }
+
+    /// Directories, configuration, network namespaces (the node's too when
+    /// `with_node`) and the libvirt daemon of one launcher pod; returns the pod's private
+    /// copies of the guest kernel, initramfs and disk.
+    fn setup_pod(
+        &mut self,
+        kernel: &Path,
+        initrd: &Path,
+        disk: Option<&Path>,
+        with_node: bool,
+    ) -> Result<(PathBuf, PathBuf, Option<PathBuf>), String> {
         // Per-rig directories that replace libvirt's system paths inside its mount namespace.
         for sub in [
             "run",
@@ -424,7 +624,7 @@ impl Rig {
             .map_err(|e| e.to_string())?;
         fs::write(
             self.dir.join("etc/libvirtd.conf"),
-            "# nicplug rig: defaults\n",
+            format!("# nicplug rig\nhost_uuid = \"{}\"\n", host_uuid(&self.id)),
         )
         .map_err(|e| e.to_string())?;
         // stdio_handler=file: no virtlogd. namespaces=[]: QEMU sees the real /dev (taps).
@@ -444,10 +644,10 @@ impl Rig {
             .dir
             .join("guest")
             .join(initrd.file_name().unwrap_or_default());
-        fs::copy(&kernel, &g_kernel).map_err(|e| format!("copy {}: {e}", kernel.display()))?;
-        fs::copy(&initrd, &g_initrd).map_err(|e| format!("copy {}: {e}", initrd.display()))?;
+        fs::copy(kernel, &g_kernel).map_err(|e| format!("copy {}: {e}", kernel.display()))?;
+        fs::copy(initrd, &g_initrd).map_err(|e| format!("copy {}: {e}", initrd.display()))?;
         // The guest writes to its disk: each rig boots a private (sparse) copy.
-        let g_disk = match &disk {
+        let g_disk = match disk {
             Some(disk) => {
                 let to = self.dir.join("guest/disk.img");
                 util::try_run(Command::new("cp").arg("--sparse=always").arg(disk).arg(&to))?;
@@ -469,7 +669,11 @@ impl Rig {
         }
 
         // Network namespaces.
-        for ns in [self.pod_ns.clone(), self.node_ns.clone()] {
+        let mut namespaces = vec![self.pod_ns.clone()];
+        if with_node {
+            namespaces.push(self.node_ns.clone());
+        }
+        for ns in namespaces {
             util::try_run(Command::new("ip").args(["netns", "add", &ns]))?;
             self.netns_made.push(ns.clone());
             util::try_run(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]))?;
@@ -477,32 +681,7 @@ impl Rig {
         self.log("namespaces created");
 
         self.spawn_daemon()?;
-
-        // The domain.
-        let xml = domain_xml(
-            &self.domain,
-            opts,
-            &g_kernel,
-            &g_initrd,
-            g_disk.as_deref(),
-            &self.console_log,
-        );
-        let xml_path = self.dir.join("domain.xml");
-        fs::write(&xml_path, &xml).map_err(|e| e.to_string())?;
-        let xml_arg = xml_path.display().to_string();
-        if opts.persistent {
-            self.virsh_try(&["define", &xml_arg])?;
-            self.log("domain defined");
-            self.virsh_try(&["start", &self.domain.clone()])?;
-        } else {
-            self.virsh_try(&["create", &xml_arg])?;
-        }
-        self.domain_started = true;
-        self.log("domain started");
-        copy_dir_files(&self.caps_dir(), &caps_cache(self.non_root));
-
-        self.record_qemu()?;
-        self.wait_guest_agent(self.boot_timeout())
+        Ok((g_kernel, g_initrd, g_disk))
     }
 
     /// Where the daemon keeps its probed QEMU capabilities (inside the rig directory).
@@ -835,7 +1014,7 @@ impl Rig {
                 util::tail(&self.dir.join("libvirtd.log"), 20)
             );
         }
-        if self.domain_started {
+        if self.domain_started.get() {
             let running = poll(Duration::from_secs(30), Duration::from_millis(50), || {
                 self.virsh_try(&["domstate", &self.domain])
                     .ok()
@@ -1097,7 +1276,7 @@ impl Rig {
     }
 
     fn cni(&self, command: &str, net: &CniNet, ifname: &str) -> Result<String, String> {
-        let ipam = self.dir.join("ipam").display().to_string();
+        let ipam = self.ipam_dir.display().to_string();
         let conf = net.config(&ipam).to_string();
         fs::write(self.dir.join(format!("cni/{}.json", net.name)), &conf)
             .map_err(|e| e.to_string())?;
@@ -1368,7 +1547,7 @@ impl Drop for Rig {
         if self.daemon_frozen.get() {
             self.thaw_daemon();
         }
-        if self.daemon.borrow().is_some() && self.domain_started {
+        if self.daemon.borrow().is_some() && self.domain_started.get() {
             if let Err(e) = self.virsh_try(&["destroy", &self.domain])
                 && !e.contains("not running")
             {
