@@ -211,7 +211,12 @@ fn assert_source_given_back(rig: &Rig, nicplug: &Nicplug<'_>, macs: &[String]) {
     }
     for (n, mac) in NETS.iter().zip(macs) {
         let link = pod_link(rig, &pod_iface(n)).expect("pod link stays for CNI DEL");
-        assert_ne!(link["address"].as_str(), Some(mac.as_str()), "{n}");
+        assert_ne!(
+            link["address"].as_str(),
+            Some(mac.as_str()),
+            "{n}: {link}\n{}",
+            nicplug.log()
+        );
         assert!(link["master"].is_null(), "{n}: {link}");
         assert!(
             link["ifalias"]

@@ -559,7 +559,9 @@ impl PrepareCase<'_> {
             return plan.with_message("KubeVirt plumbs this network before the domain arrives");
         }
         let Some(pod) = observed.link(&names.pod) else {
-            plan.steps = teardown(names, observed);
+            if domain.is_none() {
+                plan.steps = teardown(names, observed);
+            }
             return plan.with_message(format!("waiting for pod interface {}", names.pod));
         };
         let absent = DomainState::default();
@@ -578,6 +580,12 @@ impl PrepareCase<'_> {
                 plan.phase = Phase::Prepared;
                 plan
             }
+            // With the domain here, QEMU holds what taps there are (it opened
+            // them at its incoming start), and a source finishing its
+            // migration reads the same for a moment (paused for it, the job
+            // over, not yet shut off): nothing is torn down, and the next
+            // pass sees where the domain went.
+            Err(refusal) if domain.is_some() => plan.with_message(refusal.into_message()),
             Err(refusal) => refuse(&case, refusal, plan),
         }
     }
@@ -978,6 +986,16 @@ enum Refusal {
     HandsOff(String),
     /// Every root port is in use; retried as soon as one frees.
     NoRootPort(String),
+}
+
+impl Refusal {
+    fn into_message(self) -> String {
+        match self {
+            Refusal::Fail(message) | Refusal::HandsOff(message) | Refusal::NoRootPort(message) => {
+                message
+            }
+        }
+    }
 }
 
 /// One interface to plug, with what the plan reads for it.

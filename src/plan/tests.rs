@@ -868,6 +868,37 @@ fn a_target_without_a_tap_owner_fails_with_the_reason() {
     );
 }
 
+/// A source finishing its migration reads like a target for a moment
+/// (paused for the migration, its job over, not yet shut off): whatever a
+/// preparation cannot do then, it tears nothing down under the devices.
+#[test]
+fn a_domain_paused_for_a_migration_never_loses_its_plumbing() {
+    let links = plumbed_links();
+    let view = Observed {
+        tap_owner: None,
+        ..observed(&links, None)
+    };
+    let paused = migrating(Migration::Incoming, false, vec![attached_device(true)]);
+    let view = Observed {
+        domain: Some(&paused),
+        ..view
+    };
+    let p = &plan(&vmi(""), &view)[1];
+    assert!(p.steps.is_empty(), "{p:?}");
+    assert_eq!(p.phase, Phase::Pending);
+    assert_eq!(
+        p.message.as_deref(),
+        Some("cannot tell which user QEMU runs as; pass --tap-owner")
+    );
+    // Its pod link gone too: still nothing removed while the domain is here.
+    let links: Vec<Link> = links
+        .into_iter()
+        .filter(|l| l.name.as_str() != POD)
+        .collect();
+    let p = &plan(&vmi(""), &observed(&links, Some(&paused)))[1];
+    assert!(p.steps.is_empty(), "{p:?}");
+}
+
 #[test]
 fn a_target_in_kubevirts_layout_is_adopted_and_nothing_built() {
     let links = kubevirt_layout_links();
