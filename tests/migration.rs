@@ -59,6 +59,23 @@ fn target_nicplug<'a>(target: &'a Rig, networks: &[&str], owner: u32) -> Nicplug
     nicplug
 }
 
+/// nicplug in the target pod, once Multus made the pod interfaces there
+/// (at the pod's creation), with every interface Prepared.
+fn prepared_target<'a>(rig: &Rig, target: &'a Rig) -> Nicplug<'a> {
+    for (n, net) in NETS.iter().zip(nets()) {
+        target.cni_add(&net, &pod_iface(n));
+    }
+    let nicplug = target_nicplug(target, &NETS, rig.qemu_uid());
+    wait_prepared(&nicplug);
+    nicplug
+}
+
+fn wait_prepared(nicplug: &Nicplug<'_>) {
+    for n in NETS {
+        nicplug.wait_phase(n, "Prepared", WAIT);
+    }
+}
+
 /// The interface devices of a live domain: (alias, MAC, queues, tap), sorted.
 fn devices(rig: &Rig) -> Vec<(String, String, Option<u32>, String)> {
     let mut d: Vec<_> = parse_devices(&rig.domain_xml())
@@ -267,9 +284,7 @@ fn live_migration_moves_hot_plugged_nics_to_prepared_taps() {
         .collect();
     let started = Instant::now();
     let nicplug = target_nicplug(&target, &NETS, rig.qemu_uid());
-    for n in NETS {
-        nicplug.wait_phase(n, "Prepared", WAIT);
-    }
+    wait_prepared(&nicplug);
     wait_ready(&nicplug);
     let prepared = started.elapsed();
     assert_eq!(plumbing_links(&target), expected_plumbing(&NETS));
@@ -349,13 +364,7 @@ fn a_migration_failing_on_the_target_leaves_the_vm_working_on_the_source() {
     let (source, _) = plug_in_source(&rig);
     let before = devices(&rig);
     let target = rig.start_target();
-    for (n, net) in NETS.iter().zip(nets()) {
-        target.cni_add(&net, &pod_iface(n));
-    }
-    let nicplug = target_nicplug(&target, &NETS, rig.qemu_uid());
-    for n in NETS {
-        nicplug.wait_phase(n, "Prepared", WAIT);
-    }
+    let nicplug = prepared_target(&rig, &target);
     // The first tap made unusable: another process holds its one queue, so
     // the arriving QEMU's open fails (EBUSY); nicplug sees a good tap.
     let _holder = TapHolder::start(&target, &format!("tap{}", suffix(NETS[0])));
@@ -451,13 +460,7 @@ fn a_nic_added_during_the_migration_is_plugged_once_on_the_target() {
     let rig = Rig::start(root_rig());
     let (source, _) = plug_in_source(&rig);
     let target = rig.start_target();
-    for (n, net) in NETS.iter().zip(nets()) {
-        target.cni_add(&net, &pod_iface(n));
-    }
-    let nicplug = target_nicplug(&target, &NETS, rig.qemu_uid());
-    for n in NETS {
-        nicplug.wait_phase(n, "Prepared", WAIT);
-    }
+    let nicplug = prepared_target(&rig, &target);
     let mut migration = third_nic_during_migration(&rig, &source, &target, &nicplug);
     let three = ["dyniface1", "dyniface2", "dyniface3"];
     // Let it finish: lift the bandwidth limit (again, until it is done: a
@@ -533,13 +536,7 @@ fn a_cancelled_migration_applies_the_held_nic_on_the_source() {
     let (source, _) = plug_in_source(&rig);
     let before = devices(&rig);
     let target = rig.start_target();
-    for (n, net) in NETS.iter().zip(nets()) {
-        target.cni_add(&net, &pod_iface(n));
-    }
-    let nicplug = target_nicplug(&target, &NETS, rig.qemu_uid());
-    for n in NETS {
-        nicplug.wait_phase(n, "Prepared", WAIT);
-    }
+    let nicplug = prepared_target(&rig, &target);
     let mut migration = third_nic_during_migration(&rig, &source, &target, &nicplug);
     // Cancelled (as KubeVirt's migration abort does): the domain stays here.
     rig.virsh(&["domjobabort", &rig.domain]);
@@ -591,9 +588,7 @@ fn a_target_in_kubevirts_layout_is_adopted_and_nothing_built() {
     }
     let layout = target_layout(&target);
     let nicplug = target_nicplug(&target, &NETS, rig.qemu_uid());
-    for n in NETS {
-        nicplug.wait_phase(n, "Prepared", WAIT);
-    }
+    wait_prepared(&nicplug);
     wait_ready(&nicplug);
     assert_eq!(
         target_layout(&target),

@@ -17,18 +17,16 @@ const PLUG: Duration = Duration::from_secs(30);
 
 /// The PCI address (`0000:01:00.0`) of device `alias` in the live domain.
 fn domain_address(rig: &Rig, alias: &str) -> Option<String> {
-    nicplug::hypervisor::domain_xml::parse_devices(&rig.domain_xml())
-        .unwrap()
-        .interfaces
-        .into_iter()
-        .find(|i| i.alias.as_deref() == Some(alias))
-        .and_then(|i| i.pci)
-        .map(|a| a.to_string())
+    address_in(&rig.domain_xml(), alias)
 }
 
 /// The PCI address of device `alias` in the persistent definition.
 fn config_address(rig: &Rig, alias: &str) -> Option<String> {
-    nicplug::hypervisor::domain_xml::parse_devices(&rig.domain_config_xml())
+    address_in(&rig.domain_config_xml(), alias)
+}
+
+fn address_in(domain_xml: &str, alias: &str) -> Option<String> {
+    nicplug::hypervisor::domain_xml::parse_devices(domain_xml)
         .unwrap()
         .interfaces
         .into_iter()

@@ -78,18 +78,7 @@ impl CniNet {
     /// IPAM has a gateway and one route (see [`CniNet::route`]); the bridge itself is
     /// no gateway, no masquerading, no default route.
     pub fn config(&self, ipam_dir: &str) -> Value {
-        if !self.ipam {
-            return json!({
-                "cniVersion": "0.4.0",
-                "name": self.name,
-                "type": "bridge",
-                "bridge": self.bridge,
-                "isGateway": false,
-                "isDefaultGateway": false,
-                "ipMasq": false,
-            });
-        }
-        json!({
+        let mut config = json!({
             "cniVersion": "0.4.0",
             "name": self.name,
             "type": "bridge",
@@ -97,14 +86,17 @@ impl CniNet {
             "isGateway": false,
             "isDefaultGateway": false,
             "ipMasq": false,
-            "ipam": {
+        });
+        if self.ipam {
+            config["ipam"] = json!({
                 "type": "host-local",
                 "subnet": self.subnet,
                 "gateway": self.gateway(),
                 "routes": [{ "dst": self.route() }],
                 "dataDir": ipam_dir,
-            }
-        })
+            });
+        }
+        config
     }
 }
 

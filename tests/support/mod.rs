@@ -204,41 +204,48 @@ fn guest_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/cache/nicplug/guest"))
 }
 
-/// Runs `scripts/build-guest` once per process (it is cached and idempotent).
-fn ensure_guest() -> Result<(PathBuf, PathBuf), String> {
-    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-guest");
-            let out = Command::new(&script)
-                .env("NICPLUG_GUEST_DIR", guest_dir())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .output()
-                .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-            let err = String::from_utf8_lossy(&out.stderr);
-            eprint!("{err}");
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(format!("{} failed: {err}", script.display()))
-            }
-        })
-        .clone()?;
-    let dir = guest_dir();
-    // The decompressed ELF kernel boots ~3.5 s faster under TCG (PVH entry, no XZ).
-    let kernel = ["vmlinux", "vmlinuz"]
-        .iter()
-        .map(|k| dir.join(k))
-        .find(|k| k.exists())
-        .ok_or_else(|| format!("no kernel in {}", dir.display()))?;
-    Ok((kernel, dir.join("initramfs.img")))
-}
-
 fn debian_guest_dir() -> PathBuf {
     std::env::var_os("NICPLUG_GUEST_DEBIAN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/cache/nicplug/guest-debian"))
+}
+
+/// Runs a guest build script of `scripts/` (cached and idempotent) with its
+/// output directory in `dir_var`, and returns the kernel it left there: the
+/// decompressed ELF one when there is one (it boots ~3.5 s faster under TCG:
+/// PVH entry, no XZ).
+fn build_guest(script: &str, dir_var: &str, dir: &Path) -> Result<PathBuf, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(script);
+    let t0 = Instant::now();
+    let out = Command::new(&script)
+        .env(dir_var, dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprint!("{err}");
+    eprintln!("{}: {} ms", script.display(), t0.elapsed().as_millis());
+    if !out.status.success() {
+        return Err(format!("{} failed: {err}", script.display()));
+    }
+    ["vmlinux", "vmlinuz"]
+        .iter()
+        .map(|k| dir.join(k))
+        .find(|k| k.exists())
+        .ok_or_else(|| format!("no kernel in {}", dir.display()))
+}
+
+/// Runs `scripts/build-guest` once per process: the busybox guest's kernel
+/// and initramfs.
+fn ensure_guest() -> Result<(PathBuf, PathBuf), String> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let kernel = BUILT
+        .get_or_init(|| build_guest("build-guest", "NICPLUG_GUEST_DIR", &guest_dir()))
+        .clone()?;
+    Ok((kernel, guest_dir().join("initramfs.img")))
 }
 
 /// The Debian guest's files (kernel, initramfs, disk image)
@@ -249,38 +256,15 @@ struct DebianGuest {
     disk: PathBuf,
 }
 
-/// Runs `scripts/build-guest-debian` once per process (cached and idempotent;
-/// a build from nothing takes a few minutes: debootstrap downloads ~300
-/// packages from the host's Debian mirror).
+/// Runs `scripts/build-guest-debian` once per process (a build from nothing
+/// takes a few minutes: debootstrap downloads ~300 packages from the host's
+/// Debian mirror).
 fn ensure_debian_guest() -> Result<DebianGuest, String> {
-    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-guest-debian");
-            let t0 = Instant::now();
-            let out = Command::new(&script)
-                .env("NICPLUG_GUEST_DEBIAN_DIR", debian_guest_dir())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .output()
-                .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-            let err = String::from_utf8_lossy(&out.stderr);
-            eprint!("{err}");
-            eprintln!("build-guest-debian: {} ms", t0.elapsed().as_millis());
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(format!("{} failed: {err}", script.display()))
-            }
-        })
-        .clone()?;
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let dir = debian_guest_dir();
-    // The decompressed ELF kernel boots faster under TCG (PVH entry, no XZ).
-    let kernel = ["vmlinux", "vmlinuz"]
-        .iter()
-        .map(|k| dir.join(k))
-        .find(|k| k.exists())
-        .ok_or_else(|| format!("no kernel in {}", dir.display()))?;
+    let kernel = BUILT
+        .get_or_init(|| build_guest("build-guest-debian", "NICPLUG_GUEST_DEBIAN_DIR", &dir))
+        .clone()?;
     Ok(DebianGuest {
         kernel,
         initrd: dir.join("initrd.img"),
