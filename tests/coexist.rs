@@ -194,20 +194,3 @@ fn migration_target_like_start_creates_nothing_then_adopts() {
     // The network without a device in the arriving domain is plugged now.
     nicplug.wait_phase("plain", "Attached", Duration::from_secs(60));
 }
-
-/// The pod namespace once the kernel is done with the layout: it gives the
-/// tap its IPv6 link-local only when linkwatch (which delays carrier events
-/// up to a second) reports the carrier QEMU's open raised, which can be after
-/// the guest already sees the NIC.
-fn settled_pod_link_state(rig: &Rig) -> Vec<String> {
-    let mut previous = pod_link_state(rig);
-    for _ in 0..10 {
-        std::thread::sleep(Duration::from_millis(1500));
-        let now = pod_link_state(rig);
-        if now == previous {
-            return now;
-        }
-        previous = now;
-    }
-    panic!("the pod namespace kept changing: {previous:?}");
-}

@@ -719,21 +719,6 @@ fn two_free_ports_three_interfaces() {
 // Two instances
 // ---------------------------------------------------------------------------
 
-/// `pod_link_state` once it holds still for a second (the kernel may still
-/// be adding an IPv6 link-local address right after a plug).
-fn settled_link_state(rig: &Rig) -> Vec<String> {
-    let mut last = pod_link_state(rig);
-    for _ in 0..10 {
-        std::thread::sleep(Duration::from_secs(1));
-        let now = pod_link_state(rig);
-        if now == last {
-            return now;
-        }
-        last = now;
-    }
-    last
-}
-
 /// The live domain's interface devices, for before/after comparisons.
 fn domain_interfaces(rig: &Rig) -> String {
     let xml = rig.domain_xml();
@@ -756,7 +741,7 @@ fn second_instance_refuses_to_start() {
     first.args = quick_refresh_args();
     first.start();
     let mac = plug_ready(&rig, &first, &net, "solo");
-    let links = settled_link_state(&rig);
+    let links = settled_pod_link_state(&rig);
     let devices = domain_interfaces(&rig);
     let mut checks = Checks::default();
 

@@ -556,6 +556,22 @@ pub fn assert_no_plumbing(rig: &Rig, network: &str) {
     }
 }
 
+/// [`pod_link_state`] once it holds still: the kernel adds a link's IPv6
+/// link-local address when linkwatch reports its carrier, which it delays
+/// up to a second (a tap QEMU just opened, a link right after a plug).
+pub fn settled_pod_link_state(rig: &Rig) -> Vec<String> {
+    let mut last = pod_link_state(rig);
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(1500));
+        let now = pod_link_state(rig);
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
 /// What nicplug could change about the pod's links, one line per link:
 /// name, kind, master, MAC, MTU, alias, addresses. Leaves out what the
 /// kernel changes by itself (timers, counters, DAD state).
