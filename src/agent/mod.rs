@@ -359,6 +359,9 @@ pub struct Agent<N, H> {
     change_met_migration: bool,
     /// The DHCPv4 server tasks, one per served interface.
     dhcp: crate::dhcp::Servers,
+    /// The pod's resolv.conf as DHCP hands it out, read on first use: the
+    /// kubelet writes it when the pod is made and it does not change after.
+    pod_dns: Option<crate::dhcp::Dns>,
 }
 
 /// How often a migration in flight is looked at.
@@ -445,6 +448,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             migrating: false,
             change_met_migration: false,
             dhcp: crate::dhcp::Servers::new(config.report.metrics.clone()),
+            pod_dns: None,
             net,
             hyp: Arc::new(hyp),
             report: Reporter::new(config.report.clone()),
@@ -776,13 +780,13 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         if !self.config.dhcp {
             return;
         }
-        let pod_dns = self
-            .config
-            .resolv_conf
-            .as_deref()
-            .and_then(|path| std::fs::read_to_string(path).ok())
-            .map(|text| crate::dhcp::Dns::from_resolv_conf(&text))
-            .unwrap_or_default();
+        let resolv_conf = self.config.resolv_conf.as_deref();
+        let pod_dns = self.pod_dns.get_or_insert_with(|| {
+            resolv_conf
+                .and_then(|path| std::fs::read_to_string(path).ok())
+                .map(|text| crate::dhcp::Dns::from_resolv_conf(&text))
+                .unwrap_or_default()
+        });
         let network_status = self
             .config
             .report
@@ -792,7 +796,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             .unwrap_or_default();
         let (desired, unserved) =
             crate::dhcp::desired_servers(vmi, links, domain, statuses, &|pod: &str| {
-                crate::dhcp::Dns::for_interface(&network_status, pod, &pod_dns)
+                crate::dhcp::Dns::for_interface(&network_status, pod, pod_dns)
             });
         self.dhcp.reconcile(desired);
         for status in statuses.iter_mut() {
