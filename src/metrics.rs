@@ -263,6 +263,7 @@ pub struct Metrics {
     reconcile_errors: Counter,
     netlink_overflows: Counter,
     dhcp_leases: Family<NetworkLabel, Counter>,
+    dhcpv6_leases: Family<NetworkLabel, Counter>,
     /// The watcher's running total, and what was already added from it.
     netlink_overflows_source: Mutex<(Option<crate::netns::watch::Overflows>, u64)>,
     process: ProcessMetrics,
@@ -369,9 +370,16 @@ impl Metrics {
             "DHCPv4 leases nicplug's server acknowledged to the VM, per network",
             dhcp_leases.clone(),
         );
+        let dhcpv6_leases = Family::<NetworkLabel, Counter>::default();
+        registry.register(
+            "nicplug_dhcpv6_leases",
+            "DHCPv6 IA_NA leases nicplug's server bound for the VM (Reply to Request, Renew, Rebind or a rapid-commit Solicit), per network",
+            dhcpv6_leases.clone(),
+        );
         let process = ProcessMetrics::register(&mut registry);
         Self {
             dhcp_leases,
+            dhcpv6_leases,
             registry,
             plug,
             unplug,
@@ -440,6 +448,15 @@ impl Metrics {
     /// label per VMI network: bounded by the spec).
     pub fn inc_dhcp_lease(&self, network: &str) {
         self.dhcp_leases
+            .get_or_create(&NetworkLabel {
+                network: network.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one DHCPv6 lease bound for the VM on `network`.
+    pub fn inc_dhcpv6_lease(&self, network: &str) {
+        self.dhcpv6_leases
             .get_or_create(&NetworkLabel {
                 network: network.to_owned(),
             })

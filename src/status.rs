@@ -112,7 +112,8 @@ pub struct InterfaceStatus {
     pub dhcp: Option<DhcpStatus>,
 }
 
-/// Whether the VM gets DHCPv4 from nicplug on an interface.
+/// Whether the VM gets DHCP (v4, and v6 with router advertisements) from
+/// nicplug on an interface.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DhcpStatus {
@@ -127,6 +128,21 @@ pub struct DhcpStatus {
     /// When the guest last took its lease (the last ACK).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_lease: Option<Timestamp>,
+    /// The IPv6 address (with prefix) leased by DHCPv6 IA_NA: the pod
+    /// interface's, when IPAM gave it one.
+    #[serde(
+        default,
+        rename = "ipv6Address",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ipv6_address: Option<String>,
+    /// When the guest last took its IPv6 lease (the last Reply binding it).
+    #[serde(
+        default,
+        rename = "ipv6LastLease",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ipv6_last_lease: Option<Timestamp>,
 }
 
 impl InterfaceStatus {

@@ -12,15 +12,15 @@ use crate::model::Mac;
 pub const SERVER_PORT: u16 = 67;
 pub const CLIENT_PORT: u16 = 68;
 const ETHERTYPE_IPV4: u16 = 0x0800;
-const ETH_HEADER: usize = 14;
+pub(super) const ETH_HEADER: usize = 14;
 const IPV4_HEADER: usize = 20;
-const UDP_HEADER: usize = 8;
-const PROTO_UDP: u8 = 17;
+pub(super) const UDP_HEADER: usize = 8;
+pub(super) const PROTO_UDP: u8 = 17;
 
 /// Why a received frame is no DHCP request for this server.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
-    #[error("frame is not IPv4/UDP to port 67")]
+    #[error("frame is not IPv4/UDP to port 67, IPv6/UDP to port 547 or a router solicitation")]
     NotDhcp,
     #[error("frame is truncated")]
     Truncated,
@@ -186,7 +186,7 @@ pub fn build(
 
 /// RFC 1071 one's complement sum over the concatenation of `parts` (each
 /// part but the last has even length here).
-fn internet_checksum(parts: &[&[u8]]) -> u16 {
+pub(super) fn internet_checksum(parts: &[&[u8]]) -> u16 {
     let mut sum: u32 = 0;
     for part in parts {
         let mut chunks = part.chunks_exact(2);

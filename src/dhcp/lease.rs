@@ -3,7 +3,7 @@
 //! nicplug derives the same lease again, so a guest renewing across the
 //! restart keeps its address.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::Ipv4Net;
 
@@ -23,7 +23,10 @@ pub const FALLBACK_SERVER_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 75, 1);
 /// one, else from the pod's resolv.conf.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Dns {
+    /// For DHCPv4 (option 6).
     pub servers: Vec<Ipv4Addr>,
+    /// For DHCPv6 (option 23).
+    pub servers6: Vec<Ipv6Addr>,
     pub search: Vec<String>,
 }
 
@@ -39,33 +42,36 @@ impl Dns {
         let entry = network_status
             .iter()
             .find(|s| s.interface.as_deref() == Some(pod));
-        let servers: Vec<Ipv4Addr> = entry
+        let named: Vec<IpAddr> = entry
             .map(|e| e.dns_servers())
             .unwrap_or_default()
             .iter()
             .filter_map(|s| s.parse().ok())
             .collect();
         match entry {
-            Some(e) if !servers.is_empty() => Dns {
-                servers,
-                search: e.dns_search(),
-            },
+            Some(e) if !named.is_empty() => {
+                let (servers, servers6) = split_families(&named);
+                Dns {
+                    servers,
+                    servers6,
+                    search: e.dns_search(),
+                }
+            }
             _ => pod_default.clone(),
         }
     }
 
-    /// Reads `nameserver` and `search` lines of a resolv.conf; IPv6
-    /// servers are skipped (DHCPv4 option 6 carries IPv4 only).
+    /// Reads `nameserver` and `search` lines of a resolv.conf.
     pub fn from_resolv_conf(text: &str) -> Self {
         let mut dns = Self::default();
         for line in text.lines() {
             let mut words = line.split_whitespace();
             match words.next() {
-                Some("nameserver") => {
-                    if let Some(Ok(ip)) = words.next().map(str::parse::<Ipv4Addr>) {
-                        dns.servers.push(ip);
-                    }
-                }
+                Some("nameserver") => match words.next().map(str::parse::<IpAddr>) {
+                    Some(Ok(IpAddr::V4(ip))) => dns.servers.push(ip),
+                    Some(Ok(IpAddr::V6(ip))) => dns.servers6.push(ip),
+                    _ => {}
+                },
                 Some("search") | Some("domain") => {
                     dns.search = words.map(String::from).collect();
                 }
@@ -74,6 +80,18 @@ impl Dns {
         }
         dns
     }
+}
+
+fn split_families(ips: &[IpAddr]) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for ip in ips {
+        match ip {
+            IpAddr::V4(ip) => v4.push(*ip),
+            IpAddr::V6(ip) => v6.push(*ip),
+        }
+    }
+    (v4, v6)
 }
 
 /// One VM's lease.
@@ -103,8 +121,8 @@ impl LeaseConfig {
     /// The lease for the pod link's first IPv4 address, `None` when it had
     /// none (an L2 network: no server). Any IPv4 address counts: the kernel
     /// makes none of its own on a pod link, so each one came from IPAM
-    /// (a 169.254.0.0/16 one too, as on the test rig). IPv6 is not served
-    /// here.
+    /// (a 169.254.0.0/16 one too, as on the test rig). IPv6 is
+    /// [`super::lease6`]'s.
     pub fn from_record(
         record: &PodLinkRecord,
         client: Mac,
@@ -252,10 +270,12 @@ mod tests {
         .unwrap();
         let pod = Dns {
             servers: vec![Ipv4Addr::new(10, 96, 0, 10)],
+            servers6: vec![],
             search: vec!["svc.cluster.local".into()],
         };
         let a = Dns::for_interface(&statuses, "pod1", &pod);
         assert_eq!(a.servers, vec![Ipv4Addr::new(10, 1, 0, 53)]);
+        assert_eq!(a.servers6, vec!["fd00::53".parse::<Ipv6Addr>().unwrap()]);
         assert_eq!(a.search, vec!["a.test"]);
         assert_eq!(Dns::for_interface(&statuses, "pod2", &pod), pod);
         assert_eq!(Dns::for_interface(&statuses, "pod3", &pod), pod);
@@ -268,6 +288,7 @@ mod tests {
             "# k8s\nsearch default.svc.cluster.local svc.cluster.local\nnameserver 10.96.0.10\nnameserver fd00::10\noptions ndots:5\n",
         );
         assert_eq!(dns.servers, vec![Ipv4Addr::new(10, 96, 0, 10)]);
+        assert_eq!(dns.servers6, vec!["fd00::10".parse::<Ipv6Addr>().unwrap()]);
         assert_eq!(
             dns.search,
             vec!["default.svc.cluster.local", "svc.cluster.local"]

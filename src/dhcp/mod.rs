@@ -1,22 +1,32 @@
-//! DHCPv4 for the VM behind a bridge binding nicplug plumbed: what KubeVirt's
-//! launcher does for the interfaces it plumbs itself, and does not for a
-//! device nicplug attached (it adopts the device and starts no server).
+//! DHCP for the VM behind a bridge binding nicplug plumbed: DHCPv4, what
+//! KubeVirt's launcher does for the interfaces it plumbs itself (and does
+//! not for a device nicplug attached: it adopts the device and starts no
+//! server), and beyond KubeVirt, which gives a bridge-bound guest no IPv6,
+//! router advertisements and DHCPv6 for the pod link's IPv6 address.
 //!
-//! - [`lease`]: the lease, derived only from the pod link's record (its
-//!   first IPv4 address, prefix, MTU, routes), DNS and the VMI name;
-//! - [`server`]: the server logic, a pure function of a request and the
-//!   lease;
-//! - [`frame`]: Ethernet/IPv4/UDP framing of the DHCP payload (the wire
-//!   format of the payload itself is `dhcproto`'s).
+//! - [`lease`], [`lease6`]: what the guest gets, derived only from the pod
+//!   link's record (addresses, prefix, MTU, routes), DNS and the VMI name;
+//! - [`server`], [`server6`], [`ra`]: the server logic, pure functions of a
+//!   request and the lease;
+//! - [`frame`], [`frame6`]: Ethernet/IP/UDP (and ICMPv6) framing (the wire
+//!   format of the DHCP payloads is `dhcproto`'s);
+//! - [`socket`], [`task`]: one packet socket on the tap and one task per
+//!   interface serving both families.
 
 pub mod frame;
+pub mod frame6;
 pub mod lease;
+pub mod lease6;
+pub mod ra;
 pub mod server;
+pub mod server6;
 pub mod socket;
 pub mod task;
 
 pub use lease::{Dns, LeaseConfig};
+pub use lease6::Lease6Config;
 pub use server::{Outcome, Reply, answer};
+pub use server6::answer6;
 pub use task::{Desired, Servers};
 
 use crate::hypervisor::DomainState;
@@ -30,7 +40,7 @@ use crate::status::{DhcpStatus, InterfaceStatus};
 /// interface whose device is attached (Attached or Ready) on a tap nicplug
 /// plumbed (the pod link carries nicplug's record for that network, and
 /// the live device uses the tap of that pod link) and whose record has an
-/// IPv4 address. Also returns, for the other attached interfaces, why they
+/// IPv4 address or an IPv6 address of IPAM's. Also returns, for the other attached interfaces, why they
 /// get no server (for the status).
 pub fn desired_servers(
     vmi: &Vmi,
@@ -46,6 +56,8 @@ pub fn desired_servers(
         reason: Some(reason.to_string()),
         address: None,
         last_lease: None,
+        ipv6_address: None,
+        ipv6_last_lease: None,
     };
     for status in statuses {
         if !matches!(status.phase, Phase::Attached | Phase::Ready) {
@@ -75,18 +87,23 @@ pub fn desired_servers(
             continue;
         };
         let dns = dns(pod.name.as_str());
-        match LeaseConfig::from_record(&record, mac, dns, Some(vmi.name.clone())) {
-            Some(lease) => desired.push(Desired {
-                network: status.name.clone(),
-                tap: names.tap,
-                server_mac: Mac::locally_administered_from(pod.name.as_str()),
-                lease,
-            }),
-            None => unserved.push((
+        let server_mac = Mac::locally_administered_from(pod.name.as_str());
+        let lease6 = Lease6Config::from_record(&record, mac, server_mac, &dns);
+        let lease = LeaseConfig::from_record(&record, mac, dns, Some(vmi.name.clone()));
+        if lease.is_none() && lease6.is_none() {
+            unserved.push((
                 status.name.clone(),
-                not_served("not served: the pod interface had no IPv4 address (an L2 network)"),
-            )),
+                not_served("not served: the pod interface had no address from IPAM (an L2 network)"),
+            ));
+            continue;
         }
+        desired.push(Desired {
+            network: status.name.clone(),
+            tap: names.tap,
+            server_mac,
+            lease,
+            lease6,
+        });
     }
     (desired, unserved)
 }
@@ -173,17 +190,42 @@ mod tests {
                 panic!("{desired:?}");
             };
             assert_eq!(want.tap.as_str(), TAP);
-            assert_eq!(want.lease.client.to_string(), VM_MAC);
-            assert_eq!(want.lease.address.to_string(), "169.254.2.5");
-            assert_eq!(want.lease.hostname.as_deref(), Some("vm1"));
+            let lease = want.lease.as_ref().unwrap();
+            assert_eq!(lease.client.to_string(), VM_MAC);
+            assert_eq!(lease.address.to_string(), "169.254.2.5");
+            assert_eq!(lease.hostname.as_deref(), Some("vm1"));
+            assert_eq!(want.lease6, None, "no IPv6 of IPAM's");
             assert_eq!(want.server_mac, Mac::locally_administered_from(POD));
+        }
+    }
+
+    #[test]
+    fn an_ipv6_address_of_ipams_is_served_alone_or_beside_ipv4() {
+        for (addresses, v4) in [
+            (&["169.254.2.5/24", "fe80::ff:fe00:9/64", "fe80::2:5/64"][..], true),
+            (&["fe80::ff:fe00:9/64", "fe80::2:5/64"][..], false),
+        ] {
+            let links = [pod_link(Some(record(addresses)))];
+            let (desired, unserved) = desired_servers(
+                &vmi(),
+                &links,
+                Some(&domain(TAP)),
+                &[status(Phase::Ready)],
+                &|_: &str| Dns::default(),
+            );
+            assert!(unserved.is_empty());
+            let lease6 = desired[0].lease6.as_ref().unwrap();
+            assert_eq!(lease6.address.to_string(), "fe80::2:5");
+            assert_eq!(lease6.client.to_string(), VM_MAC);
+            assert_eq!(desired[0].lease.is_some(), v4);
         }
     }
 
     #[test]
     fn no_server_for_l2_kubevirt_or_unattached_interfaces() {
         let dom = domain(TAP);
-        let l2 = [pod_link(Some(record(&["fe80::1/64"])))];
+        // Only the kernel's own link-local address (EUI-64 of the MAC).
+        let l2 = [pod_link(Some(record(&["fe80::ff:fe00:9/64"])))];
         let (desired, unserved) = desired_servers(
             &vmi(),
             &l2,
@@ -192,7 +234,7 @@ mod tests {
             &|_: &str| Dns::default(),
         );
         assert!(desired.is_empty());
-        assert!(unserved[0].1.reason.as_deref().unwrap().contains("no IPv4"));
+        assert!(unserved[0].1.reason.as_deref().unwrap().contains("no address from IPAM"));
 
         // KubeVirt's layout: no nicplug record on the pod link.
         let kubevirt = [pod_link(None)];

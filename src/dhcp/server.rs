@@ -3,7 +3,7 @@
 //! clock, no state: everything comes from the lease, which comes from the
 //! record, so any instance of nicplug answers the same.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use dhcproto::v4::{DhcpOption, HType, Message, MessageType, Opcode, OptionCode};
 
@@ -17,8 +17,12 @@ pub enum Outcome {
     /// REQUEST (selecting, init-reboot, renewing or rebinding) answered with
     /// an ACK: the guest holds its lease.
     Acked,
-    /// REQUEST for another address answered with a NAK.
-    Nacked { requested: Ipv4Addr },
+    /// REQUEST for another address answered with a NAK (DHCPv6: a renewal
+    /// of another address, answered with the lease's and the other at
+    /// lifetime 0).
+    Nacked { requested: IpAddr },
+    /// DHCPv6 CONFIRM: whether the guest's addresses are still on the link.
+    Confirmed { on_link: bool },
     /// INFORM answered with an ACK carrying configuration only.
     Informed,
     /// The guest released its lease (no reply).
@@ -90,7 +94,9 @@ pub fn answer(request: &Message, lease: &LeaseConfig) -> (Option<Reply>, Outcome
             } else {
                 (
                     Some(nak(request, lease)),
-                    Outcome::Nacked { requested: asked },
+                    Outcome::Nacked {
+                        requested: asked.into(),
+                    },
                 )
             }
         }
@@ -228,6 +234,7 @@ mod tests {
             mtu: 1400,
             dns: Dns {
                 servers: vec![Ipv4Addr::new(10, 96, 0, 10)],
+                servers6: vec![],
                 search: vec!["default.svc.cluster.local".into()],
             },
             hostname: Some("vmi-1".into()),
@@ -341,7 +348,9 @@ mod tests {
             vec![DhcpOption::RequestedIpAddress(other)],
         );
         let (reply, outcome) = answer(&init_reboot, &lease());
-        assert_eq!(outcome, Outcome::Nacked { requested: other });
+        assert_eq!(outcome, Outcome::Nacked {
+                requested: other.into()
+            });
         let reply = reply.unwrap();
         assert_eq!(kind(&reply), Some(MessageType::Nak));
         assert_eq!(reply.destination, Ipv4Addr::BROADCAST);
@@ -351,7 +360,9 @@ mod tests {
         renew.set_ciaddr(other);
         assert_eq!(
             answer(&renew, &lease()).1,
-            Outcome::Nacked { requested: other }
+            Outcome::Nacked {
+                requested: other.into()
+            }
         );
     }
 

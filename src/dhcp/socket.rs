@@ -7,8 +7,8 @@
 //! `PACKET_OUTGOING`, which is skipped. A frame sent on this socket leaves
 //! the tap, i.e. goes straight to the VM, and never crosses the bridge: the
 //! pod link and the node side never see the server. A classic BPF filter
-//! (IPv4, UDP, not a fragment, destination port 67) keeps every other frame
-//! of the guest in the kernel. Opening it needs `CAP_NET_RAW`.
+//! (DHCPv4, DHCPv6, router solicitations) keeps every other frame of the
+//! guest in the kernel. Opening it needs `CAP_NET_RAW`.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -23,23 +23,31 @@ use crate::model::{IfName, Mac};
 /// it; only ETH_P_ALL sockets see it first. The BPF filter then keeps
 /// DHCP only.
 const ETH_P_ALL_BE: u16 = (libc::ETH_P_ALL as u16).to_be();
-/// ETH_P_IP in network byte order: the protocol of the frames sent.
-const ETH_P_IP_BE: u16 = (libc::ETH_P_IP as u16).to_be();
 const MAX_FRAME: usize = 65_536;
 
-/// `udp dst port 67` over IPv4 without fragments (what `tcpdump -dd` gives).
-const FILTER: [libc::sock_filter; 11] = [
-    bpf(0x28, 0, 0, 12),     // ldh [12]            ethertype
-    bpf(0x15, 0, 8, 0x0800), // jeq IPv4 else drop
-    bpf(0x30, 0, 0, 23),     // ldb [23]            protocol
-    bpf(0x15, 0, 6, 17),     // jeq UDP else drop
-    bpf(0x28, 0, 0, 20),     // ldh [20]            flags + fragment offset
-    bpf(0x45, 4, 0, 0x1fff), // jset offset -> drop
-    bpf(0xb1, 0, 0, 14),     // ldxb 4*([14]&0xf)   IP header length
-    bpf(0x48, 0, 0, 16),     // ldh [x+16]          UDP destination port
-    bpf(0x15, 0, 1, 67),     // jeq 67 else drop
-    bpf(0x06, 0, 0, 0xffff), // ret accept
-    bpf(0x06, 0, 0, 0),      // ret drop
+/// What the server reads, as a classic BPF program: IPv4 UDP to port 67
+/// without fragments, IPv6 UDP to port 547, and ICMPv6 router
+/// solicitations (type 133); IPv6 extension headers are not followed.
+const FILTER: [libc::sock_filter; 19] = [
+    bpf(0x28, 0, 0, 12),      // 0: ldh [12]            ethertype
+    bpf(0x15, 0, 7, 0x0800),  // 1: jeq IPv4 else 9
+    bpf(0x30, 0, 0, 23),      // 2: ldb [23]            protocol
+    bpf(0x15, 0, 14, 17),     // 3: jeq UDP else drop
+    bpf(0x28, 0, 0, 20),      // 4: ldh [20]            flags + fragment offset
+    bpf(0x45, 12, 0, 0x1fff), // 5: jset offset -> drop
+    bpf(0xb1, 0, 0, 14),      // 6: ldxb 4*([14]&0xf)   IP header length
+    bpf(0x48, 0, 0, 16),      // 7: ldh [x+16]          UDP destination port
+    bpf(0x15, 8, 9, 67),      // 8: jeq 67 -> accept else drop
+    bpf(0x15, 0, 8, 0x86dd),  // 9: jeq IPv6 else drop
+    bpf(0x30, 0, 0, 20),      // 10: ldb [20]           next header
+    bpf(0x15, 0, 2, 17),      // 11: jeq UDP else 14
+    bpf(0x28, 0, 0, 56),      // 12: ldh [56]           UDP destination port
+    bpf(0x15, 3, 4, 547),     // 13: jeq 547 -> accept else drop
+    bpf(0x15, 0, 3, 58),      // 14: jeq ICMPv6 else drop
+    bpf(0x30, 0, 0, 54),      // 15: ldb [54]           ICMPv6 type
+    bpf(0x15, 0, 1, 133),     // 16: jeq router solicitation else drop
+    bpf(0x06, 0, 0, 0xffff),  // 17: ret accept
+    bpf(0x06, 0, 0, 0),       // 18: ret drop
 ];
 
 const fn bpf(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
@@ -144,7 +152,10 @@ impl TapSocket {
 
     /// Sends one whole Ethernet frame out of the tap, to the VM.
     pub async fn send(&self, frame: &[u8], destination: Mac) -> io::Result<()> {
-        let address = link_address(self.ifindex, ETH_P_IP_BE, Some(destination));
+        // The protocol is the frame's own ethertype (SOCK_RAW sends the
+        // frame as it is).
+        let protocol = u16::from_be_bytes([frame[12], frame[13]]).to_be();
+        let address = link_address(self.ifindex, protocol, Some(destination));
         loop {
             let mut guard = self.fd.writable().await?;
             let result = guard.try_io(|fd| {
@@ -183,4 +194,66 @@ fn link_address(ifindex: i32, protocol: u16, destination: Option<Mac>) -> libc::
         address.sll_addr[..6].copy_from_slice(&mac.octets());
     }
     address
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the classic BPF program on `packet` with the instructions the
+    /// filter uses (absolute and indexed loads, jeq, jset, msh, ret).
+    fn run(program: &[libc::sock_filter], packet: &[u8]) -> u32 {
+        let (mut a, mut x, mut pc) = (0u32, 0u32, 0usize);
+        let byte = |at: usize| u32::from(packet.get(at).copied().unwrap_or(0));
+        let half = |at: usize| byte(at) << 8 | byte(at + 1);
+        loop {
+            let i = program[pc];
+            let k = i.k as usize;
+            pc += 1;
+            match i.code {
+                0x28 => a = half(k),
+                0x30 => a = byte(k),
+                0x48 => a = half(x as usize + k),
+                0xb1 => x = 4 * (byte(k) & 0xf),
+                0x15 | 0x45 => {
+                    let hit = if i.code == 0x15 { a == i.k } else { a & i.k != 0 };
+                    pc += usize::from(if hit { i.jt } else { i.jf });
+                }
+                0x06 => return i.k,
+                code => panic!("instruction {code:#x} not emulated"),
+            }
+        }
+    }
+
+    fn frame(ethertype: u16, at: &[(usize, u8)]) -> Vec<u8> {
+        let mut f = vec![0u8; 90];
+        f[12..14].copy_from_slice(&ethertype.to_be_bytes());
+        for (i, b) in at {
+            f[*i] = *b;
+        }
+        f
+    }
+
+    #[test]
+    fn the_filter_takes_dhcp_of_both_families_and_solicitations_only() {
+        // IPv4, header length 5, UDP, to port 67 (or 68).
+        let dhcp4 = frame(0x0800, &[(14, 0x45), (23, 17), (36, 0), (37, 67)]);
+        assert_ne!(run(&FILTER, &dhcp4), 0);
+        let mut to68 = dhcp4.clone();
+        to68[37] = 68;
+        assert_eq!(run(&FILTER, &to68), 0);
+        let mut fragment = dhcp4;
+        fragment[21] = 1;
+        assert_eq!(run(&FILTER, &fragment), 0);
+        // IPv6: UDP to 547, ICMPv6 133 pass; 546, 134, TCP do not.
+        let dhcp6 = frame(0x86dd, &[(20, 17), (56, 0x02), (57, 0x23)]);
+        assert_ne!(run(&FILTER, &dhcp6), 0);
+        let mut to546 = dhcp6;
+        to546[57] = 0x22;
+        assert_eq!(run(&FILTER, &to546), 0);
+        assert_ne!(run(&FILTER, &frame(0x86dd, &[(20, 58), (54, 133)])), 0);
+        assert_eq!(run(&FILTER, &frame(0x86dd, &[(20, 58), (54, 134)])), 0);
+        assert_eq!(run(&FILTER, &frame(0x86dd, &[(20, 6)])), 0);
+        assert_eq!(run(&FILTER, &frame(0x0806, &[])), 0);
+    }
 }

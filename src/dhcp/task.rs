@@ -18,8 +18,12 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::frame;
+use super::frame6::{self, ALL_NODES, ALL_NODES_MAC, Request6};
 use super::lease::LeaseConfig;
+use super::lease6::Lease6Config;
+use super::ra;
 use super::server::{Outcome, answer};
+use super::server6::answer6;
 use super::socket::TapSocket;
 use crate::metrics::Metrics;
 use crate::model::{IfName, Mac};
@@ -30,6 +34,16 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 /// A guest can send requests as fast as it likes: each kind of outcome is
 /// logged at INFO at most this often per interface, the rest at DEBUG.
 const LOG_EVERY: Duration = Duration::from_secs(10);
+/// Unsolicited router advertisements: the first few close together (RFC
+/// 4861 6.2.4: at most 16 s apart, at most 3), then every 200 s, the
+/// minimum interval RFC 4861 allows for the 600 s default maximum. The guest
+/// also gets one at once for each router solicitation.
+const RA_INITIAL: [Duration; 3] = [
+    Duration::ZERO,
+    Duration::from_secs(4),
+    Duration::from_secs(8),
+];
+const RA_EVERY: Duration = Duration::from_secs(200);
 
 /// A server one interface should have.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,7 +52,11 @@ pub struct Desired {
     pub tap: IfName,
     /// The Ethernet source of replies: the bridge's MAC (nicplug's own).
     pub server_mac: Mac,
-    pub lease: LeaseConfig,
+    /// DHCPv4, when the pod link had an IPv4 address.
+    pub lease: Option<LeaseConfig>,
+    /// DHCPv6 and router advertisements, when it had an IPv6 address of
+    /// IPAM's. At least one of the two is set.
+    pub lease6: Option<Lease6Config>,
 }
 
 /// What a task reports back.
@@ -48,6 +66,7 @@ struct Shared {
     /// Why it is not serving (the socket was refused, the tap is gone).
     reason: Option<String>,
     last_lease: Option<Timestamp>,
+    last_lease6: Option<Timestamp>,
     dead: bool,
 }
 
@@ -63,6 +82,7 @@ struct Retry {
     at: Option<Instant>,
     reason: Option<String>,
     last_lease: Option<Timestamp>,
+    last_lease6: Option<Timestamp>,
 }
 
 /// A task wakes the agent loop at most this often for acknowledged leases
@@ -140,6 +160,7 @@ impl Servers {
                 retry.at = Some(Instant::now() + delay);
                 retry.reason.clone_from(&shared.reason);
                 retry.last_lease = shared.last_lease;
+                retry.last_lease6 = shared.last_lease6;
                 drop(shared);
                 self.running.remove(&name);
                 continue;
@@ -150,6 +171,7 @@ impl Servers {
             }
             let shared = Arc::new(Mutex::new(Shared {
                 last_lease: retry.last_lease,
+                last_lease6: retry.last_lease6,
                 ..Shared::default()
             }));
             let span = info_span!("interface", iface = %name);
@@ -180,20 +202,25 @@ impl Servers {
         if running.is_none() && retry.is_none() {
             return None;
         }
-        let address =
-            running.map(|r| format!("{}/{}", r.desired.lease.address, r.desired.lease.prefix));
-        let (serving, reason, last_lease) = match running {
+        let desired = running.map(|r| &r.desired);
+        let address = desired
+            .and_then(|d| d.lease.as_ref())
+            .map(|l| format!("{}/{}", l.address, l.prefix));
+        let ipv6_address = desired
+            .and_then(|d| d.lease6.as_ref())
+            .map(|l| format!("{}/{}", l.address, l.prefix));
+        let (serving, reason, last_lease, ipv6_last_lease) = match running {
             Some(r) => {
                 let s = lock(&r.shared);
                 let reason = s
                     .reason
                     .clone()
                     .or_else(|| (!s.serving).then(|| "starting".to_string()));
-                (s.serving && !s.dead, reason, s.last_lease)
+                (s.serving && !s.dead, reason, s.last_lease, s.last_lease6)
             }
             None => {
                 let r = retry.expect("checked above");
-                (false, r.reason.clone(), r.last_lease)
+                (false, r.reason.clone(), r.last_lease, r.last_lease6)
             }
         };
         Some(DhcpStatus {
@@ -201,6 +228,8 @@ impl Servers {
             reason: if serving { None } else { reason },
             address,
             last_lease,
+            ipv6_address,
+            ipv6_last_lease,
         })
     }
 
@@ -246,6 +275,7 @@ async fn serve(
         tap,
         server_mac,
         lease,
+        lease6,
     } = desired;
     let socket = match TapSocket::open(&tap) {
         Ok(socket) => socket,
@@ -261,23 +291,39 @@ async fn serve(
     };
     lock(&shared).serving = true;
     changed.notify_one();
-    let mut woken_at: Option<Instant> = None;
-    info!(%tap, address = %lease.address, prefix = lease.prefix, server = %lease.server, "dhcp server started");
-    let mut logged: HashMap<&'static str, Instant> = HashMap::new();
-    let mut log = |kind: &'static str, text: String| {
-        let now = Instant::now();
-        if logged
-            .get(kind)
-            .is_none_or(|at| now.duration_since(*at) >= LOG_EVERY)
-        {
-            logged.insert(kind, now);
-            info!(outcome = kind, "{text}");
-        } else {
-            debug!(outcome = kind, "{text}");
-        }
+    info!(
+        %tap,
+        address = ?lease.as_ref().map(|l| format!("{}/{}", l.address, l.prefix)),
+        ipv6_address = ?lease6.as_ref().map(|l| format!("{}/{}", l.address, l.prefix)),
+        "dhcp server started"
+    );
+    let mut served = Served {
+        network: &network,
+        shared: &shared,
+        metrics: metrics.as_deref(),
+        changed: &changed,
+        woken_at: None,
+        logged: HashMap::new(),
     };
+    let started = Instant::now();
+    let mut advertised = 0;
+    let mut next_ra = lease6.as_ref().map(|_| started);
     loop {
-        let frame_bytes = match socket.receive().await {
+        let received = tokio::select! {
+            received = socket.receive() => received,
+            () = sleep_until(next_ra) => {
+                advertised += 1;
+                next_ra = Some(match RA_INITIAL.get(advertised) {
+                    Some(after) => started + *after,
+                    None => Instant::now() + RA_EVERY,
+                });
+                if let Some(lease6) = &lease6 {
+                    send_advertisement(&socket, lease6, server_mac, None, &mut served).await;
+                }
+                continue;
+            }
+        };
+        let frame_bytes = match received {
             Ok(bytes) => bytes,
             Err(e) => {
                 warn!(%tap, error = %e, "dhcp server socket failed");
@@ -291,66 +337,195 @@ async fn serve(
                 return;
             }
         };
-        let received = match frame::parse(&frame_bytes) {
-            Ok(received) => received,
-            Err(e) => {
-                log(
-                    "malformed",
-                    format!("frame from the guest is no DHCP request: {e}"),
-                );
-                continue;
+        if frame6::is_ipv6(&frame_bytes) {
+            if let Some(lease6) = &lease6 {
+                serve6(&socket, &frame_bytes, lease6, server_mac, &mut served).await;
             }
-        };
-        if received.source != lease.client {
-            log(
-                "foreign",
-                format!("request from {} ignored: not the VM's MAC", received.source),
-            );
-            continue;
+        } else if let Some(lease) = &lease {
+            serve4(&socket, &frame_bytes, lease, server_mac, &mut served).await;
         }
-        let (reply, outcome) = answer(&received.message, &lease);
-        match &outcome {
+    }
+}
+
+/// Sleeps until `at`; never returns without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What a serving task reports to, and its log rate limit.
+struct Served<'a> {
+    network: &'a str,
+    shared: &'a Mutex<Shared>,
+    metrics: Option<&'a Metrics>,
+    changed: &'a Notify,
+    woken_at: Option<Instant>,
+    logged: HashMap<&'static str, Instant>,
+}
+
+impl Served<'_> {
+    /// Logs `text` at INFO at most every [`LOG_EVERY`] per kind, else DEBUG.
+    fn log(&mut self, kind: &'static str, text: String) {
+        let now = Instant::now();
+        if self
+            .logged
+            .get(kind)
+            .is_none_or(|at| now.duration_since(*at) >= LOG_EVERY)
+        {
+            self.logged.insert(kind, now);
+            info!(outcome = kind, "{text}");
+        } else {
+            debug!(outcome = kind, "{text}");
+        }
+    }
+
+    /// The guest took a lease of `family` 4 or 6.
+    fn leased(&mut self, family: u8) {
+        {
+            let mut s = lock(self.shared);
+            let at = Some(Timestamp::now());
+            if family == 4 {
+                s.last_lease = at;
+            } else {
+                s.last_lease6 = at;
+            }
+        }
+        if self.woken_at.is_none_or(|at| at.elapsed() >= WAKE_EVERY) {
+            self.woken_at = Some(Instant::now());
+            self.changed.notify_one();
+        }
+        if let Some(metrics) = self.metrics {
+            if family == 4 {
+                metrics.inc_dhcp_lease(self.network);
+            } else {
+                metrics.inc_dhcpv6_lease(self.network);
+            }
+        }
+    }
+
+    /// Logs (and counts) what one request did.
+    fn outcome(&mut self, family: u8, outcome: &Outcome, address: std::net::IpAddr) {
+        let kind = |v4: &'static str, v6: &'static str| if family == 4 { v4 } else { v6 };
+        match outcome {
             Outcome::Acked => {
-                lock(&shared).last_lease = Some(Timestamp::now());
-                if woken_at.is_none_or(|at| at.elapsed() >= WAKE_EVERY) {
-                    woken_at = Some(Instant::now());
-                    changed.notify_one();
-                }
-                if let Some(metrics) = &metrics {
-                    metrics.inc_dhcp_lease(&network);
-                }
-                log("ack", format!("lease {} acknowledged", lease.address));
+                self.leased(family);
+                self.log(kind("ack", "reply6"), format!("lease {address} acknowledged"));
             }
-            Outcome::Offered => log("offer", format!("offered {}", lease.address)),
-            Outcome::Nacked { requested } => log(
-                "nak",
-                format!(
-                    "request for {requested} refused (NAK): the lease is {}",
-                    lease.address
-                ),
+            Outcome::Offered => self.log(kind("offer", "advertise6"), format!("offered {address}")),
+            Outcome::Nacked { requested } => self.log(
+                kind("nak", "renew6-other"),
+                format!("request for {requested} refused: the lease is {address}"),
             ),
-            Outcome::Informed => log("inform", "configuration sent (INFORM)".into()),
-            Outcome::Released => log("release", "the guest released its lease".into()),
-            Outcome::Declined => log(
-                "decline",
-                format!(
-                    "the guest declined {}: it saw the address in use",
-                    lease.address
-                ),
+            Outcome::Informed => self.log(kind("inform", "inform6"), "configuration sent".into()),
+            Outcome::Confirmed { on_link } => self.log(
+                "confirm6",
+                format!("the guest's addresses are {}on this link", if *on_link { "" } else { "not " }),
             ),
-            Outcome::Ignored(why) => log("ignored", format!("request ignored: {why}")),
+            Outcome::Released => self.log(kind("release", "release6"), "the guest released its lease".into()),
+            Outcome::Declined => self.log(
+                kind("decline", "decline6"),
+                format!("the guest declined {address}: it saw the address in use"),
+            ),
+            Outcome::Ignored(why) => self.log(kind("ignored", "ignored6"), format!("request ignored: {why}")),
         }
-        if let Some(reply) = reply {
-            let bytes = frame::build(
-                &reply.message,
-                server_mac,
-                lease.server,
-                lease.client,
-                reply.destination,
-            );
-            if let Err(e) = socket.send(&bytes, lease.client).await {
-                log("send", format!("cannot send the reply: {e}"));
+    }
+}
+
+async fn serve4(
+    socket: &TapSocket,
+    bytes: &[u8],
+    lease: &LeaseConfig,
+    server_mac: Mac,
+    served: &mut Served<'_>,
+) {
+    let received = match frame::parse(bytes) {
+        Ok(received) => received,
+        Err(e) => {
+            served.log("malformed", format!("frame from the guest is no DHCP request: {e}"));
+            return;
+        }
+    };
+    if received.source != lease.client {
+        served.log(
+            "foreign",
+            format!("request from {} ignored: not the VM's MAC", received.source),
+        );
+        return;
+    }
+    let (reply, outcome) = answer(&received.message, lease);
+    served.outcome(4, &outcome, lease.address.into());
+    if let Some(reply) = reply {
+        let bytes = frame::build(
+            &reply.message,
+            server_mac,
+            lease.server,
+            lease.client,
+            reply.destination,
+        );
+        if let Err(e) = socket.send(&bytes, lease.client).await {
+            served.log("send", format!("cannot send the reply: {e}"));
+        }
+    }
+}
+
+async fn serve6(
+    socket: &TapSocket,
+    bytes: &[u8],
+    lease: &Lease6Config,
+    server_mac: Mac,
+    served: &mut Served<'_>,
+) {
+    let received = match frame6::parse6(bytes) {
+        Ok(received) => received,
+        Err(e) => {
+            served.log("malformed6", format!("frame from the guest is no DHCPv6 request or router solicitation: {e}"));
+            return;
+        }
+    };
+    if received.source != lease.client {
+        served.log(
+            "foreign",
+            format!("request from {} ignored: not the VM's MAC", received.source),
+        );
+        return;
+    }
+    match &received.request {
+        Request6::RouterSolicitation => {
+            let to = (!received.from.is_unspecified()).then_some(received.from);
+            send_advertisement(socket, lease, server_mac, to, served).await;
+        }
+        Request6::Dhcp(message) => {
+            let (reply, outcome) = answer6(message, lease);
+            served.outcome(6, &outcome, lease.address.into());
+            if let Some(reply) = reply {
+                let bytes =
+                    frame6::build_dhcp6(&reply, server_mac, lease.server, lease.client, received.from);
+                if let Err(e) = socket.send(&bytes, lease.client).await {
+                    served.log("send", format!("cannot send the reply: {e}"));
+                }
             }
         }
+    }
+}
+
+/// One router advertisement, to `to` (a solicitation's source) or to all
+/// nodes; either way it only leaves through the tap, to the VM.
+async fn send_advertisement(
+    socket: &TapSocket,
+    lease: &Lease6Config,
+    server_mac: Mac,
+    to: Option<std::net::Ipv6Addr>,
+    served: &mut Served<'_>,
+) {
+    let (source, body) = ra::advertisement(lease, server_mac);
+    let (mac, ip) = match to {
+        Some(ip) => (lease.client, ip),
+        None => (ALL_NODES_MAC, ALL_NODES),
+    };
+    let bytes = frame6::build_icmp6(body, server_mac, source, mac, ip);
+    if let Err(e) = socket.send(&bytes, mac).await {
+        served.log("send", format!("cannot send a router advertisement: {e}"));
     }
 }
