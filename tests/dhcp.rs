@@ -7,9 +7,6 @@
 mod e2e;
 mod support;
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use e2e::*;
@@ -59,107 +56,6 @@ fn env_of(text: &str) -> Vec<(String, String)> {
 
 fn get<'a>(env: &'a [(String, String)], key: &str) -> Option<&'a str> {
     env.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
-}
-
-/// Every frame seen on every link of a namespace (AF_PACKET bound to no
-/// link), on a thread that `setns`es into it, until stopped.
-struct NodeCapture {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Vec<Vec<u8>>>>,
-}
-
-impl NodeCapture {
-    fn start(netns: &str) -> Self {
-        let path = format!("/run/netns/{netns}");
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = stop.clone();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("open netns");
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            // SAFETY: plain socket(2); checked below.
-            let raw = unsafe {
-                libc::socket(
-                    libc::AF_PACKET,
-                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                    i32::from((libc::ETH_P_ALL as u16).to_be()),
-                )
-            };
-            assert!(
-                raw >= 0,
-                "packet socket: {}",
-                std::io::Error::last_os_error()
-            );
-            // SAFETY: a fresh descriptor owned here.
-            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-            let timeout = libc::timeval {
-                tv_sec: 0,
-                tv_usec: 100_000,
-            };
-            // SAFETY: a valid timeval of the size given.
-            unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&timeout as *const libc::timeval).cast(),
-                    size_of::<libc::timeval>() as libc::socklen_t,
-                );
-            }
-            ready_tx.send(()).unwrap();
-            let mut frames = Vec::new();
-            let mut buf = vec![0u8; 65536];
-            while !stopping.load(Ordering::Relaxed) {
-                // SAFETY: `buf` is valid for its length.
-                let n =
-                    unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-                if n > 0 {
-                    frames.push(buf[..n as usize].to_vec());
-                }
-            }
-            frames
-        });
-        ready_rx.recv().expect("capture thread died");
-        Self {
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn stop(mut self) -> Vec<Vec<u8>> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.take().unwrap().join().unwrap()
-    }
-}
-
-impl Drop for NodeCapture {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// IPv4/UDP frames from port 67 (a DHCP server's replies).
-fn dhcp_server_frames(frames: &[Vec<u8>]) -> Vec<String> {
-    frames
-        .iter()
-        .filter(|f| f.len() >= 42 && f[12..14] == [0x08, 0x00] && f[23] == 17)
-        .filter(|f| {
-            let ihl = usize::from(f[14] & 0x0f) * 4;
-            f.get(14 + ihl..14 + ihl + 2) == Some(&67u16.to_be_bytes()[..])
-        })
-        .map(|f| {
-            let mac = |b: &[u8]| {
-                b.iter()
-                    .map(|x| format!("{x:02x}"))
-                    .collect::<Vec<_>>()
-                    .join(":")
-            };
-            format!("{} -> {}", mac(&f[6..12]), mac(&f[0..6]))
-        })
-        .collect()
 }
 
 fn dhcp_of(nicplug: &Nicplug<'_>, network: &str) -> Option<Value> {

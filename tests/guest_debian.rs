@@ -106,8 +106,11 @@ fn debian_names_hot_plugged_nics_by_their_placement() {
     // so the guest calls them enp1s0 and enp3s0.
     let spec = ["red", "green", "blue"];
     nicplug.set_spec(&spec);
-    let red_net = CniNet::new(50);
+    // red is dual-stack: networkd takes IPv6 from nicplug's router
+    // advertisements (M flag) and DHCPv6.
+    let red_net = CniNet::dual_stack(50);
     let blue_net = CniNet::new(52);
+    let capture = NodeCapture::start(&rig.node_ns);
     let mut macs = Vec::new();
     for (network, net, port) in [("blue", &blue_net, 3), ("red", &red_net, 1)] {
         let t0 = Instant::now();
@@ -154,6 +157,39 @@ fn debian_names_hot_plugged_nics_by_their_placement() {
             rig.ping_from_node(net, &address),
             "ping {address} over {want}"
         );
+        if net.ipv6 {
+            let cidr6 = cni
+                .ips
+                .iter()
+                .find(|ip| ip.contains(':'))
+                .unwrap_or_else(|| panic!("no IPv6 in {:?}", cni.ips));
+            let address6 = cidr6.split('/').next().unwrap().to_string();
+            wait_guest_address(&rig, &cni.mac, &address6);
+            eprintln!(
+                "timing: {network}: Attached -> the guest holds its DHCPv6 address {address6} {:?}",
+                t0.elapsed() - attached
+            );
+            let (_, routes) = rig.guest_exec(&["/bin/sh", "-c", &format!("ip -6 route show dev {want}")]);
+            eprintln!("guest: IPv6 routes of {want}:\n{routes}");
+            // The default router is the pod link's gateway, from the
+            // advertisement nicplug sent for it.
+            assert!(
+                routes.contains(&format!("default via {}", net.addr6(1))),
+                "no default route via the gateway on {want}:\n{routes}"
+            );
+            let mut dhcp = nicplug.entry(network).unwrap()["dhcp"].clone();
+            let t2 = Instant::now();
+            while dhcp["ipv6LastLease"].is_null() && t2.elapsed() < PLUG {
+                std::thread::sleep(Duration::from_millis(100));
+                dhcp = nicplug.entry(network).unwrap()["dhcp"].clone();
+            }
+            assert_eq!(dhcp["ipv6Address"], cidr6.as_str(), "{dhcp}");
+            assert!(dhcp["ipv6LastLease"]["time"].is_string(), "{dhcp}");
+            assert!(
+                rig.ping_from_node(net, &address6),
+                "ping {address6} over {want}"
+            );
+        }
         macs.push((network, cni.mac, want));
     }
     // The status shows the guest's name once the guest agent reports it:
@@ -174,6 +210,11 @@ fn debian_names_hot_plugged_nics_by_their_placement() {
         "timing: red Ready -> status interfaceName enp1s0 {:?}",
         t0.elapsed()
     );
+
+    // nicplug's servers answer through the taps only: nothing of theirs
+    // (DHCPv4, DHCPv6, router advertisements) reached the node side.
+    let frames = capture.stop();
+    assert_eq!(dhcp_server_frames(&frames), Vec::<String>::new());
 
     // Unplug blue and plug it again: the same port, the same name.
     nicplug.set_spec_states(&[("red", "up"), ("green", "up"), ("blue", "absent")]);

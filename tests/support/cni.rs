@@ -18,6 +18,10 @@ pub struct CniNet {
     /// Whether the plugin runs IPAM (`host-local`); without, the pod link gets no
     /// address: a pure L2 network.
     pub ipam: bool,
+    /// Whether IPAM also gives IPv6: an address from `fe80::<N>:2` to
+    /// `fe80::<N>:fe` in fe80::/64 (link-local, as every address the rig uses),
+    /// gateway `fe80::<N>:1` and a default route through it.
+    pub ipv6: bool,
 }
 
 impl CniNet {
@@ -30,7 +34,28 @@ impl CniNet {
             bridge: format!("nicbr{index}"),
             subnet: format!("169.254.{}.0/24", index as u16 + 1),
             ipam: true,
+            ipv6: false,
         }
+    }
+
+    /// Like [`CniNet::new`], with IPv6 too. IPAM's IPv6 range lies in fe80::/64
+    /// because the rig's traffic must stay link-local; nicplug tells it from the
+    /// kernel's own link-local address by the MAC (see `dhcp::lease6`).
+    pub fn dual_stack(index: u8) -> CniNet {
+        CniNet {
+            ipv6: true,
+            ..CniNet::new(index)
+        }
+    }
+
+    /// `fe80::<N>:<host>` (N in hex).
+    pub fn addr6(&self, host: u8) -> String {
+        format!("fe80::{:x}:{host:x}", self.octet())
+    }
+
+    /// The node side's IPv6 address, IPAM's IPv6 gateway: `fe80::<N>:1/64`.
+    pub fn node_addr6(&self) -> String {
+        format!("{}/64", self.addr6(1))
     }
 
     /// Like [`CniNet::new`], without IPAM: the pod link carries no address or route.
@@ -87,7 +112,22 @@ impl CniNet {
             "isDefaultGateway": false,
             "ipMasq": false,
         });
-        if self.ipam {
+        if self.ipam && self.ipv6 {
+            config["ipam"] = json!({
+                "type": "host-local",
+                "ranges": [
+                    [{ "subnet": self.subnet, "gateway": self.gateway() }],
+                    [{
+                        "subnet": "fe80::/64",
+                        "rangeStart": self.addr6(2),
+                        "rangeEnd": self.addr6(0xfe),
+                        "gateway": self.addr6(1),
+                    }],
+                ],
+                "routes": [{ "dst": self.route() }, { "dst": "::/0" }],
+                "dataDir": ipam_dir,
+            });
+        } else if self.ipam {
             config["ipam"] = json!({
                 "type": "host-local",
                 "subnet": self.subnet,

@@ -1306,6 +1306,9 @@ impl Rig {
             serde_json::from_str(&out).unwrap_or_else(|e| panic!("CNI ADD result {out:?}: {e}"));
         let res = CniResult::parse(raw, ifname).unwrap_or_else(|e| panic!("{e}"));
         self.node_ip(&["addr", "replace", &net.node_addr(), "dev", &net.bridge]);
+        if net.ipv6 {
+            self.node_ip(&["-6", "addr", "replace", &net.node_addr6(), "dev", &net.bridge]);
+        }
         self.log(&format!(
             "cni ADD {} {ifname}: mac {} ips {:?} ({} ms)",
             net.name,
