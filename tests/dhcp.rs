@@ -93,7 +93,9 @@ fn dhcp_gives_the_guest_exactly_the_pod_interface() {
         .extend(["--resolv-conf".to_string(), resolv.display().to_string()]);
     nicplug.start();
     install_script(&rig);
-    let net = CniNet::new(21);
+    // Dual-stack: the restore covers IPAM's IPv6 address and default route
+    // too, and the IPv6 server must stay off the node side as well.
+    let net = CniNet::dual_stack(21);
     let capture = NodeCapture::start(&rig.node_ns);
 
     // CNI ADD before the spec asks for it: the snapshot is the pod interface
@@ -103,6 +105,8 @@ fn dhcp_gives_the_guest_exactly_the_pod_interface() {
     // `ip -j` shows a host route without its /32.
     let host_route = format!("\"{}\"", net.route().trim_end_matches("/32"));
     assert!(as_cni_made_it.contains(&host_route), "{as_cni_made_it}");
+    let v6_gateway = format!("\"gateway\": \"{}\"", net.addr6(1));
+    assert!(as_cni_made_it.contains(&v6_gateway), "{as_cni_made_it}");
     nicplug.set_spec(&["blue"]);
     nicplug.wait_phase("blue", "Ready", WAIT);
     let guest = rig
@@ -183,6 +187,8 @@ fn dhcp_gives_the_guest_exactly_the_pod_interface() {
     nicplug.start();
     let dhcp = wait_dhcp(&nicplug, "blue", true);
     assert_eq!(dhcp["address"], address.as_str());
+    let ipam_v6 = cni.ips.iter().find(|ip| ip.contains(':')).unwrap();
+    assert_eq!(dhcp["ipv6Address"], ipam_v6.as_str(), "{dhcp}");
     let events = || guest_file(&rig, &format!("/tmp/dhcp-{}.events", guest.name));
     let renewals_before = events().matches("renew").count();
     let (code, out) = rig.guest_exec(&["/bin/sh", "-c", "kill -USR1 $(cat /tmp/udhcpc.pid)"]);
@@ -249,7 +255,7 @@ fn an_l2_network_gets_no_dhcp_server() {
     nicplug.wait_phase("green", "Ready", WAIT);
     let dhcp = wait_dhcp(&nicplug, "green", false);
     assert!(
-        dhcp["reason"].as_str().unwrap().contains("no IPv4 address"),
+        dhcp["reason"].as_str().unwrap().contains("no address from IPAM"),
         "{dhcp}"
     );
     assert!(!nicplug.log().contains("dhcp server started"));

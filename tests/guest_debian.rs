@@ -169,7 +169,8 @@ fn debian_names_hot_plugged_nics_by_their_placement() {
                 "timing: {network}: Attached -> the guest holds its DHCPv6 address {address6} {:?}",
                 t0.elapsed() - attached
             );
-            let (_, routes) = rig.guest_exec(&["/bin/sh", "-c", &format!("ip -6 route show dev {want}")]);
+            let (_, routes) =
+                rig.guest_exec(&["/bin/sh", "-c", &format!("ip -6 route show dev {want}")]);
             eprintln!("guest: IPv6 routes of {want}:\n{routes}");
             // The default router is the pod link's gateway, from the
             // advertisement nicplug sent for it.

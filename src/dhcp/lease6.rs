@@ -205,7 +205,10 @@ mod tests {
             eui64_link_local(POD_MAC.parse().unwrap()),
             "fe80::858:a9ff:fefe:205".parse::<Ipv6Addr>().unwrap()
         );
-        assert_eq!(lease(&["169.254.2.5/24", "fe80::858:a9ff:fefe:205/64"], &[]), None);
+        assert_eq!(
+            lease(&["169.254.2.5/24", "fe80::858:a9ff:fefe:205/64"], &[]),
+            None
+        );
         assert_eq!(lease(&[], &[]), None);
     }
 
@@ -226,8 +229,14 @@ mod tests {
         // A global gateway cannot be advertised as the default router.
         assert_eq!(l.router, None);
         assert_eq!(l.dns, vec!["fd00::53".parse::<Ipv6Addr>().unwrap()]);
-        assert_eq!(l.server, "fe80::aa:bbff:fecc:ddee".parse::<Ipv6Addr>().unwrap());
-        assert_eq!(l.server_duid, vec![0, 3, 0, 1, 2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]);
+        assert_eq!(
+            l.server,
+            "fe80::aa:bbff:fecc:ddee".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(
+            l.server_duid,
+            vec![0, 3, 0, 1, 2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]
+        );
     }
 
     #[test]

@@ -93,7 +93,9 @@ pub fn desired_servers(
         if lease.is_none() && lease6.is_none() {
             unserved.push((
                 status.name.clone(),
-                not_served("not served: the pod interface had no address from IPAM (an L2 network)"),
+                not_served(
+                    "not served: the pod interface had no address from IPAM (an L2 network)",
+                ),
             ));
             continue;
         }
@@ -202,7 +204,10 @@ mod tests {
     #[test]
     fn an_ipv6_address_of_ipams_is_served_alone_or_beside_ipv4() {
         for (addresses, v4) in [
-            (&["169.254.2.5/24", "fe80::ff:fe00:9/64", "fe80::2:5/64"][..], true),
+            (
+                &["169.254.2.5/24", "fe80::ff:fe00:9/64", "fe80::2:5/64"][..],
+                true,
+            ),
             (&["fe80::ff:fe00:9/64", "fe80::2:5/64"][..], false),
         ] {
             let links = [pod_link(Some(record(addresses)))];
@@ -234,7 +239,14 @@ mod tests {
             &|_: &str| Dns::default(),
         );
         assert!(desired.is_empty());
-        assert!(unserved[0].1.reason.as_deref().unwrap().contains("no address from IPAM"));
+        assert!(
+            unserved[0]
+                .1
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("no address from IPAM")
+        );
 
         // KubeVirt's layout: no nicplug record on the pod link.
         let kubevirt = [pod_link(None)];

@@ -120,11 +120,18 @@ mod tests {
         let opts = options(&body);
         let kinds: Vec<u8> = opts.iter().map(|(k, _)| *k).collect();
         // No source link-layer address: the guest resolves the real gateway.
-        assert_eq!(kinds, vec![OPTION_MTU, OPTION_PREFIX, OPTION_ROUTE, OPTION_RDNSS]);
+        assert_eq!(
+            kinds,
+            vec![OPTION_MTU, OPTION_PREFIX, OPTION_ROUTE, OPTION_RDNSS]
+        );
         let (_, mtu) = opts[0];
         assert_eq!(u32::from_be_bytes(mtu[4..8].try_into().unwrap()), 1400);
         let (_, prefix) = opts[1];
-        assert_eq!((prefix[2], prefix[3]), (64, PREFIX_ON_LINK), "on-link, never SLAAC");
+        assert_eq!(
+            (prefix[2], prefix[3]),
+            (64, PREFIX_ON_LINK),
+            "on-link, never SLAAC"
+        );
         assert_eq!(&prefix[16..24], &[0x20, 0x01, 0x0d, 0xb8, 0, 2, 0, 0]);
         let (_, route) = opts[2];
         assert_eq!((route[1], route[2]), (2, 48));
@@ -135,10 +142,16 @@ mod tests {
     #[test]
     fn without_a_gateway_it_is_no_default_router() {
         let (source, body) = advertisement(&lease(None), Mac::from_bytes([2; 6]));
-        assert_eq!(source, "fe80::aa:bbff:fecc:ddee".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            source,
+            "fe80::aa:bbff:fecc:ddee".parse::<Ipv6Addr>().unwrap()
+        );
         assert_eq!(u16::from_be_bytes([body[6], body[7]]), 0);
         let opts = options(&body);
-        assert_eq!(opts[0], (OPTION_SOURCE_LINK_LAYER, &[1, 1, 2, 2, 2, 2, 2, 2][..]));
+        assert_eq!(
+            opts[0],
+            (OPTION_SOURCE_LINK_LAYER, &[1, 1, 2, 2, 2, 2, 2, 2][..])
+        );
         assert!(opts.iter().all(|(k, _)| *k != OPTION_ROUTE));
     }
 }

@@ -348,9 +348,12 @@ mod tests {
             vec![DhcpOption::RequestedIpAddress(other)],
         );
         let (reply, outcome) = answer(&init_reboot, &lease());
-        assert_eq!(outcome, Outcome::Nacked {
+        assert_eq!(
+            outcome,
+            Outcome::Nacked {
                 requested: other.into()
-            });
+            }
+        );
         let reply = reply.unwrap();
         assert_eq!(kind(&reply), Some(MessageType::Nak));
         assert_eq!(reply.destination, Ipv4Addr::BROADCAST);

@@ -126,11 +126,7 @@ fn reply(
     if !lease.dns.is_empty() {
         opts.insert(DhcpOption::DomainNameServers(lease.dns.clone()));
     }
-    let names: Vec<dhcproto::Name> = lease
-        .search
-        .iter()
-        .filter_map(|s| s.parse().ok())
-        .collect();
+    let names: Vec<dhcproto::Name> = lease.search.iter().filter_map(|s| s.parse().ok()).collect();
     if !names.is_empty() {
         opts.insert(DhcpOption::DomainSearchList(names));
     }
@@ -315,7 +311,10 @@ mod tests {
 
     #[test]
     fn solicit_gets_an_advertise_or_with_rapid_commit_a_reply() {
-        let (reply, outcome) = answer6(&request(MessageType::Solicit, vec![client(), ia(&[])]), &lease());
+        let (reply, outcome) = answer6(
+            &request(MessageType::Solicit, vec![client(), ia(&[])]),
+            &lease(),
+        );
         let reply = reply.unwrap();
         assert_eq!(outcome, Outcome::Offered);
         assert_eq!(reply.msg_type(), MessageType::Advertise);
@@ -355,7 +354,10 @@ mod tests {
 
     #[test]
     fn renewing_another_address_gets_the_lease_and_the_other_at_lifetime_zero() {
-        let renew = request(MessageType::Renew, vec![client(), server(), ia(&["fe80::9:9"])]);
+        let renew = request(
+            MessageType::Renew,
+            vec![client(), server(), ia(&["fe80::9:9"])],
+        );
         let (reply, outcome) = answer6(&renew, &lease());
         assert_eq!(
             outcome,
@@ -395,7 +397,10 @@ mod tests {
         let m = request(MessageType::Solicit, vec![client(), server(), ia(&[])]);
         assert!(answer6(&m, &lease()).0.is_none());
         let m = request(MessageType::Solicit, vec![ia(&[])]);
-        assert_eq!(answer6(&m, &lease()).1, Outcome::Ignored("no client identifier"));
+        assert_eq!(
+            answer6(&m, &lease()).1,
+            Outcome::Ignored("no client identifier")
+        );
         // A server's message is no request.
         let m = request(MessageType::Advertise, vec![client(), server()]);
         assert!(answer6(&m, &lease()).0.is_none());
@@ -412,11 +417,17 @@ mod tests {
         assert_eq!(outcome, Outcome::Confirmed { on_link: false });
         assert_eq!(status(&reply.unwrap()), Some(Status::NotOnLink));
 
-        let m = request(MessageType::Release, vec![client(), server(), ia(&[ADDRESS])]);
+        let m = request(
+            MessageType::Release,
+            vec![client(), server(), ia(&[ADDRESS])],
+        );
         let (reply, outcome) = answer6(&m, &lease());
         assert_eq!(outcome, Outcome::Released);
         assert_eq!(status(&reply.unwrap()), Some(Status::Success));
-        let m = request(MessageType::Decline, vec![client(), server(), ia(&[ADDRESS])]);
+        let m = request(
+            MessageType::Decline,
+            vec![client(), server(), ia(&[ADDRESS])],
+        );
         assert_eq!(answer6(&m, &lease()).1, Outcome::Declined);
 
         let m = request(MessageType::InformationRequest, vec![]);

@@ -216,7 +216,11 @@ mod tests {
                 0x48 => a = half(x as usize + k),
                 0xb1 => x = 4 * (byte(k) & 0xf),
                 0x15 | 0x45 => {
-                    let hit = if i.code == 0x15 { a == i.k } else { a & i.k != 0 };
+                    let hit = if i.code == 0x15 {
+                        a == i.k
+                    } else {
+                        a & i.k != 0
+                    };
                     pc += usize::from(if hit { i.jt } else { i.jf });
                 }
                 0x06 => return i.k,

@@ -411,7 +411,10 @@ impl Served<'_> {
         match outcome {
             Outcome::Acked => {
                 self.leased(family);
-                self.log(kind("ack", "reply6"), format!("lease {address} acknowledged"));
+                self.log(
+                    kind("ack", "reply6"),
+                    format!("lease {address} acknowledged"),
+                );
             }
             Outcome::Offered => self.log(kind("offer", "advertise6"), format!("offered {address}")),
             Outcome::Nacked { requested } => self.log(
@@ -421,14 +424,23 @@ impl Served<'_> {
             Outcome::Informed => self.log(kind("inform", "inform6"), "configuration sent".into()),
             Outcome::Confirmed { on_link } => self.log(
                 "confirm6",
-                format!("the guest's addresses are {}on this link", if *on_link { "" } else { "not " }),
+                format!(
+                    "the guest's addresses are {}on this link",
+                    if *on_link { "" } else { "not " }
+                ),
             ),
-            Outcome::Released => self.log(kind("release", "release6"), "the guest released its lease".into()),
+            Outcome::Released => self.log(
+                kind("release", "release6"),
+                "the guest released its lease".into(),
+            ),
             Outcome::Declined => self.log(
                 kind("decline", "decline6"),
                 format!("the guest declined {address}: it saw the address in use"),
             ),
-            Outcome::Ignored(why) => self.log(kind("ignored", "ignored6"), format!("request ignored: {why}")),
+            Outcome::Ignored(why) => self.log(
+                kind("ignored", "ignored6"),
+                format!("request ignored: {why}"),
+            ),
         }
     }
 }
@@ -443,7 +455,10 @@ async fn serve4(
     let received = match frame::parse(bytes) {
         Ok(received) => received,
         Err(e) => {
-            served.log("malformed", format!("frame from the guest is no DHCP request: {e}"));
+            served.log(
+                "malformed",
+                format!("frame from the guest is no DHCP request: {e}"),
+            );
             return;
         }
     };
@@ -480,7 +495,10 @@ async fn serve6(
     let received = match frame6::parse6(bytes) {
         Ok(received) => received,
         Err(e) => {
-            served.log("malformed6", format!("frame from the guest is no DHCPv6 request or router solicitation: {e}"));
+            served.log(
+                "malformed6",
+                format!("frame from the guest is no DHCPv6 request or router solicitation: {e}"),
+            );
             return;
         }
     };
@@ -500,8 +518,13 @@ async fn serve6(
             let (reply, outcome) = answer6(message, lease);
             served.outcome(6, &outcome, lease.address.into());
             if let Some(reply) = reply {
-                let bytes =
-                    frame6::build_dhcp6(&reply, server_mac, lease.server, lease.client, received.from);
+                let bytes = frame6::build_dhcp6(
+                    &reply,
+                    server_mac,
+                    lease.server,
+                    lease.client,
+                    received.from,
+                );
                 if let Err(e) = socket.send(&bytes, lease.client).await {
                     served.log("send", format!("cannot send the reply: {e}"));
                 }

@@ -1307,7 +1307,14 @@ impl Rig {
         let res = CniResult::parse(raw, ifname).unwrap_or_else(|e| panic!("{e}"));
         self.node_ip(&["addr", "replace", &net.node_addr(), "dev", &net.bridge]);
         if net.ipv6 {
-            self.node_ip(&["-6", "addr", "replace", &net.node_addr6(), "dev", &net.bridge]);
+            self.node_ip(&[
+                "-6",
+                "addr",
+                "replace",
+                &net.node_addr6(),
+                "dev",
+                &net.bridge,
+            ]);
         }
         self.log(&format!(
             "cni ADD {} {ifname}: mac {} ips {:?} ({} ms)",
