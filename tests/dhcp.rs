@@ -255,7 +255,10 @@ fn an_l2_network_gets_no_dhcp_server() {
     nicplug.wait_phase("green", "Ready", WAIT);
     let dhcp = wait_dhcp(&nicplug, "green", false);
     assert!(
-        dhcp["reason"].as_str().unwrap().contains("no address from IPAM"),
+        dhcp["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no address from IPAM"),
         "{dhcp}"
     );
     assert!(!nicplug.log().contains("dhcp server started"));

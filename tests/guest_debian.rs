@@ -190,6 +190,34 @@ fn debian_names_hot_plugged_nics_by_their_placement() {
                 rig.ping_from_node(net, &address6),
                 "ping {address6} over {want}"
             );
+            // SIGKILL and restart: the new nicplug derives the same IPv6
+            // lease and server identity from the record; networkd, made to
+            // ask again from scratch, gets the same address.
+            nicplug.kill();
+            nicplug.start();
+            nicplug.wait_phase(network, "Ready", PLUG);
+            let (code, out) =
+                rig.guest_exec(&["/bin/sh", "-c", &format!("networkctl reconfigure {want}")]);
+            assert_eq!(code, 0, "{out}");
+            let t3 = Instant::now();
+            loop {
+                let dhcp = &nicplug.entry(network).unwrap()["dhcp"];
+                if dhcp["ipv6LastLease"]["time"].is_string() {
+                    assert_eq!(dhcp["ipv6Address"], cidr6.as_str(), "{dhcp}");
+                    break;
+                }
+                assert!(
+                    t3.elapsed() < PLUG,
+                    "no IPv6 lease after the restart: {dhcp}\n{}",
+                    nicplug.log_tail(30)
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            wait_guest_address(&rig, &cni.mac, &address6);
+            eprintln!(
+                "timing: {network}: after a restart, networkctl reconfigure -> DHCPv6 lease again {:?}",
+                t3.elapsed()
+            );
         }
         macs.push((network, cni.mac, want));
     }

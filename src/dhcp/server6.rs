@@ -55,6 +55,10 @@ pub fn answer6(request: &Message, lease: &Lease6Config) -> (Option<Message>, Out
                 message.opts_mut().insert(DhcpOption::RapidCommit);
                 (Some(message), outcome)
             } else {
+                // The only server on the link: preference 255 lets the
+                // client request at once instead of collecting other
+                // advertisements for a second (RFC 8415 18.2.1).
+                message.opts_mut().insert(DhcpOption::Preference(u8::MAX));
                 let offered = match outcome {
                     Outcome::Acked => Outcome::Offered,
                     other => other,
@@ -322,6 +326,10 @@ mod tests {
         assert_eq!(leased(&reply), vec![(ADDRESS.parse().unwrap(), 86_400)]);
         assert_eq!(reply.opts().get(OptionCode::ServerId), Some(&server()));
         assert_eq!(reply.opts().get(OptionCode::ClientId), Some(&client()));
+        assert_eq!(
+            reply.opts().get(OptionCode::Preference),
+            Some(&DhcpOption::Preference(255))
+        );
         assert!(reply.opts().get(OptionCode::DomainNameServers).is_some());
         assert!(reply.opts().get(OptionCode::DomainSearchList).is_some());
 
