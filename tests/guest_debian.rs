@@ -218,6 +218,15 @@ fn debian_names_hot_plugged_nics_by_their_placement() {
                 "timing: {network}: after a restart, networkctl reconfigure -> DHCPv6 lease again {:?}",
                 t3.elapsed()
             );
+            let (code, metrics) = nicplug.api("/metrics", PLUG).unwrap();
+            assert_eq!(code, 200);
+            let counter = format!("nicplug_dhcpv6_leases_total{{network=\"{network}\"}} ");
+            let leases: u64 = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&counter))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {counter}in {metrics}"));
+            assert!(leases >= 1, "{metrics}");
         }
         macs.push((network, cni.mac, want));
     }

@@ -81,7 +81,8 @@ pub fn parse6(frame: &[u8]) -> Result<Received6, FrameError> {
             let body = payload
                 .get(UDP_HEADER..udp_len)
                 .ok_or(FrameError::Truncated)?;
-            let message = Message::decode(&mut Decoder::new(body))
+            let body = client_options_only(body)?;
+            let message = Message::decode(&mut Decoder::new(&body))
                 .map_err(|e| FrameError::Decode(e.to_string()))?;
             Request6::Dhcp(message)
         }
@@ -99,6 +100,66 @@ pub fn parse6(frame: &[u8]) -> Result<Received6, FrameError> {
         from,
         request,
     })
+}
+
+const OPTION_CLIENT_ID: u16 = 1;
+const OPTION_SERVER_ID: u16 = 2;
+const OPTION_IA_NA: u16 = 3;
+const OPTION_IA_ADDR: u16 = 5;
+const OPTION_RAPID_COMMIT: u16 = 14;
+/// IA_NA: IAID, T1, T2 before its options (RFC 8415 21.4).
+const IA_NA_FIXED: usize = 12;
+/// IA Address: the address and two lifetimes before its options (21.6).
+const IA_ADDR_FIXED: usize = 24;
+
+/// The DHCPv6 message with only the options the server reads, each
+/// checked for its length: client and server identifier (at least a
+/// 2-byte DUID type), rapid commit (empty), and IA_NA with only its IA
+/// Address options, themselves without sub-options. Everything else a
+/// guest sends is dropped before the decoder sees it: `dhcproto` 0.15
+/// subtracts from option lengths unchecked (a status code shorter than 2
+/// bytes, at any depth, panics; the fuzzer found it), and what the server
+/// ignores need not be parsed at all.
+fn client_options_only(body: &[u8]) -> Result<Vec<u8>, FrameError> {
+    let header = body.get(..4).ok_or(FrameError::Truncated)?;
+    let mut out = header.to_vec();
+    for (code, value) in options(&body[4..])? {
+        match code {
+            OPTION_CLIENT_ID | OPTION_SERVER_ID if value.len() >= 2 => put(&mut out, code, value),
+            OPTION_RAPID_COMMIT if value.is_empty() => put(&mut out, code, value),
+            OPTION_IA_NA if value.len() >= IA_NA_FIXED => {
+                let mut ia = value[..IA_NA_FIXED].to_vec();
+                for (sub, address) in options(&value[IA_NA_FIXED..])? {
+                    if sub == OPTION_IA_ADDR && address.len() >= IA_ADDR_FIXED {
+                        put(&mut ia, sub, &address[..IA_ADDR_FIXED]);
+                    }
+                }
+                put(&mut out, code, &ia);
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// The (code, value) options of a DHCPv6 option area.
+fn options(mut area: &[u8]) -> Result<Vec<(u16, &[u8])>, FrameError> {
+    let mut out = Vec::new();
+    while !area.is_empty() {
+        let head = area.get(..4).ok_or(FrameError::Truncated)?;
+        let code = u16::from_be_bytes([head[0], head[1]]);
+        let len = usize::from(u16::from_be_bytes([head[2], head[3]]));
+        let value = area.get(4..4 + len).ok_or(FrameError::Truncated)?;
+        out.push((code, value));
+        area = &area[4 + len..];
+    }
+    Ok(out)
+}
+
+fn put(out: &mut Vec<u8>, code: u16, value: &[u8]) {
+    out.extend_from_slice(&code.to_be_bytes());
+    out.extend_from_slice(&(value.len() as u16).to_be_bytes());
+    out.extend_from_slice(value);
 }
 
 /// The frame carrying a DHCPv6 `message` from the server (port 547) to the
@@ -249,6 +310,57 @@ mod tests {
         assert_eq!(got.request, Request6::RouterSolicitation);
         // A solicitation a router forwarded is no neighbor discovery.
         assert_eq!(parse6(&router_solicitation(64)), Err(FrameError::NotDhcp));
+    }
+
+    /// The fuzzer's find: a status code shorter than 2 bytes inside an IA
+    /// Address made `dhcproto` subtract with overflow. Options the server
+    /// does not read (and sub-options of an IA Address) never reach the
+    /// decoder; the request itself still parses.
+    #[test]
+    fn options_the_server_does_not_read_never_reach_the_decoder() {
+        let mut body = vec![3, 1, 2, 3]; // Request, xid
+        put(&mut body, OPTION_CLIENT_ID, &[0, 3, 0, 1, 2, 0, 0, 0, 0, 9]);
+        put(&mut body, 13, &[]); // status code, length 0
+        put(&mut body, 16, &[1]); // vendor class, shorter than its number
+        let mut address = CLIENT_IP.octets().to_vec();
+        address.extend_from_slice(&[0; 8]);
+        put(&mut address, 13, &[0]); // status code inside the address
+        let mut ia = vec![0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0];
+        put(&mut ia, OPTION_IA_ADDR, &address);
+        put(&mut body, OPTION_IA_NA, &ia);
+        let mut udp = Vec::new();
+        udp.extend_from_slice(&CLIENT_PORT.to_be_bytes());
+        udp.extend_from_slice(&SERVER_PORT.to_be_bytes());
+        udp.extend_from_slice(&((UDP_HEADER + body.len()) as u16).to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(&body);
+        let frame = ipv6_frame(
+            PROTO_UDP,
+            64,
+            udp,
+            6,
+            (CLIENT_MAC, CLIENT_IP),
+            (Mac::from_bytes([0x33, 0x33, 0, 1, 0, 2]), DHCP_SERVERS),
+        );
+        let Request6::Dhcp(message) = parse6(&frame).unwrap().request else {
+            panic!("not DHCPv6");
+        };
+        assert_eq!(message.msg_type(), MessageType::Request);
+        let Some(DhcpOption::IANA(ia)) = message.opts().get(dhcproto::v6::OptionCode::IANA) else {
+            panic!("no IA_NA: {message:?}");
+        };
+        assert_eq!(ia.id, 7);
+        assert!(matches!(
+            ia.opts.iter().next(),
+            Some(DhcpOption::IAAddr(a)) if a.addr == CLIENT_IP && a.opts.iter().next().is_none()
+        ));
+        // An option running past the end is a truncated frame.
+        let mut cut = frame.clone();
+        cut.truncate(cut.len() - 3);
+        let len = (cut.len() - ETH_HEADER - IPV6_HEADER) as u16;
+        cut[18..20].copy_from_slice(&len.to_be_bytes());
+        cut[58..60].copy_from_slice(&len.to_be_bytes());
+        assert_eq!(parse6(&cut), Err(FrameError::Truncated));
     }
 
     #[test]
