@@ -1243,3 +1243,42 @@ fn a_route_added_alone_wakes_the_loop() {
         task.abort();
     });
 }
+
+/// An IPv6 address in duplicate address detection is observed as tentative
+/// (what CNI's IPAM waits for before it adds its routes, and so does the
+/// planner), and no longer once DAD is over.
+#[test]
+fn a_tentative_ipv6_address_is_observed_until_dad_is_over() {
+    if !require_root() {
+        return;
+    }
+    let ns = TestNs::new("dad");
+    ns.ip(&[
+        "link", "add", "dad0", "type", "veth", "peer", "name", "dad1",
+    ]);
+    ns.ip(&["link", "set", "dad1", "up"]);
+    ns.ip(&["link", "set", "dad0", "up"]);
+    ns.ip(&["addr", "add", "fe80::31:2/64", "dev", "dad0"]);
+    ns.run(|| async {
+        let net = Netlink::new().unwrap();
+        let ipam: nicplug::model::IpCidr = "fe80::31:2/64".parse().unwrap();
+        let links = net.links().await.unwrap();
+        let dad0 = find(&links, "dad0");
+        assert!(dad0.addresses.contains(&ipam), "{dad0:?}");
+        assert!(
+            dad0.tentative.contains(&ipam),
+            "right after the add: {dad0:?}"
+        );
+        let t0 = std::time::Instant::now();
+        loop {
+            let links = net.links().await.unwrap();
+            if !find(&links, "dad0").tentative.contains(&ipam) {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "DAD never ended");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let links = net.links().await.unwrap();
+        assert!(find(&links, "dad0").addresses.contains(&ipam));
+    });
+}

@@ -108,7 +108,7 @@ impl Lease6Config {
             dns: dns.servers6.clone(),
             search: dns.search.clone(),
             lease_seconds: LEASE_SECONDS,
-            server: eui64_link_local(server_mac),
+            server: server_mac.eui64_link_local(),
             server_duid: duid_ll(server_mac),
         })
     }
@@ -126,7 +126,7 @@ impl Lease6Config {
 /// IPAM's: the guest is then offered that unused link-local address, which
 /// conflicts with nothing (the pod link holds no address while enslaved).
 pub fn leased_address(record: &PodLinkRecord) -> Option<&IpCidr> {
-    let kernels = eui64_link_local(record.mac);
+    let kernels = record.mac.eui64_link_local();
     let v6 = || {
         record.addresses.iter().filter_map(|c| match c.addr {
             IpAddr::V6(ip) => Some((c, ip)),
@@ -136,29 +136,6 @@ pub fn leased_address(record: &PodLinkRecord) -> Option<&IpCidr> {
     v6().find(|(_, ip)| !ip.is_unicast_link_local() && !ip.is_multicast())
         .or_else(|| v6().find(|(_, ip)| ip.is_unicast_link_local() && *ip != kernels))
         .map(|(c, _)| c)
-}
-
-/// `fe80::` + the modified EUI-64 of `mac` (RFC 4291 appendix A).
-pub fn eui64_link_local(mac: Mac) -> Ipv6Addr {
-    let m = mac.octets();
-    Ipv6Addr::from([
-        0xfe,
-        0x80,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        m[0] ^ 0x02,
-        m[1],
-        m[2],
-        0xff,
-        0xfe,
-        m[3],
-        m[4],
-        m[5],
-    ])
 }
 
 /// DUID-LL (type 3, hardware type 1 = Ethernet) of `mac`.
@@ -202,7 +179,7 @@ mod tests {
     #[test]
     fn the_kernels_link_local_address_is_no_lease() {
         assert_eq!(
-            eui64_link_local(POD_MAC.parse().unwrap()),
+            POD_MAC.parse::<Mac>().unwrap().eui64_link_local(),
             "fe80::858:a9ff:fefe:205".parse::<Ipv6Addr>().unwrap()
         );
         assert_eq!(

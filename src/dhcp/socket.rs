@@ -150,11 +150,18 @@ impl TapSocket {
         }
     }
 
-    /// Sends one whole Ethernet frame out of the tap, to the VM.
-    pub async fn send(&self, frame: &[u8], destination: Mac) -> io::Result<()> {
-        // The protocol is the frame's own ethertype (SOCK_RAW sends the
-        // frame as it is).
-        let protocol = u16::from_be_bytes([frame[12], frame[13]]).to_be();
+    /// Sends one whole Ethernet frame out of the tap, to the VM. The
+    /// address the kernel wants is the frame's own destination and
+    /// ethertype (SOCK_RAW sends the frame as it is).
+    pub async fn send(&self, frame: &[u8]) -> io::Result<()> {
+        let header = frame.get(..14).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "frame shorter than its Ethernet header",
+            )
+        })?;
+        let destination = Mac::from_bytes(header[..6].try_into().expect("six bytes"));
+        let protocol = u16::from_be_bytes([header[12], header[13]]).to_be();
         let address = link_address(self.ifindex, protocol, Some(destination));
         loop {
             let mut guard = self.fd.writable().await?;

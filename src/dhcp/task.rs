@@ -318,7 +318,7 @@ async fn serve(
                     None => Instant::now() + RA_EVERY,
                 });
                 if let Some(lease6) = &lease6 {
-                    send_advertisement(&socket, lease6, server_mac, None, &mut served).await;
+                    send(&socket, &advertisement(lease6, server_mac, None), &mut served).await;
                 }
                 continue;
             }
@@ -337,13 +337,24 @@ async fn serve(
                 return;
             }
         };
-        if frame6::is_ipv6(&frame_bytes) {
-            if let Some(lease6) = &lease6 {
-                serve6(&socket, &frame_bytes, lease6, server_mac, &mut served).await;
-            }
-        } else if let Some(lease) = &lease {
-            serve4(&socket, &frame_bytes, lease, server_mac, &mut served).await;
+        let reply = if frame6::is_ipv6(&frame_bytes) {
+            lease6
+                .as_ref()
+                .and_then(|l| reply6(&frame_bytes, l, server_mac, &mut served))
+        } else {
+            lease
+                .as_ref()
+                .and_then(|l| reply4(&frame_bytes, l, server_mac, &mut served))
+        };
+        if let Some(reply) = reply {
+            send(&socket, &reply, &mut served).await;
         }
+    }
+}
+
+async fn send(socket: &TapSocket, frame: &[u8], served: &mut Served<'_>) {
+    if let Err(e) = socket.send(frame).await {
+        served.log("send", format!("cannot send to the VM: {e}"));
     }
 }
 
@@ -379,6 +390,31 @@ impl Served<'_> {
         } else {
             debug!(outcome = kind, "{text}");
         }
+    }
+
+    /// What parsed, or `None` with the error logged.
+    fn parsed<T>(
+        &mut self,
+        result: Result<T, frame::FrameError>,
+        kind: &'static str,
+        what: &str,
+    ) -> Option<T> {
+        result
+            .map_err(|e| self.log(kind, format!("frame from the guest is no {what}: {e}")))
+            .ok()
+    }
+
+    /// `Some` when `source` is the VM's MAC; else the frame is logged and
+    /// dropped (another guest process spoofing, or a nested VM).
+    fn sent_by_the_vm(&mut self, source: Mac, client: Mac) -> Option<()> {
+        if source == client {
+            return Some(());
+        }
+        self.log(
+            "foreign",
+            format!("request from {source} ignored: not the VM's MAC"),
+        );
+        None
     }
 
     /// The guest took a lease of `family` 4 or 6.
@@ -445,110 +481,67 @@ impl Served<'_> {
     }
 }
 
-async fn serve4(
-    socket: &TapSocket,
+/// The frame answering a DHCPv4 frame of the guest's, if any.
+fn reply4(
     bytes: &[u8],
     lease: &LeaseConfig,
     server_mac: Mac,
     served: &mut Served<'_>,
-) {
-    let received = match frame::parse(bytes) {
-        Ok(received) => received,
-        Err(e) => {
-            served.log(
-                "malformed",
-                format!("frame from the guest is no DHCP request: {e}"),
-            );
-            return;
-        }
-    };
-    if received.source != lease.client {
-        served.log(
-            "foreign",
-            format!("request from {} ignored: not the VM's MAC", received.source),
-        );
-        return;
-    }
+) -> Option<Vec<u8>> {
+    let received = served.parsed(frame::parse(bytes), "malformed", "DHCP request")?;
+    served.sent_by_the_vm(received.source, lease.client)?;
     let (reply, outcome) = answer(&received.message, lease);
     served.outcome(4, &outcome, lease.address.into());
-    if let Some(reply) = reply {
-        let bytes = frame::build(
-            &reply.message,
-            server_mac,
-            lease.server,
-            lease.client,
-            reply.destination,
-        );
-        if let Err(e) = socket.send(&bytes, lease.client).await {
-            served.log("send", format!("cannot send the reply: {e}"));
-        }
-    }
+    let reply = reply?;
+    Some(frame::build(
+        &reply.message,
+        server_mac,
+        lease.server,
+        lease.client,
+        reply.destination,
+    ))
 }
 
-async fn serve6(
-    socket: &TapSocket,
+/// The frame answering an IPv6 frame of the guest's (DHCPv6 or a router
+/// solicitation), if any.
+fn reply6(
     bytes: &[u8],
     lease: &Lease6Config,
     server_mac: Mac,
     served: &mut Served<'_>,
-) {
-    let received = match frame6::parse6(bytes) {
-        Ok(received) => received,
-        Err(e) => {
-            served.log(
-                "malformed6",
-                format!("frame from the guest is no DHCPv6 request or router solicitation: {e}"),
-            );
-            return;
-        }
-    };
-    if received.source != lease.client {
-        served.log(
-            "foreign",
-            format!("request from {} ignored: not the VM's MAC", received.source),
-        );
-        return;
-    }
+) -> Option<Vec<u8>> {
+    let received = served.parsed(
+        frame6::parse6(bytes),
+        "malformed6",
+        "DHCPv6 request or router solicitation",
+    )?;
+    served.sent_by_the_vm(received.source, lease.client)?;
     match &received.request {
         Request6::RouterSolicitation => {
             let to = (!received.from.is_unspecified()).then_some(received.from);
-            send_advertisement(socket, lease, server_mac, to, served).await;
+            Some(advertisement(lease, server_mac, to))
         }
         Request6::Dhcp(message) => {
             let (reply, outcome) = answer6(message, lease);
             served.outcome(6, &outcome, lease.address.into());
-            if let Some(reply) = reply {
-                let bytes = frame6::build_dhcp6(
-                    &reply,
-                    server_mac,
-                    lease.server,
-                    lease.client,
-                    received.from,
-                );
-                if let Err(e) = socket.send(&bytes, lease.client).await {
-                    served.log("send", format!("cannot send the reply: {e}"));
-                }
-            }
+            Some(frame6::build_dhcp6(
+                &reply?,
+                server_mac,
+                lease.server,
+                lease.client,
+                received.from,
+            ))
         }
     }
 }
 
 /// One router advertisement, to `to` (a solicitation's source) or to all
 /// nodes; either way it only leaves through the tap, to the VM.
-async fn send_advertisement(
-    socket: &TapSocket,
-    lease: &Lease6Config,
-    server_mac: Mac,
-    to: Option<std::net::Ipv6Addr>,
-    served: &mut Served<'_>,
-) {
+fn advertisement(lease: &Lease6Config, server_mac: Mac, to: Option<std::net::Ipv6Addr>) -> Vec<u8> {
     let (source, body) = ra::advertisement(lease, server_mac);
     let (mac, ip) = match to {
         Some(ip) => (lease.client, ip),
         None => (ALL_NODES_MAC, ALL_NODES),
     };
-    let bytes = frame6::build_icmp6(body, server_mac, source, mac, ip);
-    if let Err(e) = socket.send(&bytes, mac).await {
-        served.log("send", format!("cannot send a router advertisement: {e}"));
-    }
+    frame6::build_icmp6(body, server_mac, source, mac, ip)
 }

@@ -126,6 +126,31 @@ impl Mac {
         bytes[0] = (bytes[0] & 0xfc) | 0x02;
         Self(bytes)
     }
+
+    /// `fe80::` + the modified EUI-64 of this MAC (RFC 4291 appendix A):
+    /// the link-local address the kernel gives a link with this MAC when it
+    /// comes up (`addr_gen_mode eui64`, the default).
+    pub fn eui64_link_local(&self) -> std::net::Ipv6Addr {
+        let m = self.0;
+        std::net::Ipv6Addr::from([
+            0xfe,
+            0x80,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            m[0] ^ 0x02,
+            m[1],
+            m[2],
+            0xff,
+            0xfe,
+            m[3],
+            m[4],
+            m[5],
+        ])
+    }
 }
 
 impl fmt::Display for Mac {

@@ -141,6 +141,9 @@ pub struct Link {
     pub up: bool,
     pub alias: Option<String>,
     pub addresses: Vec<IpCidr>,
+    /// The addresses still in IPv6 duplicate address detection (tentative):
+    /// CNI waits for them to settle before it adds its routes.
+    pub tentative: Vec<IpCidr>,
     /// The routes of every table whose output link this is and that the
     /// kernel does not recreate by itself when the addresses come back
     /// (not `proto kernel`, `ra` or `redirect`), in the kernel's dump order.
@@ -168,6 +171,7 @@ impl Link {
             up: true,
             alias: None,
             addresses: vec![],
+            tentative: vec![],
             routes: vec![],
             unrecordable_routes: vec![],
             learning: None,

@@ -68,7 +68,7 @@ use std::net::IpAddr;
 use futures::TryStreamExt;
 use rtnetlink::packet_core::{DefaultNla, Nla};
 use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use rtnetlink::packet_route::link::{
     AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoBridge, InfoBridgePort, InfoData, InfoKind,
     InfoPortData, InfoTun, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo, LinkMessage,
@@ -485,9 +485,15 @@ impl PodNetwork for Netlink {
             .filter_map(observe_link)
             .map(|o| o.link)
             .collect();
-        for (index, cidr) in addresses.iter().filter_map(observe_address) {
+        for message in &addresses {
+            let Some((index, cidr)) = observe_address(message) else {
+                continue;
+            };
             if let Some(link) = out.iter_mut().find(|l| l.index == index) {
                 link.addresses.push(cidr);
+                if is_tentative(message) {
+                    link.tentative.push(cidr);
+                }
             }
         }
         for link in &mut out {
@@ -957,6 +963,7 @@ fn observe_link(msg: &LinkMessage) -> Option<Observed> {
             up: msg.header.flags.contains(LinkFlags::Up),
             alias,
             addresses: Vec::new(),
+            tentative: Vec::new(),
             routes: Vec::new(),
             unrecordable_routes: Vec::new(),
             learning,
@@ -1001,6 +1008,19 @@ fn tap_info(attrs: &[(u16, Vec<u8>)]) -> (TapInfo, Option<u8>) {
         },
         u8_of(IFLA_TUN_TYPE),
     )
+}
+
+/// Whether the address is still in duplicate address detection (and has
+/// not failed it): IFA_F_TENTATIVE, in the header's flags byte or in the
+/// 32-bit IFA_FLAGS attribute.
+fn is_tentative(msg: &AddressMessage) -> bool {
+    let mut flags = AddressFlags::from_bits_retain(u32::from(msg.header.flags.bits()));
+    for attribute in &msg.attributes {
+        if let AddressAttribute::Flags(all) = attribute {
+            flags |= *all;
+        }
+    }
+    flags.contains(AddressFlags::Tentative) && !flags.contains(AddressFlags::Dadfailed)
 }
 
 /// Maps one RTM_NEWADDR message to (link index, address/prefix). IFA_LOCAL

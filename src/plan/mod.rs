@@ -8,6 +8,7 @@
 //! nicplug touched it.
 
 use std::fmt;
+use std::net::IpAddr;
 
 pub mod placement;
 
@@ -481,6 +482,9 @@ fn plan_interface(
         plan.steps = teardown(&names, observed);
         return plan.with_message(format!("waiting for pod interface {}", names.pod));
     };
+    if let Some(waiting) = cni_settling(pod) {
+        return plan.with_message(waiting);
+    }
     let case = PlugCase {
         vmi,
         spec,
@@ -564,6 +568,9 @@ impl PrepareCase<'_> {
             }
             return plan.with_message(format!("waiting for pod interface {}", names.pod));
         };
+        if let Some(waiting) = cni_settling(pod) {
+            return plan.with_message(waiting);
+        }
         let absent = DomainState::default();
         let case = PlugCase {
             vmi: self.vmi,
@@ -725,6 +732,9 @@ fn clear_late_addresses(pod: &Link, names: &PlumbingNames) -> Vec<Step> {
     let Some(Ok(record)) = record_of(pod) else {
         return Vec::new();
     };
+    if cni_settling(pod).is_some() {
+        return Vec::new();
+    }
     let (Some(mac), false, Some(_)) = (pod.mac, pod.addresses.is_empty(), pod.master) else {
         return Vec::new();
     };
@@ -744,6 +754,34 @@ fn clear_late_addresses(pod: &Link, names: &PlumbingNames) -> Vec<Step> {
         routes: record.routes,
     });
     steps
+}
+
+/// Why the pod link is still CNI's to configure, if it is. CNI's IPAM adds
+/// the addresses, then waits for every IPv6 address of the link to leave
+/// duplicate address detection, and only then adds its routes (the
+/// reference plugins' `SettleAddresses`): a route via a gateway fails
+/// ("network is unreachable") if nicplug took the addresses away meanwhile,
+/// and the whole CNI ADD with it. So nicplug does not touch the link's
+/// addresses while one CNI waits for is tentative. The kernel's own
+/// link-local address alone is not waited for: CNI settles only when it
+/// added IPv6 itself.
+fn cni_settling(pod: &Link) -> Option<String> {
+    let kernels = pod.mac.map(|m| m.eui64_link_local());
+    let own = |a: &IpCidr| matches!(a.addr, IpAddr::V6(v6) if Some(v6) == kernels);
+    let cni_added_ipv6 = pod.addresses.iter().any(|a| a.addr.is_ipv6() && !own(a));
+    let waited: Vec<String> = pod
+        .tentative
+        .iter()
+        .filter(|a| cni_added_ipv6 || !own(a))
+        .map(ToString::to_string)
+        .collect();
+    (!waited.is_empty()).then(|| {
+        format!(
+            "waiting for CNI to finish pod interface {}: {} in duplicate address detection",
+            pod.name,
+            waited.join(", ")
+        )
+    })
 }
 
 /// The nicplug record in a link's alias, if it carries one.

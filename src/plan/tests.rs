@@ -1224,3 +1224,74 @@ fn more_networks_than_ports_take_what_is_free_then_fail_clearly() {
         )
     );
 }
+
+/// CNI adds a dual-stack link's addresses, waits for IPv6 duplicate address
+/// detection, then adds its routes: taking the addresses meanwhile fails its
+/// route and the CNI ADD. Seen on the rig: "failed to add route ... via
+/// 169.254.51.1: network is unreachable".
+#[test]
+fn a_pod_link_cni_is_still_settling_is_left_alone() {
+    let vmi = vmi("");
+    let dom = domain(4, vec![]);
+    let ipam_v6: IpCidr = "fe80::33:2/64".parse().unwrap();
+    let mut pod = fresh_pod_link();
+    let kernels = IpCidr::new(pod.mac.unwrap().eui64_link_local().into(), 64).unwrap();
+    pod.addresses.extend([kernels, ipam_v6]);
+    pod.tentative = vec![ipam_v6];
+    let links = [eth0(), pod.clone()];
+    let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
+    assert_eq!(p.phase, Phase::Pending);
+    assert!(p.steps.is_empty(), "{:?}", step_names(p));
+    assert!(
+        p.message
+            .as_deref()
+            .unwrap()
+            .contains("fe80::33:2/64 in duplicate address detection"),
+        "{:?}",
+        p.message
+    );
+    // CNI waits for the kernel's own address too once it added IPv6.
+    pod.tentative = vec![kernels];
+    let links = [eth0(), pod.clone()];
+    assert!(
+        plan(&vmi, &observed(&links, Some(&dom)))[1]
+            .steps
+            .is_empty()
+    );
+    // Settled: the plug goes ahead.
+    pod.tentative.clear();
+    let links = [eth0(), pod];
+    let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
+    assert_eq!(step_names(p)[0], "record-pod-link");
+}
+
+#[test]
+fn the_kernels_own_tentative_link_local_alone_does_not_hold_a_plug() {
+    // An IPv4-only network: CNI does not wait for the kernel's address.
+    let vmi = vmi("");
+    let dom = domain(4, vec![]);
+    let mut pod = fresh_pod_link();
+    let kernels = IpCidr::new(pod.mac.unwrap().eui64_link_local().into(), 64).unwrap();
+    pod.addresses.push(kernels);
+    pod.tentative = vec![kernels];
+    let links = [eth0(), pod];
+    let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
+    assert_eq!(step_names(p)[0], "record-pod-link");
+}
+
+#[test]
+fn late_addresses_are_taken_only_once_cni_settled_them() {
+    let vmi = vmi("");
+    let mut links = plumbed_links();
+    let late4: IpCidr = "169.254.9.9/24".parse().unwrap();
+    let late6: IpCidr = "fe80::9:9/64".parse().unwrap();
+    links[1].addresses.extend([late4, late6]);
+    links[1].tentative = vec![late6];
+    let dom = domain(3, vec![attached_device(true)]);
+    let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
+    assert_eq!(p.phase, Phase::Attached);
+    assert!(p.steps.is_empty(), "{:?}", step_names(p));
+    links[1].tentative.clear();
+    let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
+    assert_eq!(step_names(p), ["record-pod-link", "enslave-pod-link"]);
+}
