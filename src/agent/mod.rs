@@ -81,6 +81,59 @@ impl Observation {
     }
 }
 
+/// When each link's addresses and routes last changed, as the passes saw
+/// them, for [`Link::settling`] (see `plan::CNI_SETTLE`). A link that
+/// appears with addresses while nicplug runs counts as changed then (CNI
+/// may be midway); one without any has nothing to take away, and the links
+/// already there at the first pass have been there: both count as settled.
+#[derive(Default)]
+struct LinkChanges {
+    seen: HashMap<crate::model::IfName, LinkState>,
+    primed: bool,
+}
+
+struct LinkState {
+    addresses: Vec<crate::model::IpCidr>,
+    routes: Vec<crate::model::PodRoute>,
+    changed_at: Instant,
+}
+
+impl LinkChanges {
+    /// Notes what changed in `links` and marks the links still settling.
+    fn mark_settling(&mut self, links: &mut [Link], now: Instant) {
+        self.seen
+            .retain(|name, _| links.iter().any(|l| &l.name == name));
+        let long_ago = now.checked_sub(crate::plan::CNI_SETTLE).unwrap_or(now);
+        for link in links.iter_mut() {
+            let new = self.primed && !link.addresses.is_empty();
+            let state = self
+                .seen
+                .entry(link.name.clone())
+                .or_insert_with(|| LinkState {
+                    addresses: link.addresses.clone(),
+                    routes: link.routes.clone(),
+                    changed_at: if new { now } else { long_ago },
+                });
+            if state.addresses != link.addresses || state.routes != link.routes {
+                state.addresses.clone_from(&link.addresses);
+                state.routes.clone_from(&link.routes);
+                state.changed_at = now;
+            }
+            link.settling = now.duration_since(state.changed_at) < crate::plan::CNI_SETTLE;
+        }
+        self.primed = true;
+    }
+
+    /// When the next settling link is settled, if one is.
+    fn next_settled(&self, now: Instant) -> Option<Instant> {
+        self.seen
+            .values()
+            .map(|s| s.changed_at + crate::plan::CNI_SETTLE)
+            .filter(|at| *at > now)
+            .min()
+    }
+}
+
 /// A step that changes the domain's devices (which no migration may see).
 fn changes_the_domain(step: &Step) -> bool {
     matches!(
@@ -357,8 +410,10 @@ pub struct Agent<N, H> {
     /// A device change (a detach finishing between passes) met a migration
     /// that the pass's domain read may not show yet.
     change_met_migration: bool,
-    /// The DHCPv4 server tasks, one per served interface.
+    /// The DHCP server tasks (both families), one per served interface.
     dhcp: crate::dhcp::Servers,
+    /// When each link's addresses and routes last changed, as passes saw it.
+    link_changes: LinkChanges,
     /// The pod's resolv.conf as DHCP hands it out, read on first use: the
     /// kubelet writes it when the pod is made and it does not change after.
     pod_dns: Option<crate::dhcp::Dns>,
@@ -448,6 +503,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             migrating: false,
             change_met_migration: false,
             dhcp: crate::dhcp::Servers::new(config.report.metrics.clone()),
+            link_changes: LinkChanges::default(),
             pod_dns: None,
             net,
             hyp: Arc::new(hyp),
@@ -602,6 +658,9 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             if let Some(retry) = self.dhcp.next_retry() {
                 deadline = deadline.min(retry);
             }
+            if let Some(settled) = self.link_changes.next_settled(Instant::now()) {
+                deadline = deadline.min(settled);
+            }
             let dhcp_changed = self.dhcp.changed();
             let finished = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -643,7 +702,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         let domain_name = self.domain_name(vmi);
         debug!("reconcile");
         let Observation {
-            links,
+            mut links,
             domain,
             lifecycle,
             tap_owner,
@@ -658,6 +717,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         )
         .await?;
         self.domain_seen = Some((domain_name.clone(), lifecycle));
+        self.link_changes.mark_settling(&mut links, Instant::now());
         if domain.as_ref().is_some_and(|d| d.root_ports.free() > 0) {
             // A port freed (or was free all along): who waits for one may try now.
             for tracked in self.tracked.values_mut().filter(|t| t.needs_root_port) {
@@ -744,7 +804,6 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         } else {
             domain
         };
-        let mut links = links;
         for (pod, alias) in written {
             if let Some(link) = links.iter_mut().find(|l| l.name == pod) {
                 link.alias = Some(alias);

@@ -964,6 +964,7 @@ fn observe_link(msg: &LinkMessage) -> Option<Observed> {
             alias,
             addresses: Vec::new(),
             tentative: Vec::new(),
+            settling: false,
             routes: Vec::new(),
             unrecordable_routes: Vec::new(),
             learning,

@@ -727,14 +727,12 @@ fn repair_plumbing(
 }
 
 /// An enslaved pod link carries no address; one that CNI added late (after
-/// the attach) is recorded as original state and removed again.
+/// the attach) is recorded as original state at once and removed again once
+/// CNI is done with the link.
 fn clear_late_addresses(pod: &Link, names: &PlumbingNames) -> Vec<Step> {
     let Some(Ok(record)) = record_of(pod) else {
         return Vec::new();
     };
-    if cni_settling(pod).is_some() {
-        return Vec::new();
-    }
     let (Some(mac), false, Some(_)) = (pod.mac, pod.addresses.is_empty(), pod.master) else {
         return Vec::new();
     };
@@ -746,6 +744,11 @@ fn clear_late_addresses(pod: &Link, names: &PlumbingNames) -> Vec<Step> {
         }
         Err(_) => return steps,
     };
+    if cni_settling(pod).is_some() {
+        // Recorded at once (the DHCP server serves from the record), taken
+        // away once CNI is done.
+        return steps;
+    }
     steps.push(Step::EnslavePodLink {
         pod: names.pod.clone(),
         bridge: names.bridge.clone(),
@@ -756,16 +759,29 @@ fn clear_late_addresses(pod: &Link, names: &PlumbingNames) -> Vec<Step> {
     steps
 }
 
+/// How long a pod link's addresses and routes must have stayed the same
+/// before nicplug takes addresses away (see [`cni_settling`]): CNI adds
+/// the addresses and then, a few netlink calls later, the routes through
+/// them; on a loaded node those calls can be far apart.
+pub const CNI_SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Why the pod link is still CNI's to configure, if it is. CNI's IPAM adds
-/// the addresses, then waits for every IPv6 address of the link to leave
-/// duplicate address detection, and only then adds its routes (the
-/// reference plugins' `SettleAddresses`): a route via a gateway fails
-/// ("network is unreachable") if nicplug took the addresses away meanwhile,
-/// and the whole CNI ADD with it. So nicplug does not touch the link's
-/// addresses while one CNI waits for is tentative. The kernel's own
-/// link-local address alone is not waited for: CNI settles only when it
-/// added IPv6 itself.
+/// the addresses, waits for every IPv6 address of the link to leave
+/// duplicate address detection (the reference plugins' `SettleAddresses`),
+/// and only then adds its routes: a route via a gateway fails ("network is
+/// unreachable") if nicplug took the addresses away meanwhile, and the
+/// whole CNI ADD with it (seen on the rig). So nicplug takes no address
+/// from a link whose addresses or routes changed within [`CNI_SETTLE`], or
+/// that has a tentative address CNI waits for. The kernel's own link-local
+/// address alone is not waited for: CNI settles only when it added IPv6.
 fn cni_settling(pod: &Link) -> Option<String> {
+    if pod.settling && !pod.addresses.is_empty() {
+        return Some(format!(
+            "waiting for CNI to finish pod interface {}: its addresses or routes changed in the last {} ms",
+            pod.name,
+            CNI_SETTLE.as_millis()
+        ));
+    }
     let kernels = pod.mac.map(|m| m.eui64_link_local());
     let own = |a: &IpCidr| matches!(a.addr, IpAddr::V6(v6) if Some(v6) == kernels);
     let cni_added_ipv6 = pod.addresses.iter().any(|a| a.addr.is_ipv6() && !own(a));

@@ -1290,8 +1290,35 @@ fn late_addresses_are_taken_only_once_cni_settled_them() {
     let dom = domain(3, vec![attached_device(true)]);
     let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
     assert_eq!(p.phase, Phase::Attached);
-    assert!(p.steps.is_empty(), "{:?}", step_names(p));
+    // Recorded at once, not taken away yet.
+    assert_eq!(step_names(p), ["record-pod-link"]);
     links[1].tentative.clear();
     let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
     assert_eq!(step_names(p), ["record-pod-link", "enslave-pod-link"]);
+    // The same while the agent saw the addresses change a moment ago.
+    links[1].settling = true;
+    let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
+    assert_eq!(step_names(p), ["record-pod-link"]);
+}
+
+#[test]
+fn a_pod_link_whose_addresses_just_changed_is_not_plugged_yet() {
+    let vmi = vmi("");
+    let dom = domain(4, vec![]);
+    let mut pod = fresh_pod_link();
+    pod.settling = true;
+    let links = [eth0(), pod.clone()];
+    let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
+    assert!(p.steps.is_empty(), "{:?}", step_names(p));
+    assert!(
+        p.message
+            .as_deref()
+            .unwrap()
+            .contains("changed in the last 500 ms")
+    );
+    // Without addresses there is nothing to take away: no wait.
+    pod.addresses.clear();
+    let links = [eth0(), pod];
+    let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
+    assert_eq!(step_names(p)[0], "record-pod-link");
 }
