@@ -291,10 +291,12 @@ async fn serve(
     };
     lock(&shared).serving = true;
     changed.notify_one();
+    // An absent family leaves its field out (tracing records `None` as
+    // nothing).
     info!(
         %tap,
-        address = ?lease.as_ref().map(|l| format!("{}/{}", l.address, l.prefix)),
-        ipv6_address = ?lease6.as_ref().map(|l| format!("{}/{}", l.address, l.prefix)),
+        address = lease.as_ref().map(|l| format!("{}/{}", l.address, l.prefix)),
+        ipv6_address = lease6.as_ref().map(|l| format!("{}/{}", l.address, l.prefix)),
         "dhcp server started"
     );
     let mut served = Served {
