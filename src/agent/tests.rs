@@ -197,6 +197,8 @@ struct FakeHyp {
     attaches: Mutex<Vec<String>>,
     detaches: Mutex<Vec<String>>,
     agent_connected: Mutex<bool>,
+    /// An earlier guest agent query is still running.
+    agent_busy: Mutex<bool>,
     /// Domain reads fail as with libvirt gone; each read is counted.
     unreachable: Mutex<bool>,
     domain_reads: Mutex<u32>,
@@ -224,6 +226,7 @@ impl FakeHyp {
             attaches: Mutex::default(),
             detaches: Mutex::default(),
             agent_connected: Mutex::new(true),
+            agent_busy: Mutex::new(false),
             unreachable: Mutex::new(false),
             domain_reads: Mutex::new(0),
             stop_after_reads: Mutex::new(None),
@@ -384,6 +387,9 @@ impl Hypervisor for FakeHyp {
     /// A guest that sees every attached device (as eth0, eth1, ...), unless
     /// its agent is switched off.
     async fn guest_interfaces(&self, _domain: &str) -> Result<Option<GuestView>, HypervisorError> {
+        if *self.agent_busy.lock().unwrap() {
+            return Ok(None);
+        }
         if !*self.agent_connected.lock().unwrap() {
             return Ok(Some(GuestView::NotConnected(
                 "QEMU guest agent is not connected".into(),
@@ -1515,4 +1521,68 @@ async fn the_guest_is_asked_again_for_the_name_udev_gives_a_new_nic() {
         "no more looks"
     );
     assert!(poller.next_wake().unwrap() > tokio::time::Instant::now() + Duration::from_secs(60));
+}
+
+/// The soak once saw QEMU go away in the middle of an unplug of four
+/// networks: from the first look for udev's rename after the plug (due 2 s
+/// after the guest confirmed it) on, passes ran back to back, ~2 ms apart,
+/// because a look the poller skips for a domain that does not run stays due.
+#[tokio::test(start_paused = true)]
+async fn a_domain_that_stops_does_not_spin_the_loop() {
+    let (status_tx, status) = watch::channel(StatusDocument::default());
+    let mut config = AgentConfig::default();
+    config.report.status_tx = Some(status_tx);
+    let agent = Agent::new(
+        FakeNet::with_pod_links(&[&pod("blue")]),
+        FakeHyp::new(4),
+        config,
+    );
+    let stop = CancellationToken::new();
+    *agent.hyp.stop_after_reads.lock().unwrap() = Some((200, stop.clone()));
+    let hyp = agent.hyp.clone();
+    let (_spec_tx, spec_rx) = watch::channel(Some(vmi(&["blue"])));
+    let run = tokio::spawn(agent.run(spec_rx, Arc::new(Notify::new()), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let phases: Vec<Phase> = status.borrow().interfaces.iter().map(|i| i.phase).collect();
+    assert_eq!(phases, [Phase::Ready], "plugged and confirmed");
+    // QEMU goes away.
+    hyp.domain.lock().unwrap().running = false;
+    let reads_before = *hyp.domain_reads.lock().unwrap();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let reads = *hyp.domain_reads.lock().unwrap() - reads_before;
+    assert!(
+        reads <= 4,
+        "{reads} passes in 20 s of a stopped domain (the looks at 2 s and 8 s, nothing else due)"
+    );
+    stop.cancel();
+    run.await.unwrap().unwrap();
+}
+
+/// A query that did not answer in time goes on in the background; while it
+/// does, the poll it was for stays due, and must not make every pass (and
+/// the loop's next wake-up) ask again at once.
+#[tokio::test(start_paused = true)]
+async fn a_guest_query_still_running_is_tried_again_later_not_at_once() {
+    use super::guest::GuestPoller;
+    let hyp = FakeHyp::new(4);
+    let domain = hyp.domain.lock().unwrap().clone();
+    let mut poller = GuestPoller::new(Duration::from_secs(600));
+    assert!(poller.refresh(&hyp, "d", Some(&domain)).await, "first look");
+    poller.expect_device();
+    tokio::time::advance(Duration::from_millis(20)).await;
+    *hyp.agent_busy.lock().unwrap() = true;
+    assert!(!poller.refresh(&hyp, "d", Some(&domain)).await, "busy");
+    let now = tokio::time::Instant::now();
+    let next = poller.next_wake().expect("the fast poll is still due");
+    assert!(
+        next >= now + Duration::from_millis(50),
+        "next wake {:?} after a busy attempt",
+        next.checked_duration_since(now)
+    );
+    *hyp.agent_busy.lock().unwrap() = false;
+    tokio::time::sleep_until(next).await;
+    assert!(
+        poller.refresh(&hyp, "d", Some(&domain)).await,
+        "asked again"
+    );
 }
