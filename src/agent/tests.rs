@@ -1586,3 +1586,54 @@ async fn a_guest_query_still_running_is_tried_again_later_not_at_once() {
         "asked again"
     );
 }
+
+/// The soak once saw QEMU go away while four networks were unplugged: the
+/// entries of two of them went from the status while their taps and
+/// bridges stayed in the pod. A departed network is listed for as long as
+/// its plumbing is there: kept (and said why) under a device the stopped
+/// domain still has, torn down where it has none.
+#[tokio::test]
+async fn networks_that_leave_the_spec_of_a_stopped_domain_are_not_forgotten() {
+    let (blue, red) = (pod("blue"), pod("red"));
+    let mut agent = agent(FakeNet::with_pod_links(&[&blue, &red]), FakeHyp::new(4));
+    agent.reconcile(&vmi(&["blue", "red"])).await.unwrap();
+    assert_eq!(
+        phases(&agent),
+        [
+            ("blue".to_string(), Phase::Ready),
+            ("red".to_string(), Phase::Ready)
+        ]
+    );
+    // QEMU is gone; the definition keeps red's device, blue's detach had
+    // already removed it from there.
+    {
+        let mut domain = agent.hyp.domain.lock().unwrap();
+        domain.running = false;
+        domain
+            .interfaces
+            .retain(|i| i.alias.as_deref() != Some("ua-blue"));
+    }
+    agent.reconcile(&vmi(&[])).await.unwrap();
+    agent.reconcile(&vmi(&[])).await.unwrap();
+    let bridge = |pod: &str| agent.net.get(&format!("k6t-{}", &pod[3..]));
+    let tap = |pod: &str| agent.net.get(&format!("tap{}", &pod[3..]));
+    assert_eq!(phases(&agent), [("red".to_string(), Phase::Detaching)]);
+    let message = agent.status().interfaces[0]
+        .message
+        .clone()
+        .unwrap_or_default();
+    assert!(message.contains("not running"), "{message}");
+    assert!(
+        bridge(&red).is_some() && tap(&red).is_some(),
+        "kept under the device"
+    );
+    assert!(
+        bridge(&blue).is_none() && tap(&blue).is_none(),
+        "no device uses them"
+    );
+    assert!(
+        agent.net.get(&blue).unwrap().alias.is_none(),
+        "blue's pod link released"
+    );
+    assert!(agent.hyp.detaches.lock().unwrap().is_empty());
+}
