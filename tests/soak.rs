@@ -73,6 +73,16 @@ struct Sample {
     clients: Option<usize>,
 }
 
+/// How the rig's QEMU ended, if it did: libvirt's line in the domain's log
+/// (`shutting down, reason=crashed` for a segfault; the kernel log names
+/// the faulting function).
+fn qemu_ended(rig: &Rig) -> Option<String> {
+    let log = rig.dir.join("log/qemu").join(format!("{}.log", rig.domain));
+    let text = std::fs::read_to_string(&log).ok()?;
+    let line = text.lines().rev().find(|l| l.contains("shutting down"))?;
+    Some(format!("{line} ({})", log.display()))
+}
+
 fn cycles() -> usize {
     std::env::var("NICPLUG_SOAK_CYCLES")
         .ok()
@@ -87,7 +97,14 @@ fn soak_plug_unplug_four_networks() {
     }
     let total = cycles();
     assert!(total >= 21, "NICPLUG_SOAK_CYCLES must be at least 21");
-    let rig = Rig::start(RigOptions::default());
+    // One vCPU: Debian 12's QEMU 7.2 under multi-threaded TCG sometimes
+    // segfaults in a vCPU thread (memory_region_dispatch_write on a freed
+    // region) right after NIC detach requests: 2 of 10 soak runs with two
+    // vCPUs. nicplug is not involved; see docs/testing.md.
+    let rig = Rig::start(RigOptions {
+        vcpus: 1,
+        ..RigOptions::default()
+    });
     let nets: Vec<CniNet> = (0..4).map(|i| CniNet::new(70 + i)).collect();
     let mut nicplug = Nicplug::new(&rig, &[]);
     // Ready comes from the fast poll after a plug, or within a second.
@@ -108,16 +125,25 @@ fn soak_plug_unplug_four_networks() {
     let started = Instant::now();
     for cycle in 1..=total {
         let t = Instant::now();
-        nicplug.set_spec(&NETWORKS);
-        for name in NETWORKS {
-            nicplug.wait_phase(name, "Ready", WAIT);
+        let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            nicplug.set_spec(&NETWORKS);
+            for name in NETWORKS {
+                nicplug.wait_phase(name, "Ready", WAIT);
+            }
+            plug_times.push(t.elapsed());
+            let t = Instant::now();
+            nicplug.set_spec(&[]);
+            for name in NETWORKS {
+                nicplug.wait_gone(name, WAIT);
+            }
+            t
+        }));
+        // A guest that is gone makes every wait fail: say so, not what the
+        // wait saw of it.
+        if let Some(end) = qemu_ended(&rig) {
+            panic!("cycle {cycle}: the rig's QEMU is gone: {end}");
         }
-        plug_times.push(t.elapsed());
-        let t = Instant::now();
-        nicplug.set_spec(&[]);
-        for name in NETWORKS {
-            nicplug.wait_gone(name, WAIT);
-        }
+        let t = waited.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         // Gone from the status means the plumbing is gone too.
         let mut names = pod_link_names(&rig);
         names.sort();

@@ -198,6 +198,57 @@ fn guest_ignoring_unplug_stays_detach_pending_without_hot_loop() {
     assert_eq!(nicplug.phase("stuck").as_deref(), Some("DetachPending"));
 }
 
+/// QEMU gone in the middle of an unplug (what the soak once met): the detach
+/// waiting for the guest ends with the domain, not at its timeout; the
+/// stopped domain's definition has no device any more (the detach removed
+/// it there at once), so the plumbing goes and the entry with it; and the
+/// loop does not spin while the domain is down.
+#[test]
+fn a_domain_that_stops_mid_unplug_ends_the_detach_and_leaves_nothing() {
+    if !support::require_root() {
+        return;
+    }
+    // A guest that never acknowledges the unplug: the detach waits.
+    let opts = RigOptions {
+        kernel_cmdline_extra: "pcie_ports=compat acpiphp.disable=1".into(),
+        ..RigOptions::default()
+    };
+    let rig = Rig::start(opts);
+    let mut nicplug = Nicplug::new(&rig, &[]);
+    nicplug.args = vec!["--detach-timeout".into(), "120".into()];
+    nicplug.start();
+    let net = CniNet::new(16);
+    nicplug.set_spec(&["halt"]);
+    rig.cni_add(&net, &pod_iface("halt"));
+    nicplug.wait_phase("halt", "Attached", PLUG);
+
+    nicplug.set_spec(&[]);
+    nicplug.wait_phase("halt", "Detaching", PLUG);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(nicplug.phase("halt").as_deref(), Some("Detaching"));
+    let offset = nicplug.log_len();
+    let stopped = Instant::now();
+    rig.virsh(&["destroy", &rig.domain]);
+    nicplug.wait_gone("halt", PLUG);
+    eprintln!(
+        "timing: domain destroyed -> entry gone {:?}",
+        stopped.elapsed()
+    );
+    assert_no_plumbing(&rig, "halt");
+    // Idle with the domain down: a few passes at most (events of the stop,
+    // the teardown's own netlink events), never one every few milliseconds.
+    std::thread::sleep(Duration::from_secs(3));
+    let passes = nicplug
+        .log_since(offset)
+        .matches("nicplug::agent: reconcile")
+        .count();
+    assert!(
+        passes < 60,
+        "{passes} passes since the domain stopped:\n{}",
+        nicplug.log_tail(40)
+    );
+}
+
 #[test]
 fn thirty_plug_unplug_cycles_leak_nothing() {
     if !support::require_root() {

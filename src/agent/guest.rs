@@ -25,6 +25,9 @@ use crate::hypervisor::{DomainState, GuestView, Hypervisor};
 const FAST_POLL_FIRST: Duration = Duration::from_millis(20);
 const FAST_POLL_MAX: Duration = Duration::from_secs(2);
 const FAST_POLL_FOR: Duration = Duration::from_secs(30);
+/// How soon to try again when an earlier query was still running (one that
+/// did not answer in time goes on in the background).
+const BUSY_RETRY: Duration = Duration::from_millis(100);
 /// When, after the guest confirmed a device, it is asked again, for the name
 /// udev gives the NIC (measured on the Debian rig guest: 0.1 to 3.4 s after
 /// the device appeared, the machine loaded); the second look is for a slow
@@ -47,6 +50,9 @@ pub struct GuestPoller {
     /// The looks still due after the guest confirmed a device
     /// ([`RENAME_LOOKS`]), earliest first.
     rename_looks: Vec<Instant>,
+    /// The last attempt found an earlier query still running: nothing is
+    /// due before this.
+    busy_retry: Option<Instant>,
 }
 
 impl GuestPoller {
@@ -58,6 +64,7 @@ impl GuestPoller {
             stale: Arc::default(),
             fast: None,
             rename_looks: Vec::new(),
+            busy_retry: None,
         }
     }
 
@@ -87,6 +94,7 @@ impl GuestPoller {
         .into_iter()
         .flatten()
         .min()
+        .map(|due| self.busy_retry.map_or(due, |retry| due.max(retry)))
     }
 
     /// An interface became Attached: ask often until the guest reports it.
@@ -124,6 +132,14 @@ impl GuestPoller {
         if !domain.is_some_and(|d| d.running) {
             self.view = None;
             self.read_at = None;
+            // Nothing is asked of a guest that does not run, so a poll or
+            // look kept here would stay due, and the loop, which sleeps
+            // until the next one, would not sleep at all. A device the
+            // domain has when it runs again becomes Attached again and is
+            // polled then.
+            self.fast = None;
+            self.rename_looks.clear();
+            self.busy_retry = None;
             return false;
         }
         let now = Instant::now();
@@ -139,8 +155,13 @@ impl GuestPoller {
         }
         let view = match hyp.guest_interfaces(domain_name).await {
             Ok(Some(view)) => view,
-            // An earlier query is still running: keep what is known.
-            Ok(None) => return false,
+            // An earlier query is still running: keep what is known, and
+            // try again shortly, not on every pass until it ends (what is
+            // due stays due meanwhile).
+            Ok(None) => {
+                self.busy_retry = Some(now + BUSY_RETRY);
+                return false;
+            }
             Err(e) => GuestView::NotConnected(error_chain(&e)),
         };
         if let GuestView::NotConnected(reason) = &view
@@ -152,6 +173,7 @@ impl GuestPoller {
         debug!(poll_due, stale, "guest agent asked");
         self.view = Some(view);
         self.read_at = Some(Instant::now());
+        self.busy_retry = None;
         self.rename_looks.retain(|t| *t > now);
         if let Some(poll) = self.fast.as_mut().filter(|_| poll_due) {
             poll.interval = (poll.interval * 2).min(FAST_POLL_MAX);

@@ -197,6 +197,8 @@ struct FakeHyp {
     attaches: Mutex<Vec<String>>,
     detaches: Mutex<Vec<String>>,
     agent_connected: Mutex<bool>,
+    /// An earlier guest agent query is still running.
+    agent_busy: Mutex<bool>,
     /// Domain reads fail as with libvirt gone; each read is counted.
     unreachable: Mutex<bool>,
     domain_reads: Mutex<u32>,
@@ -224,6 +226,7 @@ impl FakeHyp {
             attaches: Mutex::default(),
             detaches: Mutex::default(),
             agent_connected: Mutex::new(true),
+            agent_busy: Mutex::new(false),
             unreachable: Mutex::new(false),
             domain_reads: Mutex::new(0),
             stop_after_reads: Mutex::new(None),
@@ -384,6 +387,9 @@ impl Hypervisor for FakeHyp {
     /// A guest that sees every attached device (as eth0, eth1, ...), unless
     /// its agent is switched off.
     async fn guest_interfaces(&self, _domain: &str) -> Result<Option<GuestView>, HypervisorError> {
+        if *self.agent_busy.lock().unwrap() {
+            return Ok(None);
+        }
         if !*self.agent_connected.lock().unwrap() {
             return Ok(Some(GuestView::NotConnected(
                 "QEMU guest agent is not connected".into(),
@@ -1550,4 +1556,119 @@ fn a_link_whose_addresses_change_settles_for_a_moment_first() {
     let mut links = vec![Link::fixture(5, "pod3", LinkKind::Veth)];
     changes.mark_settling(&mut links, t2);
     assert!(!links[0].settling);
+}
+
+/// The soak once saw QEMU go away in the middle of an unplug of four
+/// networks: from the first look for udev's rename after the plug (due 2 s
+/// after the guest confirmed it) on, passes ran back to back, ~2 ms apart,
+/// because a look the poller skips for a domain that does not run stays due.
+#[tokio::test(start_paused = true)]
+async fn a_domain_that_stops_does_not_spin_the_loop() {
+    let (status_tx, status) = watch::channel(StatusDocument::default());
+    let mut config = AgentConfig::default();
+    config.report.status_tx = Some(status_tx);
+    let agent = Agent::new(
+        FakeNet::with_pod_links(&[&pod("blue")]),
+        FakeHyp::new(4),
+        config,
+    );
+    let stop = CancellationToken::new();
+    *agent.hyp.stop_after_reads.lock().unwrap() = Some((200, stop.clone()));
+    let hyp = agent.hyp.clone();
+    let (_spec_tx, spec_rx) = watch::channel(Some(vmi(&["blue"])));
+    let run = tokio::spawn(agent.run(spec_rx, Arc::new(Notify::new()), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let phases: Vec<Phase> = status.borrow().interfaces.iter().map(|i| i.phase).collect();
+    assert_eq!(phases, [Phase::Ready], "plugged and confirmed");
+    // QEMU goes away.
+    hyp.domain.lock().unwrap().running = false;
+    let reads_before = *hyp.domain_reads.lock().unwrap();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let reads = *hyp.domain_reads.lock().unwrap() - reads_before;
+    assert!(
+        reads <= 4,
+        "{reads} passes in 20 s of a stopped domain (the looks at 2 s and 8 s, nothing else due)"
+    );
+    stop.cancel();
+    run.await.unwrap().unwrap();
+}
+
+/// A query that did not answer in time goes on in the background; while it
+/// does, the poll it was for stays due, and must not make every pass (and
+/// the loop's next wake-up) ask again at once.
+#[tokio::test(start_paused = true)]
+async fn a_guest_query_still_running_is_tried_again_later_not_at_once() {
+    use super::guest::GuestPoller;
+    let hyp = FakeHyp::new(4);
+    let domain = hyp.domain.lock().unwrap().clone();
+    let mut poller = GuestPoller::new(Duration::from_secs(600));
+    assert!(poller.refresh(&hyp, "d", Some(&domain)).await, "first look");
+    poller.expect_device();
+    tokio::time::advance(Duration::from_millis(20)).await;
+    *hyp.agent_busy.lock().unwrap() = true;
+    assert!(!poller.refresh(&hyp, "d", Some(&domain)).await, "busy");
+    let now = tokio::time::Instant::now();
+    let next = poller.next_wake().expect("the fast poll is still due");
+    assert!(
+        next >= now + Duration::from_millis(50),
+        "next wake {:?} after a busy attempt",
+        next.checked_duration_since(now)
+    );
+    *hyp.agent_busy.lock().unwrap() = false;
+    tokio::time::sleep_until(next).await;
+    assert!(
+        poller.refresh(&hyp, "d", Some(&domain)).await,
+        "asked again"
+    );
+}
+
+/// The soak once saw QEMU go away while four networks were unplugged: the
+/// entries of two of them went from the status while their taps and
+/// bridges stayed in the pod. A departed network is listed for as long as
+/// its plumbing is there: kept (and said why) under a device the stopped
+/// domain still has, torn down where it has none.
+#[tokio::test]
+async fn networks_that_leave_the_spec_of_a_stopped_domain_are_not_forgotten() {
+    let (blue, red) = (pod("blue"), pod("red"));
+    let mut agent = agent(FakeNet::with_pod_links(&[&blue, &red]), FakeHyp::new(4));
+    agent.reconcile(&vmi(&["blue", "red"])).await.unwrap();
+    assert_eq!(
+        phases(&agent),
+        [
+            ("blue".to_string(), Phase::Ready),
+            ("red".to_string(), Phase::Ready)
+        ]
+    );
+    // QEMU is gone; the definition keeps red's device, blue's detach had
+    // already removed it from there.
+    {
+        let mut domain = agent.hyp.domain.lock().unwrap();
+        domain.running = false;
+        domain
+            .interfaces
+            .retain(|i| i.alias.as_deref() != Some("ua-blue"));
+    }
+    agent.reconcile(&vmi(&[])).await.unwrap();
+    agent.reconcile(&vmi(&[])).await.unwrap();
+    let bridge = |pod: &str| agent.net.get(&format!("k6t-{}", &pod[3..]));
+    let tap = |pod: &str| agent.net.get(&format!("tap{}", &pod[3..]));
+    assert_eq!(phases(&agent), [("red".to_string(), Phase::Detaching)]);
+    let message = agent.status().interfaces[0]
+        .message
+        .clone()
+        .unwrap_or_default();
+    assert!(message.contains("not running"), "{message}");
+    assert!(
+        bridge(&red).is_some() && tap(&red).is_some(),
+        "kept under the device"
+    );
+    assert!(
+        bridge(&blue).is_none() && tap(&blue).is_none(),
+        "no device uses them"
+    );
+    assert!(
+        agent.net.get(&blue).unwrap().alias.is_none(),
+        "blue's pod link released"
+    );
+    assert!(agent.hyp.detaches.lock().unwrap().is_empty());
 }

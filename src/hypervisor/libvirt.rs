@@ -374,23 +374,48 @@ impl Hypervisor for Libvirt {
         if !requested {
             return Ok(());
         }
-        let outcome = self
-            .wait_for(&mut rx, domain, alias, timeout, |e| match e {
-                DomainEvent::DeviceRemoved { alias, .. } => Some((alias.clone(), true)),
-                DomainEvent::DeviceRemovalFailed { alias, .. } => Some((alias.clone(), false)),
-                _ => None,
-            })
-            .await?;
-        match outcome {
-            Some(true) => Ok(()),
-            Some(false) => Err(HypervisorError::DetachFailed {
-                alias: alias.to_string(),
-            }),
-            None if !self.has_device(domain, alias).await? => Ok(()),
-            None => Err(HypervisorError::DetachTimeout {
-                alias: alias.to_string(),
-                timeout,
-            }),
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let outcome = self
+                .wait_for(&mut rx, domain, alias, left, |e| match e {
+                    DomainEvent::DeviceRemoved { alias, .. } => {
+                        Some((alias.clone(), Removal::Removed))
+                    }
+                    DomainEvent::DeviceRemovalFailed { alias, .. } => {
+                        Some((alias.clone(), Removal::Refused))
+                    }
+                    // The domain stopped, say (QEMU gone mid-unplug): no
+                    // event for the device comes any more. Look now rather
+                    // than at the timeout.
+                    DomainEvent::Lifecycle { .. } => Some((alias.to_string(), Removal::Look)),
+                    _ => None,
+                })
+                .await?;
+            return match outcome {
+                Some(Removal::Removed) => Ok(()),
+                Some(Removal::Refused) => Err(HypervisorError::DetachFailed {
+                    alias: alias.to_string(),
+                }),
+                Some(Removal::Look) => match self.domain(domain).await? {
+                    Some(d) if d.interface_by_alias(alias).is_some() => {
+                        if d.running {
+                            // Some other change (a definition update):
+                            // the guest may still release it.
+                            continue;
+                        }
+                        Err(HypervisorError::StoppedDuringDetach {
+                            alias: alias.to_string(),
+                        })
+                    }
+                    _ => Ok(()),
+                },
+                None if !self.has_device(domain, alias).await? => Ok(()),
+                None => Err(HypervisorError::DetachTimeout {
+                    alias: alias.to_string(),
+                    timeout,
+                }),
+            };
         }
     }
 
@@ -536,14 +561,14 @@ impl Libvirt {
     /// `(alias, value)` with our alias; `None` on timeout. A lagging receiver
     /// (missed events) also ends the wait with `None`, so the caller falls
     /// back to the live XML.
-    async fn wait_for(
+    async fn wait_for<T>(
         &self,
         rx: &mut broadcast::Receiver<DomainEvent>,
         domain: &str,
         alias: &str,
         timeout: Duration,
-        matches: impl Fn(&DomainEvent) -> Option<(String, bool)>,
-    ) -> Result<Option<bool>, HypervisorError> {
+        matches: impl Fn(&DomainEvent) -> Option<(String, T)>,
+    ) -> Result<Option<T>, HypervisorError> {
         let wait = async {
             loop {
                 match rx.recv().await {
@@ -573,6 +598,14 @@ impl Libvirt {
             .await?
             .is_some_and(|d| d.interface_by_alias(alias).is_some()))
     }
+}
+
+/// What an event says about a detach in flight.
+enum Removal {
+    Removed,
+    Refused,
+    /// Something happened to the domain: look whether it still has the device.
+    Look,
 }
 
 /// Clears a flag when dropped.

@@ -63,6 +63,10 @@ pub enum HypervisorError {
     DetachTimeout { alias: String, timeout: Duration },
     #[error("the guest refused to release {alias} (DEVICE_REMOVAL_FAILED)")]
     DetachFailed { alias: String },
+    /// The domain stopped while a detach waited for the guest; its
+    /// definition still has the device.
+    #[error("the domain stopped before the guest released {alias}")]
+    StoppedDuringDetach { alias: String },
     #[error("libvirt event loop is not running")]
     EventLoop,
     /// A device change met a migration in flight: nothing was changed.

@@ -948,7 +948,15 @@ fn plan_departed(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
             })
             .collect();
     }
-    let Some(domain) = observed.domain.filter(|d| d.running) else {
+    // A domain that stopped here (QEMU gone in the middle of an unplug, say)
+    // is planned as well: its plumbing is kept under the devices its
+    // definition still has, and removed where it has none, and either way
+    // the network stays listed until nothing of it is left. An arriving
+    // domain's devices come with the migration: nothing is planned there.
+    let Some(domain) = observed
+        .domain
+        .filter(|d| d.running || d.migration == Migration::None)
+    else {
         return Vec::new();
     };
     let mut plans: Vec<InterfacePlan> = departed
@@ -959,11 +967,15 @@ fn plan_departed(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
             plan.pod_iface = Some(names.pod.clone());
             let alias = format!("ua-{network}");
             plan.mac = domain.interface_by_alias(&alias).and_then(|d| d.mac);
-            unplug(plan, &alias, &names, observed, domain, Phase::Detached)
-                .with_message("the network left the spec")
+            let mut plan = unplug(plan, &alias, &names, observed, domain, Phase::Detached);
+            plan.message = Some(match plan.message.take() {
+                Some(why) => format!("the network left the spec; {why}"),
+                None => "the network left the spec".to_string(),
+            });
+            plan
         })
         .collect();
-    if observed.clean_kubevirt_leftovers {
+    if observed.clean_kubevirt_leftovers && domain.running {
         plans.extend(kubevirt_leftovers(vmi, observed, domain, &plans));
     }
     plans

@@ -457,6 +457,39 @@ fn departed_network_with_record_is_unplugged() {
 }
 
 #[test]
+fn a_departed_network_of_a_stopped_domain_stays_planned() {
+    let vmi = Vmi::parse(r#"{"kind":"VirtualMachineInstance","metadata":{"name":"vm"},"spec":{"domain":{"devices":{}}}}"#).unwrap();
+    let links = plumbed_links();
+    // The definition still has the device: the plumbing stays under it.
+    let stopped = DomainState {
+        running: false,
+        ..domain(3, vec![attached_device(true)])
+    };
+    let plans = plan(&vmi, &observed(&links, Some(&stopped)));
+    assert_eq!(plans.len(), 1, "{plans:?}");
+    let p = &plans[0];
+    assert!(p.departed && p.steps.is_empty(), "{p:?}");
+    assert_eq!(p.phase, Phase::Detaching);
+    assert_eq!(
+        p.message.as_deref(),
+        Some("the network left the spec; the domain is not running here")
+    );
+    // No device uses it: it goes.
+    let stopped = DomainState {
+        running: false,
+        ..domain(4, vec![])
+    };
+    let p = &plan(&vmi, &observed(&links, Some(&stopped)))[0];
+    assert_eq!(
+        step_names(p),
+        ["delete-link", "release-pod-link", "delete-link"]
+    );
+    // An arriving domain brings its devices with it: nothing is planned.
+    let incoming = migrating(Migration::Incoming, false, vec![]);
+    assert!(plan(&vmi, &observed(&links, Some(&incoming))).is_empty());
+}
+
+#[test]
 fn departed_devices_nicplug_cannot_prove_are_left_alone() {
     let vmi = Vmi::parse(r#"{"kind":"VirtualMachineInstance","metadata":{"name":"vm"},"spec":{"domain":{"devices":{}}}}"#).unwrap();
     // A device of another party: no bridge, no record.
@@ -552,7 +585,8 @@ fn an_incoming_migration_gets_nothing_attached_or_detached() {
     assert!(p.steps.is_empty());
     assert_eq!(p.phase, Phase::Pending);
     let departed = Vmi::parse(r#"{"kind":"VirtualMachineInstance","metadata":{"name":"vm"},"spec":{"domain":{"devices":{}}}}"#).unwrap();
-    assert!(plan(&departed, &observed(&links, Some(&incoming))).is_empty());
+    let plans = plan(&departed, &observed(&links, Some(&incoming)));
+    assert!(plans.iter().all(|p| p.steps.is_empty()), "{plans:?}");
     // When the domain arrives running with its devices, they are adopted.
     let running = domain(3, vec![attached_device(true)]);
     let p = &plan(&vmi(""), &observed(&links, Some(&running)))[1];
