@@ -25,6 +25,7 @@ fuzz_target!(|data: &[u8]| {
         mtu: 1400,
         dns: Dns {
             servers: vec![Ipv4Addr::new(10, 96, 0, 10)],
+            servers6: vec!["fd00::10".parse().unwrap()],
             search: vec!["svc.cluster.local".into()],
         },
         hostname: Some("vmi".into()),
