@@ -176,17 +176,32 @@ mod tests {
         }
     }
 
+    /// `desired_servers` for one interface in `phase` on the tap `target`,
+    /// with no DNS.
+    fn servers(
+        links: &[Link],
+        target: &str,
+        phase: Phase,
+    ) -> (Vec<Desired>, Vec<(String, DhcpStatus)>) {
+        desired_servers(
+            &vmi(),
+            links,
+            Some(&domain(target)),
+            &[status(phase)],
+            &|_: &str| Dns::default(),
+        )
+    }
+
+    /// The reason of the first interface without a server.
+    fn reason(unserved: &[(String, DhcpStatus)]) -> &str {
+        unserved[0].1.reason.as_deref().unwrap()
+    }
+
     #[test]
     fn an_attached_interface_nicplug_plumbed_with_ipv4_is_served() {
         let links = [pod_link(Some(record(&["169.254.2.5/24"])))];
         for phase in [Phase::Attached, Phase::Ready] {
-            let (desired, unserved) = desired_servers(
-                &vmi(),
-                &links,
-                Some(&domain(TAP)),
-                &[status(phase)],
-                &|_: &str| Dns::default(),
-            );
+            let (desired, unserved) = servers(&links, TAP, phase);
             assert!(unserved.is_empty());
             let [want] = desired.as_slice() else {
                 panic!("{desired:?}");
@@ -211,13 +226,7 @@ mod tests {
             (&["fe80::ff:fe00:9/64", "fe80::2:5/64"][..], false),
         ] {
             let links = [pod_link(Some(record(addresses)))];
-            let (desired, unserved) = desired_servers(
-                &vmi(),
-                &links,
-                Some(&domain(TAP)),
-                &[status(Phase::Ready)],
-                &|_: &str| Dns::default(),
-            );
+            let (desired, unserved) = servers(&links, TAP, Phase::Ready);
             assert!(unserved.is_empty());
             let lease6 = desired[0].lease6.as_ref().unwrap();
             assert_eq!(lease6.address.to_string(), "fe80::2:5");
@@ -228,55 +237,21 @@ mod tests {
 
     #[test]
     fn no_server_for_l2_kubevirt_or_unattached_interfaces() {
-        let dom = domain(TAP);
         // Only the kernel's own link-local address (EUI-64 of the MAC).
         let l2 = [pod_link(Some(record(&["fe80::ff:fe00:9/64"])))];
-        let (desired, unserved) = desired_servers(
-            &vmi(),
-            &l2,
-            Some(&dom),
-            &[status(Phase::Ready)],
-            &|_: &str| Dns::default(),
-        );
+        let (desired, unserved) = servers(&l2, TAP, Phase::Ready);
         assert!(desired.is_empty());
-        assert!(
-            unserved[0]
-                .1
-                .reason
-                .as_deref()
-                .unwrap()
-                .contains("no address from IPAM")
-        );
+        assert!(reason(&unserved).contains("no address from IPAM"));
 
         // KubeVirt's layout: no nicplug record on the pod link.
         let kubevirt = [pod_link(None)];
-        let (desired, unserved) = desired_servers(
-            &vmi(),
-            &kubevirt,
-            Some(&dom),
-            &[status(Phase::Ready)],
-            &|_: &str| Dns::default(),
-        );
+        let (desired, unserved) = servers(&kubevirt, TAP, Phase::Ready);
         assert!(desired.is_empty());
-        assert!(
-            unserved[0]
-                .1
-                .reason
-                .as_deref()
-                .unwrap()
-                .contains("did not plumb")
-        );
+        assert!(reason(&unserved).contains("did not plumb"));
 
         // A device on another tap is not the one nicplug plumbed.
         let links = [pod_link(Some(record(&["169.254.2.5/24"])))];
-        let other = domain("tapkubevirt");
-        let (desired, _) = desired_servers(
-            &vmi(),
-            &links,
-            Some(&other),
-            &[status(Phase::Ready)],
-            &|_: &str| Dns::default(),
-        );
+        let (desired, _) = servers(&links, "tapkubevirt", Phase::Ready);
         assert!(desired.is_empty());
 
         for phase in [
@@ -285,10 +260,7 @@ mod tests {
             Phase::Detaching,
             Phase::Failed,
         ] {
-            let (desired, unserved) =
-                desired_servers(&vmi(), &links, Some(&dom), &[status(phase)], &|_: &str| {
-                    Dns::default()
-                });
+            let (desired, unserved) = servers(&links, TAP, phase);
             assert!(desired.is_empty() && unserved.is_empty(), "{phase:?}");
         }
     }
