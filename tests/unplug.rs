@@ -8,7 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use e2e::*;
-use support::{CniNet, Rig, RigOptions};
+use support::{CniNet, CniResult, Rig, RigOptions};
 
 const PLUG: Duration = Duration::from_secs(20);
 
@@ -153,26 +153,40 @@ fn link_down_and_up_reach_the_guest() {
     assert_eq!(nicplug.entry("yellow").unwrap()["linkState"], "up");
 }
 
+/// A rig whose guest has no native PCIe port services and no ACPI hotplug
+/// driver: it never acknowledges an unplug request (and only finds a
+/// plugged device when told to rescan the bus).
+fn guest_ignoring_unplug() -> Rig {
+    Rig::start(RigOptions {
+        kernel_cmdline_extra: "pcie_ports=compat acpiphp.disable=1".into(),
+        ..RigOptions::default()
+    })
+}
+
+/// nicplug with `--detach-timeout SECONDS`, and `network` (CNI network
+/// `index`) plugged to Attached.
+fn plugged_with_detach_timeout<'a>(
+    rig: &'a Rig,
+    seconds: &str,
+    index: u8,
+    network: &str,
+) -> (Nicplug<'a>, CniResult) {
+    let mut nicplug = Nicplug::new(rig, &[]);
+    nicplug.args = vec!["--detach-timeout".into(), seconds.into()];
+    nicplug.start();
+    nicplug.set_spec(&[network]);
+    let cni = rig.cni_add(&CniNet::new(index), &pod_iface(network));
+    nicplug.wait_phase(network, "Attached", PLUG);
+    (nicplug, cni)
+}
+
 #[test]
 fn guest_ignoring_unplug_stays_detach_pending_without_hot_loop() {
     if !support::require_root() {
         return;
     }
-    // No native PCIe port services and no ACPI hotplug driver: the guest
-    // never acknowledges an unplug request (and only finds a plugged device
-    // when told to rescan the bus).
-    let opts = RigOptions {
-        kernel_cmdline_extra: "pcie_ports=compat acpiphp.disable=1".into(),
-        ..RigOptions::default()
-    };
-    let rig = Rig::start(opts);
-    let mut nicplug = Nicplug::new(&rig, &[]);
-    nicplug.args = vec!["--detach-timeout".into(), "2".into()];
-    nicplug.start();
-    let net = CniNet::new(14);
-    nicplug.set_spec(&["stuck"]);
-    let cni = rig.cni_add(&net, &pod_iface("stuck"));
-    nicplug.wait_phase("stuck", "Attached", PLUG);
+    let rig = guest_ignoring_unplug();
+    let (nicplug, cni) = plugged_with_detach_timeout(&rig, "2", 14, "stuck");
     let (code, out) = rig.guest_exec(&["/bin/sh", "-c", "echo 1 > /sys/bus/pci/rescan"]);
     assert_eq!(code, 0, "{out}");
     assert!(rig.wait_guest_mac(&cni.mac, PLUG).is_some());
@@ -208,19 +222,9 @@ fn a_domain_that_stops_mid_unplug_ends_the_detach_and_leaves_nothing() {
     if !support::require_root() {
         return;
     }
-    // A guest that never acknowledges the unplug: the detach waits.
-    let opts = RigOptions {
-        kernel_cmdline_extra: "pcie_ports=compat acpiphp.disable=1".into(),
-        ..RigOptions::default()
-    };
-    let rig = Rig::start(opts);
-    let mut nicplug = Nicplug::new(&rig, &[]);
-    nicplug.args = vec!["--detach-timeout".into(), "120".into()];
-    nicplug.start();
-    let net = CniNet::new(16);
-    nicplug.set_spec(&["halt"]);
-    rig.cni_add(&net, &pod_iface("halt"));
-    nicplug.wait_phase("halt", "Attached", PLUG);
+    // The detach waits for a guest that never acknowledges it.
+    let rig = guest_ignoring_unplug();
+    let (nicplug, _) = plugged_with_detach_timeout(&rig, "120", 16, "halt");
 
     nicplug.set_spec(&[]);
     nicplug.wait_phase("halt", "Detaching", PLUG);
