@@ -1484,18 +1484,25 @@ async fn a_detach_that_meets_a_migration_changes_nothing_and_waits() {
     assert!(agent.hyp.device("ua-blue").is_none());
 }
 
+/// A guest poller (refresh 600 s) that had its first look at a running
+/// domain and was told a device is coming, 20 ms later.
+async fn poller_expecting_a_device() -> (FakeHyp, DomainState, super::guest::GuestPoller) {
+    let hyp = FakeHyp::new(4);
+    let domain = hyp.domain.lock().unwrap().clone();
+    let mut poller = super::guest::GuestPoller::new(Duration::from_secs(600));
+    assert!(poller.refresh(&hyp, "d", Some(&domain)).await, "first look");
+    poller.expect_device();
+    tokio::time::advance(Duration::from_millis(20)).await;
+    (hyp, domain, poller)
+}
+
 /// After the guest confirmed a device, it is asked twice more a little
 /// later (a real guest's udev renames the NIC shortly after it appeared),
 /// then only at the refresh period again.
 #[tokio::test(start_paused = true)]
 async fn the_guest_is_asked_again_for_the_name_udev_gives_a_new_nic() {
-    use super::guest::{GuestPoller, RENAME_LOOKS};
-    let hyp = FakeHyp::new(4);
-    let domain = hyp.domain.lock().unwrap().clone();
-    let mut poller = GuestPoller::new(Duration::from_secs(600));
-    assert!(poller.refresh(&hyp, "d", Some(&domain)).await, "first look");
-    poller.expect_device();
-    tokio::time::advance(Duration::from_millis(20)).await;
+    use super::guest::RENAME_LOOKS;
+    let (hyp, domain, mut poller) = poller_expecting_a_device().await;
     assert!(poller.refresh(&hyp, "d", Some(&domain)).await, "fast poll");
     // The guest reported the MAC: nothing waits any more.
     poller.settle(false);
@@ -1598,13 +1605,7 @@ async fn a_domain_that_stops_does_not_spin_the_loop() {
 /// the loop's next wake-up) ask again at once.
 #[tokio::test(start_paused = true)]
 async fn a_guest_query_still_running_is_tried_again_later_not_at_once() {
-    use super::guest::GuestPoller;
-    let hyp = FakeHyp::new(4);
-    let domain = hyp.domain.lock().unwrap().clone();
-    let mut poller = GuestPoller::new(Duration::from_secs(600));
-    assert!(poller.refresh(&hyp, "d", Some(&domain)).await, "first look");
-    poller.expect_device();
-    tokio::time::advance(Duration::from_millis(20)).await;
+    let (hyp, domain, mut poller) = poller_expecting_a_device().await;
     *hyp.agent_busy.lock().unwrap() = true;
     assert!(!poller.refresh(&hyp, "d", Some(&domain)).await, "busy");
     let now = tokio::time::Instant::now();
