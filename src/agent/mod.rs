@@ -35,9 +35,11 @@ mod fault;
 mod guest;
 mod history;
 mod report;
+mod settle;
 pub use history::{Outcome, OutcomeKind};
 pub use report::ReportConfig;
 use report::Reporter;
+use settle::LinkChanges;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -78,59 +80,6 @@ impl Observation {
             clean_kubevirt_leftovers: coexist,
             kubevirt_plumbs: coexist,
         }
-    }
-}
-
-/// When each link's addresses and routes last changed, as the passes saw
-/// them, for [`Link::settling`] (see `plan::CNI_SETTLE`). A link that
-/// appears with addresses while nicplug runs counts as changed then (CNI
-/// may be midway); one without any has nothing to take away, and the links
-/// already there at the first pass have been there: both count as settled.
-#[derive(Default)]
-struct LinkChanges {
-    seen: HashMap<crate::model::IfName, LinkState>,
-    primed: bool,
-}
-
-struct LinkState {
-    addresses: Vec<crate::model::IpCidr>,
-    routes: Vec<crate::model::PodRoute>,
-    changed_at: Instant,
-}
-
-impl LinkChanges {
-    /// Notes what changed in `links` and marks the links still settling.
-    fn mark_settling(&mut self, links: &mut [Link], now: Instant) {
-        self.seen
-            .retain(|name, _| links.iter().any(|l| &l.name == name));
-        let long_ago = now.checked_sub(crate::plan::CNI_SETTLE).unwrap_or(now);
-        for link in links.iter_mut() {
-            let new = self.primed && !link.addresses.is_empty();
-            let state = self
-                .seen
-                .entry(link.name.clone())
-                .or_insert_with(|| LinkState {
-                    addresses: link.addresses.clone(),
-                    routes: link.routes.clone(),
-                    changed_at: if new { now } else { long_ago },
-                });
-            if state.addresses != link.addresses || state.routes != link.routes {
-                state.addresses.clone_from(&link.addresses);
-                state.routes.clone_from(&link.routes);
-                state.changed_at = now;
-            }
-            link.settling = now.duration_since(state.changed_at) < crate::plan::CNI_SETTLE;
-        }
-        self.primed = true;
-    }
-
-    /// When the next settling link is settled, if one is.
-    fn next_settled(&self, now: Instant) -> Option<Instant> {
-        self.seen
-            .values()
-            .map(|s| s.changed_at + crate::plan::CNI_SETTLE)
-            .filter(|at| *at > now)
-            .min()
     }
 }
 

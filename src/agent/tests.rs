@@ -1530,41 +1530,6 @@ async fn the_guest_is_asked_again_for_the_name_udev_gives_a_new_nic() {
     assert!(poller.next_wake().unwrap() > tokio::time::Instant::now() + Duration::from_secs(60));
 }
 
-#[test]
-fn a_link_whose_addresses_change_settles_for_a_moment_first() {
-    use crate::plan::CNI_SETTLE;
-    let t0 = Instant::now();
-    let mut changes = LinkChanges::default();
-    let address = |a: &str| a.parse::<IpCidr>().unwrap();
-    let mut there = Link::fixture(3, "pod1", LinkKind::Veth);
-    there.addresses = vec![address("169.254.1.5/24")];
-    // Links there at the first pass have been there: settled.
-    let mut links = vec![there.clone()];
-    changes.mark_settling(&mut links, t0);
-    assert!(!links[0].settling);
-    assert_eq!(changes.next_settled(t0), None);
-    // A link that appears with addresses, and one whose addresses change,
-    // settle for CNI_SETTLE.
-    let mut new = Link::fixture(4, "pod2", LinkKind::Veth);
-    new.addresses = vec![address("169.254.2.5/24")];
-    there.addresses.push(address("fe80::1:5/64"));
-    let t1 = t0 + Duration::from_millis(10);
-    let mut links = vec![there.clone(), new.clone()];
-    changes.mark_settling(&mut links, t1);
-    assert!(links.iter().all(|l| l.settling));
-    assert_eq!(changes.next_settled(t1), Some(t1 + CNI_SETTLE));
-    // Unchanged for CNI_SETTLE: settled.
-    let t2 = t1 + CNI_SETTLE;
-    let mut links = vec![there, new];
-    changes.mark_settling(&mut links, t2);
-    assert!(links.iter().all(|l| !l.settling));
-    assert_eq!(changes.next_settled(t2), None);
-    // A link without addresses has nothing to take away.
-    let mut links = vec![Link::fixture(5, "pod3", LinkKind::Veth)];
-    changes.mark_settling(&mut links, t2);
-    assert!(!links[0].settling);
-}
-
 /// The soak once saw QEMU go away in the middle of an unplug of four
 /// networks: from the first look for udev's rename after the plug (due 2 s
 /// after the guest confirmed it) on, passes ran back to back, ~2 ms apart,
