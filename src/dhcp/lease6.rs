@@ -16,7 +16,7 @@ use ipnet::Ipv6Net;
 
 use super::lease::{Dns, LEASE_SECONDS};
 use crate::model::route::TABLE_MAIN;
-use crate::model::{IpCidr, Mac, PodLinkRecord, PodRoute};
+use crate::model::{Mac, PodLinkRecord, PodRoute};
 
 /// How long the guest may use the default router a router advertisement
 /// names (RFC 4861's default, 3 x the 600 s maximum advertisement
@@ -65,10 +65,7 @@ impl Lease6Config {
         server_mac: Mac,
         dns: &Dns,
     ) -> Option<Self> {
-        let leased = leased_address(record)?;
-        let IpAddr::V6(address) = leased.addr else {
-            return None;
-        };
+        let (address, prefix) = leased_address(record)?;
         let v6_routes: Vec<&PodRoute> = record
             .routes
             .iter()
@@ -94,13 +91,13 @@ impl Lease6Config {
             .map(|n| n.trunc())
             .collect();
         let on_link = (!address.is_unicast_link_local())
-            .then(|| Ipv6Net::new(address, leased.prefix).ok())
+            .then(|| Ipv6Net::new(address, prefix).ok())
             .flatten()
             .map(|n| n.trunc());
         Some(Self {
             client,
             address,
-            prefix: leased.prefix,
+            prefix,
             router,
             on_link,
             routes,
@@ -125,17 +122,25 @@ impl Lease6Config {
 /// or random) on an IPv4-only network makes the kernel's address look like
 /// IPAM's: the guest is then offered that unused link-local address, which
 /// conflicts with nothing (the pod link holds no address while enslaved).
-pub fn leased_address(record: &PodLinkRecord) -> Option<&IpCidr> {
+pub fn leased_address(record: &PodLinkRecord) -> Option<(Ipv6Addr, u8)> {
     let kernels = record.mac.eui64_link_local();
-    let v6 = || {
-        record.addresses.iter().filter_map(|c| match c.addr {
-            IpAddr::V6(ip) => Some((c, ip)),
+    let v6: Vec<(Ipv6Addr, u8)> = record
+        .addresses
+        .iter()
+        .filter_map(|c| match c.addr {
+            IpAddr::V6(ip) => Some((ip, c.prefix)),
             IpAddr::V4(_) => None,
         })
-    };
-    v6().find(|(_, ip)| !ip.is_unicast_link_local() && !ip.is_multicast())
-        .or_else(|| v6().find(|(_, ip)| ip.is_unicast_link_local() && *ip != kernels))
-        .map(|(c, _)| c)
+        .collect();
+    let global = v6
+        .iter()
+        .find(|(ip, _)| !ip.is_unicast_link_local() && !ip.is_multicast());
+    global
+        .or_else(|| {
+            v6.iter()
+                .find(|(ip, _)| ip.is_unicast_link_local() && *ip != kernels)
+        })
+        .copied()
 }
 
 /// DUID-LL (type 3, hardware type 1 = Ethernet) of `mac`.
