@@ -419,12 +419,12 @@ impl Served<'_> {
         None
     }
 
-    /// The guest took a lease of `family` 4 or 6.
-    fn leased(&mut self, family: u8) {
+    /// The guest took a lease of `address`.
+    fn leased(&mut self, address: std::net::IpAddr) {
         {
             let mut s = lock(self.shared);
             let at = Some(Timestamp::now());
-            if family == 4 {
+            if address.is_ipv4() {
                 s.last_lease = at;
             } else {
                 s.last_lease6 = at;
@@ -435,7 +435,7 @@ impl Served<'_> {
             self.changed.notify_one();
         }
         if let Some(metrics) = self.metrics {
-            if family == 4 {
+            if address.is_ipv4() {
                 metrics.inc_dhcp_lease(self.network);
             } else {
                 metrics.inc_dhcpv6_lease(self.network);
@@ -443,12 +443,12 @@ impl Served<'_> {
         }
     }
 
-    /// Logs (and counts) what one request did.
-    fn outcome(&mut self, family: u8, outcome: &Outcome, address: std::net::IpAddr) {
-        let kind = |v4: &'static str, v6: &'static str| if family == 4 { v4 } else { v6 };
+    /// Logs (and counts) what one request for the lease of `address` did.
+    fn outcome(&mut self, outcome: &Outcome, address: std::net::IpAddr) {
+        let kind = |v4: &'static str, v6: &'static str| if address.is_ipv4() { v4 } else { v6 };
         match outcome {
             Outcome::Acked => {
-                self.leased(family);
+                self.leased(address);
                 self.log(
                     kind("ack", "reply6"),
                     format!("lease {address} acknowledged"),
@@ -493,7 +493,7 @@ fn reply4(
     let received = served.parsed(frame::parse(bytes), "malformed", "DHCP request")?;
     served.sent_by_the_vm(received.source, lease.client)?;
     let (reply, outcome) = answer(&received.message, lease);
-    served.outcome(4, &outcome, lease.address.into());
+    served.outcome(&outcome, lease.address.into());
     let reply = reply?;
     Some(frame::build(
         &reply.message,
@@ -525,7 +525,7 @@ fn reply6(
         }
         Request6::Dhcp(message) => {
             let (reply, outcome) = answer6(message, lease);
-            served.outcome(6, &outcome, lease.address.into());
+            served.outcome(&outcome, lease.address.into());
             Some(frame6::build_dhcp6(
                 &reply?,
                 server_mac,
