@@ -53,23 +53,11 @@ fn wait_guest_name(rig: &Rig, mac: &str, want: &str) -> Duration {
 
 /// Waits until the guest reports `address` on the NIC with `mac`.
 fn wait_guest_address(rig: &Rig, mac: &str, address: &str) {
-    let t0 = Instant::now();
-    loop {
-        let has = rig
-            .try_guest_interfaces()
-            .ok()
-            .and_then(|ifaces| ifaces.into_iter().find(|i| i.mac == mac))
-            .is_some_and(|i| i.has_ip(address));
-        if has {
-            return;
-        }
-        assert!(
-            t0.elapsed() < PLUG,
-            "the guest never got {address} on {mac}\n--- console ---\n{}",
-            rig.console_tail(30)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        rig.wait_guest_address(mac, address, PLUG),
+        "the guest never got {address} on {mac}\n--- console ---\n{}",
+        rig.console_tail(30)
+    );
 }
 
 /// What systemd-networkd says of link `name`: its state file, which names

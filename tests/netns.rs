@@ -615,6 +615,54 @@ fn an_address_added_after_recording_survives_the_enslave() {
     assert_eq!(env.pod.snapshot(), before);
 }
 
+/// CNI may add an address after nicplug enslaved the pod link, and nicplug
+/// waits for CNI to settle before it takes the address away. Meanwhile the
+/// pod namespace must not answer ARP for it: the node would learn the
+/// bridge's MAC for what is the VM's address, and send the VM's traffic into
+/// the pod namespace until that neighbour entry aged out.
+#[test]
+fn the_pod_namespace_answers_no_arp_for_an_address_the_pod_link_still_holds() {
+    if !require_root() {
+        return;
+    }
+    const CNI_ADDRESS: &str = "169.254.10.2";
+    let env = PodEnv::new("arp");
+    env.peer
+        .ip(&["addr", "add", "169.254.10.1/24", "dev", "peer0"]);
+    let record = env.pod.run(|| async {
+        let net = Netlink::new().unwrap();
+        let record = record_of_pod_link(&net).await;
+        plug(&net, &record, false).await;
+        record
+    });
+    // CNI, late: the address is back on the enslaved pod link.
+    env.pod.ip(&[
+        "addr",
+        "add",
+        &format!("{CNI_ADDRESS}/24"),
+        "brd",
+        "+",
+        "dev",
+        POD_IF,
+    ]);
+    let arping = std::process::Command::new("ip")
+        .args(["netns", "exec", &env.peer.name, "busybox", "arping"])
+        .args(["-c", "2", "-w", "3", "-I", "peer0", CNI_ADDRESS])
+        .output()
+        .unwrap();
+    let neighbours = env.peer.ip(&["neigh", "show", "dev", "peer0"]);
+    assert!(
+        !arping.status.success(),
+        "the pod namespace answered ARP for {CNI_ADDRESS}: {}; node neighbours: {neighbours}",
+        String::from_utf8_lossy(&arping.stdout)
+    );
+    assert!(has_flag(&env.pod.link_json(BRIDGE), "NOARP"));
+    env.pod.run(move || async move {
+        let net = Netlink::new().unwrap();
+        unplug(&net, &record).await;
+    });
+}
+
 /// Polls for `wait`: fails as soon as `dev` carries an IPv6 address.
 fn assert_no_ipv6_for(ns: &TestNs, devs: &[&str], wait: Duration) {
     let deadline = std::time::Instant::now() + wait;

@@ -122,6 +122,9 @@ struct Observed {
     addr_gen_mode: Option<In6AddrGenMode>,
     /// IFLA_BR_MCAST_SNOOPING of a bridge.
     mcast_snooping: Option<bool>,
+    /// IFF_NOARP: the namespace's own stack neither sends nor answers ARP
+    /// on the link.
+    noarp: bool,
 }
 
 impl Netlink {
@@ -359,6 +362,25 @@ impl Netlink {
         }
     }
 
+    /// Stops the namespace's stack from answering ARP on a bridge of
+    /// nicplug's. With `arp_ignore` 0 (the default) the kernel answers an
+    /// ARP request arriving on any link for an address on any other: while
+    /// the enslaved pod link still holds an address CNI gave it (nicplug
+    /// waits for CNI to settle before it takes it), the namespace would
+    /// answer for the VM's address with the bridge's MAC, and the node would
+    /// send the VM's traffic into the pod namespace until its neighbour entry
+    /// aged out. A link flag rather than the `arp_ignore` sysctl, because a
+    /// container's `/proc/sys` is read-only. Bridging does not look at it.
+    async fn set_arp_off(&self, bridge: &Observed) -> Result<(), NetnsError> {
+        if bridge.noarp {
+            return Ok(());
+        }
+        let msg = LinkUnspec::new_with_index(bridge.link.index)
+            .arp(false)
+            .build();
+        self.set("set arp off", &bridge.link.name, msg).await
+    }
+
     /// Turns multicast snooping off on a bridge that has it on.
     async fn set_snooping_off(&self, bridge: &Observed) -> Result<(), NetnsError> {
         if bridge.mcast_snooping != Some(true) {
@@ -547,6 +569,7 @@ impl PodNetwork for Netlink {
                 let msg = LinkMessageBuilder::<LinkBridge>::new(name.as_str())
                     .address(mac.octets().to_vec())
                     .append_info_data(InfoBridge::MulticastSnooping(false))
+                    .arp(false)
                     .build();
                 match self.handle.link().add(msg).execute().await {
                     Ok(()) => {}
@@ -561,6 +584,7 @@ impl PodNetwork for Netlink {
             return Err(wrong_kind(&bridge.link, "bridge"));
         }
         self.set_snooping_off(&bridge).await?;
+        self.set_arp_off(&bridge).await?;
         self.silence_ipv6(&bridge).await?;
         self.set_mac(&bridge, mac).await?;
         self.set_up(&bridge).await
@@ -973,6 +997,7 @@ fn observe_link(msg: &LinkMessage) -> Option<Observed> {
         tun_type,
         carrier,
         addr_gen_mode,
+        noarp: msg.header.flags.contains(LinkFlags::Noarp),
         mcast_snooping,
     })
 }

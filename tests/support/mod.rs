@@ -1102,6 +1102,11 @@ impl Rig {
         util::run(Command::new("ip").args(["-n", &self.pod_ns]).args(args))
     }
 
+    /// The node netns' neighbour table (`ip neigh`), for failure messages.
+    pub fn node_neighbours(&self) -> String {
+        self.node_ip(&["neigh"])
+    }
+
     /// Runs `ip <args>` in the node netns, panicking on failure; returns stdout.
     pub fn node_ip(&self, args: &[&str]) -> String {
         util::run(Command::new("ip").args(["-n", &self.node_ns]).args(args))
@@ -1176,6 +1181,19 @@ impl Rig {
                 .into_iter()
                 .find(|i| i.mac == mac)
         })
+    }
+
+    /// Polls the guest agent until the NIC with `mac` holds `address`; true
+    /// if it did in time.
+    pub fn wait_guest_address(&self, mac: &str, address: &str, timeout: Duration) -> bool {
+        let mac = mac.to_ascii_lowercase();
+        poll(timeout, Duration::from_millis(20), || {
+            self.try_guest_interfaces()
+                .ok()?
+                .into_iter()
+                .find(|i| i.mac == mac && i.has_ip(address))
+        })
+        .is_some()
     }
 
     /// Polls the guest agent until no interface has `mac`; true if it went away in time.
