@@ -730,15 +730,21 @@ fn messages_in_code() -> Vec<(String, String)> {
             }
             let name = path.strip_prefix(repo()).unwrap().display().to_string();
             let mut push = |msg: String| out.push((name.clone(), msg));
+            // rustfmt may break the line before the literal.
             for prefix in [
-                "#[error(\"",
-                ".context(\"",
-                "with_message(\"",
-                "with_message(format!(\"",
+                "#[error(",
+                ".context(",
+                "with_message(",
+                "with_message(format!(",
             ] {
                 let mut from = 0;
                 while let Some(at) = s[from..].find(prefix) {
-                    let start = from + at + prefix.len() - 1;
+                    let after = from + at + prefix.len();
+                    let start = after + (s[after..].len() - s[after..].trim_start().len());
+                    if !s[start..].starts_with('"') {
+                        from = after;
+                        continue;
+                    }
                     let (lit, end) = literal_at(&s, start);
                     push(lit);
                     from = end;

@@ -906,6 +906,7 @@ fn delete_bridge_and_tap(names: &PlumbingNames, observed: &Observed<'_>) -> Vec<
 fn plan_departed(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
     let in_spec = |network: &str| vmi.interfaces.iter().any(|i| i.name == network);
     let mut departed: Vec<(String, PlumbingNames)> = Vec::new();
+    let mut held: Vec<InterfacePlan> = Vec::new();
     // Pod links carrying a record of a network that left the spec.
     for link in observed.links {
         if let Some(network) = record_of(link).and_then(Result::ok).and_then(|r| r.network)
@@ -925,6 +926,12 @@ fn plan_departed(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
                 continue;
             };
             let names = PlumbingNames::for_pod_iface(&pod);
+            if let Some(Err(e)) = observed.link(&names.pod).and_then(record_of)
+                && !in_spec(network)
+            {
+                held.push(corrupt_departed(network, &names, &e));
+                continue;
+            }
             let ours = observed.link(&names.pod).is_none()
                 && observed.link(&names.bridge).is_some()
                 && observed.link(&names.kubevirt_renamed_pod).is_none();
@@ -946,6 +953,7 @@ fn plan_departed(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
                 plan.pod_iface = Some(names.pod.clone());
                 migrated_away(plan, &names, observed)
             })
+            .chain(held)
             .collect();
     }
     // A domain that stopped here (QEMU gone in the middle of an unplug, say)
@@ -957,7 +965,7 @@ fn plan_departed(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
         .domain
         .filter(|d| d.running || d.migration == Migration::None)
     else {
-        return Vec::new();
+        return held;
     };
     let mut plans: Vec<InterfacePlan> = departed
         .into_iter()
@@ -975,10 +983,24 @@ fn plan_departed(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
             plan
         })
         .collect();
+    plans.extend(held);
     if observed.clean_kubevirt_leftovers && domain.running {
         plans.extend(kubevirt_leftovers(vmi, observed, domain, &plans));
     }
     plans
+}
+
+/// A device of a network that left the spec, on the tap of a pod link whose
+/// record does not parse: what to give back is unknown, so nothing is
+/// touched, and the status says why.
+fn corrupt_departed(network: &str, names: &PlumbingNames, e: &RecordError) -> InterfacePlan {
+    let mut plan = InterfacePlan::new(network, Phase::Failed).with_message(format!(
+        "the network left the spec, but pod interface {} has a corrupt nicplug record: {e}; its device and plumbing are left as they are",
+        names.pod
+    ));
+    plan.departed = true;
+    plan.pod_iface = Some(names.pod.clone());
+    plan
 }
 
 /// KubeVirt's bridges (`k6t-H` with its `tapH`) of networks in neither the

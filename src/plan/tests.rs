@@ -510,6 +510,26 @@ fn departed_devices_nicplug_cannot_prove_are_left_alone() {
 }
 
 #[test]
+fn a_departed_network_whose_record_does_not_parse_is_reported_and_left_alone() {
+    let vmi = Vmi::parse(r#"{"kind":"VirtualMachineInstance","metadata":{"name":"vm"},"spec":{"domain":{"devices":{}}}}"#).unwrap();
+    let mut links = plumbed_links();
+    links[1].alias = Some("nicplug/v1 mac=garbage".into());
+    let dom = domain(3, vec![attached_device(true)]);
+    let plans = plan(&vmi, &observed(&links, Some(&dom)));
+    assert_eq!(plans.len(), 1, "{plans:?}");
+    let p = &plans[0];
+    assert_eq!(p.name, "dyniface1");
+    assert_eq!(p.phase, Phase::Failed);
+    assert!(p.departed && p.steps.is_empty(), "{p:?}");
+    let message = p.message.as_deref().unwrap();
+    assert!(
+        message.starts_with("the network left the spec, but pod interface ")
+            && message.contains("corrupt nicplug record"),
+        "{message}"
+    );
+}
+
+#[test]
 fn addresses_cni_adds_after_the_record_join_it_before_removal() {
     // CNI's IPAM configured the address after nicplug had already recorded
     // and enslaved the link.
