@@ -93,6 +93,45 @@ fn unplug_by_leaving_the_spec_and_plug_again() {
     }
 }
 
+/// Someone broke the pod link's record while the network was plugged, then
+/// the network left the spec. Without the record nicplug cannot give the pod
+/// link back, so it touches nothing and says why; once the record is whole
+/// again, the unplug goes on and leaves nothing.
+#[test]
+fn a_departed_network_with_a_broken_record_is_held_until_it_is_whole() {
+    if !support::require_root() {
+        return;
+    }
+    let rig = Rig::start(RigOptions::default());
+    let mut nicplug = Nicplug::new(&rig, &[]);
+    nicplug.start();
+    let net = CniNet::new(12);
+    let mac = plug(&rig, &nicplug, &net, "blue", &["blue"]);
+    let pod = pod_iface("blue");
+    let record = pod_link(&rig, &pod).unwrap()["ifalias"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    rig.pod_ip(&["link", "set", "dev", &pod, "alias", "nicplug/v2 mac=broken"]);
+    let held = settled_pod_link_state(&rig);
+    nicplug.set_spec(&[]);
+    nicplug.wait_phase("blue", "Failed", PLUG);
+    let entry = nicplug.entry("blue").unwrap();
+    let message = entry["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!("pod interface {pod} has a corrupt nicplug record")),
+        "{entry}"
+    );
+    assert!(rig.wait_guest_mac(&mac, PLUG).is_some(), "the device stays");
+    assert_eq!(pod_link_state(&rig), held, "nothing was touched");
+
+    rig.pod_ip(&["link", "set", "dev", &pod, "alias", &record]);
+    nicplug.wait_gone("blue", PLUG);
+    assert!(rig.wait_guest_mac_gone(&mac, PLUG));
+    assert_no_plumbing(&rig, "blue");
+    rig.cni_del(&net, &pod);
+}
+
 #[test]
 fn pod_interface_removed_first_unplugs_and_waits() {
     if !support::require_root() {
