@@ -26,8 +26,9 @@ fn root_rig() -> RigOptions {
     }
 }
 
+/// NIC 2's network is dual-stack: IPv6 service moves with the VM too.
 fn nets() -> [CniNet; 2] {
-    [CniNet::new(1), CniNet::new(2)]
+    [CniNet::new(1), CniNet::dual_stack(2)]
 }
 
 /// The source pod: nicplug plugged both NICs, the guest sees them, the first
@@ -334,6 +335,35 @@ fn live_migration_moves_hot_plugged_nics_to_prepared_taps() {
     })
     .expect("the target's server leased");
     assert_eq!(dhcp["address"], target_ips[1][0].as_str(), "{dhcp}");
+    // And IPv6 from the target's record. Busybox has no DHCPv6 client, but
+    // its kernel takes router advertisements: after a link bounce, its
+    // router solicitation is answered by the target's nicplug (the source's
+    // servers stopped with the hand-off, and the node sends none).
+    let target_v6 = target_ips[1].iter().find(|ip| ip.contains(':')).unwrap();
+    assert_eq!(dhcp["ipv6Address"], target_v6.as_str(), "{dhcp}");
+    let gateway6 = nets()[1].addr6(1);
+    let (code, out) = target.guest_exec(&[
+        "/bin/sh",
+        "-c",
+        &format!(
+            "ip link set {0} down; ip -6 route flush dev {0}; ip -6 route show default dev {0}; ip link set {0} up",
+            guest.name
+        ),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("via"), "the route is gone first: {out}");
+    let routes = poll(WAIT, Duration::from_millis(200), || {
+        let (_, out) = target.guest_exec(&[
+            "/bin/sh",
+            "-c",
+            &format!("ip -6 route show default dev {}", guest.name),
+        ]);
+        out.contains(&format!("via {gateway6}")).then_some(out)
+    });
+    assert!(
+        routes.is_some(),
+        "no advertisement from the target: the guest has no default route via {gateway6}"
+    );
     assert_eq!(
         rig.virsh(&["domstate", &rig.domain]).trim(),
         "shut off",
