@@ -301,6 +301,11 @@ fn a_mismatched_unused_tap_is_recreated() {
 /// Holds a tap open the way QEMU does (TUNSETIFF on /dev/net/tun), on the
 /// calling thread's namespace, until dropped.
 fn hold_tap_open(tap: &str) -> std::fs::File {
+    open_tap(tap, libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR)
+}
+
+/// `tap` opened with `flags` (the opener's flags replace the tap's).
+fn open_tap(tap: &str, flags: libc::c_int) -> std::fs::File {
     nix::ioctl_write_ptr_bad!(
         tunsetiff,
         nix::request_code_write!(b'T', 202, std::mem::size_of::<libc::c_int>()),
@@ -316,8 +321,7 @@ fn hold_tap_open(tap: &str) -> std::fs::File {
     for (dst, src) in ifr.ifr_name.iter_mut().zip(tap.bytes()) {
         *dst = src as libc::c_char;
     }
-    ifr.ifr_ifru.ifru_flags =
-        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    ifr.ifr_ifru.ifru_flags = flags as libc::c_short;
     // SAFETY: the fd is open for the whole call, `ifr` is a valid ifreq.
     unsafe { tunsetiff(std::os::fd::AsRawFd::as_raw_fd(&file), &ifr) }.unwrap();
     file
@@ -661,6 +665,150 @@ fn the_pod_namespace_answers_no_arp_for_an_address_the_pod_link_still_holds() {
         let net = Netlink::new().unwrap();
         unplug(&net, &record).await;
     });
+}
+
+/// A DHCPDISCOVER from `client` as a guest sends it: broadcast, from
+/// 0.0.0.0:68 to 255.255.255.255:67 (checksums left to offload, as virtio
+/// does).
+fn discover_frame(client: Mac) -> Vec<u8> {
+    use dhcproto::Encodable;
+    use dhcproto::v4::{DhcpOption, Message, MessageType};
+    let unspecified = std::net::Ipv4Addr::UNSPECIFIED;
+    let mut message = Message::new(
+        unspecified,
+        unspecified,
+        unspecified,
+        unspecified,
+        &client.octets(),
+    );
+    message
+        .opts_mut()
+        .insert(DhcpOption::MessageType(MessageType::Discover));
+    let payload = message.to_vec().unwrap();
+    let udp_len = 8 + payload.len();
+    let mut frame = vec![0xff; 6];
+    frame.extend_from_slice(&client.octets());
+    frame.extend_from_slice(&[0x08, 0x00]);
+    frame.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0]);
+    frame[16..18].copy_from_slice(&((20 + udp_len) as u16).to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0, 255, 255, 255, 255]);
+    frame.extend_from_slice(&68u16.to_be_bytes());
+    frame.extend_from_slice(&67u16.to_be_bytes());
+    frame.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    frame.extend_from_slice(&[0, 0]);
+    frame.extend_from_slice(&payload);
+    frame
+}
+
+/// Counts the DHCP replies from `server` that arrive on the guest's end of
+/// the tap until `stop` is set.
+fn count_replies(
+    guest: std::fs::File,
+    server: Mac,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    std::thread::spawn(move || {
+        let mut guest = guest;
+        let mut replies = 0;
+        let mut buffer = [0u8; 2048];
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut poll = libc::pollfd {
+                fd: guest.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the length given.
+            if unsafe { libc::poll(&mut poll, 1, 100) } <= 0 {
+                continue;
+            }
+            let n = guest.read(&mut buffer).unwrap();
+            let frame = &buffer[..n];
+            let udp_source_port = frame.get(34..36);
+            if n > 36 && frame[6..12] == server.octets() && udp_source_port == Some(&[0, 67]) {
+                replies += 1;
+            }
+        }
+        replies
+    })
+}
+
+/// A guest that floods its DHCP server is read no faster than the server's
+/// frame budget (so a flood cannot take the agent's one thread), and is
+/// served again once it stops.
+#[test]
+fn a_guest_flooding_the_dhcp_server_is_answered_at_a_bounded_rate() {
+    use nicplug::dhcp::task::{FRAME_BURST, FRAMES_PER_SECOND};
+    use nicplug::dhcp::{Desired, Dns, LeaseConfig, Servers};
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if !require_root() {
+        return;
+    }
+    const FLOOD: usize = 5000;
+    let env = PodEnv::new("flood");
+    let (flood_replies, flood_took, later_replies) = env.pod.run(|| async {
+        let net = Netlink::new().unwrap();
+        let record = record_of_pod_link(&net).await;
+        plug(&net, &record, false).await;
+        // The test is QEMU: it holds the tap and speaks for the guest.
+        let guest = open_tap(TAP, libc::IFF_TAP | libc::IFF_NO_PI);
+        let lease = LeaseConfig::from_record(&record, record.mac, Dns::default(), None).unwrap();
+        let mut servers = Servers::new(None);
+        servers.reconcile(vec![Desired {
+            network: "flood".into(),
+            tap: name(TAP),
+            server_mac: bridge_mac(),
+            lease: Some(lease),
+            lease6: None,
+        }]);
+        while !servers.status("flood").is_some_and(|s| s.served) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let frame = discover_frame(record.mac);
+        let round = |frames: usize, listen: Duration| {
+            let stop = Arc::new(AtomicBool::new(false));
+            let counter = count_replies(guest.try_clone().unwrap(), bridge_mac(), stop.clone());
+            let mut writer = guest.try_clone().unwrap();
+            let frame = frame.clone();
+            async move {
+                let started = std::time::Instant::now();
+                tokio::task::spawn_blocking(move || {
+                    for _ in 0..frames {
+                        // A full queue drops the frame, as for a real guest.
+                        let _ = writer.write(&frame);
+                    }
+                })
+                .await
+                .unwrap();
+                tokio::time::sleep(listen).await;
+                stop.store(true, Ordering::Relaxed);
+                let replies = tokio::task::spawn_blocking(move || counter.join().unwrap())
+                    .await
+                    .unwrap();
+                (replies, started.elapsed())
+            }
+        };
+        let (flood_replies, flood_took) = round(FLOOD, Duration::from_secs(1)).await;
+        // The budget refills; one DISCOVER is answered again.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (later_replies, _) = round(1, Duration::from_secs(2)).await;
+        servers.stop_all();
+        (flood_replies, flood_took, later_replies)
+    });
+    // What the budget allows over the whole round, with a share of slack.
+    let allowed =
+        FRAME_BURST as f64 + f64::from(FRAMES_PER_SECOND) * flood_took.as_secs_f64() + 1.0;
+    eprintln!(
+        "flood: {FLOOD} DISCOVERs, {flood_replies} OFFERs in {flood_took:?} (budget {allowed:.0})"
+    );
+    assert!(flood_replies > 0, "the server answered the flood at all");
+    assert!(
+        (flood_replies as f64) <= allowed,
+        "{flood_replies} replies to a flood of {FLOOD} in {flood_took:?}: more than the budget's {allowed:.0}"
+    );
+    assert_eq!(later_replies, 1, "served again after the flood");
 }
 
 /// Polls for `wait`: fails as soon as `dev` carries an IPv6 address.

@@ -24,6 +24,11 @@ use crate::model::{IfName, Mac};
 /// DHCP only.
 const ETH_P_ALL_BE: u16 = (libc::ETH_P_ALL as u16).to_be();
 const MAX_FRAME: usize = 65_536;
+/// The socket's receive queue (the kernel doubles it for its bookkeeping):
+/// room for the few frames a guest sends at once (DISCOVER, router
+/// solicitation, Solicit), not for a backlog a flood would leave to be
+/// answered, late, for seconds after it (see `task::FRAME_BURST`).
+const RECEIVE_BUFFER: libc::c_int = 16 * 1024;
 
 /// What the server reads, as a classic BPF program: IPv4 UDP to port 67
 /// without fragments, IPv6 UDP to port 547, and ICMPv6 router
@@ -91,6 +96,19 @@ impl TapSocket {
                 libc::SO_ATTACH_FILTER,
                 (&program as *const libc::sock_fprog).cast(),
                 size_of::<libc::sock_fprog>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the option value is a c_int of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&RECEIVE_BUFFER as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
         if rc < 0 {

@@ -45,6 +45,42 @@ const RA_INITIAL: [Duration; 3] = [
 ];
 const RA_EVERY: Duration = Duration::from_secs(200);
 
+/// What a server reads from the guest: a burst of this many frames, then
+/// [`FRAMES_PER_SECOND`]. A guest sends a handful per lease; one that sends
+/// more is read no faster than that, and the kernel drops the rest from the
+/// socket's queue, so a flood costs nicplug (one thread for the whole agent)
+/// next to nothing.
+pub const FRAME_BURST: u32 = 64;
+pub const FRAMES_PER_SECOND: u32 = 32;
+
+/// The guest's frame budget, as a generic cell rate: each frame takes
+/// 1/[`FRAMES_PER_SECOND`] s, and up to [`FRAME_BURST`] may be taken ahead.
+#[derive(Debug)]
+struct FrameBudget {
+    /// When the next frame's share is free.
+    next_share: Instant,
+}
+
+impl FrameBudget {
+    const SHARE: Duration = Duration::from_nanos(1_000_000_000 / FRAMES_PER_SECOND as u64);
+
+    fn new(now: Instant) -> Self {
+        Self { next_share: now }
+    }
+
+    /// Takes one frame's share at `now`; over budget, takes nothing and
+    /// says when the next share is free.
+    fn take(&mut self, now: Instant) -> Result<(), Instant> {
+        let ahead = Self::SHARE * (FRAME_BURST - 1);
+        let share = self.next_share.max(now);
+        if share > now + ahead {
+            return Err(share - ahead);
+        }
+        self.next_share = share + Self::SHARE;
+        Ok(())
+    }
+}
+
 /// A server one interface should have.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Desired {
@@ -308,6 +344,7 @@ async fn serve(
         logged: HashMap::new(),
     };
     let started = Instant::now();
+    let mut budget = FrameBudget::new(started);
     let mut advertised = 0;
     let mut next_ra = lease6.as_ref().map(|_| started);
     loop {
@@ -339,6 +376,16 @@ async fn serve(
                 return;
             }
         };
+        if let Err(free_at) = budget.take(Instant::now()) {
+            served.log(
+                "throttled",
+                format!(
+                    "the guest sends more than {FRAMES_PER_SECOND} frames a second to the DHCP server; the excess is dropped"
+                ),
+            );
+            tokio::time::sleep_until(free_at).await;
+            continue;
+        }
         let reply = if frame6::is_ipv6(&frame_bytes) {
             lease6
                 .as_ref()
@@ -546,4 +593,40 @@ fn advertisement(lease: &Lease6Config, server_mac: Mac, to: Option<std::net::Ipv
         None => (ALL_NODES_MAC, ALL_NODES),
     };
     frame6::build_icmp6(body, server_mac, source, mac, ip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_then_the_rate_then_nothing_ahead_of_it() {
+        let t0 = Instant::now();
+        let mut budget = FrameBudget::new(t0);
+        for n in 0..FRAME_BURST {
+            assert_eq!(budget.take(t0), Ok(()), "frame {n} of the burst");
+        }
+        let free_at = budget.take(t0).unwrap_err();
+        assert_eq!(free_at, t0 + FrameBudget::SHARE);
+        assert!(budget.take(free_at - Duration::from_nanos(1)).is_err());
+        assert_eq!(budget.take(free_at), Ok(()));
+        // One second on, a second's worth of frames and no more.
+        let later = free_at + Duration::from_secs(1);
+        let taken = (0..2 * FRAMES_PER_SECOND)
+            .filter(|_| budget.take(later).is_ok())
+            .count();
+        assert_eq!(taken, FRAMES_PER_SECOND as usize);
+    }
+
+    #[test]
+    fn an_idle_guest_gets_its_whole_burst_back_and_no_more() {
+        let t0 = Instant::now();
+        let mut budget = FrameBudget::new(t0);
+        assert_eq!(budget.take(t0), Ok(()));
+        let idle = t0 + Duration::from_secs(3600);
+        let taken = (0..2 * FRAME_BURST)
+            .filter(|_| budget.take(idle).is_ok())
+            .count();
+        assert_eq!(taken, FRAME_BURST as usize);
+    }
 }
