@@ -291,6 +291,8 @@ fn attach_to_dhcp_lease_median_of_ten() {
     assert_eq!(code, 0, "{out}");
     let net = CniNet::new(23);
     let mut samples = Vec::new();
+    let capture = NodeCapture::start(&rig.node_ns);
+    let mut vm_addresses = Vec::new();
     for round in 0..10 {
         nicplug.set_spec(&["blue"]);
         let cni = rig.cni_add(&net, &pod_iface("blue"));
@@ -315,6 +317,10 @@ fn attach_to_dhcp_lease_median_of_ten() {
         // settle before it takes the address off the pod link: the pod
         // namespace must not have answered the node's ARP for it.
         let address = cni.ips[0].split('/').next().unwrap();
+        vm_addresses.push((
+            address.parse::<std::net::Ipv4Addr>().unwrap(),
+            cni.mac.clone(),
+        ));
         assert!(
             rig.wait_guest_address(&cni.mac, address, WAIT),
             "round {round}: the guest never configured {address}"
@@ -330,6 +336,25 @@ fn attach_to_dhcp_lease_median_of_ten() {
         nicplug.set_spec(&[]);
         nicplug.wait_gone("blue", WAIT);
     }
+    // Nothing but the VM claimed the VM's address on the node side: no ARP
+    // answer from the pod namespace, no announcement with nicplug's MAC.
+    let claims = arp_claims(&capture.stop());
+    let foreign: Vec<_> = claims
+        .iter()
+        .filter(|(ip, mac)| vm_addresses.iter().any(|(a, m)| a == ip && m != mac))
+        .collect();
+    assert!(
+        foreign.is_empty(),
+        "the VM's addresses claimed by other MACs on the node side: {foreign:?} (VMs: {vm_addresses:?})"
+    );
+    eprintln!(
+        "node side: {} ARP frames, {} of them claim a VM address",
+        claims.len(),
+        claims
+            .iter()
+            .filter(|(ip, _)| vm_addresses.iter().any(|(a, _)| a == ip))
+            .count()
+    );
     samples.sort();
     eprintln!(
         "timing: attach -> guest holds its DHCP lease: median {} ms (min {} ms, max {} ms, n=10, q35 ACPI hotplug, TCG)",

@@ -12,9 +12,9 @@ use crate::plan::CNI_SETTLE;
 
 /// When each link's addresses and routes last changed, as the passes saw
 /// them, for [`Link::settling`] (see `plan::CNI_SETTLE`). A link that
-/// appears with addresses while nicplug runs counts as changed then (CNI
-/// may be midway); one without any has nothing to take away, and the links
-/// already there at the first pass have been there: both count as settled.
+/// appears while nicplug runs counts as changed then (CNI is midway); the
+/// links already there at the first pass have been there and count as
+/// settled.
 #[derive(Default)]
 pub(super) struct LinkChanges {
     seen: HashMap<IfName, LinkState>,
@@ -34,7 +34,7 @@ impl LinkChanges {
             .retain(|name, _| links.iter().any(|l| &l.name == name));
         let long_ago = now.checked_sub(CNI_SETTLE).unwrap_or(now);
         for link in links.iter_mut() {
-            let new = self.primed && !link.addresses.is_empty();
+            let new = self.primed;
             let state = self
                 .seen
                 .entry(link.name.clone())
@@ -98,9 +98,10 @@ mod tests {
         changes.mark_settling(&mut links, t2);
         assert!(links.iter().all(|l| !l.settling));
         assert_eq!(changes.next_settled(t2), None);
-        // A link without addresses has nothing to take away.
+        // A new link without addresses too: CNI has not added them yet.
         let mut links = vec![Link::fixture(5, "pod3", LinkKind::Veth)];
         changes.mark_settling(&mut links, t2);
-        assert!(!links[0].settling);
+        assert!(links[0].settling);
+        assert_eq!(changes.next_settled(t2), Some(t2 + CNI_SETTLE));
     }
 }

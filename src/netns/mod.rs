@@ -144,9 +144,9 @@ pub struct Link {
     /// The addresses still in IPv6 duplicate address detection (tentative):
     /// CNI waits for them to settle before it adds its routes.
     pub tentative: Vec<IpCidr>,
-    /// Its addresses or routes changed a moment ago (set by the agent from
-    /// what its earlier passes saw, not by the netns layer): CNI may still be
-    /// between adding the addresses and adding its routes.
+    /// It appeared, or its addresses or routes changed, a moment ago (set by
+    /// the agent from what its earlier passes saw, not by the netns layer):
+    /// CNI may still be configuring it.
     pub settling: bool,
     /// The routes of every table whose output link this is and that the
     /// kernel does not recreate by itself when the addresses come back

@@ -450,10 +450,14 @@ fn plan_interface(
         if let Some(pod) = observed.link(&names.pod)
             && !kubevirt_layout
         {
-            if let Some(repair) = repair_plumbing(spec, &names, pod, device, observed, domain) {
-                return repair.apply_to(plan);
+            match repair_plumbing(spec, &names, pod, device, observed, domain) {
+                Some(repair) if !repair.missing.is_empty() => return repair.apply_to(plan),
+                Some(first_enslave) => plan.steps.extend(first_enslave.steps),
+                None => plan.steps.extend(clear_late_addresses(pod, &names)),
             }
-            plan.steps.extend(clear_late_addresses(pod, &names));
+            if pod.master.is_none() {
+                plan.message = cni_settling(pod);
+            }
         }
         if let Some(message) = off_preferred_port(vmi, spec, device, domain) {
             plan.message = Some(message);
@@ -482,9 +486,6 @@ fn plan_interface(
         plan.steps = teardown(&names, observed);
         return plan.with_message(format!("waiting for pod interface {}", names.pod));
     };
-    if let Some(waiting) = cni_settling(pod) {
-        return plan.with_message(waiting);
-    }
     let case = PlugCase {
         vmi,
         spec,
@@ -628,6 +629,8 @@ fn off_preferred_port(
 
 /// How to put back plumbing that went missing under a live device.
 struct Repair {
+    /// What is missing; empty when the only step is the pod link's first
+    /// enslave, deferred while CNI configured it (no repair).
     missing: Vec<String>,
     steps: Vec<Step>,
     /// The tap was gone: QEMU's handle on it is dead, so the device is
@@ -689,17 +692,30 @@ fn repair_plumbing(
             mac: Mac::locally_administered_from(names.pod.as_str()),
         });
     }
+    let mut record = record;
     if !enslaved(pod) {
-        repair
-            .missing
-            .push(format!("pod interface {} on the bridge", names.pod));
-        repair.steps.push(Step::EnslavePodLink {
-            pod: names.pod.clone(),
-            bridge: names.bridge.clone(),
-            mac: Mac::locally_administered_from(names.pod.as_str()),
-            addresses: record.addresses.clone(),
-            routes: record.routes.clone(),
-        });
+        // Never enslaved yet (still its own MAC, no master): the plug left
+        // that until CNI was done with the link. What CNI added since the
+        // record was taken is recorded at once (DHCP serves from it).
+        let first_time = pod.master.is_none() && pod.mac == Some(record.mac);
+        if first_time {
+            let (absorbed, record_step) = absorb_late_addresses(pod, names, record).ok()?;
+            record = absorbed;
+            repair.steps.extend(record_step);
+        } else {
+            repair
+                .missing
+                .push(format!("pod interface {} on the bridge", names.pod));
+        }
+        if !first_time || cni_settling(pod).is_none() {
+            repair.steps.push(Step::EnslavePodLink {
+                pod: names.pod.clone(),
+                bridge: names.bridge.clone(),
+                mac: Mac::locally_administered_from(names.pod.as_str()),
+                addresses: record.addresses.clone(),
+                routes: record.routes.clone(),
+            });
+        }
     }
     if !tap.is_some_and(enslaved) {
         let owner = observed.tap_owner?;
@@ -723,7 +739,7 @@ fn repair_plumbing(
             });
         }
     }
-    (!repair.missing.is_empty()).then_some(repair)
+    (!repair.steps.is_empty()).then_some(repair)
 }
 
 /// An enslaved pod link carries no address; one that CNI added late (after
@@ -759,25 +775,31 @@ fn clear_late_addresses(pod: &Link, names: &PlumbingNames) -> Vec<Step> {
     steps
 }
 
-/// How long a pod link's addresses and routes must have stayed the same
-/// before nicplug takes addresses away (see [`cni_settling`]): CNI adds
-/// the addresses and then, a few netlink calls later, the routes through
-/// them; on a loaded node those calls can be far apart.
+/// How long a pod link must have been there, with the same addresses and
+/// routes, before nicplug changes it (see [`cni_settling`]): CNI adds the
+/// addresses and then, a few netlink calls later, the routes through them;
+/// on a loaded node those calls can be far apart.
 pub const CNI_SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Why the pod link is still CNI's to configure, if it is. CNI's IPAM adds
-/// the addresses, waits for every IPv6 address of the link to leave
-/// duplicate address detection (the reference plugins' `SettleAddresses`),
-/// and only then adds its routes: a route via a gateway fails ("network is
-/// unreachable") if nicplug took the addresses away meanwhile, and the
-/// whole CNI ADD with it (seen on the rig). So nicplug takes no address
-/// from a link whose addresses or routes changed within [`CNI_SETTLE`], or
-/// that has a tentative address CNI waits for. The kernel's own link-local
-/// address alone is not waited for: CNI settles only when it added IPv6.
+/// Why the pod link is still CNI's to configure, if it is; until then the
+/// plug attaches the device but leaves the pod link as it is (its MAC, its
+/// addresses, off the bridge). CNI's IPAM adds the addresses, waits for
+/// every IPv6 address of the link to leave duplicate address detection (the
+/// reference plugins' `SettleAddresses`), then adds its routes, and the
+/// bridge plugin then announces each IPv4 address with a gratuitous ARP
+/// from the MAC the link has at that moment. A route via a gateway fails
+/// ("network is unreachable") if nicplug took the addresses away meanwhile,
+/// and the whole CNI ADD with it; and an announcement with the bridge's MAC
+/// (nicplug's enslave sets it) sends the VM's traffic into the pod
+/// namespace from every neighbour that takes it (both seen on the rig). So
+/// nicplug waits until a link has been there, with the same addresses and
+/// routes, for [`CNI_SETTLE`], and has no tentative address CNI waits for.
+/// The kernel's own link-local address alone is not waited for: CNI
+/// settles only when it added IPv6.
 fn cni_settling(pod: &Link) -> Option<String> {
-    if pod.settling && !pod.addresses.is_empty() {
+    if pod.settling {
         return Some(format!(
-            "waiting for CNI to finish pod interface {}: its addresses or routes changed in the last {} ms",
+            "waiting for CNI to finish pod interface {}: it appeared or its addresses or routes changed in the last {} ms",
             pod.name,
             CNI_SETTLE.as_millis()
         ));
@@ -1323,13 +1345,18 @@ impl PlugCase<'_> {
             && pod.up
             && pod.learning == Some(false);
         if !pod_done {
-            plan.steps.push(Step::EnslavePodLink {
-                pod: names.pod.clone(),
-                bridge: names.bridge.clone(),
-                mac: bridge_mac,
-                addresses: record.addresses.clone(),
-                routes: record.routes.clone(),
-            });
+            match cni_settling(pod) {
+                // The device goes in now, the pod link joins the bridge once
+                // CNI is done with it (a later pass).
+                Some(waiting) => plan.message = Some(waiting),
+                None => plan.steps.push(Step::EnslavePodLink {
+                    pod: names.pod.clone(),
+                    bridge: names.bridge.clone(),
+                    mac: bridge_mac,
+                    addresses: record.addresses.clone(),
+                    routes: record.routes.clone(),
+                }),
+            }
         }
         let tap_done = tap.is_some_and(|t| {
             enslaved(t)

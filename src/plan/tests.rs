@@ -1282,7 +1282,8 @@ fn more_networks_than_ports_take_what_is_free_then_fail_clearly() {
 /// CNI adds a dual-stack link's addresses, waits for IPv6 duplicate address
 /// detection, then adds its routes: taking the addresses meanwhile fails its
 /// route and the CNI ADD. Seen on the rig: "failed to add route ... via
-/// 169.254.51.1: network is unreachable".
+/// 169.254.51.1: network is unreachable". The device goes in; the pod link
+/// stays as CNI is making it.
 #[test]
 fn a_pod_link_cni_is_still_settling_is_left_alone() {
     let vmi = vmi("");
@@ -1294,8 +1295,11 @@ fn a_pod_link_cni_is_still_settling_is_left_alone() {
     pod.tentative = vec![ipam_v6];
     let links = [eth0(), pod.clone()];
     let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
-    assert_eq!(p.phase, Phase::Pending);
-    assert!(p.steps.is_empty(), "{:?}", step_names(p));
+    assert_eq!(p.phase, Phase::Attached);
+    assert_eq!(
+        step_names(p),
+        ["record-pod-link", "ensure-bridge", "ensure-tap", "attach-device"]
+    );
     assert!(
         p.message
             .as_deref()
@@ -1307,16 +1311,13 @@ fn a_pod_link_cni_is_still_settling_is_left_alone() {
     // CNI waits for the kernel's own address too once it added IPv6.
     pod.tentative = vec![kernels];
     let links = [eth0(), pod.clone()];
-    assert!(
-        plan(&vmi, &observed(&links, Some(&dom)))[1]
-            .steps
-            .is_empty()
-    );
-    // Settled: the plug goes ahead.
+    let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
+    assert!(!step_names(p).contains(&"enslave-pod-link"));
+    // Settled: the pod link joins the bridge too.
     pod.tentative.clear();
     let links = [eth0(), pod];
     let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
-    assert_eq!(step_names(p)[0], "record-pod-link");
+    assert!(step_names(p).contains(&"enslave-pod-link"));
 }
 
 #[test]
@@ -1355,24 +1356,75 @@ fn late_addresses_are_taken_only_once_cni_settled_them() {
     assert_eq!(step_names(p), ["record-pod-link"]);
 }
 
+/// A pod link CNI just made (with or without its addresses yet): the device
+/// is attached at once, but the pod link keeps its MAC and addresses until
+/// CNI is done. The bridge plugin announces the addresses with the MAC the
+/// link has then: with the bridge's, neighbours would send the VM's traffic
+/// into the pod namespace.
 #[test]
-fn a_pod_link_whose_addresses_just_changed_is_not_plugged_yet() {
+fn a_pod_link_cni_just_made_gets_the_device_and_joins_the_bridge_later() {
     let vmi = vmi("");
-    let dom = domain(4, vec![]);
     let mut pod = fresh_pod_link();
     pod.settling = true;
-    let links = [eth0(), pod.clone()];
+    for addresses in [pod.addresses.clone(), vec![]] {
+        let links = [
+            eth0(),
+            Link {
+                addresses,
+                ..pod.clone()
+            },
+        ];
+        let p = &plan(&vmi, &observed(&links, Some(&domain(4, vec![]))))[1];
+        assert_eq!(
+            step_names(p),
+            ["record-pod-link", "ensure-bridge", "ensure-tap", "attach-device"]
+        );
+        assert!(
+            p.message
+                .as_deref()
+                .unwrap()
+                .contains("appeared or its addresses or routes changed in the last 500 ms"),
+            "{:?}",
+            p.message
+        );
+    }
+    // Attached, the pod link recorded, not on the bridge yet.
+    let plumbed = plumbed_links();
+    let waiting = Link {
+        alias: plumbed[1].alias.clone(),
+        ..pod
+    };
+    let links = [eth0(), waiting.clone(), plumbed[2].clone(), plumbed[3].clone()];
+    let dom = domain(3, vec![attached_device(true)]);
     let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
-    assert!(p.steps.is_empty(), "{:?}", step_names(p));
-    assert!(
-        p.message
-            .as_deref()
-            .unwrap()
-            .contains("changed in the last 500 ms")
-    );
-    // Without addresses there is nothing to take away: no wait.
-    pod.addresses.clear();
-    let links = [eth0(), pod];
+    assert_eq!(p.phase, Phase::Attached);
+    assert!(p.steps.is_empty() && p.repairs.is_empty(), "{p:?}");
+    assert!(p.message.as_deref().unwrap().starts_with("waiting for CNI"));
+    // CNI's late address is recorded at once (DHCP serves from the record),
+    // still not taken.
+    let late: IpCidr = "169.254.9.9/24".parse().unwrap();
+    let mut waiting = waiting;
+    waiting.addresses.push(late);
+    let links = [eth0(), waiting.clone(), plumbed[2].clone(), plumbed[3].clone()];
     let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
-    assert_eq!(step_names(p)[0], "record-pod-link");
+    assert_eq!(step_names(p), ["record-pod-link"]);
+    let Step::RecordPodLink { alias, .. } = &p.steps[0] else {
+        panic!()
+    };
+    let recorded = PodLinkRecord::from_alias(alias).unwrap();
+    assert!(recorded.addresses.contains(&late), "{recorded:?}");
+    // Settled: the first enslave, which is no repair.
+    let settled = Link {
+        settling: false,
+        alias: Some(alias.clone()),
+        ..waiting
+    };
+    let links = [eth0(), settled, plumbed[2].clone(), plumbed[3].clone()];
+    let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
+    assert_eq!(step_names(p), ["enslave-pod-link"]);
+    assert!(p.repairs.is_empty() && p.message.is_none(), "{p:?}");
+    let Step::EnslavePodLink { addresses, .. } = &p.steps[0] else {
+        panic!()
+    };
+    assert_eq!(addresses, &recorded.addresses, "takes what CNI gave it");
 }

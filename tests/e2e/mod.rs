@@ -846,6 +846,24 @@ impl Drop for NodeCapture {
     }
 }
 
+/// The (sender address, sender MAC) of every ARP frame, request or reply:
+/// what each frame told its receivers about who holds an address.
+pub fn arp_claims(frames: &[Vec<u8>]) -> Vec<(std::net::Ipv4Addr, String)> {
+    frames
+        .iter()
+        .filter(|f| f.get(12..14) == Some(&[0x08, 0x06][..]) && f.len() >= 42)
+        .map(|f| {
+            let mac = f[22..28]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":");
+            let ip = std::net::Ipv4Addr::new(f[28], f[29], f[30], f[31]);
+            (ip, mac)
+        })
+        .collect()
+}
+
 /// What a DHCP server or a router sends: IPv4/UDP from port 67, IPv6/UDP
 /// from port 547, ICMPv6 router advertisements.
 pub fn dhcp_server_frames(frames: &[Vec<u8>]) -> Vec<String> {
