@@ -664,7 +664,12 @@ fn plan_and_status_on_the_rig_before_and_after_a_plug() {
     assert_eq!(after.status.code(), Some(0), "{after_text}");
     assert!(after_text.contains("guest agent connected"), "{after_text}");
     assert!(after_text.contains(&cni.mac), "{after_text}");
-    let converged = plan("table");
+    // The pod link joins the bridge once CNI is done with it, which can be
+    // just after the guest saw the NIC.
+    let converged = support::poll(WAIT, Duration::from_millis(100), || {
+        Some(plan("table")).filter(|out| out.status.code() == Some(0))
+    })
+    .unwrap_or_else(|| plan("table"));
     let converged_text = text(&converged);
     eprintln!(
         "nicplug plan after the plug (exit {:?}):\n{converged_text}",

@@ -1298,7 +1298,12 @@ fn a_pod_link_cni_is_still_settling_is_left_alone() {
     assert_eq!(p.phase, Phase::Attached);
     assert_eq!(
         step_names(p),
-        ["record-pod-link", "ensure-bridge", "ensure-tap", "attach-device"]
+        [
+            "record-pod-link",
+            "ensure-bridge",
+            "ensure-tap",
+            "attach-device"
+        ]
     );
     assert!(
         p.message
@@ -1377,7 +1382,12 @@ fn a_pod_link_cni_just_made_gets_the_device_and_joins_the_bridge_later() {
         let p = &plan(&vmi, &observed(&links, Some(&domain(4, vec![]))))[1];
         assert_eq!(
             step_names(p),
-            ["record-pod-link", "ensure-bridge", "ensure-tap", "attach-device"]
+            [
+                "record-pod-link",
+                "ensure-bridge",
+                "ensure-tap",
+                "attach-device"
+            ]
         );
         assert!(
             p.message
@@ -1394,7 +1404,12 @@ fn a_pod_link_cni_just_made_gets_the_device_and_joins_the_bridge_later() {
         alias: plumbed[1].alias.clone(),
         ..pod
     };
-    let links = [eth0(), waiting.clone(), plumbed[2].clone(), plumbed[3].clone()];
+    let links = [
+        eth0(),
+        waiting.clone(),
+        plumbed[2].clone(),
+        plumbed[3].clone(),
+    ];
     let dom = domain(3, vec![attached_device(true)]);
     let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
     assert_eq!(p.phase, Phase::Attached);
@@ -1405,7 +1420,12 @@ fn a_pod_link_cni_just_made_gets_the_device_and_joins_the_bridge_later() {
     let late: IpCidr = "169.254.9.9/24".parse().unwrap();
     let mut waiting = waiting;
     waiting.addresses.push(late);
-    let links = [eth0(), waiting.clone(), plumbed[2].clone(), plumbed[3].clone()];
+    let links = [
+        eth0(),
+        waiting.clone(),
+        plumbed[2].clone(),
+        plumbed[3].clone(),
+    ];
     let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
     assert_eq!(step_names(p), ["record-pod-link"]);
     let Step::RecordPodLink { alias, .. } = &p.steps[0] else {
