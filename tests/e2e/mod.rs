@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{CniNet, Rig};
+use crate::support::{CniNet, Rig, poll};
 
 /// `nicplug run` in the rig's pod netns, like the sidecar in the launcher pod.
 pub struct Nicplug<'a> {
@@ -454,7 +454,12 @@ pub fn assert_plumbing(rig: &Rig, network: &str, mtu: u64) {
     let b = pod_link(rig, &bridge).expect("bridge exists");
     assert_eq!(b["linkinfo"]["info_kind"], "bridge");
     assert!(b["flags"].as_array().unwrap().iter().any(|f| f == "UP"));
-    let p = pod_link(rig, &pod).expect("pod link keeps its name");
+    // The pod link joins the bridge once CNI is done with it, which can be
+    // just after the attach.
+    let enslaved = poll(Duration::from_secs(5), Duration::from_millis(50), || {
+        pod_link(rig, &pod).filter(|p| p["master"] == bridge.as_str())
+    });
+    let p = enslaved.unwrap_or_else(|| pod_link(rig, &pod).expect("pod link keeps its name"));
     assert_eq!(p["master"], bridge.as_str());
     assert_eq!(
         p["address"], b["address"],
