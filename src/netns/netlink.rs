@@ -365,11 +365,11 @@ impl Netlink {
     /// Stops the namespace's stack from answering ARP on a bridge of
     /// nicplug's. With `arp_ignore` 0 (the default) the kernel answers an
     /// ARP request arriving on any link for an address on any other: while
-    /// the enslaved pod link still holds an address CNI gave it (nicplug
-    /// waits for CNI to settle before it takes it), the namespace would
-    /// answer for the VM's address with the bridge's MAC, and the node would
-    /// send the VM's traffic into the pod namespace until its neighbour entry
-    /// aged out. A link flag rather than the `arp_ignore` sysctl, because a
+    /// the enslaved pod link holds an address CNI added late (nicplug waits
+    /// for CNI to settle before it takes it), the namespace would answer for
+    /// the VM's address with the bridge's MAC, and the node would send the
+    /// VM's traffic into the pod namespace until its neighbour entry aged
+    /// out. A link flag rather than the `arp_ignore` sysctl, because a
     /// container's `/proc/sys` is read-only. Bridging does not look at it.
     async fn set_arp_off(&self, bridge: &Observed) -> Result<(), NetnsError> {
         if bridge.noarp {
