@@ -1279,6 +1279,26 @@ fn more_networks_than_ports_take_what_is_free_then_fail_clearly() {
     );
 }
 
+/// The plug of a pod link CNI is still at work on: the device goes in, the
+/// pod link is left as it is, and the message says what nicplug waits for.
+fn assert_attached_leaving_the_pod_link(p: &InterfacePlan, waiting_for: &str) {
+    assert_eq!(p.phase, Phase::Attached);
+    assert_eq!(
+        step_names(p),
+        [
+            "record-pod-link",
+            "ensure-bridge",
+            "ensure-tap",
+            "attach-device"
+        ]
+    );
+    let message = p.message.as_deref().unwrap_or_default();
+    assert!(
+        message.starts_with("waiting for CNI") && message.contains(waiting_for),
+        "{message}"
+    );
+}
+
 /// CNI adds a dual-stack link's addresses, waits for IPv6 duplicate address
 /// detection, then adds its routes: taking the addresses meanwhile fails its
 /// route and the CNI ADD. Seen on the rig: "failed to add route ... via
@@ -1295,24 +1315,7 @@ fn a_pod_link_cni_is_still_settling_is_left_alone() {
     pod.tentative = vec![ipam_v6];
     let links = [eth0(), pod.clone()];
     let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
-    assert_eq!(p.phase, Phase::Attached);
-    assert_eq!(
-        step_names(p),
-        [
-            "record-pod-link",
-            "ensure-bridge",
-            "ensure-tap",
-            "attach-device"
-        ]
-    );
-    assert!(
-        p.message
-            .as_deref()
-            .unwrap()
-            .contains("fe80::33:2/64 in duplicate address detection"),
-        "{:?}",
-        p.message
-    );
+    assert_attached_leaving_the_pod_link(p, "fe80::33:2/64 in duplicate address detection");
     // CNI waits for the kernel's own address too once it added IPv6.
     pod.tentative = vec![kernels];
     let links = [eth0(), pod.clone()];
@@ -1380,22 +1383,9 @@ fn a_pod_link_cni_just_made_gets_the_device_and_joins_the_bridge_later() {
             },
         ];
         let p = &plan(&vmi, &observed(&links, Some(&domain(4, vec![]))))[1];
-        assert_eq!(
-            step_names(p),
-            [
-                "record-pod-link",
-                "ensure-bridge",
-                "ensure-tap",
-                "attach-device"
-            ]
-        );
-        assert!(
-            p.message
-                .as_deref()
-                .unwrap()
-                .contains("appeared or its addresses or routes changed in the last 500 ms"),
-            "{:?}",
-            p.message
+        assert_attached_leaving_the_pod_link(
+            p,
+            "appeared or its addresses or routes changed in the last 500 ms",
         );
     }
     // Attached, the pod link recorded, not on the bridge yet.
