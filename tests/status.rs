@@ -295,3 +295,47 @@ fn guest_agent_going_away_and_coming_back() {
     wait_entry(&nicplug, "teal", "Ready again", |e| e["phase"] == "Ready");
     assert!(nicplug.log().contains("guest agent not available"));
 }
+
+/// A frozen guest agent (SIGSTOP: its channel stays open, and libvirt's
+/// command gets no answer for as long as it waits): nicplug keeps
+/// answering, says the agent is not connected, tries again with a backoff
+/// rather than ten times a second, and is Ready again once the agent runs.
+#[test]
+fn a_frozen_guest_agent_costs_a_handful_of_passes() {
+    if !support::require_root() {
+        return;
+    }
+    const FROZEN_FOR: Duration = Duration::from_secs(6);
+    let rig = Rig::start(RigOptions::default());
+    let mut nicplug = Nicplug::new(&rig, &["teal"]);
+    nicplug.args = vec!["--guest-refresh".into(), "2s".into()];
+    nicplug.start();
+    rig.cni_add(&CniNet::new(31), &pod_iface("teal"));
+    nicplug.wait_phase("teal", "Ready", WAIT);
+    let script = "sleep 1; pid=$(cat /run/qemu-ga.pid); kill -STOP $pid; sleep 14; kill -CONT $pid";
+    let (code, out) = rig.guest_exec(&["/bin/sh", "-c", &format!("({script}) >/dev/null 2>&1 &")]);
+    assert_eq!(code, 0, "{out}");
+    let entry = wait_entry(&nicplug, "teal", "Attached without agent", |e| {
+        e["phase"] == "Attached"
+    });
+    let message = entry["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("guest agent is not connected"),
+        "{entry}"
+    );
+    let logged = nicplug.log().len();
+    std::thread::sleep(FROZEN_FOR);
+    let (code, body) = api_get(&nicplug.api_socket, "/healthz");
+    assert_eq!(code, 200, "{body}");
+    let log = nicplug.log();
+    let passes = log[logged..]
+        .lines()
+        .filter(|l| l.trim_end().ends_with(": reconcile"))
+        .count();
+    eprintln!("frozen guest agent: {passes} reconcile passes in {FROZEN_FOR:?}");
+    assert!(
+        passes <= 20,
+        "{passes} reconcile passes in {FROZEN_FOR:?} of a frozen guest agent (a backoff, not ten a second)"
+    );
+    wait_entry(&nicplug, "teal", "Ready again", |e| e["phase"] == "Ready");
+}

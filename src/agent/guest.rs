@@ -26,8 +26,11 @@ const FAST_POLL_FIRST: Duration = Duration::from_millis(20);
 const FAST_POLL_MAX: Duration = Duration::from_secs(2);
 const FAST_POLL_FOR: Duration = Duration::from_secs(30);
 /// How soon to try again when an earlier query was still running (one that
-/// did not answer in time goes on in the background).
+/// did not answer in time goes on in the background), doubling up to
+/// [`BUSY_RETRY_MAX`] while it still runs: a wedged agent holds that query
+/// for as long as libvirt waits.
 const BUSY_RETRY: Duration = Duration::from_millis(100);
+const BUSY_RETRY_MAX: Duration = Duration::from_secs(2);
 /// When, after the guest confirmed a device, it is asked again, for the name
 /// udev gives the NIC (measured on the Debian rig guest: 0.1 to 3.4 s after
 /// the device appeared, the machine loaded); the second look is for a slow
@@ -53,6 +56,8 @@ pub struct GuestPoller {
     /// The last attempt found an earlier query still running: nothing is
     /// due before this.
     busy_retry: Option<Instant>,
+    /// The wait before the next retry behind a running query.
+    busy_backoff: Duration,
 }
 
 impl GuestPoller {
@@ -65,6 +70,7 @@ impl GuestPoller {
             fast: None,
             rename_looks: Vec::new(),
             busy_retry: None,
+            busy_backoff: BUSY_RETRY,
         }
     }
 
@@ -140,6 +146,7 @@ impl GuestPoller {
             self.fast = None;
             self.rename_looks.clear();
             self.busy_retry = None;
+            self.busy_backoff = BUSY_RETRY;
             return false;
         }
         let now = Instant::now();
@@ -159,7 +166,8 @@ impl GuestPoller {
             // try again shortly, not on every pass until it ends (what is
             // due stays due meanwhile).
             Ok(None) => {
-                self.busy_retry = Some(now + BUSY_RETRY);
+                self.busy_retry = Some(now + self.busy_backoff);
+                self.busy_backoff = (self.busy_backoff * 2).min(BUSY_RETRY_MAX);
                 return false;
             }
             Err(e) => GuestView::NotConnected(error_chain(&e)),
@@ -174,6 +182,7 @@ impl GuestPoller {
         self.view = Some(view);
         self.read_at = Some(Instant::now());
         self.busy_retry = None;
+        self.busy_backoff = BUSY_RETRY;
         self.rename_looks.retain(|t| *t > now);
         if let Some(poll) = self.fast.as_mut().filter(|_| poll_due) {
             poll.interval = (poll.interval * 2).min(FAST_POLL_MAX);

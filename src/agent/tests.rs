@@ -1588,6 +1588,42 @@ async fn a_guest_query_still_running_is_tried_again_later_not_at_once() {
     );
 }
 
+/// A wedged guest agent keeps the query that timed out running for as long
+/// as libvirt waits (its own agent timeout, or for good): the retries back
+/// off, so a frozen agent costs a handful of passes, not ten a second.
+#[tokio::test(start_paused = true)]
+async fn retries_behind_a_query_that_never_ends_back_off() {
+    let (hyp, domain, mut poller) = poller_expecting_a_device().await;
+    *hyp.agent_busy.lock().unwrap() = true;
+    let start = tokio::time::Instant::now();
+    let mut attempts = 0;
+    while let Some(next) = poller.next_wake() {
+        if next > start + Duration::from_secs(10) {
+            break;
+        }
+        tokio::time::sleep_until(next).await;
+        assert!(!poller.refresh(&hyp, "d", Some(&domain)).await, "busy");
+        attempts += 1;
+    }
+    assert!(
+        attempts <= 10,
+        "{attempts} attempts in 10 s behind a query that never ends"
+    );
+    // The agent answers again: asked at the next retry, and the backoff is
+    // over.
+    *hyp.agent_busy.lock().unwrap() = false;
+    tokio::time::sleep_until(poller.next_wake().unwrap()).await;
+    assert!(poller.refresh(&hyp, "d", Some(&domain)).await);
+    *hyp.agent_busy.lock().unwrap() = true;
+    poller.mark_stale();
+    let now = tokio::time::Instant::now();
+    assert!(!poller.refresh(&hyp, "d", Some(&domain)).await);
+    assert!(
+        poller.next_wake().unwrap() <= now + Duration::from_millis(100),
+        "the first retry after an answer is quick again"
+    );
+}
+
 /// The soak once saw QEMU go away while four networks were unplugged: the
 /// entries of two of them went from the status while their taps and
 /// bridges stayed in the pod. A departed network is listed for as long as
