@@ -276,7 +276,15 @@ fn crash_anywhere_converges() {
     if !support::require_root() {
         return;
     }
-    let rig = Rig::start(RigOptions::default());
+    // One vCPU, as in the soak: with two, one CI run in about fifteen saw
+    // the guest stop answering its agent for good right after an attach
+    // (domain running, nicplug's steps all done), the kind of failure
+    // Debian 12's QEMU 7.2 shows under multi-threaded TCG after NIC ejects
+    // (docs/testing.md). What is tested here is nicplug's convergence.
+    let rig = Rig::start(RigOptions {
+        vcpus: 1,
+        ..RigOptions::default()
+    });
     let net = CniNet::new(60);
     let base = rig.pod_links_snapshot();
     let mut cases: Vec<Case> = Vec::new();
