@@ -144,6 +144,10 @@ fn plug_case(
         nicplug.env = fault_env(f);
     }
     nicplug.start();
+    // The hot-plug order, as Multus does it: nicplug runs, then CNI ADD. Its
+    // first pass must be over first, or it may land in the middle of CNI ADD
+    // (a known, rare race: see docs/testing.md).
+    nicplug.wait_phase(NET, "Pending", WAIT);
     let cni = rig.cni_add(net, &pod_iface(NET));
     let mut abort = "-".to_string();
     if let Some(f) = fault {
