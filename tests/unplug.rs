@@ -229,6 +229,9 @@ fn guest_ignoring_unplug_stays_detach_pending_without_hot_loop() {
     let (code, out) = rig.guest_exec(&["/bin/sh", "-c", "echo 1 > /sys/bus/pci/rescan"]);
     assert_eq!(code, 0, "{out}");
     assert!(rig.wait_guest_mac(&cni.mac, PLUG).is_some());
+    // Wholly plumbed (the pod link joins the bridge once CNI is done) before
+    // the unplug that the guest ignores.
+    assert_plumbing(&rig, "stuck", 1500);
 
     nicplug.set_spec_states(&[("stuck", "absent")]);
     nicplug.wait_phase("stuck", "DetachPending", PLUG);

@@ -11,14 +11,14 @@ use crate::netns::Link;
 use crate::plan::CNI_SETTLE;
 
 /// When each link's addresses and routes last changed, as the passes saw
-/// them, for [`Link::settling`] (see `plan::CNI_SETTLE`). A link that
-/// appears while nicplug runs counts as changed then (CNI is midway); the
-/// links already there at the first pass have been there and count as
-/// settled.
+/// them, for [`Link::settling`] (see `plan::CNI_SETTLE`). A link counts as
+/// changed when a pass first sees it, the first pass's links too: nicplug
+/// may start while CNI is midway (the crash test caught a record taken
+/// between CNI's address and its route). A restart pays next to nothing for
+/// it: a plumbed link needs no change, and a new one gets its device at once.
 #[derive(Default)]
 pub(super) struct LinkChanges {
     seen: HashMap<IfName, LinkState>,
-    primed: bool,
 }
 
 struct LinkState {
@@ -32,16 +32,14 @@ impl LinkChanges {
     pub(super) fn mark_settling(&mut self, links: &mut [Link], now: Instant) {
         self.seen
             .retain(|name, _| links.iter().any(|l| &l.name == name));
-        let long_ago = now.checked_sub(CNI_SETTLE).unwrap_or(now);
         for link in links.iter_mut() {
-            let new = self.primed;
             let state = self
                 .seen
                 .entry(link.name.clone())
                 .or_insert_with(|| LinkState {
                     addresses: link.addresses.clone(),
                     routes: link.routes.clone(),
-                    changed_at: if new { now } else { long_ago },
+                    changed_at: now,
                 });
             if state.addresses != link.addresses || state.routes != link.routes {
                 state.addresses.clone_from(&link.addresses);
@@ -50,7 +48,6 @@ impl LinkChanges {
             }
             link.settling = now.duration_since(state.changed_at) < CNI_SETTLE;
         }
-        self.primed = true;
     }
 
     /// When the next settling link is settled, if one is.
@@ -77,17 +74,21 @@ mod tests {
         let address = |a: &str| a.parse::<IpCidr>().unwrap();
         let mut there = Link::fixture(3, "pod1", LinkKind::Veth);
         there.addresses = vec![address("169.254.1.5/24")];
-        // Links there at the first pass have been there: settled.
+        // The first pass's links too: nicplug may start while CNI is midway.
         let mut links = vec![there.clone()];
         changes.mark_settling(&mut links, t0);
+        assert!(links[0].settling);
+        assert_eq!(changes.next_settled(t0), Some(t0 + CNI_SETTLE));
+        let settled = t0 + CNI_SETTLE;
+        changes.mark_settling(&mut links, settled);
         assert!(!links[0].settling);
-        assert_eq!(changes.next_settled(t0), None);
+        assert_eq!(changes.next_settled(settled), None);
         // A link that appears with addresses, and one whose addresses change,
         // settle for CNI_SETTLE.
         let mut new = Link::fixture(4, "pod2", LinkKind::Veth);
         new.addresses = vec![address("169.254.2.5/24")];
         there.addresses.push(address("fe80::1:5/64"));
-        let t1 = t0 + Duration::from_millis(10);
+        let t1 = settled + Duration::from_millis(10);
         let mut links = vec![there.clone(), new.clone()];
         changes.mark_settling(&mut links, t1);
         assert!(links.iter().all(|l| l.settling));

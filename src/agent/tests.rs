@@ -441,6 +441,12 @@ fn pod(network: &str) -> String {
     crate::model::names::hashed_pod_iface(network).to_string()
 }
 
+/// Lets the pod links the passes have seen settle (see `plan::CNI_SETTLE`):
+/// under a paused clock, at once.
+async fn cni_settled() {
+    tokio::time::sleep(crate::plan::CNI_SETTLE).await;
+}
+
 fn agent(net: FakeNet, hyp: FakeHyp) -> Agent<FakeNet, FakeHyp> {
     Agent::new(net, hyp, AgentConfig::default())
 }
@@ -454,8 +460,11 @@ fn phases(agent: &Agent<FakeNet, FakeHyp>) -> Vec<(String, Phase)> {
         .collect()
 }
 
-#[tokio::test]
-async fn plugs_in_one_pass_and_then_has_nothing_to_do() {
+/// The device goes in on the first pass; the pod link joins the bridge once
+/// CNI may be done with it (the first pass's links too: nicplug may have
+/// started in the middle of a CNI ADD).
+#[tokio::test(start_paused = true)]
+async fn attaches_in_one_pass_and_then_has_nothing_to_do() {
     let vmi = vmi(&["blue"]);
     let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), FakeHyp::new(4));
     let original_mac = agent.net.get(&pod("blue")).unwrap().mac;
@@ -464,6 +473,9 @@ async fn plugs_in_one_pass_and_then_has_nothing_to_do() {
     let status = &agent.status().interfaces[0];
     assert_eq!(status.mac, original_mac.map(|m| m.to_string()));
     assert_eq!(status.link_state.as_deref(), Some("up"));
+    assert_eq!(agent.net.calls.lock().unwrap().len(), 3, "no enslave yet");
+    cni_settled().await;
+    agent.reconcile(&vmi).await.unwrap();
     assert_eq!(agent.net.calls.lock().unwrap().len(), 4);
 
     agent.reconcile(&vmi).await.unwrap();
@@ -1217,6 +1229,7 @@ mod properties {
             }
             agent.reconcile(vmi).await.unwrap();
             settle().await;
+            cni_settled().await;
         }
     }
 
@@ -1230,6 +1243,7 @@ mod properties {
         ) {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .start_paused(true)
                 .build()
                 .unwrap();
             runtime.block_on(async {
@@ -1345,10 +1359,11 @@ async fn an_attach_waits_while_the_domain_migrates_away_then_goes_ahead() {
     );
     assert!(agent.hyp.attaches.lock().unwrap().is_empty());
     assert!(agent.migrating, "passes repeat while it runs");
-    // The plumbing is built (it touches no device); the attach waits, pass
-    // after pass, and nothing is undone.
+    // The plumbing is built (it touches no device; the pod link joins the
+    // bridge once CNI may be done with it); the attach waits, pass after
+    // pass, and nothing is undone.
     let plumbed = agent.net.calls.lock().unwrap().len();
-    assert_eq!(plumbed, 4);
+    assert_eq!(plumbed, 3);
     agent.reconcile(&vmi).await.unwrap();
     assert_eq!(agent.net.calls.lock().unwrap().len(), plumbed);
     assert!(agent.hyp.attaches.lock().unwrap().is_empty());
@@ -1365,12 +1380,15 @@ async fn an_attach_waits_while_the_domain_migrates_away_then_goes_ahead() {
     assert!(!agent.migrating, "no more migration polls");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_target_is_ready_once_every_interface_is_prepared() {
     let vmi = vmi(&["blue", "red"]);
     let hyp = FakeHyp::new(4);
     *hyp.absent.lock().unwrap() = true;
     let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), hyp);
+    agent.reconcile(&vmi).await.unwrap();
+    assert_eq!(phases(&agent)[0], ("blue".to_string(), Phase::Pending));
+    cni_settled().await;
     agent.reconcile(&vmi).await.unwrap();
     assert_eq!(
         phases(&agent),
@@ -1401,6 +1419,8 @@ async fn a_target_is_ready_once_every_interface_is_prepared() {
         hyp,
         AgentConfig::default(),
     );
+    agent.reconcile(&vmi).await.unwrap();
+    cni_settled().await;
     agent.reconcile(&vmi).await.unwrap();
     assert_eq!(agent.readiness.missing(), ["spec"]);
     assert_eq!(
@@ -1439,7 +1459,7 @@ async fn a_target_is_ready_once_every_interface_is_prepared() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_target_whose_preparation_fails_is_not_ready_and_rolled_back() {
     let vmi = vmi(&["blue"]);
     let pod_name = pod("blue");
@@ -1448,6 +1468,8 @@ async fn a_target_whose_preparation_fails_is_not_ready_and_rolled_back() {
     let mut agent = agent(FakeNet::with_pod_links(&[&pod_name]), hyp);
     let before = agent.net.get(&pod_name).unwrap();
     *agent.net.fail.lock().unwrap() = Some("ensure_tap");
+    agent.reconcile(&vmi).await.unwrap();
+    cni_settled().await;
     agent.reconcile(&vmi).await.unwrap();
     assert_eq!(phases(&agent)[0].1, Phase::Failed);
     assert_eq!(agent.net.get(&pod_name).unwrap(), before, "rolled back");
