@@ -263,6 +263,21 @@ fn guest_status_in_kubevirts_shape_through_every_channel() {
     );
 }
 
+/// Runs `script` in the background in the guest (it takes the guest agent
+/// away) and waits for "teal" to be Attached, saying the agent is gone.
+fn agent_lost_by(rig: &Rig, nicplug: &Nicplug<'_>, script: &str) {
+    let (code, out) = rig.guest_exec(&["/bin/sh", "-c", &format!("({script}) >/dev/null 2>&1 &")]);
+    assert_eq!(code, 0, "{out}");
+    let entry = wait_entry(nicplug, "teal", "Attached without agent", |e| {
+        e["phase"] == "Attached"
+    });
+    let message = entry["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("guest agent is not connected"),
+        "{entry}"
+    );
+}
+
 #[test]
 fn guest_agent_going_away_and_coming_back() {
     if !support::require_root() {
@@ -279,16 +294,7 @@ fn guest_agent_going_away_and_coming_back() {
     // The sleep lets guest-exec-status collect this command before the agent dies.
     let script = "sleep 1; pid=$(cat /run/qemu-ga.pid); loop=$(cut -d' ' -f4 /proc/$pid/stat); \
                   kill -STOP $loop; kill $pid; sleep 8; kill -CONT $loop";
-    let (code, out) = rig.guest_exec(&["/bin/sh", "-c", &format!("({script}) >/dev/null 2>&1 &")]);
-    assert_eq!(code, 0, "{out}");
-    let entry = wait_entry(&nicplug, "teal", "Attached without agent", |e| {
-        e["phase"] == "Attached"
-    });
-    let message = entry["message"].as_str().unwrap_or_default();
-    assert!(
-        message.starts_with("guest agent is not connected"),
-        "{entry}"
-    );
+    agent_lost_by(&rig, &nicplug, script);
     assert_eq!(nicplug.status().unwrap()["guestAgentConnected"], false);
 
     // The agent is back: Ready again, without any other trigger.
@@ -313,16 +319,7 @@ fn a_frozen_guest_agent_costs_a_handful_of_passes() {
     rig.cni_add(&CniNet::new(31), &pod_iface("teal"));
     nicplug.wait_phase("teal", "Ready", WAIT);
     let script = "sleep 1; pid=$(cat /run/qemu-ga.pid); kill -STOP $pid; sleep 14; kill -CONT $pid";
-    let (code, out) = rig.guest_exec(&["/bin/sh", "-c", &format!("({script}) >/dev/null 2>&1 &")]);
-    assert_eq!(code, 0, "{out}");
-    let entry = wait_entry(&nicplug, "teal", "Attached without agent", |e| {
-        e["phase"] == "Attached"
-    });
-    let message = entry["message"].as_str().unwrap_or_default();
-    assert!(
-        message.starts_with("guest agent is not connected"),
-        "{entry}"
-    );
+    agent_lost_by(&rig, &nicplug, script);
     let logged = nicplug.log().len();
     std::thread::sleep(FROZEN_FOR);
     let (code, body) = api_get(&nicplug.api_socket, "/healthz");
