@@ -455,9 +455,14 @@ pub fn assert_plumbing(rig: &Rig, network: &str, mtu: u64) {
     assert_eq!(b["linkinfo"]["info_kind"], "bridge");
     assert!(b["flags"].as_array().unwrap().iter().any(|f| f == "UP"));
     // The pod link joins the bridge once CNI is done with it, which can be
-    // just after the attach.
+    // just after the attach; the enslave is several netlink calls (master,
+    // then learning off), so wait for all of it.
     let enslaved = poll(Duration::from_secs(5), Duration::from_millis(50), || {
-        pod_link(rig, &pod).filter(|p| p["master"] == bridge.as_str())
+        pod_link(rig, &pod).filter(|p| {
+            p["master"] == bridge.as_str()
+                && p["linkinfo"]["info_slave_data"]["learning"] == false
+                && p["address"] == b["address"]
+        })
     });
     let p = enslaved.unwrap_or_else(|| pod_link(rig, &pod).expect("pod link keeps its name"));
     assert_eq!(p["master"], bridge.as_str());
