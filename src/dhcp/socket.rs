@@ -87,33 +87,10 @@ impl TapSocket {
             len: FILTER.len() as u16,
             filter: FILTER.as_ptr().cast_mut(),
         };
-        // SAFETY: `program` points at FILTER, which outlives the call (the
-        // kernel copies the program); the length is the option's size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_ATTACH_FILTER,
-                (&program as *const libc::sock_fprog).cast(),
-                size_of::<libc::sock_fprog>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: the option value is a c_int of the size passed.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&RECEIVE_BUFFER as *const libc::c_int).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        // `program` points at FILTER, which outlives the call (the kernel
+        // copies the program).
+        set_socket_option(&fd, libc::SO_ATTACH_FILTER, &program)?;
+        set_socket_option(&fd, libc::SO_RCVBUF, &RECEIVE_BUFFER)?;
         let address = link_address(ifindex, ETH_P_ALL_BE, None);
         // SAFETY: `address` is a valid sockaddr_ll of the size passed.
         let rc = unsafe {
@@ -205,6 +182,27 @@ impl TapSocket {
                 Err(_would_block) => continue,
             }
         }
+    }
+}
+
+/// `setsockopt(fd, SOL_SOCKET, option, value)`; `value` must be what the
+/// option takes, with any pointer in it valid for the call.
+fn set_socket_option<T>(fd: &OwnedFd, option: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: `value` is a valid `T` for the length passed, and the kernel
+    // copies it before the call returns.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (value as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 
