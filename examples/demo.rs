@@ -9,6 +9,7 @@ mod e2e;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use nicplug::plan::Phase;
 use std::time::{Duration, Instant};
 
 use e2e::{Nicplug, pod_iface};
@@ -38,7 +39,7 @@ fn main() {
 
     let mut nicplug = Nicplug::new(&rig, &[]);
     nicplug.start();
-    nicplug.wait_phase("default", "Unsupported", Duration::from_secs(10));
+    nicplug.wait_phase("default", Phase::NotManaged, Duration::from_secs(10));
     step(
         start,
         "nicplug runs in the pod namespace; VMI has only the pod network",
@@ -46,7 +47,7 @@ fn main() {
 
     let network = "dyniface1";
     nicplug.set_spec(&[network]);
-    nicplug.wait_phase(network, "Pending", Duration::from_secs(10));
+    nicplug.wait_phase(network, Phase::Pending, Duration::from_secs(10));
     step(
         start,
         &format!(
@@ -65,7 +66,7 @@ fn main() {
             cni.ifname, cni.mac, cni.ips
         ),
     );
-    nicplug.wait_phase(network, "Attached", Duration::from_secs(20));
+    nicplug.wait_phase(network, Phase::Attached, Duration::from_secs(20));
     let attached = t0.elapsed();
     step(
         start,

@@ -11,6 +11,7 @@ mod e2e;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use nicplug::plan::Phase;
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::sync::mpsc;
@@ -113,7 +114,7 @@ fn main() {
 
     let mut nicplug = Nicplug::new(&rig, &[]);
     nicplug.start();
-    nicplug.wait_phase("default", "Unsupported", Duration::from_secs(10));
+    nicplug.wait_phase("default", Phase::NotManaged, Duration::from_secs(10));
     let net = CniNet::new(1);
     let network = "dyniface1";
     let (mut to_added, mut to_status, mut to_ready, mut to_guest) =
@@ -121,14 +122,14 @@ fn main() {
     let (mut to_removed, mut to_clean) = (vec![], vec![]);
     for _ in 0..runs {
         nicplug.set_spec(&[network]);
-        nicplug.wait_phase(network, "Pending", Duration::from_secs(10));
+        nicplug.wait_phase(network, Phase::Pending, Duration::from_secs(10));
         let cni = rig.cni_add(&net, &pod_iface(network));
         let created = now_ms();
-        let status = nicplug.wait_phase(network, "Attached", Duration::from_secs(20));
+        let status = nicplug.wait_phase(network, Phase::Attached, Duration::from_secs(20));
         let _ = status;
         to_status.push(now_ms() - created);
         to_added.push(wait_event("device-added") - created);
-        nicplug.wait_phase(network, "Ready", Duration::from_secs(20));
+        nicplug.wait_phase(network, Phase::Ready, Duration::from_secs(20));
         to_ready.push(now_ms() - created);
         rig.wait_guest_mac(&cni.mac, Duration::from_secs(30))
             .expect("guest sees the NIC");
@@ -163,7 +164,7 @@ fn main() {
         rig.cni_add(&CniNet::new(40 + i as u8), &pod_iface(network));
     }
     for network in idle_networks {
-        nicplug.wait_phase(network, "Ready", Duration::from_secs(30));
+        nicplug.wait_phase(network, Phase::Ready, Duration::from_secs(30));
     }
     std::thread::sleep(Duration::from_secs(2));
     let pid = nicplug.pid().unwrap();

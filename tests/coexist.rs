@@ -7,6 +7,7 @@
 mod e2e;
 mod support;
 
+use nicplug::plan::Phase;
 use std::time::{Duration, Instant};
 
 use e2e::*;
@@ -48,7 +49,7 @@ fn adopts_a_device_kubevirt_attached_and_touches_nothing() {
 
     let mut nicplug = Nicplug::new(&rig, &["kvnet"]);
     nicplug.start();
-    nicplug.wait_phase("kvnet", "Ready", WAIT);
+    nicplug.wait_phase("kvnet", Phase::Ready, WAIT);
     let entry = nicplug.entry("kvnet").unwrap();
     assert_eq!(entry["mac"], mac.as_str());
     assert_eq!(entry["infoSource"], "domain, guest-agent");
@@ -84,7 +85,7 @@ fn a_detach_someone_else_did_first_counts_as_done() {
     let mut nicplug = Nicplug::new(&rig, &["racy"]);
     nicplug.start();
     let cni = rig.cni_add(&net, &pod_iface("racy"));
-    nicplug.wait_phase("racy", "Ready", WAIT);
+    nicplug.wait_phase("racy", Phase::Ready, WAIT);
 
     // KubeVirt's launcher detaches on `state: absent` too, here first (while
     // nicplug is stopped, so the order is certain).
@@ -106,7 +107,7 @@ fn a_detach_someone_else_did_first_counts_as_done() {
         std::thread::sleep(Duration::from_millis(20));
     }
     nicplug.start();
-    nicplug.wait_phase("racy", "Detached", WAIT);
+    nicplug.wait_phase("racy", Phase::Detached, WAIT);
     assert_no_plumbing(&rig, "racy");
     assert!(rig.wait_guest_mac_gone(&cni.mac, WAIT));
     rig.cni_del(&net, &pod_iface("racy"));
@@ -116,7 +117,7 @@ fn a_detach_someone_else_did_first_counts_as_done() {
     // And the race itself: both detach at once, whoever wins.
     let cni = rig.cni_add(&net, &pod_iface("racy"));
     nicplug.set_spec(&["racy"]);
-    nicplug.wait_phase("racy", "Ready", WAIT);
+    nicplug.wait_phase("racy", Phase::Ready, WAIT);
     nicplug.set_spec_states(&[("racy", "absent")]);
     let _ = rig.virsh_try(&[
         "detach-device-alias",
@@ -125,7 +126,7 @@ fn a_detach_someone_else_did_first_counts_as_done() {
         "--live",
         "--config",
     ]);
-    nicplug.wait_phase("racy", "Detached", WAIT);
+    nicplug.wait_phase("racy", Phase::Detached, WAIT);
     assert_no_plumbing(&rig, "racy");
     assert!(rig.wait_guest_mac_gone(&cni.mac, WAIT));
 }
@@ -158,7 +159,7 @@ fn migration_target_like_start_creates_nothing_then_adopts() {
 
     let mut nicplug = Nicplug::new(&rig, &["moved", "plain"]);
     nicplug.start();
-    nicplug.wait_phase("plain", "Pending", WAIT);
+    nicplug.wait_phase("plain", Phase::Pending, WAIT);
     assert_eq!(
         nicplug.entry("plain").unwrap()["message"],
         "the domain is not running"
@@ -184,7 +185,7 @@ fn migration_target_like_start_creates_nothing_then_adopts() {
         "--config",
     ]);
     rig.virsh(&["start", &rig.domain]);
-    nicplug.wait_phase("moved", "Attached", Duration::from_secs(60));
+    nicplug.wait_phase("moved", Phase::Attached, Duration::from_secs(60));
     let aliases = device_aliases(&rig);
     assert_eq!(
         aliases.iter().filter(|a| *a == "ua-moved").count(),
@@ -192,5 +193,5 @@ fn migration_target_like_start_creates_nothing_then_adopts() {
         "{aliases:?}"
     );
     // The network without a device in the arriving domain is plugged now.
-    nicplug.wait_phase("plain", "Attached", Duration::from_secs(60));
+    nicplug.wait_phase("plain", Phase::Attached, Duration::from_secs(60));
 }

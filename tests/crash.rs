@@ -10,6 +10,7 @@
 mod e2e;
 mod support;
 
+use nicplug::plan::Phase;
 use std::os::unix::process::ExitStatusExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{Duration, Instant};
@@ -147,7 +148,7 @@ fn plug_case(
     // The hot-plug order, as Multus does it: nicplug runs, then CNI ADD. Its
     // first pass must be over first, or it may land in the middle of CNI ADD
     // (a known, rare race: see docs/testing.md).
-    nicplug.wait_phase(NET, "Pending", WAIT);
+    nicplug.wait_phase(NET, Phase::Pending, WAIT);
     let cni = rig.cni_add(net, &pod_iface(NET));
     let mut abort = "-".to_string();
     if let Some(f) = fault {
@@ -159,7 +160,7 @@ fn plug_case(
         nicplug.start();
     }
     let result = catch_unwind(AssertUnwindSafe(|| {
-        nicplug.wait_phase(NET, "Ready", WAIT);
+        nicplug.wait_phase(NET, Phase::Ready, WAIT);
         assert_plumbing(rig, NET, 1500);
         ping_guest(rig, net, &cni.mac, 50).unwrap_or_else(|e| panic!("{e}"));
         plugged_state(rig, &nicplug)
@@ -189,7 +190,7 @@ fn unplug_case(
     nicplug.set_spec(&[NET]);
     nicplug.start();
     let plugged = catch_unwind(AssertUnwindSafe(|| {
-        nicplug.wait_phase(NET, "Ready", WAIT);
+        nicplug.wait_phase(NET, Phase::Ready, WAIT);
     }));
     if let Err(e) = plugged {
         return (
@@ -216,7 +217,7 @@ fn unplug_case(
     }
     nicplug.start();
     let result = catch_unwind(AssertUnwindSafe(|| {
-        nicplug.wait_phase(NET, "Detached", WAIT);
+        nicplug.wait_phase(NET, Phase::Detached, WAIT);
         assert!(
             rig.wait_guest_mac_gone(&cni.mac, WAIT),
             "the guest still has {}",

@@ -7,6 +7,7 @@
 mod e2e;
 mod support;
 
+use nicplug::plan::Phase;
 use std::time::{Duration, SystemTime};
 
 use e2e::*;
@@ -108,7 +109,7 @@ fn dhcp_gives_the_guest_exactly_the_pod_interface() {
     let v6_gateway = format!("\"gateway\": \"{}\"", net.addr6(1));
     assert!(as_cni_made_it.contains(&v6_gateway), "{as_cni_made_it}");
     nicplug.set_spec(&["blue"]);
-    nicplug.wait_phase("blue", "Ready", WAIT);
+    nicplug.wait_phase("blue", Phase::Ready, WAIT);
     let guest = rig
         .wait_guest_mac(&cni.mac, WAIT)
         .expect("guest sees the NIC");
@@ -222,7 +223,7 @@ fn dhcp_gives_the_guest_exactly_the_pod_interface() {
     // Unplug: the server goes with the device, and the pod interface is back
     // as CNI made it, routes included.
     nicplug.set_spec_states(&[("blue", "absent")]);
-    nicplug.wait_phase("blue", "Detached", WAIT);
+    nicplug.wait_phase("blue", Phase::Detached, WAIT);
     assert!(
         nicplug.log().contains("dhcp server stopped"),
         "{}",
@@ -252,7 +253,7 @@ fn an_l2_network_gets_no_dhcp_server() {
     let net = CniNet::l2(22);
     let cni = rig.cni_add(&net, &pod_iface("green"));
     assert!(cni.ips.is_empty(), "{:?}", cni.ips);
-    nicplug.wait_phase("green", "Ready", WAIT);
+    nicplug.wait_phase("green", Phase::Ready, WAIT);
     let dhcp = wait_dhcp(&nicplug, "green", false);
     assert!(
         dhcp["reason"]
@@ -296,7 +297,7 @@ fn attach_to_dhcp_lease_median_of_ten() {
     for round in 0..10 {
         nicplug.set_spec(&["blue"]);
         let cni = rig.cni_add(&net, &pod_iface("blue"));
-        nicplug.wait_phase("blue", "Attached", WAIT);
+        nicplug.wait_phase("blue", Phase::Attached, WAIT);
         let dhcp = support::poll(WAIT, Duration::from_millis(20), || {
             dhcp_of(&nicplug, "blue").filter(|d| d["lastLease"]["time"].is_string())
         })
@@ -331,7 +332,7 @@ fn attach_to_dhcp_lease_median_of_ten() {
             rig.node_neighbours()
         );
         nicplug.set_spec_states(&[("blue", "absent")]);
-        nicplug.wait_phase("blue", "Detached", WAIT);
+        nicplug.wait_phase("blue", Phase::Detached, WAIT);
         rig.cni_del(&net, &pod_iface("blue"));
         nicplug.set_spec(&[]);
         nicplug.wait_gone("blue", WAIT);
@@ -386,7 +387,7 @@ fn without_cap_net_raw_it_plugs_and_says_why_dhcp_is_not_served() {
     nicplug.start();
     let net = CniNet::new(24);
     let cni = rig.cni_add(&net, &pod_iface("blue"));
-    nicplug.wait_phase("blue", "Ready", WAIT);
+    nicplug.wait_phase("blue", Phase::Ready, WAIT);
     assert!(rig.wait_guest_mac(&cni.mac, WAIT).is_some());
     let dhcp = wait_dhcp(&nicplug, "blue", false);
     let reason = dhcp["reason"].as_str().unwrap_or_default();
@@ -400,7 +401,7 @@ fn without_cap_net_raw_it_plugs_and_says_why_dhcp_is_not_served() {
         "{attempts} attempts\n{}",
         nicplug.log_tail(20)
     );
-    assert_eq!(nicplug.phase("blue").as_deref(), Some("Ready"));
+    assert_eq!(nicplug.phase("blue"), Some(Phase::Ready));
     assert!(!nicplug.log().contains("ERROR"), "{}", nicplug.log());
 }
 
@@ -418,7 +419,7 @@ fn after_the_tap_is_recreated_the_server_serves_again() {
     install_script(&rig);
     let net = CniNet::new(25);
     let cni = rig.cni_add(&net, &pod_iface("blue"));
-    nicplug.wait_phase("blue", "Ready", WAIT);
+    nicplug.wait_phase("blue", Phase::Ready, WAIT);
     wait_dhcp(&nicplug, "blue", true);
     let lease = |rig: &Rig| {
         let guest = rig
@@ -447,7 +448,7 @@ fn after_the_tap_is_recreated_the_server_serves_again() {
         log[stopped..].contains("dhcp server started").then_some(())
     })
     .unwrap_or_else(|| panic!("no rebind:\n{}", nicplug.log_since(offset)));
-    nicplug.wait_phase("blue", "Ready", WAIT);
+    nicplug.wait_phase("blue", Phase::Ready, WAIT);
     wait_dhcp(&nicplug, "blue", true);
     let out = lease(&rig);
     assert!(

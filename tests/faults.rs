@@ -10,6 +10,7 @@
 mod e2e;
 mod support;
 
+use nicplug::plan::Phase;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::Child;
@@ -58,14 +59,13 @@ impl Checks {
 fn wait_phase_soft(
     nicplug: &Nicplug<'_>,
     name: &str,
-    phase: &str,
+    phase: Phase,
     timeout: Duration,
 ) -> Result<Duration, String> {
     let start = Instant::now();
     loop {
         let now = nicplug.phase(name);
-        if now.as_deref() == Some(phase) || (phase == "Attached" && now.as_deref() == Some("Ready"))
-        {
+        if now == Some(phase) || (phase == Phase::Attached && now == Some(Phase::Ready)) {
             return Ok(start.elapsed());
         }
         if start.elapsed() >= timeout {
@@ -122,13 +122,13 @@ fn reconcile_passes(log: &str) -> usize {
 /// Attached, the guest sees the MAC, then Ready.
 fn plug_ready(rig: &Rig, nicplug: &Nicplug<'_>, net: &CniNet, network: &str) -> String {
     let cni = rig.cni_add(net, &pod_iface(network));
-    nicplug.wait_phase(network, "Attached", PLUG);
+    nicplug.wait_phase(network, Phase::Attached, PLUG);
     assert!(
         rig.wait_guest_mac(&cni.mac, PLUG).is_some(),
         "the guest never saw {}",
         cni.mac
     );
-    nicplug.wait_phase(network, "Ready", GENEROUS);
+    nicplug.wait_phase(network, Phase::Ready, GENEROUS);
     cni.mac
 }
 
@@ -377,7 +377,7 @@ fn libvirtd_dies_while_idle(signal: i32, net_index: u8) {
     checks.check(ready, || {
         format!("/readyz not 200 within {GENEROUS:?} of libvirtd's restart: {last:?}")
     });
-    let ready = wait_phase_soft(&nicplug, "idle", "Ready", GENEROUS);
+    let ready = wait_phase_soft(&nicplug, "idle", Phase::Ready, GENEROUS);
     eprintln!("libvirtd back -> idle Ready: {ready:?}");
     checks.check(ready.is_ok(), || format!("after the restart: {ready:?}"));
     checks.check(devices_named(&rig, "idle") == 1, || {
@@ -412,14 +412,14 @@ fn libvirtd_killed_during_attach() {
     let mut nicplug = Nicplug::new(&rig, &["inflight"]);
     nicplug.args = quick_refresh_args();
     nicplug.start();
-    nicplug.wait_phase("inflight", "Pending", PLUG);
+    nicplug.wait_phase("inflight", Phase::Pending, PLUG);
     let mut checks = Checks::default();
 
     // Freeze libvirtd, then add the pod interface: nicplug plumbs (netlink
     // only), publishes Plumbed, and blocks in the attach call.
     rig.freeze_daemon();
     let cni = rig.cni_add(&net, &pod_iface("inflight"));
-    nicplug.wait_phase("inflight", "Plumbed", PLUG);
+    nicplug.wait_phase("inflight", Phase::Plumbed, PLUG);
     // Plumbed is published just before the call: give the request the moment
     // it needs to reach the daemon's socket (nothing observable to poll).
     std::thread::sleep(Duration::from_millis(300));
@@ -430,7 +430,7 @@ fn libvirtd_killed_during_attach() {
     });
 
     rig.start_daemon();
-    let ready = wait_phase_soft(&nicplug, "inflight", "Ready", GENEROUS);
+    let ready = wait_phase_soft(&nicplug, "inflight", Phase::Ready, GENEROUS);
     eprintln!("libvirtd back -> inflight Ready: {ready:?}");
     checks.check(ready.is_ok(), || format!("after the restart: {ready:?}"));
     checks.check(devices_named(&rig, "inflight") == 1, || {
@@ -495,9 +495,9 @@ fn domain_shut_off_at_start_then_started() {
 
     let t = Instant::now();
     rig.start_domain();
-    let attached = nicplug.wait_phase("late", "Attached", GENEROUS);
+    let attached = nicplug.wait_phase("late", Phase::Attached, GENEROUS);
     let ready = poll(GENEROUS, Duration::from_millis(20), || {
-        (nicplug.phase("late").as_deref() == Some("Ready")).then_some(t.elapsed())
+        (nicplug.phase("late") == Some(Phase::Ready)).then_some(t.elapsed())
     });
     eprintln!("after the start: Attached after {attached:?}, Ready after {ready:?}");
     checks.check(ready.is_some(), || {
@@ -533,7 +533,7 @@ fn domain_destroyed_and_started_again() {
     let off = poll(PLUG, Duration::from_millis(20), || {
         nicplug
             .phase("again")
-            .filter(|p| p != "Attached" && p != "Ready")
+            .filter(|p| !matches!(p, Phase::Attached | Phase::Ready))
     });
     eprintln!(
         "shut off: phase {off:?}, entry {:?}",
@@ -549,7 +549,7 @@ fn domain_destroyed_and_started_again() {
     let t = Instant::now();
     rig.start_domain();
     let ready = poll(GENEROUS, Duration::from_millis(20), || {
-        (nicplug.phase("again").as_deref() == Some("Ready") && devices_named(&rig, "again") == 1)
+        (nicplug.phase("again") == Some(Phase::Ready) && devices_named(&rig, "again") == 1)
             .then_some(t.elapsed())
     });
     eprintln!("after the start: Ready after {ready:?}");
@@ -581,16 +581,16 @@ fn restart_plugs_in_first_pass_and_goes_ready() {
     let net = CniNet::new(26);
     let mut nicplug = Nicplug::new(&rig, &["restart"]);
     nicplug.start();
-    nicplug.wait_phase("restart", "Pending", PLUG);
+    nicplug.wait_phase("restart", Phase::Pending, PLUG);
     nicplug.kill();
     let cni = rig.cni_add(&net, &pod_iface("restart"));
     nicplug.args = slow_refresh_args();
     let t = Instant::now();
     nicplug.start();
-    let attached = nicplug.wait_phase("restart", "Attached", PLUG);
+    let attached = nicplug.wait_phase("restart", Phase::Attached, PLUG);
     let seen = rig.wait_guest_mac(&cni.mac, PLUG).map(|_| t.elapsed());
     let ready = poll(GENEROUS, Duration::from_millis(20), || {
-        (nicplug.phase("restart").as_deref() == Some("Ready")).then_some(t.elapsed())
+        (nicplug.phase("restart") == Some(Phase::Ready)).then_some(t.elapsed())
     });
     eprintln!(
         "restart: Attached after {attached:?}, guest saw the MAC by {seen:?}, Ready after {ready:?}"
@@ -654,8 +654,8 @@ fn two_free_ports_three_interfaces() {
     for (net, name) in nets.iter().zip(names) {
         rig.cni_add(net, &pod_iface(name));
     }
-    nicplug.wait_phase("p1", "Attached", PLUG);
-    nicplug.wait_phase("p2", "Attached", PLUG);
+    nicplug.wait_phase("p1", Phase::Attached, PLUG);
+    nicplug.wait_phase("p2", Phase::Attached, PLUG);
     let failed = poll(PLUG, Duration::from_millis(2), || {
         nicplug.entry("p3").filter(|e| e["phase"] == "Failed")
     })
@@ -700,10 +700,10 @@ fn two_free_ports_three_interfaces() {
     // Free a port: p3 goes in reaction to it, not after its backoff.
     let t = Instant::now();
     nicplug.set_spec_states(&[("p1", "absent"), ("p2", "up"), ("p3", "up")]);
-    nicplug.wait_phase("p1", "Detached", PLUG);
+    nicplug.wait_phase("p1", Phase::Detached, PLUG);
     let freed = t.elapsed();
     let attached = poll(PLUG, Duration::from_millis(5), || {
-        matches!(nicplug.phase("p3").as_deref(), Some("Attached" | "Ready")).then_some(t.elapsed())
+        matches!(nicplug.phase("p3"), Some(Phase::Attached | Phase::Ready)).then_some(t.elapsed())
     });
     eprintln!("port freed after {freed:?}; p3 Attached after {attached:?}");
     checks.check(attached.is_some(), || {
@@ -775,7 +775,7 @@ fn second_instance_refuses_to_start() {
             domain_interfaces(&rig)
         )
     });
-    checks.check(first.phase("solo").as_deref() == Some("Ready"), || {
+    checks.check(first.phase("solo") == Some(Phase::Ready), || {
         format!("the first instance's NIC: {:?}", first.entry("solo"))
     });
     if let Err(e) = ping_guest(&rig, &net, &mac, 50) {
@@ -802,9 +802,9 @@ fn attach_race_loser_keeps_plumbing() {
         "pause-before=attach-device:3000".into(),
     ));
     nicplug.start();
-    nicplug.wait_phase("race", "Pending", PLUG);
+    nicplug.wait_phase("race", Phase::Pending, PLUG);
     let cni = rig.cni_add(&net, &pod_iface("race"));
-    nicplug.wait_phase("race", "Plumbed", PLUG);
+    nicplug.wait_phase("race", Phase::Plumbed, PLUG);
 
     // While nicplug pauses before its attach, someone else attaches the
     // device under the same alias, on the same tap.
@@ -924,7 +924,7 @@ fn deleted_link_is_repaired(network: &str, net_index: u8, link: &str) {
         note_report(&nicplug);
         let structure = plumbing_links(&rig) == expected_plumbing(&[network])
             && devices_named(&rig, network) == 1
-            && nicplug.phase(network).as_deref() == Some("Ready")
+            && nicplug.phase(network) == Some(Phase::Ready)
             && pod_link(&rig, &pod_iface(network))
                 .is_some_and(|p| p["master"] == format!("k6t-{}", suffix(network)).as_str());
         if !structure {

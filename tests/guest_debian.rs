@@ -9,6 +9,7 @@
 mod e2e;
 mod support;
 
+use nicplug::plan::Phase;
 use std::time::{Duration, Instant};
 
 use e2e::*;
@@ -103,7 +104,7 @@ fn debian_names_hot_plugged_nics_by_their_placement() {
     for (network, net, port) in [("blue", &blue_net, 3), ("red", &red_net, 1)] {
         let t0 = Instant::now();
         let cni = rig.cni_add(net, &pod_iface(network));
-        nicplug.wait_phase(network, "Attached", PLUG);
+        nicplug.wait_phase(network, Phase::Attached, PLUG);
         let attached = t0.elapsed();
         let want = format!("enp{port}s0");
         let named = wait_guest_name(&rig, &cni.mac, &want);
@@ -183,7 +184,7 @@ fn debian_names_hot_plugged_nics_by_their_placement() {
             // ask again from scratch, gets the same address.
             nicplug.kill();
             nicplug.start();
-            nicplug.wait_phase(network, "Ready", PLUG);
+            nicplug.wait_phase(network, Phase::Ready, PLUG);
             let (code, out) =
                 rig.guest_exec(&["/bin/sh", "-c", &format!("networkctl reconfigure {want}")]);
             assert_eq!(code, 0, "{out}");
@@ -222,7 +223,7 @@ fn debian_names_hot_plugged_nics_by_their_placement() {
     // Ready may come while the NIC is still `eth<N>` (udev renames it a
     // moment later); nicplug asks the guest once more a little after the
     // confirmation (`agent::guest::RENAME_LOOKS`).
-    nicplug.wait_phase("red", "Ready", PLUG);
+    nicplug.wait_phase("red", Phase::Ready, PLUG);
     let t0 = Instant::now();
     while nicplug.entry("red").unwrap()["interfaceName"] != "enp1s0" {
         assert!(
@@ -244,11 +245,11 @@ fn debian_names_hot_plugged_nics_by_their_placement() {
 
     // Unplug blue and plug it again: the same port, the same name.
     nicplug.set_spec_states(&[("red", "up"), ("green", "up"), ("blue", "absent")]);
-    nicplug.wait_phase("blue", "Detached", PLUG);
+    nicplug.wait_phase("blue", Phase::Detached, PLUG);
     let (_, blue_mac, _) = &macs[0];
     assert!(rig.wait_guest_mac_gone(blue_mac, PLUG));
     nicplug.set_spec(&spec);
-    nicplug.wait_phase("blue", "Attached", PLUG);
+    nicplug.wait_phase("blue", Phase::Attached, PLUG);
     wait_guest_name(&rig, blue_mac, "enp3s0");
     // Where the boot's time went (kernel vs. userspace).
     let (_, analyze) = rig.guest_exec(&[

@@ -5,6 +5,7 @@
 mod e2e;
 mod support;
 
+use nicplug::plan::Phase;
 use std::time::{Duration, Instant};
 
 use e2e::*;
@@ -19,12 +20,12 @@ fn hotplug_one_nic_reaches_the_guest() {
     let mut nicplug = Nicplug::new(&rig, &[]);
     nicplug.start();
     nicplug.set_spec(&["dyniface1"]);
-    nicplug.wait_phase("dyniface1", "Pending", Duration::from_secs(10));
+    nicplug.wait_phase("dyniface1", Phase::Pending, Duration::from_secs(10));
 
     let net = CniNet::new(1);
     let created = Instant::now();
     let cni = rig.cni_add(&net, "pod9a6a0c3b4d8");
-    nicplug.wait_phase("dyniface1", "Attached", Duration::from_secs(20));
+    nicplug.wait_phase("dyniface1", Phase::Attached, Duration::from_secs(20));
     let attached = created.elapsed();
     let guest = rig.wait_guest_mac(&cni.mac, Duration::from_secs(30));
     let seen = created.elapsed();
@@ -52,7 +53,7 @@ fn hotplug_one_nic_reaches_the_guest() {
         .clone();
     assert_eq!(entry["podInterfaceName"], "pod9a6a0c3b4d8");
     assert_eq!(entry["mac"], cni.mac.as_str());
-    assert_eq!(nicplug.phase("default").as_deref(), Some("NotManaged"));
+    assert_eq!(nicplug.phase("default"), Some(Phase::NotManaged));
     assert_guest_reachable(&rig, &net, &cni.mac);
 
     // A stop leaves what was plugged in place.
@@ -74,8 +75,8 @@ fn hotplug_two_nics_in_one_update() {
     nicplug.set_spec(&["red", "blue"]);
     let red_cni = rig.cni_add(&red, &pod_iface("red"));
     let blue_cni = rig.cni_add(&blue, &pod_iface("blue"));
-    nicplug.wait_phase("red", "Attached", Duration::from_secs(20));
-    nicplug.wait_phase("blue", "Attached", Duration::from_secs(20));
+    nicplug.wait_phase("red", Phase::Attached, Duration::from_secs(20));
+    nicplug.wait_phase("blue", Phase::Attached, Duration::from_secs(20));
     assert_plumbing(&rig, "red", 1500);
     assert_plumbing(&rig, "blue", 1500);
     assert_guest_reachable(&rig, &red, &red_cni.mac);
@@ -107,7 +108,7 @@ fn pod_interface_before_spec_update() {
     );
 
     nicplug.set_spec(&["early"]);
-    nicplug.wait_phase("early", "Attached", Duration::from_secs(20));
+    nicplug.wait_phase("early", Phase::Attached, Duration::from_secs(20));
     assert_plumbing(&rig, "early", 1500);
     assert_guest_reachable(&rig, &net, &cni.mac);
 }
@@ -126,7 +127,7 @@ fn sigkill_between_plumbing_and_attach_then_restart() {
     let rig = Rig::start(RigOptions::default());
     let mut nicplug = Nicplug::new(&rig, &["crash"]);
     nicplug.start();
-    nicplug.wait_phase("crash", "Pending", Duration::from_secs(10));
+    nicplug.wait_phase("crash", Phase::Pending, Duration::from_secs(10));
 
     // Freeze the libvirt daemon: nicplug plumbs (netlink only), publishes
     // Plumbed, and then blocks in the attach call it cannot finish.
@@ -136,7 +137,7 @@ fn sigkill_between_plumbing_and_attach_then_restart() {
     let net = CniNet::new(5);
     let cni = rig.cni_add(&net, &pod_iface("crash"));
     let plumbed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        nicplug.wait_phase("crash", "Plumbed", Duration::from_secs(10))
+        nicplug.wait_phase("crash", Phase::Plumbed, Duration::from_secs(10))
     }));
     nicplug.kill();
     // SAFETY: as above.
@@ -148,7 +149,7 @@ fn sigkill_between_plumbing_and_attach_then_restart() {
     );
 
     nicplug.start();
-    nicplug.wait_phase("crash", "Attached", Duration::from_secs(20));
+    nicplug.wait_phase("crash", Phase::Attached, Duration::from_secs(20));
     let aliases = device_aliases(&rig);
     assert_eq!(
         aliases.iter().filter(|a| *a == "ua-crash").count(),
@@ -190,7 +191,7 @@ fn malformed_vmi_keeps_the_last_good_spec() {
     nicplug.start();
     let (first, second) = (CniNet::new(6), CniNet::new(7));
     rig.cni_add(&first, &pod_iface("first"));
-    nicplug.wait_phase("first", "Attached", Duration::from_secs(20));
+    nicplug.wait_phase("first", Phase::Attached, Duration::from_secs(20));
 
     nicplug.write_vmi_text("{\"kind\": \"VirtualMachineInstance\", \"metadata\": {");
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -209,14 +210,14 @@ fn malformed_vmi_keeps_the_last_good_spec() {
     // The last good spec still holds: nothing was unplugged.
     let phase = nicplug.phase("first");
     assert!(
-        matches!(phase.as_deref(), Some("Attached" | "Ready")),
+        matches!(phase, Some(Phase::Attached | Phase::Ready)),
         "{phase:?}"
     );
 
     // A later good document is applied.
     nicplug.set_spec(&["first", "second"]);
     let cni = rig.cni_add(&second, &pod_iface("second"));
-    nicplug.wait_phase("second", "Attached", Duration::from_secs(20));
+    nicplug.wait_phase("second", Phase::Attached, Duration::from_secs(20));
     assert!(
         rig.wait_guest_mac(&cni.mac, Duration::from_secs(30))
             .is_some()

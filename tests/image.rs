@@ -25,6 +25,7 @@
 mod e2e;
 mod support;
 
+use nicplug::plan::Phase;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -181,23 +182,18 @@ fn api_status(socket: &Path) -> Option<Value> {
     (code == 200).then(|| serde_json::from_str(&body).ok())?
 }
 
-fn phase_of(doc: &Value, name: &str) -> Option<String> {
-    doc["interfaces"]
+fn phase_of(doc: &Value, name: &str) -> Option<Phase> {
+    let entry = doc["interfaces"]
         .as_array()?
         .iter()
-        .find(|i| i["name"] == name)?["phase"]
-        .as_str()
-        .map(String::from)
+        .find(|i| i["name"] == name)?;
+    serde_json::from_value(entry["phase"].clone()).ok()
 }
 
-fn wait_phase(socket: &Path, c: &Container, name: &str, phase: &str) -> Duration {
+fn wait_phase(socket: &Path, c: &Container, name: &str, phase: Phase) -> Duration {
     let t0 = Instant::now();
     while t0.elapsed() < PLUG {
-        if api_status(socket)
-            .and_then(|d| phase_of(&d, name))
-            .as_deref()
-            == Some(phase)
-        {
+        if api_status(socket).and_then(|d| phase_of(&d, name)) == Some(phase) {
             return t0.elapsed();
         }
         std::thread::sleep(Duration::from_millis(2));
@@ -282,7 +278,7 @@ fn image_runs_as_the_sidecar_and_hotplugs_and_unplugs() {
     let c = Container { name };
     let pid = c.pid();
     let socket = in_container(pid, "/var/run/nicplug/nicplug.sock");
-    wait_phase(&socket, &c, "dyniface1", "Pending");
+    wait_phase(&socket, &c, "dyniface1", Phase::Pending);
     eprintln!(
         "timing (container): podman run -> API answers, Pending {:?}",
         started.elapsed()
@@ -315,7 +311,7 @@ fn image_runs_as_the_sidecar_and_hotplugs_and_unplugs() {
     let before_plug = rig.pod_links_snapshot();
     let created = Instant::now();
     let cni = rig.cni_add(&net, &pod_iface("dyniface1"));
-    wait_phase(&socket, &c, "dyniface1", "Ready");
+    wait_phase(&socket, &c, "dyniface1", Phase::Ready);
     eprintln!(
         "timing (container): pod interface -> Ready {:?}",
         created.elapsed()
@@ -330,8 +326,8 @@ fn image_runs_as_the_sidecar_and_hotplugs_and_unplugs() {
     // The probe's view, from inside the container.
     let inside = c.status().unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     assert_eq!(
-        phase_of(&inside, "dyniface1").as_deref(),
-        Some("Ready"),
+        phase_of(&inside, "dyniface1"),
+        Some(Phase::Ready),
         "{inside}"
     );
     let table = podman_ok(&[
@@ -365,7 +361,7 @@ fn image_runs_as_the_sidecar_and_hotplugs_and_unplugs() {
 
     let changed = Instant::now();
     write_vmi(&rig, &[("dyniface1", "absent")]);
-    wait_phase(&socket, &c, "dyniface1", "Detached");
+    wait_phase(&socket, &c, "dyniface1", Phase::Detached);
     eprintln!(
         "timing (container): spec absent -> Detached {:?}",
         changed.elapsed()

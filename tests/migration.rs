@@ -6,6 +6,7 @@
 mod e2e;
 mod support;
 
+use nicplug::plan::Phase;
 use std::io::Read;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -42,7 +43,7 @@ fn plug_in_source<'a>(rig: &'a Rig) -> (Nicplug<'a>, Vec<String>) {
         .map(|(n, net)| rig.cni_add(&net, &pod_iface(n)).mac)
         .collect();
     for n in NETS {
-        nicplug.wait_phase(n, "Ready", WAIT);
+        nicplug.wait_phase(n, Phase::Ready, WAIT);
     }
     let guest = rig
         .wait_guest_mac(&macs[0], WAIT)
@@ -73,7 +74,7 @@ fn prepared_target<'a>(rig: &Rig, target: &'a Rig) -> Nicplug<'a> {
 
 fn wait_prepared(nicplug: &Nicplug<'_>) {
     for n in NETS {
-        nicplug.wait_phase(n, "Prepared", WAIT);
+        nicplug.wait_phase(n, Phase::Prepared, WAIT);
     }
 }
 
@@ -244,7 +245,7 @@ fn assert_source_given_back(rig: &Rig, nicplug: &Nicplug<'_>, macs: &[String]) {
         );
         assert!(pod_addresses(rig, &pod_iface(n)).is_empty(), "{n}");
         // The pass that removed the links publishes right after.
-        nicplug.wait_phase(n, "Pending", WAIT);
+        nicplug.wait_phase(n, Phase::Pending, WAIT);
     }
     let log = nicplug.log();
     assert!(!log.contains("detaching"), "the source detached: {log}");
@@ -261,7 +262,7 @@ fn assert_target_adopted(
     assert_eq!(devices(target), before, "the devices moved as they were");
     for n in NETS {
         assert_eq!(devices_named(target, n), 1, "{n} once");
-        nicplug.wait_phase(n, "Ready", WAIT);
+        nicplug.wait_phase(n, Phase::Ready, WAIT);
     }
     let log = nicplug.log();
     assert!(!log.contains("attached mac"), "the target attached: {log}");
@@ -416,8 +417,8 @@ fn a_migration_failing_on_the_target_leaves_the_vm_working_on_the_source() {
     // Both converged: the source as before, the target still prepared.
     std::thread::sleep(Duration::from_secs(2));
     for n in NETS {
-        assert_eq!(source.phase(n).as_deref(), Some("Ready"), "source {n}");
-        assert_eq!(nicplug.phase(n).as_deref(), Some("Prepared"), "target {n}");
+        assert_eq!(source.phase(n), Some(Phase::Ready), "source {n}");
+        assert_eq!(nicplug.phase(n), Some(Phase::Prepared), "target {n}");
     }
     assert_eq!(plumbing_links(&rig), expected_plumbing(&NETS));
     assert!(!source.log().contains("detaching"));
@@ -460,7 +461,7 @@ fn third_nic_during_migration(
     nicplug.set_spec(&three);
     rig.cni_add(&net3, &pod_iface("dyniface3"));
     target.cni_add(&net3, &pod_iface("dyniface3"));
-    nicplug.wait_phase("dyniface3", "Prepared", WAIT);
+    nicplug.wait_phase("dyniface3", Phase::Prepared, WAIT);
     let t0 = Instant::now();
     let held = loop {
         if let Some(entry) = source.entry("dyniface3")
@@ -516,7 +517,7 @@ fn a_nic_added_during_the_migration_is_plugged_once_on_the_target() {
     target.adopt_migrated_domain().unwrap();
 
     for n in three {
-        nicplug.wait_phase(n, "Ready", WAIT);
+        nicplug.wait_phase(n, Phase::Ready, WAIT);
         assert_eq!(devices_named(&target, n), 1, "{n} once");
     }
     let attached = nicplug
@@ -574,14 +575,14 @@ fn a_cancelled_migration_applies_the_held_nic_on_the_source() {
     assert!(!status.success(), "the migration was cancelled");
     assert_eq!(rig.virsh(&["domstate", &rig.domain]).trim(), "running");
     // The held NIC is plugged here now, once; the others are as they were.
-    source.wait_phase("dyniface3", "Ready", WAIT);
+    source.wait_phase("dyniface3", Phase::Ready, WAIT);
     assert_eq!(devices_named(&rig, "dyniface3"), 1);
     let now = devices(&rig);
     for device in &before {
         assert!(now.contains(device), "{device:?} still there: {now:?}");
     }
     for n in NETS {
-        assert_eq!(source.phase(n).as_deref(), Some("Ready"), "{n}");
+        assert_eq!(source.phase(n), Some(Phase::Ready), "{n}");
     }
     assert!(!source.log().contains("detaching"));
     assert!(
@@ -596,7 +597,7 @@ fn a_cancelled_migration_applies_the_held_nic_on_the_source() {
         "no domain left in the target"
     );
     for n in ["dyniface1", "dyniface2", "dyniface3"] {
-        nicplug.wait_phase(n, "Prepared", WAIT);
+        nicplug.wait_phase(n, Phase::Prepared, WAIT);
     }
     assert!(!nicplug.log().contains("attached mac"));
     assert_valid_status(&source.status().unwrap());

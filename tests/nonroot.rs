@@ -11,6 +11,7 @@
 mod e2e;
 mod support;
 
+use nicplug::plan::Phase;
 use std::time::{Duration, Instant};
 
 use e2e::*;
@@ -109,15 +110,15 @@ fn nonroot_hotplug_reaches_the_guest_and_goes_ready() {
     let rig = non_root_rig();
     let mut nicplug = Nicplug::new(&rig, &["dyniface1"]);
     nicplug.start();
-    nicplug.wait_phase("dyniface1", "Pending", PLUG);
+    nicplug.wait_phase("dyniface1", Phase::Pending, PLUG);
     assert_shape(&rig, &nicplug);
 
     let net = CniNet::new(1);
     let created = Instant::now();
     let cni = rig.cni_add(&net, &pod_iface("dyniface1"));
-    nicplug.wait_phase("dyniface1", "Attached", PLUG);
+    nicplug.wait_phase("dyniface1", Phase::Attached, PLUG);
     let attached = created.elapsed();
-    nicplug.wait_phase("dyniface1", "Ready", PLUG);
+    nicplug.wait_phase("dyniface1", Phase::Ready, PLUG);
     eprintln!(
         "timing (non-root launcher): pod interface -> Attached {attached:?}, -> Ready {:?}",
         created.elapsed()
@@ -180,7 +181,7 @@ fn nonroot_link_state_and_unplug_back_to_the_pre_plug_pod() {
     let before_plug = rig.pod_links_snapshot();
     nicplug.set_spec(&["yellow"]);
     let cni = rig.cni_add(&net, &pod_iface("yellow"));
-    nicplug.wait_phase("yellow", "Ready", PLUG);
+    nicplug.wait_phase("yellow", Phase::Ready, PLUG);
     assert_shape(&rig, &nicplug);
     wait_carrier(&rig, &cni.mac, "1");
 
@@ -196,7 +197,7 @@ fn nonroot_link_state_and_unplug_back_to_the_pre_plug_pod() {
 
     let changed = Instant::now();
     nicplug.set_spec_states(&[("yellow", "absent")]);
-    nicplug.wait_phase("yellow", "Detached", PLUG);
+    nicplug.wait_phase("yellow", Phase::Detached, PLUG);
     eprintln!(
         "timing (non-root launcher): spec absent -> Detached {:?}",
         changed.elapsed()

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use nicplug::plan::Phase;
 use serde_json::Value;
 
 use e2e::*;
@@ -657,7 +658,7 @@ fn plan_and_status_on_the_rig_before_and_after_a_plug() {
 
     // The agent plugs it.
     agent.set_spec(&["blue"]);
-    agent.wait_phase("blue", "Ready", WAIT);
+    agent.wait_phase("blue", Phase::Ready, WAIT);
     let after = status();
     let after_text = String::from_utf8_lossy(&after.stdout).into_owned();
     eprintln!("nicplug status after the plug:\n{after_text}");

@@ -7,6 +7,7 @@
 mod e2e;
 mod support;
 
+use nicplug::plan::Phase;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -70,7 +71,7 @@ struct Placed {
 /// Waits until `network` is Attached and the guest sees `mac`, then reads
 /// where it sits.
 fn where_placed(rig: &Rig, nicplug: &Nicplug<'_>, network: &str, mac: &str) -> Placed {
-    nicplug.wait_phase(network, "Attached", PLUG);
+    nicplug.wait_phase(network, Phase::Attached, PLUG);
     let guest = rig
         .wait_guest_mac(mac, PLUG)
         .unwrap_or_else(|| panic!("the guest does not see {mac} of {network}"));
@@ -166,7 +167,7 @@ fn nics_land_on_the_ports_their_spec_position_names() {
             ("blue", "up"),
             ("white", "up"),
         ]);
-        nicplug.wait_phase("green", "Detached", PLUG);
+        nicplug.wait_phase("green", Phase::Detached, PLUG);
         assert!(rig.wait_guest_mac_gone(&placed["green"].0, PLUG));
         let white_cni = rig.cni_add(&nets["white"], &pod_iface("white"));
         let white = where_placed(&rig, &nicplug, "white", &white_cni.mac);

@@ -9,6 +9,7 @@
 mod e2e;
 mod support;
 
+use nicplug::plan::Phase;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -128,7 +129,7 @@ fn soak_plug_unplug_four_networks() {
         let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             nicplug.set_spec(&NETWORKS);
             for name in NETWORKS {
-                nicplug.wait_phase(name, "Ready", WAIT);
+                nicplug.wait_phase(name, Phase::Ready, WAIT);
             }
             plug_times.push(t.elapsed());
             let t = Instant::now();

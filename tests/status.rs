@@ -5,6 +5,7 @@
 mod e2e;
 mod support;
 
+use nicplug::plan::Phase;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -287,7 +288,7 @@ fn guest_agent_going_away_and_coming_back() {
     let mut nicplug = Nicplug::new(&rig, &["teal"]);
     nicplug.start();
     let cni = rig.cni_add(&CniNet::new(31), &pod_iface("teal"));
-    nicplug.wait_phase("teal", "Ready", WAIT);
+    nicplug.wait_phase("teal", Phase::Ready, WAIT);
     assert!(rig.wait_guest_mac(&cni.mac, WAIT).is_some());
 
     // Stop the guest's agent for 8 s: freeze its restart loop, kill it.
@@ -317,7 +318,7 @@ fn a_frozen_guest_agent_costs_a_handful_of_passes() {
     nicplug.args = vec!["--guest-refresh".into(), "2s".into()];
     nicplug.start();
     rig.cni_add(&CniNet::new(31), &pod_iface("teal"));
-    nicplug.wait_phase("teal", "Ready", WAIT);
+    nicplug.wait_phase("teal", Phase::Ready, WAIT);
     let script = "sleep 1; pid=$(cat /run/qemu-ga.pid); kill -STOP $pid; sleep 14; kill -CONT $pid";
     agent_lost_by(&rig, &nicplug, script);
     let logged = nicplug.log().len();

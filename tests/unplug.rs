@@ -5,6 +5,7 @@
 mod e2e;
 mod support;
 
+use nicplug::plan::Phase;
 use std::time::{Duration, Instant};
 
 use e2e::*;
@@ -16,7 +17,7 @@ const PLUG: Duration = Duration::from_secs(20);
 fn plug(rig: &Rig, nicplug: &Nicplug<'_>, net: &CniNet, network: &str, spec: &[&str]) -> String {
     nicplug.set_spec(spec);
     let cni = rig.cni_add(net, &pod_iface(network));
-    nicplug.wait_phase(network, "Attached", PLUG);
+    nicplug.wait_phase(network, Phase::Attached, PLUG);
     assert!(
         rig.wait_guest_mac(&cni.mac, PLUG).is_some(),
         "guest sees {}",
@@ -40,7 +41,7 @@ fn unplug_by_state_absent_then_cni_del_restores_the_pod() {
 
     let changed = Instant::now();
     nicplug.set_spec_states(&[("blue", "absent")]);
-    nicplug.wait_phase("blue", "Detached", PLUG);
+    nicplug.wait_phase("blue", Phase::Detached, PLUG);
     eprintln!(
         "timing: spec absent -> all plumbing gone {:?}",
         changed.elapsed()
@@ -115,7 +116,7 @@ fn a_departed_network_with_a_broken_record_is_held_until_it_is_whole() {
     rig.pod_ip(&["link", "set", "dev", &pod, "alias", "nicplug/v2 mac=broken"]);
     let held = settled_pod_link_state(&rig);
     nicplug.set_spec(&[]);
-    nicplug.wait_phase("blue", "Failed", PLUG);
+    nicplug.wait_phase("blue", Phase::Failed, PLUG);
     let entry = nicplug.entry("blue").unwrap();
     let message = entry["message"].as_str().unwrap_or_default();
     assert!(
@@ -144,7 +145,7 @@ fn pod_interface_removed_first_unplugs_and_waits() {
     let mac = plug(&rig, &nicplug, &net, "red", &["red"]);
     // Multus deletes the pod interface while the spec still lists it.
     rig.cni_del(&net, &pod_iface("red"));
-    nicplug.wait_phase("red", "Pending", PLUG);
+    nicplug.wait_phase("red", Phase::Pending, PLUG);
     assert!(rig.wait_guest_mac_gone(&mac, PLUG));
     assert!(!device_aliases(&rig).contains(&"ua-red".to_string()));
     let names = pod_link_names(&rig);
@@ -156,9 +157,9 @@ fn pod_interface_removed_first_unplugs_and_waits() {
     );
     // No error loop, and the interface comes back with its pod interface.
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(nicplug.phase("red").as_deref(), Some("Pending"));
+    assert_eq!(nicplug.phase("red"), Some(Phase::Pending));
     let cni = rig.cni_add(&net, &pod_iface("red"));
-    nicplug.wait_phase("red", "Attached", PLUG);
+    nicplug.wait_phase("red", Phase::Attached, PLUG);
     assert!(rig.wait_guest_mac(&cni.mac, PLUG).is_some());
 }
 
@@ -215,7 +216,7 @@ fn plugged_with_detach_timeout<'a>(
     nicplug.start();
     nicplug.set_spec(&[network]);
     let cni = rig.cni_add(&CniNet::new(index), &pod_iface(network));
-    nicplug.wait_phase(network, "Attached", PLUG);
+    nicplug.wait_phase(network, Phase::Attached, PLUG);
     (nicplug, cni)
 }
 
@@ -234,7 +235,7 @@ fn guest_ignoring_unplug_stays_detach_pending_without_hot_loop() {
     assert_plumbing(&rig, "stuck", 1500);
 
     nicplug.set_spec_states(&[("stuck", "absent")]);
-    nicplug.wait_phase("stuck", "DetachPending", PLUG);
+    nicplug.wait_phase("stuck", Phase::DetachPending, PLUG);
     assert_eq!(
         nicplug.entry("stuck").unwrap()["message"],
         "guest has not released the device"
@@ -251,7 +252,7 @@ fn guest_ignoring_unplug_stays_detach_pending_without_hot_loop() {
         "{attempts} detach attempts:\n{}",
         nicplug.log()
     );
-    assert_eq!(nicplug.phase("stuck").as_deref(), Some("DetachPending"));
+    assert_eq!(nicplug.phase("stuck"), Some(Phase::DetachPending));
 }
 
 /// QEMU gone in the middle of an unplug (what the soak once met): the detach
@@ -269,9 +270,9 @@ fn a_domain_that_stops_mid_unplug_ends_the_detach_and_leaves_nothing() {
     let (nicplug, _) = plugged_with_detach_timeout(&rig, "120", 16, "halt");
 
     nicplug.set_spec(&[]);
-    nicplug.wait_phase("halt", "Detaching", PLUG);
+    nicplug.wait_phase("halt", Phase::Detaching, PLUG);
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(nicplug.phase("halt").as_deref(), Some("Detaching"));
+    assert_eq!(nicplug.phase("halt"), Some(Phase::Detaching));
     let offset = nicplug.log_len();
     let stopped = Instant::now();
     rig.virsh(&["destroy", &rig.domain]);
@@ -310,7 +311,7 @@ fn thirty_plug_unplug_cycles_leak_nothing() {
     for cycle in 0..30 {
         nicplug.set_spec(&["cycle"]);
         let cni = rig.cni_add(&net, &pod_iface("cycle"));
-        nicplug.wait_phase("cycle", "Attached", PLUG);
+        nicplug.wait_phase("cycle", Phase::Attached, PLUG);
         assert!(
             rig.wait_guest_mac(&cni.mac, PLUG).is_some(),
             "cycle {cycle}"

@@ -25,6 +25,7 @@ mod stats;
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
+use nicplug::plan::Phase;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -274,11 +275,11 @@ struct Bench<'a> {
 }
 
 /// The status entry of `name` once it is in `phase` (5 ms polls).
-fn wait_entry(nic: &Nicplug, name: &str, phase: &str, timeout: Duration) -> Value {
+fn wait_entry(nic: &Nicplug, name: &str, phase: Phase, timeout: Duration) -> Value {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(entry) = nic.entry(name)
-            && entry["phase"] == phase
+            && entry["phase"] == phase.to_string()
         {
             return entry;
         }
@@ -299,14 +300,14 @@ fn tail(text: &str, n: usize) -> String {
 }
 
 /// `monotonicNs` of a phase transition in a status entry.
-fn try_transition(entry: &Value, phase: &str) -> Option<u64> {
+fn try_transition(entry: &Value, phase: Phase) -> Option<u64> {
     entry["phaseTransitions"]
         .as_array()
-        .and_then(|ts| ts.iter().find(|t| t["phase"] == phase))
+        .and_then(|ts| ts.iter().find(|t| t["phase"] == phase.to_string()))
         .and_then(|t| t["monotonicNs"].as_u64())
 }
 
-fn transition(entry: &Value, phase: &str) -> u64 {
+fn transition(entry: &Value, phase: Phase) -> u64 {
     try_transition(entry, phase).unwrap_or_else(|| panic!("no {phase} transition in {entry}"))
 }
 
@@ -358,22 +359,22 @@ impl Bench<'_> {
         let _ = std::fs::remove_file(&nic.status_path);
         nic.set_spec(&[self.network.as_str()]);
         nic.start();
-        wait_entry(nic, &self.network, "Pending", Duration::from_secs(20));
+        wait_entry(nic, &self.network, Phase::Pending, Duration::from_secs(20));
         std::thread::sleep(SETTLE);
         let log_offset = nic.log().len();
         let (exists, returned) = self.cni_add();
-        let entry = wait_entry(nic, &self.network, "Ready", Duration::from_secs(30));
+        let entry = wait_entry(nic, &self.network, Phase::Ready, Duration::from_secs(30));
         let added = self
             .obs
             .device_event(true, &self.alias, Duration::from_secs(10));
         let seen = entry["podInterfaceSeen"]["monotonicNs"]
             .as_u64()
             .expect("podInterfaceSeen");
-        let plumbed = transition(&entry, "Plumbed");
-        let ready = transition(&entry, "Ready");
+        let plumbed = transition(&entry, Phase::Plumbed);
+        let ready = transition(&entry, Phase::Ready);
         // When the guest already reports the MAC in the pass that saw
         // DEVICE_ADDED, nicplug publishes Ready directly: Attached = Ready.
-        let attached = try_transition(&entry, "Attached").unwrap_or(ready);
+        let attached = try_transition(&entry, Phase::Attached).unwrap_or(ready);
         let log = nic.log();
         let attach_us = attach_elapsed_us(&log[log_offset.min(log.len())..]);
 
@@ -381,12 +382,12 @@ impl Bench<'_> {
         self.obs.drain();
         nic.set_spec_states(&[(self.network.as_str(), "absent")]);
         let changed = mono_ns();
-        let entry = wait_entry(nic, &self.network, "Detached", Duration::from_secs(40));
+        let entry = wait_entry(nic, &self.network, Phase::Detached, Duration::from_secs(40));
         let removed = self
             .obs
             .device_event(false, &self.alias, Duration::from_secs(10));
-        let detaching = transition(&entry, "Detaching");
-        let gone = transition(&entry, "Detached");
+        let detaching = transition(&entry, Phase::Detaching);
+        let gone = transition(&entry, Phase::Detached);
         self.rig.cni_del(&self.net, &self.pod);
         assert!(nic.stop(), "nicplug exits cleanly");
 
@@ -567,8 +568,8 @@ fn burst(rig: &Rig, nic: &Nicplug, unplug: bool) -> Burst {
     let t0 = mono_ns();
     let mut ready = Vec::new();
     for name in &names {
-        let entry = wait_entry(nic, name, "Ready", Duration::from_secs(60));
-        ready.push(ms_between(t0, transition(&entry, "Ready")));
+        let entry = wait_entry(nic, name, Phase::Ready, Duration::from_secs(60));
+        ready.push(ms_between(t0, transition(&entry, Phase::Ready)));
     }
     let mut b = Burst {
         all_ready_ms: ready.iter().cloned().fold(f64::MIN, f64::max),
@@ -590,8 +591,8 @@ fn burst_unplug(rig: &Rig, nic: &Nicplug) -> f64 {
     let t0 = mono_ns();
     let mut last = 0.0f64;
     for (_, name) in &nets {
-        let entry = wait_entry(nic, name, "Detached", Duration::from_secs(60));
-        last = last.max(ms_between(t0, transition(&entry, "Detached")));
+        let entry = wait_entry(nic, name, Phase::Detached, Duration::from_secs(60));
+        last = last.max(ms_between(t0, transition(&entry, Phase::Detached)));
     }
     for (net, name) in &nets {
         rig.cni_del(net, &pod_iface(name));
@@ -720,7 +721,7 @@ fn main() {
     let _ = std::fs::remove_file(&nic.status_path);
     nic.set_spec(&[]);
     nic.start();
-    wait_entry(&nic, "default", "Unsupported", Duration::from_secs(20));
+    wait_entry(&nic, "default", Phase::NotManaged, Duration::from_secs(20));
     let mut bursts_done = Vec::new();
     for b in 0..bursts {
         let last = b + 1 == bursts;

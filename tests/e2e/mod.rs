@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use nicplug::plan::Phase;
 use serde_json::{Value, json};
 
 use crate::support::{CniNet, Rig, poll};
@@ -168,25 +169,23 @@ impl<'a> Nicplug<'a> {
         Some(doc)
     }
 
-    pub fn phase(&self, name: &str) -> Option<String> {
+    pub fn phase(&self, name: &str) -> Option<Phase> {
         let doc = self.status()?;
         let entry = doc["interfaces"]
             .as_array()?
             .iter()
             .find(|i| i["name"] == name)?
             .clone();
-        entry["phase"].as_str().map(String::from)
+        serde_json::from_value(entry["phase"].clone()).ok()
     }
 
     /// Waits until interface `name` is in `phase`; panics with the log tail.
-    pub fn wait_phase(&self, name: &str, phase: &str, timeout: Duration) -> Duration {
+    pub fn wait_phase(&self, name: &str, phase: Phase, timeout: Duration) -> Duration {
         let start = Instant::now();
         while start.elapsed() < timeout {
             let now = self.phase(name);
             // Ready is Attached and confirmed by the guest: it satisfies a wait for Attached.
-            if now.as_deref() == Some(phase)
-                || (phase == "Attached" && now.as_deref() == Some("Ready"))
-            {
+            if now == Some(phase) || (phase == Phase::Attached && now == Some(Phase::Ready)) {
                 return start.elapsed();
             }
             std::thread::sleep(Duration::from_millis(2));
