@@ -101,6 +101,19 @@ fn rss_kib(pid: u32) -> [u64; 4] {
     ["VmRSS:", "VmHWM:", "RssAnon:", "RssFile:"].map(|k| status_field(&status, k).unwrap_or(0))
 }
 
+/// Pss and USS (Private_Clean + Private_Dirty) in KiB, from
+/// `/proc/<pid>/smaps_rollup`: what the process costs a node where the same
+/// libraries are mapped by many processes (Pss shares each page among its
+/// mappers; USS is what its exit would free).
+fn pss_uss_kib(pid: u32) -> [u64; 2] {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |k| status_field(&rollup, k).unwrap_or(0);
+    [
+        field("Pss:"),
+        field("Private_Clean:") + field("Private_Dirty:"),
+    ]
+}
+
 #[derive(Debug, Clone)]
 pub struct Activity {
     pub from_s: f64,
@@ -117,6 +130,8 @@ pub struct Footprint {
     /// Private memory (heap, stacks) vs pages of mapped files (shared libraries).
     pub anon_mib: f64,
     pub file_mib: f64,
+    pub pss_mib: f64,
+    pub uss_mib: f64,
     pub cpu_ticks: u64,
     pub cpu_percent: f64,
     pub run_ns: u64,
@@ -187,6 +202,7 @@ pub fn measure(pid: u32, window: Duration, every: Duration) -> Footprint {
     let seconds = start.elapsed().as_secs_f64();
     let ticks1 = cpu_ticks(pid).unwrap_or(ticks0);
     let [rss, hwm, anon, file] = rss_kib(pid);
+    let [pss, uss] = pss_uss_kib(pid);
     let mut per_thread: BTreeMap<String, (u32, u64, u64, u64)> = BTreeMap::new();
     let (mut voluntary, mut nonvoluntary, mut run_ns) = (0, 0, 0);
     for (tid, end) in &last {
@@ -210,6 +226,8 @@ pub fn measure(pid: u32, window: Duration, every: Duration) -> Footprint {
         hwm_mib: hwm as f64 / 1024.0,
         anon_mib: anon as f64 / 1024.0,
         file_mib: file as f64 / 1024.0,
+        pss_mib: pss as f64 / 1024.0,
+        uss_mib: uss as f64 / 1024.0,
         cpu_ticks,
         cpu_percent: cpu_ticks as f64 / tck / seconds * 100.0,
         run_ns,
@@ -239,6 +257,8 @@ impl Footprint {
             "rss_high_water_mib": self.hwm_mib,
             "rss_anon_mib": self.anon_mib,
             "rss_file_mib": self.file_mib,
+            "pss_mib": self.pss_mib,
+            "uss_mib": self.uss_mib,
             "cpu_ticks": self.cpu_ticks,
             "cpu_percent_of_one_core": self.cpu_percent,
             "cpu_run_ms_schedstat": self.run_ns as f64 / 1e6,

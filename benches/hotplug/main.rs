@@ -4,7 +4,10 @@
 //! interleaved with two baselines on the same rig and the same network:
 //! `floor` (examples/floor.rs: nicplug's exact calls, straight-line) and
 //! `script` (operator.sh: iproute2 + virsh). Then a burst of 8 interfaces in
-//! one VMI update, and nicplug's idle footprint with 8 interfaces plugged.
+//! one VMI update, nicplug's idle footprint with 8 interfaces plugged, a
+//! restart with them plugged, 8 back-to-back single plugs (the burst's
+//! baseline), and rounds that time when the user's network works: the pod
+//! interface appears -> the first packet from the node reaches the guest.
 //!
 //! Every stamp is CLOCK_MONOTONIC: nicplug's status file (`monotonicNs`), the
 //! floor's own output, the harness's netlink listener in the pod netns (when
@@ -12,9 +15,11 @@
 //! DEVICE_REMOVED, stamped on arrival), and line arrival for the script.
 //! It reports numbers; it never fails because of one. See docs/benchmarks.md.
 //!
-//! Knobs (env): NICPLUG_BENCH_RUNS (plug/unplug cycles per variant, 40),
-//! NICPLUG_BENCH_BURSTS (3), NICPLUG_BENCH_IDLE_SECS (60),
-//! NICPLUG_BENCH_OUT (results/), NICPLUG_BENCH_FLOOR (the floor binary).
+//! Knobs (env): NICPLUG_BENCH_RUNS (plug/unplug cycles per variant and
+//! uplink rounds, 40), NICPLUG_BENCH_BURSTS (3), NICPLUG_BENCH_IDLE_SECS (60),
+//! NICPLUG_BENCH_OUT (results/), NICPLUG_BENCH_FLOOR (the floor binary),
+//! NICPLUG_BENCH_STRICT=1 (fail when a measurement produced no numbers: what
+//! CI's short run checks).
 
 #[path = "../../tests/e2e/mod.rs"]
 mod e2e;
@@ -24,6 +29,7 @@ mod plot;
 mod stats;
 #[path = "../../tests/support/mod.rs"]
 mod support;
+mod uplink;
 
 use nicplug::plan::Phase;
 use std::collections::BTreeMap;
@@ -36,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use e2e::{Nicplug, nicplug_binary, pod_iface};
+use e2e::{Nicplug, nicplug_binary, pod_iface, vmi_doc};
 use linkwatch::{LinkEvent, LinkWatch, mono_ns};
 use nicplug::hypervisor::device_xml::InterfaceDevice;
 use nicplug::hypervisor::events::DomainEvent;
@@ -54,6 +60,11 @@ const SETTLE: Duration = Duration::from_millis(300);
 /// the file's content, so this bounds only how soon the harness moves on.
 const STATUS_POLL: Duration = Duration::from_millis(5);
 const VARIANTS: [&str; 3] = ["nicplug", "floor", "script"];
+/// The network of the uplink rounds: its own node bridge, made after the
+/// node namespace stopped running duplicate address detection.
+const UPLINK_NET_INDEX: u8 = 20;
+/// How often the echo train sends: the resolution of the uplink stamp.
+const ECHO_EVERY: Duration = Duration::from_millis(2);
 
 fn env_num(key: &str, default: u64) -> u64 {
     std::env::var(key)
@@ -496,6 +507,94 @@ impl Bench<'_> {
         let p = Baseline::spawn(cmd, "script", self.rig.dir.join("script.stderr"));
         self.baseline_cycle(p, false)
     }
+
+    /// One uplink round on `net`: the NIC gets a MAC of its own (so only the
+    /// guest can answer its link-local address), the echo train starts when
+    /// CNI ADD returned, and the round ends with the unplug.
+    fn uplink_round(&self, nic: &Nicplug, net: &CniNet, round: u8) -> Uplink {
+        let network = net.name.as_str();
+        let pod = pod_iface(network);
+        let mac = [0x02, 0x6e, 0x70, 0x00, net.octet(), round];
+        let mut doc = vmi_doc(self.rig, &[network]);
+        doc["spec"]["domain"]["devices"]["interfaces"][1]["macAddress"] =
+            json!(Mac::from_bytes(mac).to_string());
+        nic.write_vmi(&doc);
+        wait_entry(nic, network, Phase::Pending, Duration::from_secs(20));
+        std::thread::sleep(SETTLE);
+        self.obs.drain();
+        self.rig.cni_add(net, &pod);
+        let guest = uplink::link_local(mac);
+        let neighbour = util_ok(self.rig.node_cmd("ip").args([
+            "-6",
+            "neigh",
+            "replace",
+            &guest.to_string(),
+            "lladdr",
+            &Mac::from_bytes(mac).to_string(),
+            "dev",
+            &net.bridge,
+            "nud",
+            "permanent",
+        ]));
+        assert!(neighbour, "static neighbour for {guest} on the node");
+        let train = uplink::EchoTrain::start(
+            &format!("/run/netns/{}", self.rig.node_ns),
+            &net.bridge,
+            guest,
+            ECHO_EVERY,
+        );
+        let exists = self.obs.link_appeared(&pod, Duration::from_secs(10));
+        let entry = wait_entry(nic, network, Phase::Ready, Duration::from_secs(30));
+        let first = train
+            .first_answered(Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("the guest never answered {guest} over {network}"));
+        let ready = transition(&entry, Phase::Ready);
+        nic.set_spec_states(&[(network, "absent")]);
+        wait_entry(nic, network, Phase::Detached, Duration::from_secs(40));
+        self.rig.cni_del(net, &pod);
+        Uplink {
+            ready_ms: ms_between(exists, ready),
+            first_packet_ms: ms_between(exists, first),
+        }
+    }
+}
+
+/// Whether `cmd` ran and exited 0.
+fn util_ok(cmd: &mut std::process::Command) -> bool {
+    cmd.status().is_ok_and(|s| s.success())
+}
+
+/// One uplink round: from the pod interface appearing.
+pub struct Uplink {
+    pub ready_ms: f64,
+    pub first_packet_ms: f64,
+}
+
+/// Prepares the uplink rounds: the node stops running duplicate address
+/// detection for links made from now on (its bridge's link-local address is
+/// usable at once), and the guest brings a new NIC up within 20 ms (the
+/// rig's init polls every 200 ms) without detection either. So the rounds
+/// time nicplug's path, not the guests' or the node's address setup.
+fn prepare_uplink(rig: &Rig) {
+    assert!(
+        util_ok(
+            rig.node_cmd("sysctl")
+                .args(["-qw", "net.ipv6.conf.default.accept_dad=0"])
+        ),
+        "node sysctl"
+    );
+    let (code, out) = rig.guest_exec(&[
+        "/bin/sh",
+        "-c",
+        "echo 0 > /proc/sys/net/ipv6/conf/default/accept_dad; \
+         cat > /tmp/linkup.sh <<'EOF'\n\
+         while true; do for d in /sys/class/net/*; do n=${d##*/}; [ $n = lo ] && continue; \
+         i=$(cat $d/ifindex); grep -qx $i /tmp/up 2>/dev/null && continue; echo $i >> /tmp/up; \
+         ip link set $n up; done; usleep 20000; done\nEOF\n\
+         for d in /sys/class/net/*; do cat $d/ifindex >> /tmp/up; done; \
+         sh /tmp/linkup.sh </dev/null >/dev/null 2>&1 &",
+    ]);
+    assert_eq!(code, 0, "guest link-up loop: {out}");
 }
 
 /// nicplug's device XML for `network` with `@MAC@`/`@MTU@` placeholders.
@@ -599,6 +698,45 @@ fn burst_unplug(rig: &Rig, nic: &Nicplug) -> f64 {
     }
     nic.set_spec(&[]);
     last
+}
+
+/// 8 back-to-back single plugs (pod interfaces already there): each VMI
+/// update adds one interface once the previous one is Ready. The burst's
+/// baseline; then all 8 are unplugged in one update. Ready of each, from the
+/// first update.
+fn singles(rig: &Rig, nic: &Nicplug) -> Vec<f64> {
+    let nets = burst_nets();
+    for (net, name) in &nets {
+        rig.cni_add(net, &pod_iface(name));
+    }
+    std::thread::sleep(SETTLE);
+    let names: Vec<&str> = nets.iter().map(|(_, n)| n.as_str()).collect();
+    let t0 = mono_ns();
+    let mut ready = Vec::new();
+    for i in 1..=names.len() {
+        nic.set_spec(&names[..i]);
+        let entry = wait_entry(nic, names[i - 1], Phase::Ready, Duration::from_secs(60));
+        ready.push(ms_between(t0, transition(&entry, Phase::Ready)));
+    }
+    std::thread::sleep(SETTLE);
+    burst_unplug(rig, nic);
+    ready
+}
+
+/// Stops nicplug with the burst's 8 interfaces plugged and starts it again:
+/// from the new process's start to all 8 Ready.
+fn restart_all_ready(nic: &mut Nicplug) -> f64 {
+    assert!(nic.stop(), "nicplug exits cleanly");
+    let _ = std::fs::remove_file(&nic.status_path);
+    let t0 = mono_ns();
+    nic.start();
+    burst_nets()
+        .iter()
+        .map(|(_, name)| {
+            let entry = wait_entry(nic, name, Phase::Ready, Duration::from_secs(60));
+            ms_between(t0, transition(&entry, Phase::Ready))
+        })
+        .fold(0.0f64, f64::max)
 }
 
 fn machine() -> Value {
@@ -744,8 +882,35 @@ fn main() {
         idle.as_secs()
     );
     let fp = footprint::measure(pid, idle, Duration::from_millis(250));
+    let restart_ms = restart_all_ready(&mut nic);
+    eprintln!(
+        "bench: restart with 8 plugged: all Ready {} ms after the start",
+        ms(restart_ms)
+    );
     let gone = burst_unplug(&rig, &nic);
     eprintln!("bench: last burst unplugged in {} ms", ms(gone));
+    let singles = singles(&rig, &nic);
+    eprintln!(
+        "bench: 8 back-to-back single plugs: all Ready {} ms",
+        ms(*singles.last().unwrap())
+    );
+
+    prepare_uplink(&rig);
+    let uplink_net = CniNet::new(UPLINK_NET_INDEX);
+    let mut uplinks = Vec::new();
+    for round in 0..=runs {
+        let u = bench.uplink_round(&nic, &uplink_net, round as u8);
+        eprintln!(
+            "bench: uplink {round:>3}/{runs}: exists -> Ready {} ms, -> first packet in the guest {} ms",
+            ms(u.ready_ms),
+            ms(u.first_packet_ms)
+        );
+        // The first round makes the node bridge: a warm-up, as for the cycles.
+        if round > 0 {
+            uplinks.push(u);
+        }
+    }
+    nic.set_spec(&[]);
     assert!(nic.stop(), "nicplug exits cleanly");
     drop(bench);
     let load_after = loadavg();
@@ -755,6 +920,9 @@ fn main() {
         runs,
         samples,
         bursts: bursts_done,
+        singles,
+        restart_ms,
+        uplinks,
         footprint: fp,
         machine: machine(),
         load: (load_before, load_after),
@@ -762,6 +930,10 @@ fn main() {
         elapsed_s: started.elapsed().as_secs_f64(),
     };
     let stem = report.write(&out_dir, plot::draw);
+    let missing = report.missing();
+    if std::env::var("NICPLUG_BENCH_STRICT").as_deref() == Ok("1") && !missing.is_empty() {
+        panic!("bench: no numbers for: {}", missing.join(", "));
+    }
     // nicplug's debug log of the whole run (every restart appends), for
     // explaining outliers: per-step `elapsed_us`, events, guest queries.
     let _ = std::fs::copy(&nic.log_path, out_dir.join(format!("{stem}-nicplug.log")));

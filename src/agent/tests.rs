@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use super::*;
 use crate::health::Readiness;
 use crate::hypervisor::domain_xml::{RootPorts, parse_devices};
-use crate::hypervisor::{GuestInterface, GuestView};
+use crate::hypervisor::{GuestInterface, GuestView, QemuVersion};
 use crate::model::{IfName, IpCidr, Mac, PodLinkRecord, PodRoute};
 use crate::netns::{Link, LinkKind, TapInfo, TapSpec};
 
@@ -135,6 +135,8 @@ impl PodNetwork for FakeNet {
                     multi_queue: spec.multi_queue,
                     vnet_hdr: true,
                     persist: true,
+                    // The fake kernel does not say who holds it.
+                    held: None,
                 }),
                 ..link(0, spec.name.as_str(), LinkKind::Tun)
             });
@@ -220,6 +222,7 @@ impl FakeHyp {
                 migration: Migration::None,
                 interfaces: vec![],
                 root_ports: RootPorts::with_free(4, free_ports),
+                qemu: Some(QemuVersion(10_000_002)),
             }),
             modes: Mutex::default(),
             detach_mode: Mutex::new(DetachMode::Works),

@@ -154,6 +154,7 @@ mod tests {
             running: true,
             persistent: true,
             migration: crate::hypervisor::Migration::None,
+            qemu: None,
             interfaces: vec![DomainInterface {
                 alias: Some("ua-dyniface1".into()),
                 mac: Some(VM_MAC.parse().unwrap()),

@@ -193,6 +193,8 @@ pub struct DomainState {
     pub migration: super::Migration,
     pub interfaces: Vec<DomainInterface>,
     pub root_ports: RootPorts,
+    /// The QEMU that runs it; `None` when libvirt did not say.
+    pub qemu: Option<super::QemuVersion>,
 }
 
 impl DomainState {

@@ -268,6 +268,11 @@ fn read_domain(conn: &Connect, name: &str) -> Result<DomainRead, HypervisorError
         migration,
         interfaces: devices.interfaces,
         root_ports: devices.root_ports,
+        qemu: conn
+            .hyp_version()
+            .ok()
+            .filter(|v| *v > 0)
+            .map(super::QemuVersion),
     };
     Ok((
         Some((state, devices.dac_owner.filter(|_| running))),

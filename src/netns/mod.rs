@@ -125,6 +125,11 @@ pub struct TapInfo {
     pub multi_queue: bool,
     pub vnet_hdr: bool,
     pub persist: bool,
+    /// Whether a process holds it open: the kernel turns a tap's carrier on
+    /// when a file descriptor attaches and off when the last one lets go.
+    /// False for a tap no QEMU holds, such as one made again after it was
+    /// deleted under a live device; `None` when the dump did not say.
+    pub held: Option<bool>,
 }
 
 /// One link as observed in the namespace.

@@ -971,7 +971,8 @@ fn observe_link(msg: &LinkMessage) -> Option<Observed> {
     let name = IfName::new(name?).ok()?;
     let (tap, tun_type) = match (&kind, tun_attrs) {
         (LinkKind::Tun, Some(attrs)) => {
-            let (info, tun_type) = tap_info(&attrs);
+            let (mut info, tun_type) = tap_info(&attrs);
+            info.held = Some(carrier);
             (Some(info), tun_type)
         }
         _ => (None, None),
@@ -1031,6 +1032,7 @@ fn tap_info(attrs: &[(u16, Vec<u8>)]) -> (TapInfo, Option<u8>) {
             multi_queue: flag(IFLA_TUN_MULTI_QUEUE),
             vnet_hdr: flag(IFLA_TUN_VNET_HDR),
             persist: flag(IFLA_TUN_PERSIST),
+            held: None,
         },
         u8_of(IFLA_TUN_TYPE),
     )

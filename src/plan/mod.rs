@@ -14,7 +14,9 @@ pub mod placement;
 
 use serde::{Deserialize, Serialize};
 
-use crate::hypervisor::{DomainInterface, DomainState, GuestView, InterfaceDevice, Migration};
+use crate::hypervisor::{
+    DomainInterface, DomainState, GuestView, InterfaceDevice, Migration, QemuVersion,
+};
 use crate::model::names::is_ordinal_pod_iface;
 use crate::model::record::RecordError;
 use crate::model::vmi::{NetworkSource, PodIfaceScheme, SpecInterface, SpecState, Vmi};
@@ -633,9 +635,16 @@ struct Repair {
     /// enslave, deferred while CNI configured it (no repair).
     missing: Vec<String>,
     steps: Vec<Step>,
-    /// The tap was gone: QEMU's handle on it is dead, so the device is
-    /// detached and the next pass attaches it again on the new tap.
-    reattach: Option<Step>,
+    /// The tap was deleted: QEMU's handle on it is dead.
+    dead_tap: Option<DeadTap>,
+}
+
+/// What to do about a device whose tap was deleted under it.
+enum DeadTap {
+    /// Detach it; the next pass attaches it again on the new tap.
+    Reattach(Step),
+    /// Leave it: detaching would stop QEMU (the message says why).
+    Keep(String),
 }
 
 impl Repair {
@@ -643,18 +652,42 @@ impl Repair {
         let missing = self.missing.join(", ");
         plan.repairs = self.missing;
         plan.steps = self.steps;
-        let message = match self.reattach {
-            Some(detach) => {
+        let message = match self.dead_tap {
+            Some(DeadTap::Reattach(detach)) => {
                 plan.steps.push(detach);
                 plan.phase = Phase::Detaching;
                 format!(
                     "{missing} missing under the live device: recreated, re-attaching the device"
                 )
             }
+            Some(DeadTap::Keep(why)) => {
+                plan.phase = Phase::Failed;
+                format!("{missing} missing under the live device: {why}")
+            }
             None => format!("{missing} missing under the live device: recreated"),
         };
         plan.with_message(message)
     }
+}
+
+/// Whether QEMU lost its handle on the live device's tap: the tap was
+/// deleted (and maybe made again, which QEMU's descriptor does not follow).
+fn tap_is_dead(tap: Option<&Link>) -> bool {
+    tap.is_none_or(|t| t.tap.as_ref().is_some_and(|info| info.held == Some(false)))
+}
+
+/// Why a device whose tap died is not detached, when its QEMU would exit
+/// on the detach; `None` when it lives through it.
+fn dead_tap_detach_stops_qemu(names: &PlumbingNames, qemu: Option<QemuVersion>) -> Option<String> {
+    if qemu.is_some_and(QemuVersion::survives_dead_tap_unplug) {
+        return None;
+    }
+    let qemu = qemu.map_or_else(|| "of unknown version".to_string(), |v| v.to_string());
+    Some(format!(
+        "tap {} was deleted under the device, so QEMU's handle on it is dead and the NIC carries no traffic; \
+         not detaching it, since QEMU {qemu} exits when such a device is unplugged: migrate or restart the VM",
+        names.tap
+    ))
 }
 
 /// Checks the plumbing under a device nicplug plugged (its record names
@@ -683,7 +716,7 @@ fn repair_plumbing(
     let mut repair = Repair {
         missing: Vec::new(),
         steps: Vec::new(),
-        reattach: None,
+        dead_tap: None,
     };
     if bridge.is_none() {
         repair.missing.push(format!("bridge {}", names.bridge));
@@ -732,14 +765,21 @@ fn repair_plumbing(
             },
             bridge: names.bridge.clone(),
         });
-        if tap.is_none() {
-            repair.reattach = Some(Step::Detach {
+    } else if tap_is_dead(tap) {
+        repair
+            .missing
+            .push(format!("QEMU's handle on tap {}", names.tap));
+    }
+    if tap_is_dead(tap) {
+        repair.dead_tap = Some(match dead_tap_detach_stops_qemu(names, domain.qemu) {
+            None => DeadTap::Reattach(Step::Detach {
                 alias: spec.alias(),
                 persistent: domain.persistent,
-            });
-        }
+            }),
+            Some(why) => DeadTap::Keep(why),
+        });
     }
-    (!repair.steps.is_empty()).then_some(repair)
+    (!repair.steps.is_empty() || repair.dead_tap.is_some()).then_some(repair)
 }
 
 /// An enslaved pod link carries no address; one that CNI added late (after
@@ -894,6 +934,13 @@ fn unplug(
             // Only the domain that runs here is ours to change (a migration
             // target receives its devices with the migration).
             return plan.with_message("the domain is not running here");
+        }
+        if tap_is_dead(observed.link(&names.tap))
+            && let Some(why) = dead_tap_detach_stops_qemu(names, domain.qemu)
+        {
+            // Plumbing stays too: the device still points at the tap's name.
+            plan.phase = Phase::Failed;
+            return plan.with_message(why);
         }
         plan.phase = Phase::Detaching;
         plan.steps.push(Step::Detach {

@@ -5,6 +5,10 @@ use crate::hypervisor::domain_xml::{
 use crate::model::IpCidr;
 use crate::netns::TapInfo;
 
+/// The QEMU of the default stack (bookworm-backports), and Debian 12's.
+const QEMU_10: QemuVersion = QemuVersion(10_000_002);
+const QEMU_7: QemuVersion = QemuVersion(7_002_000);
+
 const OWNER: Owner = Owner {
     uid: 64055,
     gid: 64055,
@@ -49,6 +53,7 @@ fn domain(ports: usize, interfaces: Vec<DomainInterface>) -> DomainState {
         migration: Migration::None,
         interfaces,
         root_ports: RootPorts::with_free(4, ports),
+        qemu: Some(QEMU_10),
     }
 }
 
@@ -98,6 +103,8 @@ fn plumbed_links() -> Vec<Link> {
             multi_queue: false,
             vnet_hdr: true,
             persist: true,
+            // QEMU holds it: the device is live.
+            held: Some(true),
         }),
         ..link(11, TAP, LinkKind::Tun)
     };
@@ -503,10 +510,14 @@ fn departed_devices_nicplug_cannot_prove_are_left_alone() {
         link(10, BRIDGE, LinkKind::Bridge),
     ];
     assert!(plan(&vmi, &observed(&links, Some(&dom))).is_empty());
-    // nicplug's bridge with the pod link already gone (CNI DEL came first).
-    let links = [eth0(), link(10, BRIDGE, LinkKind::Bridge)];
+    // nicplug's bridge and tap with the pod link already gone (CNI DEL came first).
+    let tap = plumbed_links().pop().unwrap();
+    let links = [eth0(), link(10, BRIDGE, LinkKind::Bridge), tap];
     let plans = plan(&vmi, &observed(&links, Some(&dom)));
-    assert_eq!(step_names(&plans[0]), ["detach-device", "delete-link"]);
+    assert_eq!(
+        step_names(&plans[0]),
+        ["detach-device", "delete-link", "delete-link"]
+    );
 }
 
 #[test]
@@ -632,7 +643,7 @@ fn kubevirt_layout_links() -> Vec<Link> {
 
 #[test]
 fn kubevirts_leftovers_go_only_in_coexistence_mode_and_only_when_unused() {
-    let absent = vmi(r#","state":"absent""#);
+    let absent = super::tests::vmi(r#","state":"absent""#);
     let links = kubevirt_layout_links();
     let gone = domain(4, vec![]);
     // Without coexistence: KubeVirt's plumbing is KubeVirt's.
@@ -710,21 +721,77 @@ fn plumbing_missing_under_a_live_device_is_rebuilt() {
         p.message.as_deref().unwrap().contains("bridge k6t-"),
         "{p:?}"
     );
-    // The tap was deleted: QEMU's handle on it is dead, so it is recreated
-    // and the device detached, to be attached again on the new tap.
+    // The tap was deleted: QEMU's handle on it is dead. The tap is made
+    // again; on QEMU 7.2 the device is detached, to be attached again on the
+    // new tap.
     let links: Vec<Link> = plumbed_links()
         .into_iter()
         .filter(|l| l.name.as_str() != TAP)
         .collect();
-    let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
+    let qemu_7 = DomainState {
+        qemu: Some(QEMU_7),
+        ..dom.clone()
+    };
+    let p = &plan(&vmi, &observed(&links, Some(&qemu_7)))[1];
     assert_eq!(step_names(p), ["ensure-tap", "detach-device"]);
     assert_eq!(p.phase, Phase::Detaching);
+    // QEMU 10 exits when that device is unplugged: it stays, Failed, and
+    // the message says what to do.
+    let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
+    assert_eq!(step_names(p), ["ensure-tap"]);
+    assert_eq!(p.phase, Phase::Failed);
+    let message = p.message.as_deref().unwrap();
+    assert!(
+        message.contains("not detaching it, since QEMU 10.0.2 exits")
+            && message.contains("migrate or restart the VM"),
+        "{message}"
+    );
+    // The tap made again is held by no QEMU (no carrier): still dead, on
+    // the next pass as on this one; a QEMU of unknown version counts as 10.
+    let mut links = plumbed_links();
+    links.last_mut().unwrap().tap.as_mut().unwrap().held = Some(false);
+    let p = &plan(&vmi, &observed(&links, Some(&qemu_7)))[1];
+    assert_eq!(step_names(p), ["detach-device"]);
+    let unknown = DomainState {
+        qemu: None,
+        ..dom.clone()
+    };
+    for dom in [&dom, &unknown] {
+        let p = &plan(&vmi, &observed(&links, Some(dom)))[1];
+        assert!(p.steps.is_empty(), "{p:?}");
+        assert_eq!(p.phase, Phase::Failed);
+        assert!(
+            p.message
+                .as_deref()
+                .unwrap()
+                .contains("QEMU's handle on tap")
+        );
+    }
     // A device KubeVirt attached (no record naming the network) is not ours to repair.
     let mut links = plumbed_links();
     links.retain(|l| l.name.as_str() != TAP);
     links[1].alias = None;
     let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
     assert!(p.steps.is_empty(), "{p:?}");
+}
+
+#[test]
+fn a_device_whose_tap_died_is_not_unplugged_where_qemu_would_exit() {
+    let absent = vmi(r#","state":"absent""#);
+    let mut links = plumbed_links();
+    links.last_mut().unwrap().tap.as_mut().unwrap().held = Some(false);
+    let dom = domain(3, vec![attached_device(true)]);
+    let p = &plan(&absent, &observed(&links, Some(&dom)))[1];
+    assert!(p.steps.is_empty(), "nothing is touched: {p:?}");
+    assert_eq!(p.phase, Phase::Failed);
+    assert!(p.message.as_deref().unwrap().contains("not detaching it"));
+    let qemu_7 = DomainState {
+        qemu: Some(QEMU_7),
+        ..dom
+    };
+    let p = &plan(&absent, &observed(&links, Some(&qemu_7)))[1];
+    assert_eq!(step_names(p)[0], "detach-device");
+    assert_eq!(p.phase, Phase::Detaching);
 }
 
 #[test]
@@ -969,7 +1036,7 @@ fn a_target_in_kubevirts_layout_is_adopted_and_nothing_built() {
 
 #[test]
 fn an_unplug_reaching_a_target_waits_for_the_arriving_device() {
-    let absent = vmi(r#","state":"absent""#);
+    let absent = super::tests::vmi(r#","state":"absent""#);
     let links = plumbed_links();
     let incoming = migrating(Migration::Incoming, false, vec![attached_device(true)]);
     let p = &plan(&absent, &observed(&links, Some(&incoming)))[1];
@@ -1146,6 +1213,7 @@ fn domain_with_primary(ports: u8, mut devices: Vec<DomainInterface>) -> DomainSt
         migration: Migration::None,
         interfaces: devices,
         root_ports: RootPorts::with_free(ports as usize, ports as usize),
+        qemu: Some(QEMU_10),
     };
     let DomainState {
         interfaces,

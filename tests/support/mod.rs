@@ -1126,6 +1126,21 @@ impl Rig {
         )
     }
 
+    /// The QEMU libvirt runs (`virsh version`'s hypervisor line, as
+    /// libvirt's version number).
+    pub fn qemu_version(&self) -> nicplug::hypervisor::QemuVersion {
+        let out = self.virsh(&["version"]);
+        let version = out
+            .lines()
+            .find(|l| l.contains("hypervisor") && l.contains("QEMU"))
+            .and_then(|l| l.split_whitespace().last())
+            .unwrap_or_else(|| panic!("no QEMU in virsh version: {out}"));
+        let parts: Vec<u32> = version.split('.').map(|p| p.parse().unwrap()).collect();
+        nicplug::hypervisor::QemuVersion(
+            parts[0] * 1_000_000 + parts[1] * 1_000 + parts.get(2).copied().unwrap_or(0),
+        )
+    }
+
     /// Live domain XML.
     pub fn domain_xml(&self) -> String {
         self.virsh(&["dumpxml", &self.domain])
