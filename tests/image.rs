@@ -17,10 +17,10 @@
 //! One mount more than the policy's: the VMI document, read-only, in place of
 //! the Kubernetes API (`--kube`), which does not exist here.
 //!
-//! The image is built by `scripts/image` (registry-less; ~10 minutes here).
-//! The test uses `NICPLUG_IMAGE` (default `localhost/nicplug:dev`) and prints
-//! SKIP when that image is not in the project's store: it is opt-in
-//! (`NICPLUG_TEST_IMAGE=1 scripts/test` builds and runs it).
+//! The image is built by `scripts/image` (registry-less: the host's release
+//! build on the cached runtime stage). The test uses `NICPLUG_IMAGE` (default
+//! `localhost/nicplug:dev`) and prints SKIP when that image is not in the
+//! project's store; `scripts/test` builds it first and runs this.
 
 mod e2e;
 mod support;
@@ -84,7 +84,7 @@ fn image_available(test: &str) -> bool {
     match podman_ok(&["image", "exists", &image()]) {
         Ok(_) => true,
         Err(_) => skip(format!(
-            "image {} not built (opt-in: run scripts/image, or NICPLUG_TEST_IMAGE=1 scripts/test)",
+            "image {} not built (run scripts/image; scripts/test builds it)",
             image()
         )),
     }
