@@ -223,6 +223,7 @@ impl FakeHyp {
                 interfaces: vec![],
                 root_ports: RootPorts::with_free(4, free_ports),
                 qemu: Some(QemuVersion(10_000_002)),
+                devices_unknown: false,
             }),
             modes: Mutex::default(),
             detach_mode: Mutex::new(DetachMode::Works),

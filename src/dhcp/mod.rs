@@ -155,6 +155,7 @@ mod tests {
             persistent: true,
             migration: crate::hypervisor::Migration::None,
             qemu: None,
+            devices_unknown: false,
             interfaces: vec![DomainInterface {
                 alias: Some("ua-dyniface1".into()),
                 mac: Some(VM_MAC.parse().unwrap()),

@@ -195,6 +195,10 @@ pub struct DomainState {
     pub root_ports: RootPorts,
     /// The QEMU that runs it; `None` when libvirt did not say.
     pub qemu: Option<super::QemuVersion>,
+    /// The live XML was not read, so `interfaces` and `root_ports` say
+    /// nothing: libvirt 11 answers it for an arriving domain only once the
+    /// migration is over.
+    pub devices_unknown: bool,
 }
 
 impl DomainState {

@@ -258,6 +258,26 @@ fn read_domain(conn: &Connect, name: &str) -> Result<DomainRead, HypervisorError
     let persistent = dom
         .is_persistent()
         .map_err(|e| libvirt_error("read the domain state", e))?;
+    let qemu = conn
+        .hyp_version()
+        .ok()
+        .filter(|v| *v > 0)
+        .map(super::QemuVersion);
+    if migration == Migration::Incoming {
+        // libvirt 11.3's virDomainGetXMLDesc of an arriving domain waits for
+        // the migration job to end (9.0 answered at once): with a slow
+        // migration every read would time out. Its devices come with it; a
+        // target prepares from the spec and removes nothing meanwhile.
+        let state = DomainState {
+            running,
+            persistent,
+            migration,
+            qemu,
+            devices_unknown: true,
+            ..DomainState::default()
+        };
+        return Ok((Some((state, None)), lifecycle));
+    }
     let xml = dom
         .xml_desc(0)
         .map_err(|e| libvirt_error("read the live domain XML", e))?;
@@ -268,11 +288,8 @@ fn read_domain(conn: &Connect, name: &str) -> Result<DomainRead, HypervisorError
         migration,
         interfaces: devices.interfaces,
         root_ports: devices.root_ports,
-        qemu: conn
-            .hyp_version()
-            .ok()
-            .filter(|v| *v > 0)
-            .map(super::QemuVersion),
+        qemu,
+        devices_unknown: false,
     };
     Ok((
         Some((state, devices.dac_owner.filter(|_| running))),

@@ -536,10 +536,11 @@ impl PrepareCase<'_> {
         plan.mac = device.and_then(|d| d.mac).or(spec.mac);
         if spec.state == SpecState::Absent {
             let in_use = domain.is_some_and(|d| {
-                d.interfaces.iter().any(|i| {
-                    i.alias.as_deref() == Some(spec.alias().as_str())
-                        || i.target_dev.as_deref() == Some(names.tap.as_str())
-                })
+                d.devices_unknown
+                    || d.interfaces.iter().any(|i| {
+                        i.alias.as_deref() == Some(spec.alias().as_str())
+                            || i.target_dev.as_deref() == Some(names.tap.as_str())
+                    })
             });
             if in_use {
                 // The arriving QEMU holds the tap: the unplug happens once it

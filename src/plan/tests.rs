@@ -54,6 +54,7 @@ fn domain(ports: usize, interfaces: Vec<DomainInterface>) -> DomainState {
         interfaces,
         root_ports: RootPorts::with_free(4, ports),
         qemu: Some(QEMU_10),
+        devices_unknown: false,
     }
 }
 
@@ -1055,6 +1056,24 @@ fn an_unplug_reaching_a_target_waits_for_the_arriving_device() {
 }
 
 #[test]
+fn an_arriving_domain_whose_devices_are_not_known_is_prepared_from_the_spec() {
+    // libvirt 11 does not give an arriving domain's XML until the migration
+    // is over: the target prepares what the spec asks and removes nothing.
+    let unknown = DomainState {
+        devices_unknown: true,
+        ..migrating(Migration::Incoming, false, vec![])
+    };
+    let links = [eth0(), fresh_pod_link()];
+    let p = &plan(&vmi(""), &observed(&links, Some(&unknown)))[1];
+    assert_eq!(p.phase, Phase::Prepared);
+    assert_eq!(step_names(p).last(), Some(&"ensure-tap"));
+    assert!(!step_names(p).contains(&"attach-device"));
+    let absent = super::tests::vmi(r#","state":"absent""#);
+    let p = &plan(&absent, &observed(&plumbed_links(), Some(&unknown)))[1];
+    assert!(p.steps.is_empty(), "the arriving QEMU may hold the tap: {p:?}");
+}
+
+#[test]
 fn a_domain_migrating_away_gets_no_change_at_all() {
     let links = plumbed_links();
     let leaving = migrating(Migration::Outgoing, true, vec![attached_device(true)]);
@@ -1214,6 +1233,7 @@ fn domain_with_primary(ports: u8, mut devices: Vec<DomainInterface>) -> DomainSt
         interfaces: devices,
         root_ports: RootPorts::with_free(ports as usize, ports as usize),
         qemu: Some(QEMU_10),
+        devices_unknown: false,
     };
     let DomainState {
         interfaces,
