@@ -1,6 +1,7 @@
 //! nicplug's vocabulary: validated names, the VMI subset it reads, Multus'
 //! network-status, and the record it keeps of a pod link's original state.
 
+pub mod cidr;
 pub mod depth;
 pub mod names;
 pub mod network_status;
@@ -8,8 +9,9 @@ pub mod record;
 pub mod route;
 pub mod vmi;
 
+pub use cidr::IpCidr;
 pub use names::{IfName, Mac, PlumbingNames};
-pub use record::{IpCidr, PodLinkRecord};
+pub use record::PodLinkRecord;
 pub use route::PodRoute;
 
 /// A uid/gid pair (the owner of a tap device).

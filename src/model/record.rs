@@ -14,14 +14,9 @@
 //! versions wrote and read; one with routes is `v2`, which a v1 reader
 //! refuses as a whole instead of dropping the routes silently. Both are read.
 
-use std::fmt;
-use std::net::IpAddr;
-use std::str::FromStr;
-
-use serde::Serialize;
-
+use super::cidr::{CidrError, IpCidr};
 use super::names::{Mac, NameError, check_network_name};
-use super::route::PodRoute;
+use super::route::{PodRoute, RouteError};
 
 /// A record without routes.
 const MAGIC_V1: &str = "nicplug/v1";
@@ -40,16 +35,16 @@ pub enum RecordError {
     Missing(&'static str),
     #[error("record of {len} bytes does not fit into an ifalias ({MAX_ALIAS_LEN} bytes)")]
     TooLong { len: usize },
-    #[error("invalid address {0:?}: expected ADDRESS/PREFIX")]
-    Cidr(String),
+    #[error(transparent)]
+    Cidr(#[from] CidrError),
     #[error("network name {0:?} cannot be recorded")]
     Network(String, #[source] NameError),
     #[error("field {0} appears twice")]
     Duplicate(&'static str),
     #[error("mtu={0} is outside {MIN_MTU}..={MAX_MTU}")]
     Mtu(u32),
-    #[error("malformed route {0:?} in nicplug record")]
-    Route(String),
+    #[error(transparent)]
+    Route(#[from] RouteError),
     #[error("a nicplug/v1 record cannot have routes (rt=)")]
     RoutesInV1,
 }
@@ -59,41 +54,6 @@ pub enum RecordError {
 /// was not read from a real pod link.
 pub const MIN_MTU: u32 = 68;
 pub const MAX_MTU: u32 = 65535;
-
-/// An interface address with its prefix length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub struct IpCidr {
-    pub addr: IpAddr,
-    pub prefix: u8,
-}
-
-impl IpCidr {
-    pub fn new(addr: IpAddr, prefix: u8) -> Result<Self, RecordError> {
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        if prefix > max {
-            return Err(RecordError::Cidr(format!("{addr}/{prefix}")));
-        }
-        Ok(Self { addr, prefix })
-    }
-}
-
-impl fmt::Display for IpCidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-impl FromStr for IpCidr {
-    type Err = RecordError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (addr, prefix) = s
-            .split_once('/')
-            .ok_or_else(|| RecordError::Cidr(s.into()))?;
-        let addr = addr.parse().map_err(|_| RecordError::Cidr(s.into()))?;
-        let prefix = prefix.parse().map_err(|_| RecordError::Cidr(s.into()))?;
-        Self::new(addr, prefix)
-    }
-}
 
 /// The original state of a pod link that nicplug enslaved.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -263,7 +223,7 @@ mod tests {
         );
         assert!(matches!(
             PodLinkRecord::from_alias("nicplug/v2 mac=0a:58:a9:fe:01:05 mtu=1400 rt=169.254.9.0"),
-            Err(RecordError::Route(r)) if r == "169.254.9.0"
+            Err(RecordError::Route(RouteError(r))) if r == "169.254.9.0"
         ));
     }
 

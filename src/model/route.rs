@@ -18,7 +18,12 @@ use std::str::FromStr;
 
 use serde::Serialize;
 
-use super::record::{IpCidr, RecordError};
+use super::cidr::IpCidr;
+
+/// A record's route that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed route {0:?} in nicplug record")]
+pub struct RouteError(pub String);
 
 /// The main routing table (RT_TABLE_MAIN).
 pub const TABLE_MAIN: u32 = 254;
@@ -126,9 +131,9 @@ impl fmt::Display for PodRoute {
 }
 
 impl FromStr for PodRoute {
-    type Err = RecordError;
+    type Err = RouteError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || RecordError::Route(s.to_string());
+        let bad = || RouteError(s.to_string());
         let mut parts = s.split('~');
         let head = parts.next().ok_or_else(bad)?;
         let (destination, gateway) = match head.split_once('>') {

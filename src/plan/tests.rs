@@ -1070,7 +1070,10 @@ fn an_arriving_domain_whose_devices_are_not_known_is_prepared_from_the_spec() {
     assert!(!step_names(p).contains(&"attach-device"));
     let absent = super::tests::vmi(r#","state":"absent""#);
     let p = &plan(&absent, &observed(&plumbed_links(), Some(&unknown)))[1];
-    assert!(p.steps.is_empty(), "the arriving QEMU may hold the tap: {p:?}");
+    assert!(
+        p.steps.is_empty(),
+        "the arriving QEMU may hold the tap: {p:?}"
+    );
 }
 
 #[test]
