@@ -83,6 +83,17 @@ impl Observation {
     }
 }
 
+/// What applying a pass's plans left.
+#[derive(Default)]
+struct AppliedPass {
+    statuses: Vec<InterfaceStatus>,
+    domain_changed: bool,
+    /// Records this pass wrote: the DHCP server of an interface attached in
+    /// this pass starts in this pass, before the guest's first DISCOVER (the
+    /// links were read before the record existed).
+    written: Vec<(crate::model::IfName, String)>,
+}
+
 /// A step that changes the domain's devices (which no migration may see).
 fn changes_the_domain(step: &Step) -> bool {
     matches!(
@@ -650,52 +661,58 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         }
         let domain_name = self.domain_name(vmi);
         debug!("reconcile");
-        let Observation {
-            mut links,
-            domain,
-            lifecycle,
-            tap_owner,
-            observed_at,
-        } = observe(
+        let observation = self.observe_pass(&domain_name).await?;
+        let plans = plan(vmi, &observation.observed(self.config.coexist));
+        self.migrating = std::mem::take(&mut self.change_met_migration)
+            || observation
+                .domain
+                .as_ref()
+                .is_some_and(|d| matches!(d.migration, Migration::Incoming | Migration::Outgoing));
+        self.tracked
+            .retain(|name, _| plans.iter().any(|p| &p.name == name));
+        let applied = self
+            .apply_plans(&domain_name, plans, observation.observed_at)
+            .await;
+        self.publish_pass(vmi, &domain_name, observation, applied)
+            .await;
+        Ok(())
+    }
+
+    /// Reads the pod namespace, the domain and the tap owner for a pass.
+    async fn observe_pass(&mut self, domain_name: &str) -> Result<Observation, AgentError> {
+        let mut observation = observe(
             &self.net,
             self.hyp.as_ref(),
-            &domain_name,
+            domain_name,
             self.config.tap_owner,
             &mut self.detected_owner,
             Some(&self.readiness),
         )
         .await?;
-        self.domain_seen = Some((domain_name.clone(), lifecycle));
-        self.link_changes.mark_settling(&mut links, Instant::now());
-        if domain.as_ref().is_some_and(|d| d.root_ports.free() > 0) {
+        self.domain_seen = Some((domain_name.to_string(), observation.lifecycle));
+        self.link_changes
+            .mark_settling(&mut observation.links, Instant::now());
+        if observation
+            .domain
+            .as_ref()
+            .is_some_and(|d| d.root_ports.free() > 0)
+        {
             // A port freed (or was free all along): who waits for one may try now.
             for tracked in self.tracked.values_mut().filter(|t| t.needs_root_port) {
                 tracked.retry_at = None;
             }
         }
-        let plans = plan(
-            vmi,
-            &Observed {
-                links: &links,
-                domain: domain.as_ref(),
-                tap_owner,
-                clean_kubevirt_leftovers: self.config.coexist,
-                kubevirt_plumbs: self.config.coexist,
-            },
-        );
-        self.migrating = std::mem::take(&mut self.change_met_migration)
-            || domain
-                .as_ref()
-                .is_some_and(|d| matches!(d.migration, Migration::Incoming | Migration::Outgoing));
+        Ok(observation)
+    }
 
-        self.tracked
-            .retain(|name, _| plans.iter().any(|p| &p.name == name));
-        let mut statuses = Vec::with_capacity(plans.len());
-        let mut domain_changed = false;
-        // Records this pass wrote: the DHCP server of an interface attached in
-        // this pass starts in this pass, before the guest's first DISCOVER
-        // (the links were read before the record existed).
-        let mut written: Vec<(crate::model::IfName, String)> = Vec::new();
+    /// Applies each interface's plan in its own span, in plan order.
+    async fn apply_plans(
+        &mut self,
+        domain_name: &str,
+        plans: Vec<InterfacePlan>,
+        observed_at: Timestamp,
+    ) -> AppliedPass {
+        let mut pass = AppliedPass::default();
         for plan in plans {
             let records: Vec<_> = plan
                 .steps
@@ -709,29 +726,23 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             if preparing || plan.steps.iter().any(|s| matches!(s, Step::Attach { .. })) {
                 self.report.pod_seen(&plan.name, observed_at);
             }
-            domain_changed |= plan.steps.iter().any(changes_the_domain);
+            pass.domain_changed |= plan.steps.iter().any(changes_the_domain);
             let span = info_span!("interface", iface = %plan.name, pod = plan.pod_iface.as_ref().map(|p| p.as_str()));
             let departed = plan.departed;
-            let status = self.apply(&domain_name, plan).instrument(span).await;
+            let status = self.apply(domain_name, plan).instrument(span).await;
             if matches!(status.phase, Phase::Attached | Phase::Ready) {
-                written.extend(records);
+                pass.written.extend(records);
             }
             if !(departed && status.phase == Phase::Detached) {
-                statuses.push(status);
+                pass.statuses.push(status);
             }
         }
-        // What this pass left, not what it planned: a preparation step that
-        // failed leaves the target not ready.
-        let plumbing = if self.config.coexist {
-            // KubeVirt plumbs a target after the hand-off: waiting for it
-            // here could hold the hand-off forever.
-            Ok(())
-        } else {
-            target_readiness(domain.as_ref(), &statuses)
-        };
-        self.readiness.set(Part::Plumbing, plumbing);
-        // A detach in flight is Detaching whatever this pass saw: the entry
-        // goes only when a pass finds nothing of the interface left.
+        pass
+    }
+
+    /// A detach in flight is Detaching whatever this pass saw: the entry
+    /// goes only when a pass finds nothing of the interface left.
+    fn keep_detaches_listed(&self, statuses: &mut Vec<InterfaceStatus>) {
         for name in &self.detaching {
             if !statuses.iter().any(|s| &s.name == name) {
                 warn!(iface = %name, "this pass found nothing of an interface whose detach is in flight; keeping it listed");
@@ -747,9 +758,38 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 statuses.push(status);
             }
         }
+    }
+
+    /// Readiness, DHCP and the status document, from what the pass left.
+    async fn publish_pass(
+        &mut self,
+        vmi: &Vmi,
+        domain_name: &str,
+        observation: Observation,
+        applied: AppliedPass,
+    ) {
+        let AppliedPass {
+            mut statuses,
+            domain_changed,
+            written,
+        } = applied;
+        let Observation {
+            mut links, domain, ..
+        } = observation;
+        // What this pass left, not what it planned: a preparation step that
+        // failed leaves the target not ready.
+        let plumbing = if self.config.coexist {
+            // KubeVirt plumbs a target after the hand-off: waiting for it
+            // here could hold the hand-off forever.
+            Ok(())
+        } else {
+            target_readiness(domain.as_ref(), &statuses)
+        };
+        self.readiness.set(Part::Plumbing, plumbing);
+        self.keep_detaches_listed(&mut statuses);
         // The status shows the domain as this pass left it.
         let domain = if domain_changed {
-            self.hyp.domain(&domain_name).await.ok().flatten()
+            self.hyp.domain(domain_name).await.ok().flatten()
         } else {
             domain
         };
@@ -767,13 +807,12 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         self.report
             .finish(
                 self.hyp.as_ref(),
-                &domain_name,
+                domain_name,
                 domain.as_ref(),
                 statuses,
                 reconnects,
             )
             .await;
-        Ok(())
     }
 
     /// Starts and stops DHCP server tasks to match this pass, and puts each
