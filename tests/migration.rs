@@ -53,12 +53,33 @@ fn plug_in_source<'a>(rig: &'a Rig) -> (Nicplug<'a>, Vec<String>) {
     (nicplug, macs)
 }
 
-/// nicplug in the target pod, QEMU's user given (no QEMU runs there yet to ask).
-fn target_nicplug<'a>(target: &'a Rig, networks: &[&str], owner: u32) -> Nicplug<'a> {
+/// nicplug in the target pod, started exactly as in the source: no QEMU runs
+/// there yet, so QEMU's user comes from the daemon's capabilities.
+fn target_nicplug<'a>(target: &'a Rig, networks: &[&str]) -> Nicplug<'a> {
     let mut nicplug = Nicplug::new(target, networks);
-    nicplug.args = vec!["--tap-owner".into(), format!("{owner}:{owner}")];
     nicplug.start();
     nicplug
+}
+
+/// Each of `networks`' taps in `target` belongs to QEMU's user, `owner` (the
+/// source's QEMU): the one the incoming QEMU opens it as.
+fn assert_tap_owner(target: &Rig, networks: &[&str], owner: u32) {
+    for n in networks {
+        let tap = format!("tap{}", suffix(n));
+        let read = |what: &str| {
+            let out = target
+                .pod_cmd("cat")
+                .arg(format!("/sys/class/net/{tap}/{what}"))
+                .output()
+                .expect("cat runs");
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        assert_eq!(
+            (read("owner"), read("group")),
+            (owner.to_string(), owner.to_string()),
+            "owner of {tap}"
+        );
+    }
 }
 
 /// nicplug in the target pod, once Multus made the pod interfaces there
@@ -67,8 +88,9 @@ fn prepared_target<'a>(rig: &Rig, target: &'a Rig) -> Nicplug<'a> {
     for (n, net) in NETS.iter().zip(nets()) {
         target.cni_add(&net, &pod_iface(n));
     }
-    let nicplug = target_nicplug(target, &NETS, rig.qemu_uid());
+    let nicplug = target_nicplug(target, &NETS);
     wait_prepared(&nicplug);
+    assert_tap_owner(target, &NETS, rig.qemu_uid());
     nicplug
 }
 
@@ -285,10 +307,11 @@ fn live_migration_moves_hot_plugged_nics_to_prepared_taps() {
         .map(|(n, net)| target.cni_add(&net, &pod_iface(n)).ips)
         .collect();
     let started = Instant::now();
-    let nicplug = target_nicplug(&target, &NETS, rig.qemu_uid());
+    let nicplug = target_nicplug(&target, &NETS);
     wait_prepared(&nicplug);
     wait_ready(&nicplug);
     let prepared = started.elapsed();
+    assert_tap_owner(&target, &NETS, rig.qemu_uid());
     assert_eq!(plumbing_links(&target), expected_plumbing(&NETS));
     assert_eq!(
         nicplug.status().unwrap()["agent"]["domain"]["state"],
@@ -618,7 +641,7 @@ fn a_target_in_kubevirts_layout_is_adopted_and_nothing_built() {
         kubevirt_layout(&target, &net, n, rig.qemu_uid());
     }
     let layout = target_layout(&target);
-    let nicplug = target_nicplug(&target, &NETS, rig.qemu_uid());
+    let nicplug = target_nicplug(&target, &NETS);
     wait_prepared(&nicplug);
     wait_ready(&nicplug);
     assert_eq!(

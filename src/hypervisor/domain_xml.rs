@@ -501,6 +501,68 @@ pub fn parse_devices(xml: &str) -> Result<DomainDevices, DomainXmlError> {
     Ok(scan.finish())
 }
 
+/// QEMU's user as the connection's capabilities name it: the base label of
+/// the DAC security model (`<host><secmodel><model>dac</model><baselabel
+/// type='kvm'>+64055:+64055</baselabel>`), what a system daemon gives every
+/// QEMU it starts unless the domain says otherwise. It tells before any QEMU
+/// runs (a migration target). libvirt prints one label per virtualization
+/// type, all from the same `user`/`group` of qemu.conf: `kvm` (what KubeVirt
+/// runs) is taken first, then `qemu` (TCG), then any.
+pub fn dac_base_owner(capabilities: &str) -> Result<Option<Owner>, DomainXmlError> {
+    check_chars(capabilities)?;
+    let mut reader = Reader::from_str(capabilities);
+    let mut path: Vec<String> = Vec::new();
+    // The current secmodel's model and labels (type, text).
+    let mut model = String::new();
+    let mut labels: Vec<(String, String)> = Vec::new();
+    let mut label_type = None;
+    let mut dac: Vec<(String, String)> = Vec::new();
+    loop {
+        let event = reader.read_event().map_err(|source| DomainXmlError::Xml {
+            position: reader.buffer_position(),
+            source,
+        })?;
+        match &event {
+            Event::Start(e) => {
+                let name = e.local_name().as_ref().to_string();
+                if name == "baselabel" {
+                    label_type = Some(attr(e, "baselabel", "type")?.unwrap_or_default());
+                }
+                path.push(name);
+            }
+            Event::End(_) => {
+                let closed = path.pop();
+                if closed.as_deref() == Some("secmodel") {
+                    if model == "dac" {
+                        dac.append(&mut labels);
+                    }
+                    model.clear();
+                    labels.clear();
+                }
+            }
+            Event::Text(text) => {
+                let text: &str = text;
+                let at = |p: &[&str]| path.iter().map(String::as_str).eq(p.iter().copied());
+                if at(&["capabilities", "host", "secmodel", "model"]) {
+                    model = text.trim().to_string();
+                } else if at(&["capabilities", "host", "secmodel", "baselabel"]) {
+                    labels.push((label_type.take().unwrap_or_default(), text.to_string()));
+                }
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    let owner_of = |virt: Option<&str>| {
+        dac.iter()
+            .filter(|(t, _)| virt.is_none_or(|v| t == v))
+            .find_map(|(_, label)| parse_dac_label(label))
+    };
+    Ok(owner_of(Some("kvm"))
+        .or_else(|| owner_of(Some("qemu")))
+        .or_else(|| owner_of(None)))
+}
+
 /// `interface_xml` with its `<link>` element replaced by `<link state='up|down'/>`:
 /// the document for `virDomainUpdateDeviceFlags`.
 pub fn with_link_state(interface_xml: &str, up: bool) -> Result<String, DomainXmlError> {
@@ -638,6 +700,53 @@ mod tests {
         );
         assert_eq!(second.pci.unwrap().to_string(), "0000:02:00.0");
         assert_eq!(devices.dac_owner, Some(Owner { uid: 107, gid: 107 }));
+    }
+
+    /// What libvirt 11.3's system daemon prints (the rig's, `virsh
+    /// capabilities`, trimmed): QEMU runs as `libvirt-qemu`.
+    const CAPABILITIES: &str = "<capabilities>
+  <host>
+    <uuid>2f6b4a7e-0000-4000-8000-000000000001</uuid>
+    <cpu><arch>x86_64</arch></cpu>
+    <secmodel>
+      <model>none</model>
+      <doi>0</doi>
+    </secmodel>
+    <secmodel>
+      <model>dac</model>
+      <doi>0</doi>
+      <baselabel type='kvm'>+64055:+64055</baselabel>
+      <baselabel type='qemu'>+64055:+64055</baselabel>
+    </secmodel>
+  </host>
+  <guest><os_type>hvm</os_type></guest>
+</capabilities>";
+
+    #[test]
+    fn qemu_user_from_the_capabilities_dac_base_label() {
+        let owner = Owner {
+            uid: 64055,
+            gid: 64055,
+        };
+        assert_eq!(dac_base_owner(CAPABILITIES).unwrap(), Some(owner));
+        // kvm first, then qemu, whatever the order.
+        let mixed = CAPABILITIES
+            .replace("type='kvm'>+64055:+64055", "type='qemu'>+1:+2")
+            .replacen("type='qemu'>+64055:+64055", "type='kvm'>+107:+107", 1);
+        assert_eq!(
+            dac_base_owner(&mixed).unwrap(),
+            Some(Owner { uid: 107, gid: 107 })
+        );
+        let tcg_only = CAPABILITIES.replace("<baselabel type='kvm'>+64055:+64055</baselabel>", "");
+        assert_eq!(dac_base_owner(&tcg_only).unwrap(), Some(owner));
+        // A label of another model (selinux) is no user.
+        let selinux = CAPABILITIES.replace("<model>dac</model>", "<model>selinux</model>");
+        assert_eq!(dac_base_owner(&selinux).unwrap(), None);
+        assert_eq!(
+            dac_base_owner("<capabilities><host/></capabilities>").unwrap(),
+            None
+        );
+        assert!(dac_base_owner("<capabilities></host>").is_err());
     }
 
     #[test]

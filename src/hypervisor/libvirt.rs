@@ -25,7 +25,7 @@ use virt::connect::Connect;
 use virt::error::ErrorNumber;
 use virt_sys as sys;
 
-use super::domain_xml::{DomainState, parse_devices};
+use super::domain_xml::{self, DomainState, parse_devices};
 use super::events::{self, DomainEvent, EventSink, Registration};
 use super::worker::Worker;
 use super::{
@@ -96,6 +96,9 @@ pub struct Libvirt {
     agent: Worker<Shared>,
     cache: Mutex<Option<CachedDomain>>,
     agent_query_busy: Arc<AtomicBool>,
+    /// QEMU's user from the capabilities, with the connection (the
+    /// reconnect count) it was read on.
+    capabilities_owner: Mutex<Option<(u64, Option<Owner>)>>,
 }
 
 fn libvirt_error(op: &'static str, e: virt::error::Error) -> HypervisorError {
@@ -198,6 +201,7 @@ impl Libvirt {
             shared,
             cache: Mutex::new(None),
             agent_query_busy: Arc::default(),
+            capabilities_owner: Mutex::new(None),
         }
     }
 
@@ -524,20 +528,48 @@ impl Hypervisor for Libvirt {
     /// From the domain's DAC label (system daemons), else from the QEMU
     /// process itself (when its pid namespace is visible), else from the
     /// owner of a session daemon's socket (KubeVirt's non-root launcher runs
-    /// QEMU as the daemon's user).
+    /// QEMU as the daemon's user), else from the DAC base label of the
+    /// connection's capabilities (the user a system daemon starts QEMU as).
     async fn qemu_owner(&self, domain: &str) -> Result<Option<Owner>, HypervisorError> {
         let (running, label) = self
             .read_cached(domain)
             .await?
             .map_or((false, None), |(d, owner)| (d.running, owner));
-        if !running {
-            // No QEMU to ask (a migration target before the domain arrives):
-            // a session daemon runs its QEMUs as itself.
-            return Ok(session_socket_owner(&self.shared.uri));
+        // No QEMU to ask (a migration target before the domain arrives):
+        // only what the daemon says tells.
+        let found = if running {
+            label.or_else(|| qemu_process_owner(domain))
+        } else {
+            None
+        };
+        match found.or_else(|| session_socket_owner(&self.shared.uri)) {
+            Some(owner) => Ok(Some(owner)),
+            None => self.capabilities_owner().await,
         }
-        Ok(label
-            .or_else(|| qemu_process_owner(domain))
-            .or_else(|| session_socket_owner(&self.shared.uri)))
+    }
+}
+
+impl Libvirt {
+    /// [`domain_xml::dac_base_owner`] of the connection's capabilities, read
+    /// once per connection: the daemon's qemu.conf does not change under a
+    /// running daemon, a restarted one may have another.
+    async fn capabilities_owner(&self) -> Result<Option<Owner>, HypervisorError> {
+        let connection = self.shared.reconnects.load(Ordering::Relaxed);
+        if let Some((seen, owner)) = *lock(&self.capabilities_owner)
+            && seen == connection
+        {
+            return Ok(owner);
+        }
+        let owner = self
+            .blocking("read the capabilities", "", |conn, _| {
+                let xml = conn
+                    .capabilities()
+                    .map_err(|e| libvirt_error("read the capabilities", e))?;
+                Ok(domain_xml::dac_base_owner(&xml)?)
+            })
+            .await?;
+        *lock(&self.capabilities_owner) = Some((connection, owner));
+        Ok(owner)
     }
 }
 

@@ -249,8 +249,8 @@ pub trait Hypervisor: Send + Sync {
     }
 
     /// The uid/gid the domain's QEMU process runs as, when it runs; when
-    /// it does not, what tells without a QEMU (a session daemon's user), if
-    /// anything.
+    /// it does not, what tells without a QEMU (a session daemon's user, a system
+    /// daemon's DAC base label in its capabilities), if anything.
     fn qemu_owner(
         &self,
         domain: &str,
