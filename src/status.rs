@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::hypervisor::{DomainLifecycle, DomainState, GuestView};
 use crate::model::network_status::NetworkStatus;
 use crate::model::{IpCidr, Mac};
-use crate::plan::Phase;
+use crate::plan::{Phase, Uplink};
 
 /// A point in time on two clocks: wall time for people, CLOCK_MONOTONIC
 /// nanoseconds for comparing with other processes on the same machine
@@ -110,6 +110,10 @@ pub struct InterfaceStatus {
     /// a device not attached).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dhcp: Option<DhcpStatus>,
+    /// The VM's uplink on plumbing of nicplug's: whether the pod link is on
+    /// the bridge, and which rule said CNI was done with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink: Option<Uplink>,
 }
 
 /// Whether the VM gets DHCP (v4, and v6 with router advertisements) from
@@ -163,6 +167,7 @@ impl InterfaceStatus {
             pod_interface_seen: None,
             phase_transitions: Vec::new(),
             dhcp: None,
+            uplink: None,
         }
     }
 

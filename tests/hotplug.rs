@@ -223,3 +223,103 @@ fn malformed_vmi_keeps_the_last_good_spec() {
             .is_some()
     );
 }
+
+/// Multus' network-status as a pod's annotation holds it before a hot-plug:
+/// the pod network only.
+fn network_status_of(entries: &[serde_json::Value]) -> String {
+    let mut all =
+        vec![serde_json::json!({"name": "kindnet", "interface": "eth0", "default": true})];
+    all.extend(entries.iter().cloned());
+    serde_json::Value::Array(all).to_string()
+}
+
+/// Whether the pod link is on its bridge right now (no waiting).
+fn on_the_bridge(rig: &Rig, network: &str) -> bool {
+    pod_link(rig, &pod_iface(network))
+        .is_some_and(|p| p["master"] == format!("k6t-{}", suffix(network)).as_str())
+}
+
+/// Ready means traffic flows: at the moment the status says Ready, the pod
+/// link is on the bridge already. Without a network-status source CNI is
+/// done once the pod interface stayed as it was for the settle window.
+#[test]
+fn ready_comes_with_the_uplink_without_network_status() {
+    if !support::require_root() {
+        return;
+    }
+    let rig = Rig::start(RigOptions::default());
+    let mut nicplug = Nicplug::new(&rig, &["blue"]);
+    nicplug.start();
+    nicplug.wait_phase("blue", Phase::Pending, Duration::from_secs(10));
+    let net = CniNet::new(6);
+    let cni = rig.cni_add(&net, &pod_iface("blue"));
+    nicplug.wait_phase("blue", Phase::Ready, Duration::from_secs(30));
+    assert!(on_the_bridge(&rig, "blue"), "Ready before the enslave");
+    let entry = nicplug.entry("blue").unwrap();
+    assert_eq!(
+        entry["uplink"],
+        serde_json::json!({"ready": true, "cniDone": "settleWindow"})
+    );
+    assert_guest_reachable(&rig, &net, &cni.mac);
+}
+
+/// With Multus' network-status, CNI is done when the entry for the pod
+/// interface is there (Multus writes it after CNI ADD returned): until it
+/// is, the pod link is left to CNI however long it stays as it is, and the
+/// interface is Attached with the reason; once it is, the pod link joins
+/// the bridge and the interface is Ready, the ping answers.
+#[test]
+fn network_status_is_cnis_done_signal() {
+    if !support::require_root() {
+        return;
+    }
+    let rig = Rig::start(RigOptions::default());
+    // Not the rig's own (its CNI ADD writes that one at once): this Multus
+    // is slow.
+    let status_file = rig.dir.join("slow-network-status.json");
+    std::fs::write(&status_file, network_status_of(&[])).unwrap();
+    let mut nicplug = Nicplug::new(&rig, &["blue"]);
+    nicplug.args = vec!["--network-status".into(), status_file.display().to_string()];
+    nicplug.start();
+    nicplug.wait_phase("blue", Phase::Pending, Duration::from_secs(10));
+    let net = CniNet::new(7);
+    let cni = rig.cni_add(&net, &pod_iface("blue"));
+    nicplug.wait_phase("blue", Phase::Attached, Duration::from_secs(30));
+    // Well past the settle window, with the guest seeing the NIC: still
+    // CNI's, since Multus has not said CNI is done.
+    assert!(
+        rig.wait_guest_mac(&cni.mac, Duration::from_secs(30))
+            .is_some()
+    );
+    std::thread::sleep(2 * nicplug::plan::CNI_SETTLE);
+    assert!(
+        !on_the_bridge(&rig, "blue"),
+        "enslaved before network-status said CNI is done"
+    );
+    let entry = nicplug.entry("blue").unwrap();
+    assert_eq!(entry["phase"], "Attached", "{entry}");
+    assert_eq!(entry["uplink"], serde_json::json!({"ready": false}));
+    assert!(
+        entry["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("Multus' network-status has no entry for it yet"),
+        "{entry}"
+    );
+    // Multus writes the entry: done.
+    let written = serde_json::json!({
+        "name": format!("default/{}", net.name),
+        "interface": pod_iface("blue"),
+        "ips": cni.ips.iter().map(|ip| ip.split('/').next().unwrap()).collect::<Vec<_>>(),
+        "mac": cni.mac,
+    });
+    std::fs::write(&status_file, network_status_of(&[written])).unwrap();
+    nicplug.wait_phase("blue", Phase::Ready, Duration::from_secs(30));
+    assert!(on_the_bridge(&rig, "blue"), "Ready before the enslave");
+    assert_eq!(
+        nicplug.entry("blue").unwrap()["uplink"],
+        serde_json::json!({"ready": true, "cniDone": "networkStatus"})
+    );
+    assert_plumbing(&rig, "blue", 1500);
+    assert_guest_reachable(&rig, &net, &cni.mac);
+}

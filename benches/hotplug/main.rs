@@ -828,7 +828,14 @@ fn main() {
         script,
         template,
     };
+    // Multus' network-status, as the rig's CNI ADD writes it: CNI's done
+    // signal, what a deployment gives nicplug (deploy/).
     let mut nic = Nicplug::new(&rig, &[]);
+    let with_network_status = vec![
+        "--network-status".to_string(),
+        rig.network_status_path().display().to_string(),
+    ];
+    nic.args.clone_from(&with_network_status);
 
     // One discarded warm-up cycle each, then interleaved A B C A B C ...
     let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
@@ -900,19 +907,29 @@ fn main() {
 
     prepare_uplink(&rig);
     let uplink_net = CniNet::new(UPLINK_NET_INDEX);
-    let mut uplinks = Vec::new();
-    for round in 0..=runs {
-        let u = bench.uplink_round(&nic, &uplink_net, round as u8);
-        eprintln!(
-            "bench: uplink {round:>3}/{runs}: exists -> Ready {} ms, -> first packet in the guest {} ms",
-            ms(u.ready_ms),
-            ms(u.first_packet_ms)
-        );
-        // The first round makes the node bridge: a warm-up, as for the cycles.
-        if round > 0 {
-            uplinks.push(u);
+    // With network-status, then without (the settle window ends CNI's turn).
+    let mut uplinks = [Vec::new(), Vec::new()];
+    for (rule, rounds) in ["network-status", "settle window"].iter().zip(&mut uplinks) {
+        if *rule == "settle window" {
+            nic.set_spec(&[]);
+            assert!(nic.stop(), "nicplug exits cleanly");
+            nic.args.clear();
+            nic.start();
+        }
+        for round in 0..=runs {
+            let u = bench.uplink_round(&nic, &uplink_net, round as u8);
+            eprintln!(
+                "bench: uplink ({rule}) {round:>3}/{runs}: exists -> Ready {} ms, -> first packet in the guest {} ms",
+                ms(u.ready_ms),
+                ms(u.first_packet_ms)
+            );
+            // The first round makes the node bridge: a warm-up, as for the cycles.
+            if round > 0 {
+                rounds.push(u);
+            }
         }
     }
+    let [uplinks, uplinks_window] = uplinks;
     nic.set_spec(&[]);
     assert!(nic.stop(), "nicplug exits cleanly");
     drop(bench);
@@ -926,6 +943,7 @@ fn main() {
         singles,
         restart_ms,
         uplinks,
+        uplinks_window,
         footprint: fp,
         machine: machine(),
         load: (load_before, load_after),

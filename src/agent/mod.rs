@@ -570,6 +570,8 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         shutdown: CancellationToken,
     ) -> Result<(), AgentError> {
         let mut spec_open = true;
+        // A new network-status may say CNI is done with a pod link.
+        let mut network_status = self.config.report.network_status.clone();
         let mut backoff = PassBackoff::default();
         let mut secondaries: Option<Vec<String>> = None;
         loop {
@@ -633,6 +635,12 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                     spec_open = changed.is_ok();
                     None
                 }
+                changed = changed_or_pending(&mut network_status) => {
+                    if changed.is_err() {
+                        network_status = None;
+                    }
+                    None
+                }
                 result = self.detach_rx.recv() => result,
                 _ = tokio::time::sleep_until(deadline) => None,
             };
@@ -690,8 +698,17 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         )
         .await?;
         self.domain_seen = Some((domain_name.to_string(), observation.lifecycle));
-        self.link_changes
-            .mark_settling(&mut observation.links, Instant::now());
+        let network_status = self
+            .config
+            .report
+            .network_status
+            .as_ref()
+            .and_then(|rx| rx.borrow().clone());
+        self.link_changes.mark_cni_progress(
+            &mut observation.links,
+            network_status.as_deref(),
+            Instant::now(),
+        );
         if observation
             .domain
             .as_ref()
@@ -918,6 +935,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             pod_interface_name: plan.pod_iface.as_ref().map(ToString::to_string),
             mac: plan.mac.map(|m| m.to_string()),
             message: plan.message.clone(),
+            uplink: plan.uplink,
             ..InterfaceStatus::new(plan.name.clone(), plan.phase)
         };
         let hypervisor_step = plan
@@ -1118,6 +1136,16 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         );
         fault::after(step.name());
         Ok(())
+    }
+}
+
+/// The next change of `rx`; never, without one.
+async fn changed_or_pending<T>(
+    rx: &mut Option<watch::Receiver<T>>,
+) -> Result<(), watch::error::RecvError> {
+    match rx {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -198,7 +198,7 @@ impl Reporter {
         };
         for status in &mut statuses {
             let device = domain.and_then(|d| d.interface_by_alias(&format!("ua-{}", status.name)));
-            status.phase = confirmed_phase(status.phase, device, guest.as_ref());
+            status.phase = confirmed_phase(status.phase, device, guest.as_ref(), status.uplink);
             enrich(status, &sources);
             self.record(status);
         }

@@ -1,17 +1,19 @@
-//! Which pod links CNI may still be configuring, from what the passes saw
-//! ([`Link::settling`]): the planner takes no address from them (see
-//! `plan::CNI_SETTLE`).
+//! Which pod links CNI may still be configuring ([`Link::cni`]), from
+//! Multus' network-status when a source gives it, else from what the passes
+//! saw: the planner takes no address from them (see `plan::CNI_SETTLE`).
 
 use std::collections::HashMap;
 
 use tokio::time::Instant;
 
-use crate::model::{IfName, IpCidr, PodRoute};
-use crate::netns::Link;
+use crate::model::network_status::NetworkStatus;
+use crate::model::{IfName, IpCidr, Mac, PodRoute};
+use crate::netns::{CniDone, CniProgress, Link};
 use crate::plan::CNI_SETTLE;
 
 /// When each link's addresses and routes last changed, as the passes saw
-/// them, for [`Link::settling`] (see `plan::CNI_SETTLE`). A link counts as
+/// them, for [`Link::cni`] where no network-status tells (see
+/// `plan::CNI_SETTLE`). A link counts as
 /// changed when a pass first sees it, the first pass's links too: nicplug
 /// may start while CNI is midway (the crash test caught a record taken
 /// between CNI's address and its route). A restart pays next to nothing for
@@ -19,6 +21,10 @@ use crate::plan::CNI_SETTLE;
 #[derive(Default)]
 pub(super) struct LinkChanges {
     seen: HashMap<IfName, LinkState>,
+    /// The rule that said CNI was done with a link, kept while the link is
+    /// on a bridge: nicplug's own enslave changes its addresses, which is
+    /// no new work of CNI's.
+    done: HashMap<IfName, CniDone>,
 }
 
 struct LinkState {
@@ -28,10 +34,21 @@ struct LinkState {
 }
 
 impl LinkChanges {
-    /// Notes what changed in `links` and marks the links still settling.
-    pub(super) fn mark_settling(&mut self, links: &mut [Link], now: Instant) {
+    /// Notes what changed in `links` and marks how far CNI is with each.
+    /// With `network_status` (a source gave a document), a link is done
+    /// once an entry names it (Multus writes it after CNI ADD returned) and
+    /// awaited until then; without, once it stayed as it was for
+    /// `CNI_SETTLE`.
+    pub(super) fn mark_cni_progress(
+        &mut self,
+        links: &mut [Link],
+        network_status: Option<&[NetworkStatus]>,
+        now: Instant,
+    ) {
         self.seen
             .retain(|name, _| links.iter().any(|l| &l.name == name));
+        self.done
+            .retain(|name, _| links.iter().any(|l| &l.name == name && l.master.is_some()));
         for link in links.iter_mut() {
             let state = self
                 .seen
@@ -46,7 +63,21 @@ impl LinkChanges {
                 state.routes.clone_from(&link.routes);
                 state.changed_at = now;
             }
-            link.settling = now.duration_since(state.changed_at) < CNI_SETTLE;
+            link.cni = match network_status {
+                Some(entries) if entries.iter().any(|e| lists(e, link)) => {
+                    CniProgress::Done(CniDone::NetworkStatus)
+                }
+                Some(_) => CniProgress::AwaitingNetworkStatus,
+                None if now.duration_since(state.changed_at) < CNI_SETTLE => CniProgress::Settling,
+                None => CniProgress::Done(CniDone::SettleWindow),
+            };
+            match (link.cni, self.done.get(&link.name)) {
+                (CniProgress::Done(rule), None) => {
+                    self.done.insert(link.name.clone(), rule);
+                }
+                (_, Some(rule)) if link.master.is_some() => link.cni = CniProgress::Done(*rule),
+                _ => {}
+            }
         }
     }
 
@@ -58,6 +89,16 @@ impl LinkChanges {
             .filter(|at| *at > now)
             .min()
     }
+}
+
+/// Whether `entry` is the network-status of `link` as it is now: its name,
+/// and the MAC CNI gave it while it has that MAC still (not on a bridge).
+/// An entry left from an earlier attempt on the same pod interface name
+/// names another MAC (CNI gives each new link its own).
+fn lists(entry: &NetworkStatus, link: &Link) -> bool {
+    let mac = entry.mac.as_deref().and_then(|m| m.parse::<Mac>().ok());
+    entry.interface.as_deref() == Some(link.name.as_str())
+        && (link.master.is_some() || mac.is_none() || mac == link.mac)
 }
 
 #[cfg(test)]
@@ -76,12 +117,12 @@ mod tests {
         there.addresses = vec![address("169.254.1.5/24")];
         // The first pass's links too: nicplug may start while CNI is midway.
         let mut links = vec![there.clone()];
-        changes.mark_settling(&mut links, t0);
-        assert!(links[0].settling);
+        changes.mark_cni_progress(&mut links, None, t0);
+        assert_eq!(links[0].cni, CniProgress::Settling);
         assert_eq!(changes.next_settled(t0), Some(t0 + CNI_SETTLE));
         let settled = t0 + CNI_SETTLE;
-        changes.mark_settling(&mut links, settled);
-        assert!(!links[0].settling);
+        changes.mark_cni_progress(&mut links, None, settled);
+        assert_eq!(links[0].cni, CniProgress::Done(CniDone::SettleWindow));
         assert_eq!(changes.next_settled(settled), None);
         // A link that appears with addresses, and one whose addresses change,
         // settle for CNI_SETTLE.
@@ -90,19 +131,87 @@ mod tests {
         there.addresses.push(address("fe80::1:5/64"));
         let t1 = settled + Duration::from_millis(10);
         let mut links = vec![there.clone(), new.clone()];
-        changes.mark_settling(&mut links, t1);
-        assert!(links.iter().all(|l| l.settling));
+        changes.mark_cni_progress(&mut links, None, t1);
+        assert!(links.iter().all(|l| l.cni == CniProgress::Settling));
         assert_eq!(changes.next_settled(t1), Some(t1 + CNI_SETTLE));
         // Unchanged for CNI_SETTLE: settled.
         let t2 = t1 + CNI_SETTLE;
         let mut links = vec![there, new];
-        changes.mark_settling(&mut links, t2);
-        assert!(links.iter().all(|l| !l.settling));
+        changes.mark_cni_progress(&mut links, None, t2);
+        assert!(
+            links
+                .iter()
+                .all(|l| l.cni == CniProgress::Done(CniDone::SettleWindow))
+        );
         assert_eq!(changes.next_settled(t2), None);
+        // nicplug's enslave takes the addresses: no new work of CNI's, the
+        // rule that ended the wait stands.
+        let mut enslaved = links[0].clone();
+        enslaved.master = Some(9);
+        enslaved.addresses.clear();
+        let mut links = vec![enslaved, links[1].clone()];
+        changes.mark_cni_progress(&mut links, None, t2);
+        assert_eq!(links[0].cni, CniProgress::Done(CniDone::SettleWindow));
         // A new link without addresses too: CNI has not added them yet.
         let mut links = vec![Link::fixture(5, "pod3", LinkKind::Veth)];
-        changes.mark_settling(&mut links, t2);
-        assert!(links[0].settling);
+        changes.mark_cni_progress(&mut links, None, t2);
+        assert_eq!(links[0].cni, CniProgress::Settling);
         assert_eq!(changes.next_settled(t2), Some(t2 + CNI_SETTLE));
+    }
+
+    #[test]
+    fn with_network_status_cni_is_done_when_its_entry_names_the_link() {
+        let t0 = Instant::now();
+        let mut changes = LinkChanges::default();
+        let pod = Link::fixture(3, "pod1", LinkKind::Veth);
+        let entry = |interface: &str, mac: Option<&str>| NetworkStatus {
+            name: "default/blue".into(),
+            interface: Some(interface.into()),
+            ips: vec![],
+            mac: mac.map(Into::into),
+            default: false,
+            dns: None,
+        };
+        let progress = |changes: &mut LinkChanges, entries: &[NetworkStatus], link: &Link| {
+            let mut links = vec![link.clone()];
+            changes.mark_cni_progress(&mut links, Some(entries), t0);
+            links[0].cni
+        };
+        // Just appeared, and listed: done at once, no window waited.
+        let own_mac = pod.mac.unwrap().to_string();
+        assert_eq!(
+            progress(&mut changes, &[entry("pod1", Some(&own_mac))], &pod),
+            CniProgress::Done(CniDone::NetworkStatus)
+        );
+        assert_eq!(
+            progress(&mut changes, &[entry("pod1", None)], &pod),
+            CniProgress::Done(CniDone::NetworkStatus)
+        );
+        // Not listed, or listed with another MAC (an earlier attempt's
+        // entry): awaited, however long the link stayed as it is.
+        let later = t0 + CNI_SETTLE * 4;
+        for entries in [
+            vec![entry("pod2", None)],
+            vec![entry("pod1", Some("0a:58:00:00:00:99"))],
+            vec![],
+        ] {
+            let mut links = vec![pod.clone()];
+            changes.mark_cni_progress(&mut links, Some(&entries), later);
+            assert_eq!(
+                links[0].cni,
+                CniProgress::AwaitingNetworkStatus,
+                "{entries:?}"
+            );
+        }
+        // On the bridge (nicplug gave it the bridge's MAC): still its entry.
+        let enslaved = Link {
+            master: Some(9),
+            mac: Some(Mac::from_bytes([2, 0, 0, 0, 0, 1])),
+            ..pod
+        };
+        assert_eq!(
+            progress(&mut changes, &[entry("pod1", Some(&own_mac))], &enslaved),
+            CniProgress::Done(CniDone::NetworkStatus)
+        );
     }
 }

@@ -9,8 +9,10 @@ use super::*;
 use crate::health::Readiness;
 use crate::hypervisor::domain_xml::{RootPorts, parse_devices};
 use crate::hypervisor::{GuestInterface, GuestView, QemuVersion};
+use crate::model::network_status::NetworkStatus;
 use crate::model::{IfName, IpCidr, Mac, PodLinkRecord, PodRoute};
-use crate::netns::{Link, LinkKind, TapInfo, TapSpec};
+use crate::netns::{CniDone, Link, LinkKind, TapInfo, TapSpec};
+use crate::plan::Uplink;
 
 #[derive(Default)]
 struct FakeNet {
@@ -451,7 +453,37 @@ async fn cni_settled() {
     tokio::time::sleep(crate::plan::CNI_SETTLE).await;
 }
 
+/// An agent whose Multus network-status lists the pod interfaces of the
+/// tests' networks, as it does once CNI ADD returned: pod links join the
+/// bridge in the pass that sees them.
 fn agent(net: FakeNet, hyp: FakeHyp) -> Agent<FakeNet, FakeHyp> {
+    Agent::new(net, hyp, with_cni_done(AgentConfig::default()))
+}
+
+/// `config` with a network-status that lists the pod interfaces of the
+/// tests' networks.
+fn with_cni_done(mut config: AgentConfig) -> AgentConfig {
+    config.report.network_status = Some(watch::channel(Some(cni_done_entries())).1);
+    config
+}
+
+/// Multus' entries for the pod interfaces of the tests' networks.
+fn cni_done_entries() -> Vec<NetworkStatus> {
+    ["blue", "red", "green"]
+        .map(|network| NetworkStatus {
+            name: format!("default/{network}"),
+            interface: Some(pod(network)),
+            ips: vec![],
+            mac: None,
+            default: false,
+            dns: None,
+        })
+        .to_vec()
+}
+
+/// An agent without a network-status source: it waits out the settle
+/// window for CNI ([`cni_settled`]).
+fn agent_without_network_status(net: FakeNet, hyp: FakeHyp) -> Agent<FakeNet, FakeHyp> {
     Agent::new(net, hyp, AgentConfig::default())
 }
 
@@ -464,23 +496,48 @@ fn phases(agent: &Agent<FakeNet, FakeHyp>) -> Vec<(String, Phase)> {
         .collect()
 }
 
-/// The device goes in on the first pass; the pod link joins the bridge once
-/// CNI may be done with it (the first pass's links too: nicplug may have
-/// started in the middle of a CNI ADD).
+/// Without network-status the device goes in on the first pass and the pod
+/// link joins the bridge once the settle window passed (the first pass's
+/// links too: nicplug may have started in the middle of a CNI ADD); Ready
+/// waits for it, since no traffic flows before.
 #[tokio::test(start_paused = true)]
 async fn attaches_in_one_pass_and_then_has_nothing_to_do() {
     let vmi = vmi(&["blue"]);
-    let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), FakeHyp::new(4));
+    let mut agent =
+        agent_without_network_status(FakeNet::with_pod_links(&[&pod("blue")]), FakeHyp::new(4));
     let original_mac = agent.net.get(&pod("blue")).unwrap().mac;
     agent.reconcile(&vmi).await.unwrap();
-    assert_eq!(phases(&agent), [("blue".to_string(), Phase::Ready)]);
+    assert_eq!(phases(&agent), [("blue".to_string(), Phase::Attached)]);
     let status = &agent.status().interfaces[0];
     assert_eq!(status.mac, original_mac.map(|m| m.to_string()));
     assert_eq!(status.link_state.as_deref(), Some("up"));
+    assert_eq!(
+        status.uplink,
+        Some(Uplink {
+            ready: false,
+            cni_done: None
+        })
+    );
+    assert!(
+        status
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("in the last 500 ms"),
+        "{status:?}"
+    );
     assert_eq!(agent.net.calls.lock().unwrap().len(), 3, "no enslave yet");
     cni_settled().await;
     agent.reconcile(&vmi).await.unwrap();
     assert_eq!(agent.net.calls.lock().unwrap().len(), 4);
+    assert_eq!(phases(&agent), [("blue".to_string(), Phase::Ready)]);
+    assert_eq!(
+        agent.status().interfaces[0].uplink,
+        Some(Uplink {
+            ready: true,
+            cni_done: Some(CniDone::SettleWindow)
+        })
+    );
 
     agent.reconcile(&vmi).await.unwrap();
     agent.reconcile(&vmi).await.unwrap();
@@ -490,6 +547,61 @@ async fn attaches_in_one_pass_and_then_has_nothing_to_do() {
         "converged state changes nothing"
     );
     assert_eq!(agent.hyp.attaches.lock().unwrap().len(), 1);
+}
+
+/// With Multus' network-status listing the pod interface, CNI is done: the
+/// pod link joins the bridge in the pass that attaches, no window waited,
+/// and the interface is Ready at once. Listed only later: it waits for the
+/// entry, however long the link stayed as it was.
+#[tokio::test(start_paused = true)]
+async fn network_status_says_when_cni_is_done() {
+    let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), FakeHyp::new(4));
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    assert_eq!(phases(&agent), [("blue".to_string(), Phase::Ready)]);
+    assert_eq!(agent.net.calls.lock().unwrap().len(), 4, "enslaved at once");
+    assert_eq!(
+        agent.status().interfaces[0].uplink,
+        Some(Uplink {
+            ready: true,
+            cni_done: Some(CniDone::NetworkStatus)
+        })
+    );
+
+    let (tx, rx) = watch::channel(Some(Vec::new()));
+    let config = AgentConfig {
+        report: ReportConfig {
+            network_status: Some(rx),
+            ..Default::default()
+        },
+        ..AgentConfig::default()
+    };
+    let mut agent = Agent::new(
+        FakeNet::with_pod_links(&[&pod("red")]),
+        FakeHyp::new(4),
+        config,
+    );
+    let red = vmi(&["red"]);
+    for _ in 0..3 {
+        agent.reconcile(&red).await.unwrap();
+        cni_settled().await;
+    }
+    let status = &agent.status().interfaces[0];
+    assert_eq!(status.phase, Phase::Attached);
+    assert_eq!(
+        status.message.as_deref(),
+        Some(
+            format!(
+                "waiting for CNI to finish pod interface {}: Multus' network-status has no entry for it yet",
+                pod("red")
+            )
+            .as_str()
+        )
+    );
+    assert_eq!(agent.net.calls.lock().unwrap().len(), 3, "no enslave");
+    tx.send_replace(Some(cni_done_entries()));
+    agent.reconcile(&red).await.unwrap();
+    assert_eq!(phases(&agent), [("red".to_string(), Phase::Ready)]);
+    assert_eq!(agent.net.calls.lock().unwrap().len(), 4);
 }
 
 #[tokio::test(start_paused = true)]
@@ -622,7 +734,7 @@ async fn status_file_follows_the_phases() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("status.json");
     let vmi = vmi(&["blue", "red"]);
-    let mut config = AgentConfig::default();
+    let mut config = with_cni_done(AgentConfig::default());
     config.report.status_file = Some(path.clone());
     let mut agent = Agent::new(
         FakeNet::with_pod_links(&[&pod("blue")]),
@@ -834,13 +946,16 @@ async fn without_a_guest_agent_it_stays_attached_and_says_why() {
     let status = &agent.status().interfaces[0];
     assert_eq!(status.phase, Phase::Ready);
     assert_eq!(status.interface_name.as_deref(), Some("eth0"));
-    assert_eq!(status.info_source.as_deref(), Some("domain, guest-agent"));
+    assert_eq!(
+        status.info_source.as_deref(),
+        Some("domain, guest-agent, multus-status")
+    );
 }
 
 #[tokio::test]
 async fn phases_are_timed_and_measured() {
     let metrics = Arc::new(crate::metrics::Metrics::new());
-    let mut config = AgentConfig::default();
+    let mut config = with_cni_done(AgentConfig::default());
     config.report.metrics = Some(metrics.clone());
     let mut agent = Agent::new(
         FakeNet::with_pod_links(&[&pod("blue")]),
@@ -881,7 +996,7 @@ async fn phases_are_timed_and_measured() {
 #[tokio::test]
 async fn outcomes_for_operators_once_per_change() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut config = AgentConfig::default();
+    let mut config = with_cni_done(AgentConfig::default());
     config.report.outcomes = Some(tx);
     let mut agent = Agent::new(
         FakeNet::with_pod_links(&[&pod("blue")]),
@@ -968,7 +1083,7 @@ async fn a_failed_clean_up_step_does_not_stop_the_others() {
 async fn absent_then_leaving_the_spec_is_one_unplug() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let metrics = Arc::new(crate::metrics::Metrics::new());
-    let mut config = AgentConfig::default();
+    let mut config = with_cni_done(AgentConfig::default());
     config.report.outcomes = Some(tx);
     config.report.metrics = Some(metrics.clone());
     let mut agent = Agent::new(
@@ -1062,7 +1177,7 @@ async fn with_libvirt_gone_passes_back_off_and_readiness_says_why() {
     let readiness = Arc::new(Readiness::new());
     let config = AgentConfig {
         readiness: Some(readiness.clone()),
-        ..AgentConfig::default()
+        ..with_cni_done(AgentConfig::default())
     };
     // red fails first (no root port), so its retry time passes during the outage.
     let agent = Agent::new(
@@ -1349,7 +1464,8 @@ async fn an_interface_whose_detach_is_in_flight_stays_listed_until_a_pass_sees_i
 #[tokio::test]
 async fn an_attach_waits_while_the_domain_migrates_away_then_goes_ahead() {
     let vmi = vmi(&["blue"]);
-    let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), FakeHyp::new(4));
+    let mut agent =
+        agent_without_network_status(FakeNet::with_pod_links(&[&pod("blue")]), FakeHyp::new(4));
     // The domain read predates the migration; only the fresh job read knows.
     *agent.hyp.migration_job.lock().unwrap() = Migration::Outgoing;
     agent.reconcile(&vmi).await.unwrap();
@@ -1389,7 +1505,7 @@ async fn a_target_is_ready_once_every_interface_is_prepared() {
     let vmi = vmi(&["blue", "red"]);
     let hyp = FakeHyp::new(4);
     *hyp.absent.lock().unwrap() = true;
-    let mut agent = agent(FakeNet::with_pod_links(&[&pod("blue")]), hyp);
+    let mut agent = agent_without_network_status(FakeNet::with_pod_links(&[&pod("blue")]), hyp);
     agent.reconcile(&vmi).await.unwrap();
     assert_eq!(phases(&agent)[0], ("blue".to_string(), Phase::Pending));
     cni_settled().await;
@@ -1563,7 +1679,7 @@ async fn the_guest_is_asked_again_for_the_name_udev_gives_a_new_nic() {
 #[tokio::test(start_paused = true)]
 async fn a_domain_that_stops_does_not_spin_the_loop() {
     let (status_tx, status) = watch::channel(StatusDocument::default());
-    let mut config = AgentConfig::default();
+    let mut config = with_cni_done(AgentConfig::default());
     config.report.status_tx = Some(status_tx);
     let agent = Agent::new(
         FakeNet::with_pod_links(&[&pod("blue")]),

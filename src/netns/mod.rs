@@ -132,6 +132,29 @@ pub struct TapInfo {
     pub held: Option<bool>,
 }
 
+/// Whether CNI is done configuring a pod link (see `plan::CNI_SETTLE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CniProgress {
+    /// A network-status source is configured and has no entry for the link
+    /// yet: Multus writes it once CNI ADD returned.
+    AwaitingNetworkStatus,
+    /// No network-status to tell, and the link appeared or its addresses or
+    /// routes changed within the settle window.
+    Settling,
+    Done(CniDone),
+}
+
+/// Which rule said CNI is done with a pod link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum CniDone {
+    /// Multus' network-status lists the link: CNI ADD returned.
+    NetworkStatus,
+    /// Without a network-status source: the link stayed as it was for the
+    /// settle window.
+    SettleWindow,
+}
+
 /// One link as observed in the namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Link {
@@ -149,10 +172,10 @@ pub struct Link {
     /// The addresses still in IPv6 duplicate address detection (tentative):
     /// CNI waits for them to settle before it adds its routes.
     pub tentative: Vec<IpCidr>,
-    /// It appeared, or its addresses or routes changed, a moment ago (set by
-    /// the agent from what its earlier passes saw, not by the netns layer):
-    /// CNI may still be configuring it.
-    pub settling: bool,
+    /// Whether CNI may still be configuring it (set by the agent from
+    /// Multus' network-status and what its earlier passes saw, not by the
+    /// netns layer).
+    pub cni: CniProgress,
     /// The routes of every table whose output link this is and that the
     /// kernel does not recreate by itself when the addresses come back
     /// (not `proto kernel`, `ra` or `redirect`), in the kernel's dump order.
@@ -181,7 +204,7 @@ impl Link {
             alias: None,
             addresses: vec![],
             tentative: vec![],
-            settling: false,
+            cni: CniProgress::Done(CniDone::SettleWindow),
             routes: vec![],
             unrecordable_routes: vec![],
             learning: None,

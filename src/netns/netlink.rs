@@ -989,7 +989,7 @@ fn observe_link(msg: &LinkMessage) -> Option<Observed> {
             alias,
             addresses: Vec::new(),
             tentative: Vec::new(),
-            settling: false,
+            cni: super::CniProgress::Done(super::CniDone::SettleWindow),
             routes: Vec::new(),
             unrecordable_routes: Vec::new(),
             learning,

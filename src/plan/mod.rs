@@ -21,7 +21,7 @@ use crate::model::names::is_ordinal_pod_iface;
 use crate::model::record::RecordError;
 use crate::model::vmi::{NetworkSource, PodIfaceScheme, SpecInterface, SpecState, Vmi};
 use crate::model::{IfName, IpCidr, Mac, Owner, PlumbingNames, PodLinkRecord, PodRoute};
-use crate::netns::{Link, LinkKind, TapSpec};
+use crate::netns::{CniDone, CniProgress, Link, LinkKind, TapSpec};
 use placement::PortPool;
 
 /// Where an interface stands.
@@ -155,6 +155,39 @@ pub struct InterfacePlan {
     /// Plumbing that went missing under a live device and that `steps`
     /// rebuild: someone removed it, an operator should hear of it.
     pub repairs: Vec<String>,
+    /// The VM's uplink, for an attached device on plumbing of nicplug's.
+    pub uplink: Option<Uplink>,
+}
+
+/// The pod link on the bridge: the VM's uplink. Until it is there, the
+/// guest may see the NIC but no traffic flows, so the interface is not
+/// Ready ([`confirmed_phase`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Uplink {
+    /// The pod link is on the bridge once the plan's steps are done.
+    pub ready: bool,
+    /// Which rule said CNI is done with the pod link; absent while it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni_done: Option<CniDone>,
+}
+
+impl InterfacePlan {
+    /// Notes where the uplink of `pod` stands: on the bridge already
+    /// (`on_bridge`), or joining it with this plan's steps.
+    fn set_uplink(&mut self, pod: &Link, on_bridge: bool) {
+        let joins = self
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::EnslavePodLink { .. }));
+        self.uplink = Some(Uplink {
+            ready: on_bridge || joins,
+            cni_done: match pod.cni {
+                CniProgress::Done(rule) => Some(rule),
+                CniProgress::Settling | CniProgress::AwaitingNetworkStatus => None,
+            },
+        });
+    }
 }
 
 impl InterfacePlan {
@@ -170,6 +203,7 @@ impl InterfacePlan {
             departed: false,
             needs_root_port: false,
             repairs: Vec::new(),
+            uplink: None,
         }
     }
 
@@ -180,17 +214,19 @@ impl InterfacePlan {
 }
 
 /// The guest's confirmation, the one phase decided after the steps ran: an
-/// Attached interface whose device's MAC the guest agent reports is Ready.
+/// Attached interface whose device's MAC the guest agent reports, and whose
+/// uplink (if nicplug plumbs it) is in place, is Ready.
 pub fn confirmed_phase(
     phase: Phase,
     device: Option<&DomainInterface>,
     guest: Option<&GuestView>,
+    uplink: Option<Uplink>,
 ) -> Phase {
     let seen = match (device.and_then(|d| d.mac), guest) {
         (Some(mac), Some(GuestView::Interfaces(guest))) => guest.iter().any(|g| g.mac == Some(mac)),
         _ => false,
     };
-    if phase == Phase::Attached && seen {
+    if phase == Phase::Attached && seen && uplink.is_none_or(|u| u.ready) {
         Phase::Ready
     } else {
         phase
@@ -460,6 +496,7 @@ fn plan_interface(
             if pod.master.is_none() {
                 plan.message = cni_settling(pod);
             }
+            plan.set_uplink(pod, pod.master.is_some());
         }
         if let Some(message) = off_preferred_port(vmi, spec, device, domain) {
             plan.message = Some(message);
@@ -838,12 +875,21 @@ pub const CNI_SETTLE: std::time::Duration = std::time::Duration::from_millis(500
 /// The kernel's own link-local address alone is not waited for: CNI
 /// settles only when it added IPv6.
 fn cni_settling(pod: &Link) -> Option<String> {
-    if pod.settling {
-        return Some(format!(
-            "waiting for CNI to finish pod interface {}: it appeared or its addresses or routes changed in the last {} ms",
-            pod.name,
-            CNI_SETTLE.as_millis()
-        ));
+    match pod.cni {
+        CniProgress::Settling => {
+            return Some(format!(
+                "waiting for CNI to finish pod interface {}: it appeared or its addresses or routes changed in the last {} ms",
+                pod.name,
+                CNI_SETTLE.as_millis()
+            ));
+        }
+        CniProgress::AwaitingNetworkStatus => {
+            return Some(format!(
+                "waiting for CNI to finish pod interface {}: Multus' network-status has no entry for it yet",
+                pod.name
+            ));
+        }
+        CniProgress::Done(_) => {}
     }
     let kernels = pod.mac.map(|m| m.eui64_link_local());
     let own = |a: &IpCidr| matches!(a.addr, IpAddr::V6(v6) if Some(v6) == kernels);
@@ -1406,6 +1452,7 @@ impl PlugCase<'_> {
                 }),
             }
         }
+        plan.set_uplink(pod, pod_done);
         let tap_done = tap.is_some_and(|t| {
             enslaved(t)
                 && t.up

@@ -869,23 +869,40 @@ fn the_guest_reporting_the_devices_mac_makes_attached_ready() {
     let other = GuestView::Interfaces(vec![]);
     let down = GuestView::NotConnected("QEMU guest agent is not connected".into());
     assert_eq!(
-        confirmed_phase(Phase::Attached, Some(&device), Some(&seen)),
+        confirmed_phase(Phase::Attached, Some(&device), Some(&seen), None),
         Phase::Ready
     );
     for guest in [Some(&other), Some(&down), None] {
         assert_eq!(
-            confirmed_phase(Phase::Attached, Some(&device), guest),
+            confirmed_phase(Phase::Attached, Some(&device), guest, None),
             Phase::Attached
         );
     }
     // Only an attached device is confirmed.
     assert_eq!(
-        confirmed_phase(Phase::Attached, None, Some(&seen)),
+        confirmed_phase(Phase::Attached, None, Some(&seen), None),
         Phase::Attached
     );
     assert_eq!(
-        confirmed_phase(Phase::Detaching, Some(&device), Some(&seen)),
+        confirmed_phase(Phase::Detaching, Some(&device), Some(&seen), None),
         Phase::Detaching
+    );
+    // Seen, but the pod link not on the bridge yet: no traffic flows, not Ready.
+    let waiting = Uplink {
+        ready: false,
+        cni_done: None,
+    };
+    assert_eq!(
+        confirmed_phase(Phase::Attached, Some(&device), Some(&seen), Some(waiting)),
+        Phase::Attached
+    );
+    let joined = Uplink {
+        ready: true,
+        cni_done: Some(CniDone::NetworkStatus),
+    };
+    assert_eq!(
+        confirmed_phase(Phase::Attached, Some(&device), Some(&seen), Some(joined)),
+        Phase::Ready
     );
 }
 
@@ -1450,7 +1467,7 @@ fn late_addresses_are_taken_only_once_cni_settled_them() {
     let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
     assert_eq!(step_names(p), ["record-pod-link", "enslave-pod-link"]);
     // The same while the agent saw the addresses change a moment ago.
-    links[1].settling = true;
+    links[1].cni = CniProgress::Settling;
     let p = &plan(&vmi, &observed(&links, Some(&dom)))[1];
     assert_eq!(step_names(p), ["record-pod-link"]);
 }
@@ -1464,7 +1481,7 @@ fn late_addresses_are_taken_only_once_cni_settled_them() {
 fn a_pod_link_cni_just_made_gets_the_device_and_joins_the_bridge_later() {
     let vmi = vmi("");
     let mut pod = fresh_pod_link();
-    pod.settling = true;
+    pod.cni = CniProgress::Settling;
     for addresses in [pod.addresses.clone(), vec![]] {
         let links = [
             eth0(),
@@ -1516,7 +1533,7 @@ fn a_pod_link_cni_just_made_gets_the_device_and_joins_the_bridge_later() {
     assert!(recorded.addresses.contains(&late), "{recorded:?}");
     // Settled: the first enslave, which is no repair.
     let settled = Link {
-        settling: false,
+        cni: CniProgress::Done(CniDone::SettleWindow),
         alias: Some(alias.clone()),
         ..waiting
     };

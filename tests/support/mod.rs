@@ -1356,7 +1356,40 @@ impl Rig {
             res.ips,
             t0.elapsed().as_millis()
         ));
+        // As Multus does once CNI ADD returned.
+        let entry = json!({
+            "name": format!("default/{}", net.name),
+            "interface": ifname,
+            "ips": res.ips.iter().map(|ip| ip.split('/').next().unwrap()).collect::<Vec<_>>(),
+            "mac": res.mac,
+        });
+        self.edit_network_status(|entries| {
+            entries.retain(|e| e["interface"] != ifname);
+            entries.push(entry);
+        });
         res
+    }
+
+    /// Multus' network-status of the pod, as the rig's CNI ADD and DEL keep
+    /// it (the raw JSON array; `nicplug run --network-status` reads it).
+    pub fn network_status_path(&self) -> PathBuf {
+        self.dir.join("network-status.json")
+    }
+
+    /// Rewrites the network-status file (rename-replace, as kubelet swaps a
+    /// downward-API file), starting from the pod network's entry.
+    fn edit_network_status(&self, edit: impl FnOnce(&mut Vec<Value>)) {
+        let path = self.network_status_path();
+        let mut entries: Vec<Value> = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_else(|| {
+                vec![json!({"name": "kindnet", "interface": "eth0", "default": true})]
+            });
+        edit(&mut entries);
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, Value::Array(entries).to_string()).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
     }
 
     /// CNI DEL (panics on failure).
@@ -1364,6 +1397,7 @@ impl Rig {
         let t0 = Instant::now();
         self.cni("DEL", net, ifname)
             .unwrap_or_else(|e| panic!("{e}"));
+        self.edit_network_status(|entries| entries.retain(|e| e["interface"] != ifname));
         self.log(&format!(
             "cni DEL {} {ifname} ({} ms)",
             net.name,
