@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use crate::model::network_status::NetworkStatus;
 use crate::model::{IfName, IpCidr, Mac, PodRoute};
 use crate::netns::{CniDone, CniProgress, Link};
-use crate::plan::CNI_SETTLE;
+use crate::plan::{CNI_SETTLE, NETWORK_STATUS_WAIT};
 
 /// When each link's addresses and routes last changed, as the passes saw
 /// them, for [`Link::cni`] where no network-status tells (see
@@ -31,14 +31,17 @@ struct LinkState {
     addresses: Vec<IpCidr>,
     routes: Vec<PodRoute>,
     changed_at: Instant,
+    appeared_at: Instant,
+    /// Waiting for its network-status entry in the last pass.
+    awaiting: bool,
 }
 
 impl LinkChanges {
     /// Notes what changed in `links` and marks how far CNI is with each.
     /// With `network_status` (a source gave a document), a link is done
     /// once an entry names it (Multus writes it after CNI ADD returned) and
-    /// awaited until then; without, once it stayed as it was for
-    /// `CNI_SETTLE`.
+    /// awaited until then, for `NETWORK_STATUS_WAIT` at most; without (or
+    /// after that), once it stayed as it was for `CNI_SETTLE`.
     pub(super) fn mark_cni_progress(
         &mut self,
         links: &mut [Link],
@@ -57,20 +60,24 @@ impl LinkChanges {
                     addresses: link.addresses.clone(),
                     routes: link.routes.clone(),
                     changed_at: now,
+                    appeared_at: now,
+                    awaiting: false,
                 });
             if state.addresses != link.addresses || state.routes != link.routes {
                 state.addresses.clone_from(&link.addresses);
                 state.routes.clone_from(&link.routes);
                 state.changed_at = now;
             }
-            link.cni = match network_status {
-                Some(entries) if entries.iter().any(|e| lists(e, link)) => {
-                    CniProgress::Done(CniDone::NetworkStatus)
-                }
-                Some(_) => CniProgress::AwaitingNetworkStatus,
-                None if now.duration_since(state.changed_at) < CNI_SETTLE => CniProgress::Settling,
-                None => CniProgress::Done(CniDone::SettleWindow),
+            let awaited = now.duration_since(state.appeared_at) < NETWORK_STATUS_WAIT;
+            let settling = now.duration_since(state.changed_at) < CNI_SETTLE;
+            let listed = network_status.map(|entries| entries.iter().any(|e| lists(e, link)));
+            link.cni = match listed {
+                Some(true) => CniProgress::Done(CniDone::NetworkStatus),
+                Some(false) if awaited => CniProgress::AwaitingNetworkStatus,
+                _ if settling => CniProgress::Settling,
+                _ => CniProgress::Done(CniDone::SettleWindow),
             };
+            state.awaiting = link.cni == CniProgress::AwaitingNetworkStatus;
             match (link.cni, self.done.get(&link.name)) {
                 (CniProgress::Done(rule), None) => {
                     self.done.insert(link.name.clone(), rule);
@@ -81,11 +88,15 @@ impl LinkChanges {
         }
     }
 
-    /// When the next settling link is settled, if one is.
+    /// When the next settling link is settled, or the next wait for a
+    /// network-status entry ends, if one does.
     pub(super) fn next_settled(&self, now: Instant) -> Option<Instant> {
         self.seen
             .values()
-            .map(|s| s.changed_at + CNI_SETTLE)
+            .flat_map(|s| {
+                let wait_ends = s.awaiting.then_some(s.appeared_at + NETWORK_STATUS_WAIT);
+                std::iter::once(s.changed_at + CNI_SETTLE).chain(wait_ends)
+            })
             .filter(|at| *at > now)
             .min()
     }
@@ -207,11 +218,22 @@ mod tests {
         let enslaved = Link {
             master: Some(9),
             mac: Some(Mac::from_bytes([2, 0, 0, 0, 0, 1])),
-            ..pod
+            ..pod.clone()
         };
         assert_eq!(
             progress(&mut changes, &[entry("pod1", Some(&own_mac))], &enslaved),
             CniProgress::Done(CniDone::NetworkStatus)
         );
+        // A source that never lists it does not hold the uplink for good:
+        // the wait wakes the loop when it ends, and the window decides.
+        let mut changes = LinkChanges::default();
+        let mut links = vec![pod.clone()];
+        changes.mark_cni_progress(&mut links, Some(&[]), t0);
+        assert_eq!(
+            changes.next_settled(t0 + CNI_SETTLE),
+            Some(t0 + NETWORK_STATUS_WAIT)
+        );
+        changes.mark_cni_progress(&mut links, Some(&[]), t0 + NETWORK_STATUS_WAIT);
+        assert_eq!(links[0].cni, CniProgress::Done(CniDone::SettleWindow));
     }
 }

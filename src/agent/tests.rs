@@ -591,7 +591,7 @@ async fn network_status_says_when_cni_is_done() {
         status.message.as_deref(),
         Some(
             format!(
-                "waiting for CNI to finish pod interface {}: Multus' network-status has no entry for it yet",
+                "waiting for CNI to finish pod interface {}: Multus' network-status has no entry for it yet (the settle window decides after 10 s)",
                 pod("red")
             )
             .as_str()

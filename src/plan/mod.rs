@@ -859,6 +859,13 @@ fn clear_late_addresses(pod: &Link, names: &PlumbingNames) -> Vec<Step> {
 /// on a loaded node those calls can be far apart.
 pub const CNI_SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// How long a pod link waits for its network-status entry before the
+/// settle window decides instead: the entry normally follows CNI ADD within
+/// a second or two (Multus patches the annotation, the API or kubelet's
+/// downward-API file brings it), and a source that stopped updating must
+/// not leave the VM without its uplink for good.
+pub const NETWORK_STATUS_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Why the pod link is still CNI's to configure, if it is; until then the
 /// plug attaches the device but leaves the pod link as it is (its MAC, its
 /// addresses, off the bridge). CNI's IPAM adds the addresses, waits for
@@ -885,8 +892,9 @@ fn cni_settling(pod: &Link) -> Option<String> {
         }
         CniProgress::AwaitingNetworkStatus => {
             return Some(format!(
-                "waiting for CNI to finish pod interface {}: Multus' network-status has no entry for it yet",
-                pod.name
+                "waiting for CNI to finish pod interface {}: Multus' network-status has no entry for it yet (the settle window decides after {} s)",
+                pod.name,
+                NETWORK_STATUS_WAIT.as_secs()
             ));
         }
         CniProgress::Done(_) => {}
