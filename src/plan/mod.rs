@@ -173,24 +173,6 @@ pub struct Uplink {
 }
 
 impl InterfacePlan {
-    /// Notes where the uplink of `pod` stands: on the bridge already
-    /// (`on_bridge`), or joining it with this plan's steps.
-    fn set_uplink(&mut self, pod: &Link, on_bridge: bool) {
-        let joins = self
-            .steps
-            .iter()
-            .any(|s| matches!(s, Step::EnslavePodLink { .. }));
-        self.uplink = Some(Uplink {
-            ready: on_bridge || joins,
-            cni_done: match pod.cni {
-                CniProgress::Done(rule) => Some(rule),
-                CniProgress::Settling | CniProgress::AwaitingNetworkStatus => None,
-            },
-        });
-    }
-}
-
-impl InterfacePlan {
     fn new(name: &str, phase: Phase) -> Self {
         Self {
             name: name.to_string(),
@@ -210,6 +192,22 @@ impl InterfacePlan {
     fn with_message(mut self, message: impl Into<String>) -> Self {
         self.message = Some(message.into());
         self
+    }
+
+    /// Notes where the uplink of `pod` stands: on the bridge already
+    /// (`on_bridge`), or joining it with this plan's steps.
+    fn set_uplink(&mut self, pod: &Link, on_bridge: bool) {
+        let joins = self
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::EnslavePodLink { .. }));
+        self.uplink = Some(Uplink {
+            ready: on_bridge || joins,
+            cni_done: match pod.cni {
+                CniProgress::Done(rule) => Some(rule),
+                CniProgress::Settling | CniProgress::AwaitingNetworkStatus => None,
+            },
+        });
     }
 }
 
