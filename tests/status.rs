@@ -260,7 +260,8 @@ fn guest_status_in_kubevirts_shape_through_every_channel() {
     let (_, body) = api_get(&nicplug.api_socket, "/metrics");
     assert!(
         body.contains("nicplug_unplug_stage_seconds_count{stage=\"cleaned\"} 1"),
-        "{body}"
+        "{body}\nnicplug log:\n{}",
+        nicplug.log()
     );
 }
 

@@ -942,7 +942,11 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             .steps
             .iter()
             .any(|s| matches!(s, Step::Attach { .. } | Step::Detach { .. }));
-        if self.detaching.contains(&plan.name) && hypervisor_step {
+        // While the detach is in flight its outcome decides. A failed plan
+        // waits for it too: QEMU closes the tap with the netdev before
+        // libvirt drops the device from the live XML, and a pass between
+        // the two sees a live device on a tap no one holds.
+        if self.detaching.contains(&plan.name) && (hypervisor_step || plan.phase == Phase::Failed) {
             status.phase = Phase::Detaching;
             return status;
         }

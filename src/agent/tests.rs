@@ -1461,6 +1461,57 @@ async fn an_interface_whose_detach_is_in_flight_stays_listed_until_a_pass_sees_i
     assert!(phases(&agent).is_empty(), "{:?}", phases(&agent));
 }
 
+/// QEMU closes the tap with the netdev before libvirt drops the device from
+/// the live XML, so a pass between the two sees the device on a tap no one
+/// holds: the detach's progress, not a dead tap (on QEMU 10 that would be a
+/// failure that ends the unplug's timing).
+#[tokio::test]
+async fn a_tap_let_go_while_its_detach_is_in_flight_is_the_detach_not_a_failure() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let mut config = with_cni_done(AgentConfig::default());
+    config.report.outcomes = Some(tx);
+    config.report.metrics = Some(metrics.clone());
+    let mut agent = Agent::new(
+        FakeNet::with_pod_links(&[&pod("blue")]),
+        FakeHyp::new(4),
+        config,
+    );
+    agent.reconcile(&vmi(&["blue"])).await.unwrap();
+    agent.reconcile(&vmi(&[])).await.unwrap();
+    assert_eq!(phases(&agent), [("blue".to_string(), Phase::Detaching)]);
+    let tap = IfName::new(format!("tap{}", &pod("blue")[3..])).unwrap();
+    agent.net.edit(&tap, |l| {
+        if let Some(info) = &mut l.tap {
+            info.held = Some(false);
+        }
+    });
+    agent.reconcile(&vmi(&[])).await.unwrap();
+    assert_eq!(phases(&agent), [("blue".to_string(), Phase::Detaching)]);
+    settle().await;
+    agent.reconcile(&vmi(&[])).await.unwrap();
+    agent.reconcile(&vmi(&[])).await.unwrap();
+    assert!(phases(&agent).is_empty(), "{:?}", phases(&agent));
+    let kinds: Vec<OutcomeKind> = std::iter::from_fn(|| rx.try_recv().ok())
+        .map(|o| o.kind)
+        .collect();
+    assert_eq!(kinds, [OutcomeKind::Plugged, OutcomeKind::Unplugged]);
+    let text = metrics.encode();
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("nicplug_failures_total{")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("nicplug_unplug_stage_seconds_count")
+                && l.contains("cleaned")
+                && l.ends_with(" 1")),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn an_attach_waits_while_the_domain_migrates_away_then_goes_ahead() {
     let vmi = vmi(&["blue"]);
