@@ -25,6 +25,7 @@ use nicplug::k8s::Kube;
 use nicplug::metrics::Metrics;
 use nicplug::model::Owner;
 use nicplug::model::network_status::NetworkStatus;
+use nicplug::model::vmi::{BindingPlugins, PluginKind, parse_plugin_mapping};
 use nicplug::netns::netlink::Netlink;
 use nicplug::netns::watch::LinkEvents;
 use nicplug::sources::{network_status, vmi_file};
@@ -126,6 +127,20 @@ struct SpecArgs {
     /// With --kube: turn off coexistence with KubeVirt's own hotplug (on by default).
     #[arg(long, requires = "kube")]
     no_coexist: bool,
+    /// A network binding plugin as KubeVirt's CR names it, and the kind it is
+    /// hot-plugged as (kinds: macvtap); repeatable, added to macvtap=macvtap.
+    #[arg(long = "binding-plugin", value_name = "NAME=KIND", value_parser = parse_plugin_mapping)]
+    binding_plugins: Vec<(String, PluginKind)>,
+}
+
+impl SpecArgs {
+    fn binding_plugins(&self) -> BindingPlugins {
+        let mut plugins = BindingPlugins::default();
+        for (name, kind) in &self.binding_plugins {
+            plugins.insert(name, *kind);
+        }
+        plugins
+    }
 }
 
 #[derive(clap::Args)]
@@ -405,6 +420,7 @@ async fn plan(args: &SpecArgs) -> anyhow::Result<PlanReport> {
         tap_owner: args.tap_owner,
         domain: args.domain.clone(),
         coexist: args.kube && !args.no_coexist,
+        binding_plugins: args.binding_plugins(),
         ..AgentConfig::default()
     };
     let (observation, plans) = observe_and_plan(&net, &hyp, &vmi, &config)
@@ -614,6 +630,7 @@ async fn start(
         readiness: Some(readiness),
         resolv_conf: Some(args.resolv_conf.clone()),
         dhcp: !args.no_dhcp,
+        binding_plugins: args.spec.binding_plugins(),
         ..AgentConfig::default()
     };
     let agent = Agent::new(net, hyp, config);

@@ -24,7 +24,7 @@ use crate::health::{Part, Readiness};
 use crate::hypervisor::events::DomainEvent;
 use crate::hypervisor::{DomainLifecycle, DomainState, Hypervisor, HypervisorError, Migration};
 use crate::model::Owner;
-use crate::model::vmi::Vmi;
+use crate::model::vmi::{BindingPlugins, Vmi};
 use crate::netns::{Link, NetnsError, PodNetwork};
 use crate::plan::{InterfacePlan, Observed, Phase, Step, plan};
 use crate::status::{
@@ -204,7 +204,8 @@ pub async fn observe_and_plan<N: PodNetwork, H: Hypervisor>(
     let domain_name = config.domain.clone().unwrap_or_else(|| vmi.domain_name());
     let mut cache = None;
     let observation = observe(net, hyp, &domain_name, config.tap_owner, &mut cache, None).await?;
-    let plans = plan(vmi, &observation.observed(config.coexist));
+    let vmi = vmi.resolve_plugins(&config.binding_plugins);
+    let plans = plan(&vmi, &observation.observed(config.coexist));
     Ok((observation, plans))
 }
 
@@ -285,6 +286,8 @@ pub struct AgentConfig {
     pub resolv_conf: Option<std::path::PathBuf>,
     /// Serve DHCPv4 to the VM on interfaces nicplug plumbed.
     pub dhcp: bool,
+    /// Which binding plugin names stand for which kind nicplug hot-plugs.
+    pub binding_plugins: BindingPlugins,
 }
 
 /// Retry delays of a whole pass that failed (libvirt or netlink not
@@ -315,6 +318,7 @@ impl Default for AgentConfig {
             readiness: None,
             resolv_conf: Some("/etc/resolv.conf".into()),
             dhcp: true,
+            binding_plugins: BindingPlugins::default(),
         }
     }
 }
@@ -582,7 +586,10 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             }
             if let Some(vmi) = vmi {
                 self.readiness.set(Part::Spec, Ok(()));
-                warn_if_every_secondary_goes(&mut secondaries, &vmi);
+                warn_if_every_secondary_goes(
+                    &mut secondaries,
+                    &vmi.resolve_plugins(&self.config.binding_plugins),
+                );
                 let started = std::time::Instant::now();
                 let outcome = tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -664,6 +671,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
 
     /// One observe -> plan -> apply pass over every interface of `vmi`.
     pub async fn reconcile(&mut self, vmi: &Vmi) -> Result<(), AgentError> {
+        let vmi = &vmi.resolve_plugins(&self.config.binding_plugins);
         while let Ok(result) = self.detach_rx.try_recv() {
             self.detach_finished(result);
         }
@@ -1038,7 +1046,9 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 return Ok(Progress::Held);
             }
             let message = format!("{}: {}", step.name(), error_chain(&e));
-            if plan.rollback.is_empty() {
+            // An attach is a plug's even when nothing needs undoing (a
+            // macvtap device builds nothing).
+            if plan.rollback.is_empty() && !matches!(step, Step::Attach { .. }) {
                 warn!(step = step.name(), error = %message, "clean-up step failed; going on");
                 failures.push((step.name(), message));
                 continue;

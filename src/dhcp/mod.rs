@@ -30,7 +30,7 @@ pub use server6::answer6;
 pub use task::{Desired, Servers};
 
 use crate::hypervisor::DomainState;
-use crate::model::vmi::Vmi;
+use crate::model::vmi::{Binding, Vmi};
 use crate::model::{Mac, PlumbingNames, PodLinkRecord};
 use crate::netns::Link;
 use crate::plan::Phase;
@@ -73,10 +73,16 @@ pub fn desired_servers(
             .and_then(|a| PodLinkRecord::from_alias(a).ok())
             .filter(|r| r.network.as_deref() == Some(status.name.as_str()));
         let (Some(pod), Some(record)) = (pod, record) else {
-            unserved.push((
-                status.name.clone(),
-                not_served("not served by nicplug: it did not plumb this interface (KubeVirt serves the interfaces it plumbs)"),
-            ));
+            let macvtap = vmi
+                .interfaces
+                .iter()
+                .any(|i| i.name == status.name && i.binding == Binding::Macvtap);
+            let reason = if macvtap {
+                "not served by nicplug: a macvtap guest is on the lower link's network, whose DHCP serves it"
+            } else {
+                "not served by nicplug: it did not plumb this interface (KubeVirt serves the interfaces it plumbs)"
+            };
+            unserved.push((status.name.clone(), not_served(reason)));
             continue;
         };
         let names = PlumbingNames::for_pod_iface(&pod.name);

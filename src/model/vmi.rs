@@ -3,6 +3,7 @@
 //! topology (for multiqueue). Everything else of the document is ignored.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
 use serde::Deserialize;
 
@@ -111,8 +112,79 @@ pub enum SpecState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Binding {
     Bridge,
-    /// Any other binding (masquerade, sriov, passt, a plugin): never hot-plugged.
+    /// The pod link is a macvtap (macvtap-cni's) that the device opens as
+    /// its tap: a binding plugin mapped to [`PluginKind::Macvtap`] (see
+    /// [`BindingPlugins`]).
+    Macvtap,
+    /// A network binding plugin (`binding: {name}`) not resolved to a kind
+    /// nicplug hot-plugs (yet: see [`Vmi::resolve_plugins`]).
+    Plugin(String),
+    /// Any other binding (masquerade, sriov, passt, ...): never hot-plugged.
     Other(String),
+}
+
+/// What a network binding plugin renders, among the ones nicplug hot-plugs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PluginKind {
+    /// KubeVirt's macvtap binding (`domainAttachmentType: tap` on a
+    /// macvtap-cni network).
+    Macvtap,
+}
+
+impl std::str::FromStr for PluginKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "macvtap" => Ok(Self::Macvtap),
+            other => Err(format!("unknown binding kind {other:?} (known: macvtap)")),
+        }
+    }
+}
+
+impl fmt::Display for PluginKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Macvtap => f.write_str("macvtap"),
+        }
+    }
+}
+
+/// KubeVirt's CR names binding plugins freely (`spec.configuration.network.
+/// binding.<name>`): which names stand for which kind. By default the name
+/// KubeVirt's documentation registers, `macvtap`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindingPlugins(BTreeMap<String, PluginKind>);
+
+impl Default for BindingPlugins {
+    fn default() -> Self {
+        Self(BTreeMap::from([(
+            "macvtap".to_string(),
+            PluginKind::Macvtap,
+        )]))
+    }
+}
+
+impl BindingPlugins {
+    /// Maps plugin `name` to `kind` (a later mapping of the same name wins).
+    pub fn insert(&mut self, name: &str, kind: PluginKind) {
+        self.0.insert(name.to_string(), kind);
+    }
+
+    pub fn kind(&self, name: &str) -> Option<PluginKind> {
+        self.0.get(name).copied()
+    }
+}
+
+/// `NAME=KIND`, as `--binding-plugin` takes it.
+pub fn parse_plugin_mapping(text: &str) -> Result<(String, PluginKind), String> {
+    let (name, kind) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected NAME=KIND, e.g. macvtap=macvtap"))?;
+    if name.is_empty() {
+        return Err(format!("{text:?}: the plugin name is empty"));
+    }
+    Ok((name.to_string(), kind.parse()?))
 }
 
 /// Where a network comes from.
@@ -144,7 +216,7 @@ impl SpecInterface {
     /// Whether nicplug hot-plugs this interface: bridge binding on a
     /// secondary Multus network.
     pub fn is_hotpluggable(&self) -> bool {
-        self.binding == Binding::Bridge
+        matches!(self.binding, Binding::Bridge | Binding::Macvtap)
             && matches!(self.source, NetworkSource::Multus { default: false, .. })
     }
 
@@ -156,7 +228,10 @@ impl SpecInterface {
                 Some("the default Multus network is not hot-pluggable".into())
             }
             (Binding::Other(b), _) => Some(format!("binding {b} is not hot-pluggable")),
-            (Binding::Bridge, NetworkSource::Multus { .. }) => None,
+            (Binding::Plugin(name), _) => Some(format!(
+                "binding plugin {name} is not one nicplug hot-plugs (map it with --binding-plugin {name}=KIND; known kinds: macvtap)"
+            )),
+            (Binding::Bridge | Binding::Macvtap, NetworkSource::Multus { .. }) => None,
         }
     }
 
@@ -221,6 +296,20 @@ impl Vmi {
     pub fn from_json_value(value: serde_json::Value) -> Result<Self, VmiError> {
         let doc: Document = serde_json::from_value(value).map_err(VmiError::Json)?;
         doc.into_vmi()
+    }
+
+    /// The spec with each binding plugin resolved to the kind `plugins`
+    /// maps its name to; unmapped plugins stay [`Binding::Plugin`].
+    pub fn resolve_plugins(&self, plugins: &BindingPlugins) -> Vmi {
+        let mut vmi = self.clone();
+        for iface in &mut vmi.interfaces {
+            if let Binding::Plugin(name) = &iface.binding
+                && let Some(PluginKind::Macvtap) = plugins.kind(name)
+            {
+                iface.binding = Binding::Macvtap;
+            }
+        }
+        vmi
     }
 
     /// KubeVirt's libvirt domain name, `<namespace>_<name>`.
@@ -460,7 +549,11 @@ fn join_networks(
         let binding = if i.bridge.is_some() {
             Binding::Bridge
         } else if let Some(plugin) = &i.binding {
-            Binding::Other(plugin.name.clone())
+            Binding::Plugin(plugin.name.clone())
+        } else if i.other.contains_key("macvtap") {
+            // The core binding the macvtap plugin replaced (KubeVirt < 1.3):
+            // the same domain device.
+            Binding::Macvtap
         } else {
             let known = OTHER_BINDINGS.iter().find(|b| i.other.contains_key(**b));
             Binding::Other(known.map_or("unknown", |b| b).to_string())

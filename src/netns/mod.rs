@@ -117,6 +117,19 @@ pub enum LinkKind {
     Other(String),
 }
 
+impl LinkKind {
+    /// The kind as `ip link` names it, for messages.
+    pub fn name(&self) -> &str {
+        match self {
+            LinkKind::Bridge => "bridge",
+            LinkKind::Tun => "tun",
+            LinkKind::Veth => "veth",
+            LinkKind::Other(kind) if kind.is_empty() => "link without a kind",
+            LinkKind::Other(kind) => kind,
+        }
+    }
+}
+
 /// Tap-specific attributes (IFLA_TUN_*), when the link is a tun/tap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TapInfo {
@@ -187,6 +200,14 @@ pub struct Link {
     /// Bridge-port learning, when the link is a bridge port.
     pub learning: Option<bool>,
     pub tap: Option<TapInfo>,
+}
+
+impl Link {
+    /// A macvtap (macvtap-cni's pod link): QEMU reaches it through
+    /// `/dev/tap<index>`.
+    pub fn is_macvtap(&self) -> bool {
+        matches!(&self.kind, LinkKind::Other(kind) if kind == "macvtap")
+    }
 }
 
 #[cfg(test)]

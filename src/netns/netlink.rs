@@ -785,16 +785,9 @@ fn tap_mismatch(existing: &Observed, spec: &TapSpec) -> Option<String> {
 }
 
 fn wrong_kind(link: &Link, expected: &'static str) -> NetnsError {
-    let found = match &link.kind {
-        LinkKind::Bridge => "bridge".to_string(),
-        LinkKind::Tun => "tun".to_string(),
-        LinkKind::Veth => "veth".to_string(),
-        LinkKind::Other(kind) if kind.is_empty() => "link without a kind".to_string(),
-        LinkKind::Other(kind) => kind.clone(),
-    };
     NetnsError::WrongKind {
         link: link.name.clone(),
-        found,
+        found: link.kind.name().to_string(),
         expected,
     }
 }

@@ -10,6 +10,7 @@
 use std::fmt;
 use std::net::IpAddr;
 
+mod macvtap;
 pub mod placement;
 
 use serde::{Deserialize, Serialize};
@@ -19,7 +20,7 @@ use crate::hypervisor::{
 };
 use crate::model::names::is_ordinal_pod_iface;
 use crate::model::record::RecordError;
-use crate::model::vmi::{NetworkSource, PodIfaceScheme, SpecInterface, SpecState, Vmi};
+use crate::model::vmi::{Binding, NetworkSource, PodIfaceScheme, SpecInterface, SpecState, Vmi};
 use crate::model::{IfName, IpCidr, Mac, Owner, PlumbingNames, PodLinkRecord, PodRoute};
 use crate::netns::{CniDone, CniProgress, Link, LinkKind, TapSpec};
 use placement::PortPool;
@@ -424,6 +425,9 @@ fn plan_interface(
     }
     if let Some(reason) = spec.unsupported_reason() {
         return InterfacePlan::new(&spec.name, Phase::Unsupported).with_message(reason);
+    }
+    if spec.binding == Binding::Macvtap {
+        return macvtap::plan(vmi, spec, spec.pod_iface(scheme), observed, budget);
     }
     let names = PlumbingNames::for_pod_iface(&spec.pod_iface(scheme));
     let mut plan = InterfacePlan::new(&spec.name, Phase::Pending);
@@ -1106,6 +1110,15 @@ fn plan_departed(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
         })
         .collect();
     plans.extend(held);
+    for device in &domain.interfaces {
+        let Some(network) = device.alias.as_deref().and_then(|a| a.strip_prefix("ua-")) else {
+            continue;
+        };
+        if in_spec(network) || plans.iter().any(|p| p.name == network) {
+            continue;
+        }
+        plans.extend(macvtap::departed(network, device, observed, domain));
+    }
     if observed.clean_kubevirt_leftovers && domain.running {
         plans.extend(kubevirt_leftovers(vmi, observed, domain, &plans));
     }

@@ -1,0 +1,559 @@
+//! KubeVirt's macvtap binding: the pod link is a macvtap that macvtap-cni
+//! made on the node's lower link and moved into the pod, and the device
+//! opens it as its tap (`<interface type='ethernet'>`, target the pod link,
+//! `managed='no'`: libvirt opens `/dev/tapN` itself and hands QEMU the
+//! descriptor), exactly as KubeVirt renders it at VM start. Nothing is
+//! built: no bridge, no tap, no record on the pod link, no DHCP server (the
+//! LAN's serves the guest). The pod link stays as CNI made it; an unplug
+//! only detaches.
+
+use super::{
+    Budget, DomainInterface, DomainState, IfName, InterfaceDevice, InterfacePlan, Link,
+    MIGRATING_IN, Mac, Migration, Observed, Phase, SpecInterface, SpecState, Step, Vmi,
+    cni_settling, hotplug_position, off_preferred_port,
+};
+
+/// The plan of a spec interface on the macvtap binding, whose pod link
+/// CNI names `pod_iface`.
+pub(super) fn plan(
+    vmi: &Vmi,
+    spec: &SpecInterface,
+    pod_iface: IfName,
+    observed: &Observed<'_>,
+    budget: &mut Budget,
+) -> InterfacePlan {
+    let mut plan = InterfacePlan::new(&spec.name, Phase::Pending);
+    plan.pod_iface = Some(pod_iface.clone());
+    let pod = observed.link(&pod_iface);
+    let Some(domain) = observed.domain else {
+        return prepare(spec, pod, None, plan);
+    };
+    match domain.migration {
+        Migration::Incoming => return prepare(spec, pod, Some(domain), plan),
+        // The target pod has its own macvtap; this one stays CNI's.
+        Migration::Departed => return plan.with_message("the domain migrated to another pod"),
+        Migration::None | Migration::Outgoing => {}
+    }
+    let alias = spec.alias();
+    let device = domain.interface_by_alias(&alias);
+    plan.mac = device.and_then(|d| d.mac);
+    if spec.state == SpecState::Absent {
+        return detach(plan, &alias, device, domain, Phase::Detached);
+    }
+    if !domain.running {
+        // In the definition, not in a guest that runs here.
+        return plan.with_message("the domain is not running");
+    }
+    if let Some(device) = device {
+        return adopt(vmi, spec, device, domain, pod.is_some(), plan);
+    }
+    let Some(pod) = pod else {
+        return plan.with_message(format!("waiting for pod interface {pod_iface}"));
+    };
+    if let Err(why) = check_macvtap(pod) {
+        plan.phase = Phase::Failed;
+        return plan.with_message(why);
+    }
+    if let Some(waiting) = cni_settling(pod) {
+        return plan.with_message(waiting);
+    }
+    attach(vmi, spec, pod, domain, budget, plan)
+}
+
+/// A device of a network that left the spec, on a macvtap of the pod: it is
+/// detached, and the macvtap stays CNI's (CNI DEL removes it).
+pub(super) fn departed(
+    network: &str,
+    device: &DomainInterface,
+    observed: &Observed<'_>,
+    domain: &DomainState,
+) -> Option<InterfacePlan> {
+    let target = IfName::new(device.target_dev.as_deref()?).ok()?;
+    if !observed.link(&target).is_some_and(Link::is_macvtap) {
+        return None;
+    }
+    let mut plan = InterfacePlan::new(network, Phase::Detaching);
+    plan.departed = true;
+    plan.pod_iface = Some(target);
+    plan.mac = device.mac;
+    let alias = format!("ua-{network}");
+    let plan = detach(plan, &alias, Some(device), domain, Phase::Detached);
+    Some(plan.with_message("the network left the spec"))
+}
+
+/// Why `pod` cannot back a macvtap device, if it cannot.
+fn check_macvtap(pod: &Link) -> Result<(), String> {
+    if !pod.is_macvtap() {
+        return Err(format!(
+            "pod interface {} is a {}, not a macvtap: the network's CNI must be macvtap-cni for binding macvtap",
+            pod.name,
+            pod.kind.name()
+        ));
+    }
+    if !pod.up {
+        return Err(format!(
+            "pod interface {} is down: macvtap-cni sets it up, nicplug does not change CNI's link",
+            pod.name
+        ));
+    }
+    Ok(())
+}
+
+/// The device for `pod`, with the MAC the spec or the macvtap gives (the
+/// two must agree: a macvtap passes the guest only frames for its own MAC),
+/// on the root port the spec's position names.
+fn attach(
+    vmi: &Vmi,
+    spec: &SpecInterface,
+    pod: &Link,
+    domain: &DomainState,
+    budget: &mut Budget,
+    mut plan: InterfacePlan,
+) -> InterfacePlan {
+    let mac = match vm_mac(spec, pod, budget) {
+        Ok(mac) => mac,
+        Err(why) => {
+            plan.phase = Phase::Failed;
+            return plan.with_message(why);
+        }
+    };
+    plan.mac = Some(mac);
+    let device = InterfaceDevice {
+        network: spec.name.clone(),
+        tap: pod.name.clone(),
+        model: spec.model.clone(),
+        mac,
+        mtu: pod.mtu,
+        queues: vmi.multiqueue.filter(|_| spec.model == "virtio"),
+        link_up: spec.state != SpecState::Down,
+        address: None,
+    };
+    if let Err(e) = device.validate() {
+        plan.phase = Phase::Failed;
+        return plan.with_message(e.to_string());
+    }
+    let position = hotplug_position(vmi, &spec.name).unwrap_or(usize::MAX);
+    let Some(placement) = budget.pool.take(position) else {
+        let total = domain.root_ports.total();
+        plan.phase = Phase::Failed;
+        plan.needs_root_port = true;
+        return plan.with_message(format!(
+            "no free PCIe root port for hotplug: {total} of {total} in use"
+        ));
+    };
+    if placement.fallback.is_some() {
+        plan.message = Some(placement.to_string());
+    }
+    budget.macs.push(mac);
+    plan.steps.push(Step::Attach {
+        device: InterfaceDevice {
+            address: Some(placement.address()),
+            ..device
+        },
+        persistent: domain.persistent,
+    });
+    plan.phase = Phase::Attached;
+    plan
+}
+
+fn vm_mac(spec: &SpecInterface, pod: &Link, budget: &Budget) -> Result<Mac, String> {
+    let Some(pod_mac) = pod.mac else {
+        return Err(format!("pod interface {} has no MAC", pod.name));
+    };
+    if let Some(spec_mac) = spec.mac
+        && spec_mac != pod_mac
+    {
+        return Err(format!(
+            "macAddress {spec_mac} is not the MAC of macvtap {} ({pod_mac}): the macvtap would drop the guest's traffic (macvtap-cni sets the spec's MAC when Multus passes it)",
+            pod.name
+        ));
+    }
+    if pod_mac.is_multicast() || pod_mac.octets() == [0; 6] {
+        return Err(format!(
+            "the MAC of macvtap {} ({pod_mac}) is not a unicast address",
+            pod.name
+        ));
+    }
+    if budget.macs.contains(&pod_mac) {
+        return Err(format!(
+            "the MAC of macvtap {} ({pod_mac}) is already used by another device of the domain",
+            pod.name
+        ));
+    }
+    Ok(pod_mac)
+}
+
+/// A device nicplug or KubeVirt attached: adopted as it is; its link state
+/// follows the spec.
+fn adopt(
+    vmi: &Vmi,
+    spec: &SpecInterface,
+    device: &DomainInterface,
+    domain: &DomainState,
+    pod_present: bool,
+    mut plan: InterfacePlan,
+) -> InterfacePlan {
+    plan.phase = Phase::Attached;
+    if !pod_present {
+        plan.message = Some(format!(
+            "pod interface {} is gone: the NIC carries no traffic until it is unplugged or the VM restarts",
+            plan.pod_iface.as_ref().map_or("?", |p| p.as_str())
+        ));
+    } else if let Some(message) = off_preferred_port(vmi, spec, device, domain) {
+        plan.message = Some(message);
+    }
+    let want_up = spec.state != SpecState::Down;
+    if device.link_up != want_up {
+        plan.steps.push(Step::SetLinkState {
+            device: device.clone(),
+            up: want_up,
+            persistent: domain.persistent,
+        });
+    }
+    plan
+}
+
+/// Detaches the device if there is one; `done` once there is none. Nothing
+/// else is nicplug's to remove.
+fn detach(
+    mut plan: InterfacePlan,
+    alias: &str,
+    device: Option<&DomainInterface>,
+    domain: &DomainState,
+    done: Phase,
+) -> InterfacePlan {
+    match device {
+        Some(_) if !domain.running => plan.with_message("the domain is not running here"),
+        Some(_) => {
+            plan.phase = Phase::Detaching;
+            plan.steps.push(Step::Detach {
+                alias: alias.to_string(),
+                persistent: domain.persistent,
+            });
+            plan
+        }
+        None => {
+            plan.phase = done;
+            plan
+        }
+    }
+}
+
+/// A migration target: the target pod's own macvtap (from CNI) is all the
+/// arriving device needs; libvirt opens it when the domain comes.
+fn prepare(
+    spec: &SpecInterface,
+    pod: Option<&Link>,
+    domain: Option<&DomainState>,
+    mut plan: InterfacePlan,
+) -> InterfacePlan {
+    let device = domain.and_then(|d| d.interface_by_alias(&spec.alias()));
+    plan.mac = device.and_then(|d| d.mac).or(spec.mac);
+    if spec.state == SpecState::Absent {
+        if device.is_some() {
+            return plan.with_message(MIGRATING_IN);
+        }
+        plan.phase = Phase::Detached;
+        return plan;
+    }
+    let Some(pod) = pod else {
+        let name = plan
+            .pod_iface
+            .as_ref()
+            .map_or("?", |p| p.as_str())
+            .to_string();
+        return plan.with_message(format!("waiting for pod interface {name}"));
+    };
+    if let Err(why) = check_macvtap(pod) {
+        plan.phase = Phase::Failed;
+        return plan.with_message(why);
+    }
+    if let Some(waiting) = cni_settling(pod) {
+        return plan.with_message(waiting);
+    }
+    plan.phase = Phase::Prepared;
+    match (plan.mac, pod.mac) {
+        (Some(vm), Some(macvtap)) if vm != macvtap => plan.with_message(format!(
+            "the device's MAC {vm} is not the MAC of macvtap {} ({macvtap}): the guest gets no unicast traffic here (set macAddress in the spec, so macvtap-cni gives every pod the same MAC)",
+            pod.name
+        )),
+        _ => plan,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Observed, plan as plan_all};
+    use super::*;
+    use crate::hypervisor::QemuVersion;
+    use crate::hypervisor::domain_xml::RootPorts;
+    use crate::model::vmi::BindingPlugins;
+    use crate::netns::{CniProgress, LinkKind};
+
+    const POD: &str = "pod9a6a0c3b4d8";
+    const MACVTAP_MAC: &str = "02:aa:bb:cc:dd:01";
+
+    /// The spec of a VM with a masquerade primary and `dyniface1` on a
+    /// binding plugin named `plugin` (`extra` goes into the interface).
+    fn vmi(plugin: &str, extra: &str) -> Vmi {
+        Vmi::parse(&format!(
+            r#"{{"kind":"VirtualMachineInstance","metadata":{{"name":"vm","namespace":"ns"}},"spec":{{"domain":{{"devices":{{"interfaces":[
+                {{"name":"default","masquerade":{{}}}},
+                {{"name":"dyniface1","binding":{{"name":"{plugin}"}}{extra}}}]}}}},
+                "networks":[{{"name":"default","pod":{{}}}},{{"name":"dyniface1","multus":{{"networkName":"lan"}}}}]}}}}"#
+        ))
+        .unwrap()
+        .resolve_plugins(&BindingPlugins::default())
+    }
+
+    fn macvtap() -> Link {
+        Link {
+            mac: Some(MACVTAP_MAC.parse().unwrap()),
+            mtu: 1500,
+            ..Link::fixture(7, POD, LinkKind::Other("macvtap".into()))
+        }
+    }
+
+    fn domain(interfaces: Vec<DomainInterface>) -> DomainState {
+        DomainState {
+            running: true,
+            persistent: true,
+            migration: Migration::None,
+            interfaces,
+            root_ports: RootPorts::with_free(4, 4),
+            qemu: Some(QemuVersion(10_000_002)),
+            devices_unknown: false,
+        }
+    }
+
+    fn device(link_up: bool) -> DomainInterface {
+        DomainInterface {
+            alias: Some("ua-dyniface1".into()),
+            mac: Some(MACVTAP_MAC.parse().unwrap()),
+            target_dev: Some(POD.into()),
+            link_up,
+            xml: "<interface type='ethernet'><alias name='ua-dyniface1'/></interface>".into(),
+            ..Default::default()
+        }
+    }
+
+    fn plan_of(vmi: &Vmi, links: &[Link], domain: Option<&DomainState>) -> InterfacePlan {
+        let observed = Observed {
+            links,
+            domain,
+            tap_owner: None,
+            clean_kubevirt_leftovers: false,
+            kubevirt_plumbs: false,
+        };
+        plan_all(vmi, &observed).remove(1)
+    }
+
+    #[test]
+    fn a_macvtap_pod_link_is_attached_as_kubevirt_renders_it_and_nothing_is_built() {
+        let vmi = vmi("macvtap", "");
+        let dom = domain(vec![]);
+        let p = plan_of(&vmi, &[macvtap()], Some(&dom));
+        assert_eq!(p.phase, Phase::Attached, "{p:?}");
+        let [Step::Attach { device, persistent }] = p.steps.as_slice() else {
+            panic!("only the attach: {:?}", p.steps);
+        };
+        assert!(persistent);
+        assert_eq!(device.tap.as_str(), POD, "the device opens the macvtap");
+        assert_eq!(device.mac, MACVTAP_MAC.parse().unwrap());
+        assert_eq!(device.mtu, 1500);
+        assert_eq!(device.alias(), "ua-dyniface1");
+        // The first hot-plug interface goes on the first root port.
+        assert_eq!(device.address.unwrap().bus, 1);
+        let xml = device.to_xml().unwrap();
+        assert!(xml.starts_with("<interface type='ethernet'>"), "{xml}");
+        assert!(
+            xml.contains(&format!("<target dev='{POD}' managed='no'/>")),
+            "{xml}"
+        );
+        assert!(p.rollback.is_empty());
+        assert!(p.uplink.is_none(), "no uplink of nicplug's to wait for");
+    }
+
+    #[test]
+    fn the_legacy_core_macvtap_binding_is_the_same_device() {
+        let vmi = Vmi::parse(
+            r#"{"kind":"VirtualMachineInstance","metadata":{"name":"vm","namespace":"ns"},"spec":{"domain":{"devices":{"interfaces":[
+                {"name":"default","masquerade":{}},{"name":"dyniface1","macvtap":{}}]}},
+                "networks":[{"name":"default","pod":{}},{"name":"dyniface1","multus":{"networkName":"lan"}}]}}"#,
+        )
+        .unwrap();
+        let dom = domain(vec![]);
+        let p = plan_of(&vmi, &[macvtap()], Some(&dom));
+        assert_eq!(step_names(&p), ["attach-device"]);
+    }
+
+    #[test]
+    fn plugin_names_are_mapped_and_an_unknown_one_is_unsupported_by_name() {
+        let dom = domain(vec![]);
+        let p = plan_of(&vmi("lan-tap", ""), &[macvtap()], Some(&dom));
+        assert_eq!(p.phase, Phase::Unsupported);
+        let message = p.message.unwrap();
+        assert!(message.contains("lan-tap"), "{message}");
+        assert!(
+            message.contains("--binding-plugin lan-tap=KIND"),
+            "{message}"
+        );
+
+        let mut plugins = BindingPlugins::default();
+        let (name, kind) = crate::model::vmi::parse_plugin_mapping("lan-tap=macvtap").unwrap();
+        plugins.insert(&name, kind);
+        let mapped = vmi("lan-tap", "").resolve_plugins(&plugins);
+        let p = plan_of(&mapped, &[macvtap()], Some(&dom));
+        assert_eq!(step_names(&p), ["attach-device"]);
+        assert!(crate::model::vmi::parse_plugin_mapping("lan-tap=passt").is_err());
+        assert!(crate::model::vmi::parse_plugin_mapping("lan-tap").is_err());
+    }
+
+    #[test]
+    fn nothing_is_attached_before_cni_is_done_or_to_a_link_that_is_no_macvtap() {
+        let vmi = vmi("macvtap", "");
+        let dom = domain(vec![]);
+        let settling = Link {
+            cni: CniProgress::Settling,
+            ..macvtap()
+        };
+        let p = plan_of(&vmi, &[settling], Some(&dom));
+        assert_eq!(p.phase, Phase::Pending);
+        assert!(p.steps.is_empty());
+        assert!(p.message.unwrap().contains("waiting for CNI"));
+
+        let veth = Link {
+            kind: LinkKind::Veth,
+            ..macvtap()
+        };
+        let p = plan_of(&vmi, &[veth], Some(&dom));
+        assert_eq!(p.phase, Phase::Failed);
+        assert!(p.steps.is_empty());
+        assert!(p.message.unwrap().contains("is a veth, not a macvtap"));
+
+        let p = plan_of(&vmi, &[], Some(&dom));
+        assert_eq!(p.phase, Phase::Pending);
+        assert_eq!(
+            p.message.as_deref(),
+            Some("waiting for pod interface pod9a6a0c3b4d8")
+        );
+    }
+
+    #[test]
+    fn a_spec_mac_other_than_the_macvtaps_is_refused_with_both() {
+        let vmi = vmi("macvtap", r#","macAddress":"02:00:00:00:00:09""#);
+        let dom = domain(vec![]);
+        let p = plan_of(&vmi, &[macvtap()], Some(&dom));
+        assert_eq!(p.phase, Phase::Failed);
+        assert!(p.steps.is_empty());
+        let message = p.message.unwrap();
+        assert!(
+            message.contains("02:00:00:00:00:09") && message.contains(MACVTAP_MAC),
+            "{message}"
+        );
+        // The same MAC is fine.
+        let vmi = self::vmi("macvtap", &format!(r#","macAddress":"{MACVTAP_MAC}""#));
+        let p = plan_of(&vmi, &[macvtap()], Some(&dom));
+        assert_eq!(step_names(&p), ["attach-device"]);
+    }
+
+    #[test]
+    fn an_attached_device_is_adopted_and_its_link_state_follows_the_spec() {
+        let dom = domain(vec![device(true)]);
+        let p = plan_of(&vmi("macvtap", ""), &[macvtap()], Some(&dom));
+        assert_eq!(p.phase, Phase::Attached);
+        assert!(p.steps.is_empty());
+        let p = plan_of(
+            &vmi("macvtap", r#","state":"down""#),
+            &[macvtap()],
+            Some(&dom),
+        );
+        assert_eq!(step_names(&p), ["set-link-state"]);
+        // The macvtap went (CNI DEL) under the device: said, not acted on.
+        let p = plan_of(&vmi("macvtap", ""), &[], Some(&dom));
+        assert_eq!(p.phase, Phase::Attached);
+        assert!(p.message.unwrap().contains("is gone"));
+    }
+
+    #[test]
+    fn absent_or_leaving_the_spec_detaches_and_touches_nothing_else() {
+        let dom = domain(vec![device(true)]);
+        let p = plan_of(
+            &vmi("macvtap", r#","state":"absent""#),
+            &[macvtap()],
+            Some(&dom),
+        );
+        assert_eq!(p.phase, Phase::Detaching);
+        assert_eq!(step_names(&p), ["detach-device"]);
+        let gone = domain(vec![]);
+        let p = plan_of(
+            &vmi("macvtap", r#","state":"absent""#),
+            &[macvtap()],
+            Some(&gone),
+        );
+        assert_eq!(p.phase, Phase::Detached);
+        assert!(p.steps.is_empty());
+
+        // Left the spec: the device of a macvtap goes, the macvtap stays.
+        let only_primary = Vmi::parse(
+            r#"{"kind":"VirtualMachineInstance","metadata":{"name":"vm","namespace":"ns"},"spec":{"domain":{"devices":{"interfaces":[
+                {"name":"default","masquerade":{}}]}},"networks":[{"name":"default","pod":{}}]}}"#,
+        )
+        .unwrap();
+        let p = plan_of(&only_primary, &[macvtap()], Some(&dom));
+        assert_eq!(p.name, "dyniface1");
+        assert!(p.departed);
+        assert_eq!(step_names(&p), ["detach-device"]);
+        // A device whose target is no macvtap of the pod is not this rule's.
+        let observed = Observed {
+            links: &[],
+            domain: Some(&dom),
+            tap_owner: None,
+            clean_kubevirt_leftovers: false,
+            kubevirt_plumbs: false,
+        };
+        assert_eq!(plan_all(&only_primary, &observed).len(), 1);
+    }
+
+    #[test]
+    fn a_migration_target_is_prepared_by_cnis_macvtap_alone() {
+        let vmi = vmi("macvtap", "");
+        let p = plan_of(&vmi, &[macvtap()], None);
+        assert_eq!(p.phase, Phase::Prepared);
+        assert!(p.steps.is_empty());
+        let p = plan_of(&vmi, &[], None);
+        assert_eq!(p.phase, Phase::Pending);
+        // The arriving device's MAC is not the target macvtap's: said.
+        let other = DomainInterface {
+            mac: Some("02:00:00:00:00:77".parse().unwrap()),
+            ..device(true)
+        };
+        let incoming = DomainState {
+            running: false,
+            migration: Migration::Incoming,
+            ..domain(vec![other])
+        };
+        let p = plan_of(&vmi, &[macvtap()], Some(&incoming));
+        assert_eq!(p.phase, Phase::Prepared);
+        assert!(p.message.unwrap().contains("no unicast traffic"));
+    }
+
+    #[test]
+    fn no_dhcp_server_for_a_macvtap_interface() {
+        let vmi = vmi("macvtap", "");
+        let dom = domain(vec![device(true)]);
+        let mut status = crate::status::InterfaceStatus::new("dyniface1".to_string(), Phase::Ready);
+        status.pod_interface_name = Some(POD.into());
+        let (desired, unserved) =
+            crate::dhcp::desired_servers(&vmi, &[macvtap()], Some(&dom), &[status], &|_| {
+                crate::dhcp::Dns::default()
+            });
+        assert!(desired.is_empty());
+        let reason = unserved[0].1.reason.as_deref().unwrap();
+        assert!(reason.contains("macvtap"), "{reason}");
+    }
+
+    fn step_names(plan: &InterfacePlan) -> Vec<&'static str> {
+        plan.steps.iter().map(Step::name).collect()
+    }
+}
