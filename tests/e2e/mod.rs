@@ -383,6 +383,22 @@ pub fn vmi_doc_for(domain: &str, networks: &[(&str, &str)]) -> Value {
     })
 }
 
+/// Puts `network`'s interface of `doc` (a [`vmi_doc`]) on binding plugin
+/// `plugin` instead of the bridge binding.
+pub fn with_binding(mut doc: Value, network: &str, plugin: &str) -> Value {
+    let interfaces = doc["spec"]["domain"]["devices"]["interfaces"]
+        .as_array_mut()
+        .unwrap();
+    let iface = interfaces
+        .iter_mut()
+        .find(|i| i["name"] == network)
+        .and_then(Value::as_object_mut)
+        .unwrap();
+    iface.remove("bridge");
+    iface.insert("binding".into(), json!({"name": plugin}));
+    doc
+}
+
 pub fn pod_iface(network: &str) -> String {
     nicplug::model::names::hashed_pod_iface(network).to_string()
 }

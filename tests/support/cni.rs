@@ -180,3 +180,40 @@ impl CniResult {
         })
     }
 }
+
+/// A node LAN for macvtap networks (macvtap-cni's lower device and a host
+/// on it), `169.254.<n + 1>.0/24`, the node host at `.1`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MacvtapLan {
+    pub n: u8,
+    /// The macvtaps' lower link in the node netns.
+    pub lower: String,
+    /// The other end, with the node-side host's address.
+    pub peer: String,
+}
+
+impl MacvtapLan {
+    pub fn new(n: u8) -> MacvtapLan {
+        assert!(n <= 253, "MacvtapLan index {n} > 253");
+        MacvtapLan {
+            n,
+            lower: format!("lanlow{n}"),
+            peer: format!("lanhost{n}"),
+        }
+    }
+
+    /// The NAD's name.
+    pub fn name(&self) -> String {
+        format!("lan{}", self.n)
+    }
+
+    /// `169.254.<n + 1>.<host>`.
+    pub fn addr(&self, host: u8) -> String {
+        format!("169.254.{}.{host}", self.n as u16 + 1)
+    }
+
+    /// The node-side host: `.1/24`.
+    pub fn node_addr(&self) -> String {
+        format!("{}/24", self.addr(1))
+    }
+}

@@ -11,7 +11,7 @@ mod cni;
 mod guest;
 mod util;
 
-pub use cni::{CNI_PATH, CniNet, CniResult};
+pub use cni::{CNI_PATH, CniNet, CniResult, MacvtapLan};
 pub use guest::{GuestExec, GuestIface};
 pub use util::{Clock, poll};
 
@@ -1403,6 +1403,86 @@ impl Rig {
             net.name,
             t0.elapsed().as_millis()
         ));
+    }
+
+    /// A LAN for macvtap networks in the node netns: a veth pair, `lower`
+    /// (macvtap-cni's lower device) and `peer` with `lan.node_addr()`, the
+    /// node-side host the guest reaches. Idempotent.
+    pub fn macvtap_lan(&self, lan: &MacvtapLan) {
+        if util::try_run(Command::new("ip").args(["-n", &self.node_ns, "link", "show", &lan.lower]))
+            .is_ok()
+        {
+            return;
+        }
+        self.node_ip(&[
+            "link", "add", &lan.lower, "type", "veth", "peer", "name", &lan.peer,
+        ]);
+        self.node_ip(&["link", "set", &lan.lower, "up"]);
+        self.node_ip(&["link", "set", &lan.peer, "up"]);
+        self.node_ip(&["addr", "replace", &lan.node_addr(), "dev", &lan.peer]);
+    }
+
+    /// What macvtap-cni's ADD does (its device plugin made the macvtap on
+    /// the node's lower link): a bridge-mode macvtap on `lan.lower`, moved
+    /// into the pod netns, given `mac` (Multus' `mac` argument, when the spec
+    /// has one) and renamed `ifname`, set up, and `/dev/tap<index>` given to
+    /// QEMU's user; then Multus' network-status entry. Returns the MAC.
+    pub fn macvtap_add(&self, lan: &MacvtapLan, ifname: &str, mac: Option<&str>) -> String {
+        let t0 = Instant::now();
+        self.macvtap_lan(lan);
+        let staged = format!("mvt{}", lan.n);
+        self.node_ip(&[
+            "link", "add", "link", &lan.lower, "name", &staged, "type", "macvtap", "mode", "bridge",
+        ]);
+        self.node_ip(&["link", "set", &staged, "up"]);
+        self.node_ip(&["link", "set", &staged, "netns", &self.pod_ns]);
+        if let Some(mac) = mac {
+            self.pod_ip(&["link", "set", &staged, "address", mac]);
+        }
+        self.pod_ip(&["link", "set", &staged, "name", ifname]);
+        self.pod_ip(&["link", "set", ifname, "up"]);
+        let out = self.pod_ip(&["-o", "link", "show", ifname]);
+        let index = out.split(':').next().unwrap().trim();
+        let dev = format!("/dev/tap{index}");
+        util::run(
+            Command::new("chown")
+                .arg(format!("{}:{}", self.qemu_uid(), self.qemu_gid()))
+                .arg(&dev),
+        );
+        let mac = self.link_mac(ifname);
+        self.log(&format!(
+            "macvtap ADD {ifname} on {}: mac {mac}, {dev} ({} ms)",
+            lan.lower,
+            t0.elapsed().as_millis()
+        ));
+        let entry = json!({
+            "name": format!("default/{}", lan.name()),
+            "interface": ifname,
+            "mac": mac,
+        });
+        self.edit_network_status(|entries| {
+            entries.retain(|e| e["interface"] != ifname);
+            entries.push(entry);
+        });
+        mac
+    }
+
+    /// macvtap-cni's DEL: the link goes (its device plugin makes a new one).
+    pub fn macvtap_del(&self, ifname: &str) {
+        self.pod_ip(&["link", "del", ifname]);
+        self.edit_network_status(|entries| entries.retain(|e| e["interface"] != ifname));
+        self.log(&format!("macvtap DEL {ifname}"));
+    }
+
+    /// `ip -d link show` of a pod link, for comparing before and after.
+    pub fn pod_link_details(&self, ifname: &str) -> String {
+        self.pod_ip(&["-d", "link", "show", ifname])
+    }
+
+    fn link_mac(&self, ifname: &str) -> String {
+        let out = self.pod_ip(&["-o", "link", "show", ifname]);
+        let after = out.split("link/ether ").nth(1).expect("an ethernet link");
+        after.split_whitespace().next().unwrap().to_string()
     }
 
     /// Pings `addr` from the node netns over `net`'s bridge (a few tries of `ping -c1 -W1`).

@@ -1,0 +1,186 @@
+//! End-to-end: a NIC on KubeVirt's macvtap binding plugin, hot-plugged into
+//! the rig's running VM. The pod interface is made as macvtap-cni makes it
+//! (a macvtap on the node's lower link, moved into the pod netns); the
+//! guest reaches a host on the lower link's LAN. Needs root; see
+//! docs/testing.md.
+
+mod e2e;
+mod support;
+
+use std::time::Duration;
+
+use nicplug::plan::Phase;
+
+use e2e::*;
+use support::{MacvtapLan, Rig, RigOptions};
+
+const WAIT: Duration = Duration::from_secs(60);
+const NETWORK: &str = "lan";
+
+fn spec(rig: &Rig, state: &str) -> serde_json::Value {
+    with_binding(vmi_doc_states(rig, &[(NETWORK, state)]), NETWORK, "macvtap")
+}
+
+fn nicplug_for(rig: &Rig) -> Nicplug<'_> {
+    let mut nicplug = Nicplug::new(rig, &[]);
+    nicplug.args = vec![
+        "--network-status".into(),
+        rig.network_status_path().to_string_lossy().into_owned(),
+    ];
+    nicplug
+}
+
+/// The devices of the live domain on `target`.
+fn devices_on(rig: &Rig, target: &str) -> usize {
+    nicplug::hypervisor::domain_xml::parse_devices(&rig.domain_xml())
+        .unwrap()
+        .interfaces
+        .iter()
+        .filter(|i| i.target_dev.as_deref() == Some(target))
+        .count()
+}
+
+/// `ip -d link show` of the macvtap, but its root qdisc: libvirt sets
+/// `noqueue` on every tap it opens for a device (KubeVirt's own attach
+/// does the same), nicplug does not, and nothing puts it back.
+fn as_cni_made_it(rig: &Rig, pod: &str) -> String {
+    let details = rig.pod_link_details(pod);
+    let mut words: Vec<&str> = details.split(' ').collect();
+    if let Some(at) = words.iter().position(|w| *w == "qdisc") {
+        words.drain(at..at + 2);
+    }
+    words.join(" ")
+}
+
+/// Gives the guest NIC with `mac` the LAN address `.2` and pings it from
+/// the node's host on the lower link.
+fn ping_over_the_lan(rig: &Rig, lan: &MacvtapLan, mac: &str) -> Result<(), String> {
+    let guest = rig
+        .wait_guest_mac(mac, WAIT)
+        .ok_or_else(|| format!("the guest does not report {mac}"))?;
+    let addr = lan.addr(2);
+    let (code, out) = rig.guest_exec(&[
+        "/bin/sh",
+        "-c",
+        &format!(
+            "ip addr flush dev {0} && ip addr add {addr}/24 dev {0} && ip link set {0} up",
+            guest.name
+        ),
+    ]);
+    if code != 0 {
+        return Err(format!("guest address {addr} on {}: {out}", guest.name));
+    }
+    for _ in 0..5 {
+        let mut ping = rig.node_cmd("/bin/busybox");
+        ping.args(["ping", "-c1", "-W1", "-I", &lan.peer, &addr]);
+        if ping.output().is_ok_and(|o| o.status.success()) {
+            return Ok(());
+        }
+    }
+    Err(format!(
+        "the node's LAN host cannot ping the guest at {addr}"
+    ))
+}
+
+#[test]
+fn a_macvtap_nic_is_hot_plugged_reaches_the_lan_and_is_given_back_as_cni_made_it() {
+    if !support::require_root() {
+        return;
+    }
+    let rig = Rig::start(RigOptions::default());
+    let lan = MacvtapLan::new(60);
+    let pod = pod_iface(NETWORK);
+    let mut nicplug = nicplug_for(&rig);
+    nicplug.start();
+    nicplug.write_vmi(&spec(&rig, "up"));
+    nicplug.wait_phase(NETWORK, Phase::Pending, WAIT);
+    let mac = rig.macvtap_add(&lan, &pod, None);
+    let cni_made = as_cni_made_it(&rig, &pod);
+
+    nicplug.wait_phase(NETWORK, Phase::Ready, WAIT);
+    let entry = nicplug.entry(NETWORK).unwrap();
+    assert_eq!(entry["mac"], mac.as_str(), "{entry}");
+    assert_eq!(entry["podInterfaceName"], pod.as_str(), "{entry}");
+    assert!(entry.get("uplink").is_none(), "{entry}");
+    let reason = entry["dhcp"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("macvtap"), "{entry}");
+    // KubeVirt's rendering: the macvtap itself is the device's tap.
+    let xml = rig.domain_xml();
+    assert!(
+        xml.contains(&format!("<target dev='{pod}' managed='no'/>")),
+        "{xml}"
+    );
+    assert_eq!(devices_on(&rig, &pod), 1);
+    // Nothing of nicplug's in the pod: no bridge, no tap.
+    let links = rig.pod_ip(&["-o", "link", "show"]);
+    assert!(
+        !links.contains("k6t-") && !links.contains(": tap"),
+        "{links}"
+    );
+    ping_over_the_lan(&rig, &lan, &mac).unwrap_or_else(|e| panic!("{e}\n{}", nicplug.log()));
+
+    // Unplug: the device goes, the macvtap stays exactly as CNI made it.
+    nicplug.write_vmi(&spec(&rig, "absent"));
+    nicplug.wait_phase(NETWORK, Phase::Detached, WAIT);
+    assert!(
+        rig.wait_guest_mac_gone(&mac, WAIT),
+        "the guest still has {mac}"
+    );
+    assert_eq!(devices_on(&rig, &pod), 0);
+    assert_eq!(as_cni_made_it(&rig, &pod), cni_made);
+
+    // And back: the same macvtap carries the NIC again.
+    nicplug.write_vmi(&spec(&rig, "up"));
+    nicplug.wait_phase(NETWORK, Phase::Ready, WAIT);
+    ping_over_the_lan(&rig, &lan, &mac).unwrap_or_else(|e| panic!("{e}\n{}", nicplug.log()));
+
+    // Leaving the spec: detached, the entry goes, the macvtap stays.
+    nicplug.set_spec(&[]);
+    nicplug.wait_gone(NETWORK, WAIT);
+    assert_eq!(devices_on(&rig, &pod), 0);
+    assert_eq!(as_cni_made_it(&rig, &pod), cni_made);
+    rig.macvtap_del(&pod);
+}
+
+#[test]
+fn a_device_kubevirt_rendered_is_adopted_and_a_restart_plugs_no_second() {
+    if !support::require_root() {
+        return;
+    }
+    let rig = Rig::start(RigOptions::default());
+    let lan = MacvtapLan::new(61);
+    let pod = pod_iface(NETWORK);
+    let mac = rig.macvtap_add(&lan, &pod, Some("02:6b:76:00:00:61"));
+    assert_eq!(mac, "02:6b:76:00:00:61", "macvtap-cni sets the spec's MAC");
+    // As virt-launcher renders the interface at VM start.
+    let device = format!(
+        "<interface type='ethernet'><target dev='{pod}' managed='no'/><model type='virtio-non-transitional'/><mac address='{mac}'/><alias name='ua-{NETWORK}'/></interface>"
+    );
+    let file = rig.dir.join("kubevirt-macvtap.xml");
+    std::fs::write(&file, &device).unwrap();
+    rig.virsh(&[
+        "attach-device",
+        &rig.domain,
+        &file.to_string_lossy(),
+        "--live",
+    ]);
+    let mut doc = spec(&rig, "up");
+    doc["spec"]["domain"]["devices"]["interfaces"][1]["macAddress"] = mac.clone().into();
+    let mut nicplug = nicplug_for(&rig);
+    nicplug.start();
+    nicplug.write_vmi(&doc);
+    nicplug.wait_phase(NETWORK, Phase::Ready, WAIT);
+    assert_eq!(devices_on(&rig, &pod), 1);
+    ping_over_the_lan(&rig, &lan, &mac).unwrap_or_else(|e| panic!("{e}\n{}", nicplug.log()));
+
+    // A restarted nicplug finds the device and adopts it again.
+    assert!(nicplug.stop());
+    nicplug.start();
+    nicplug.wait_phase(NETWORK, Phase::Ready, WAIT);
+    assert_eq!(devices_on(&rig, &pod), 1, "{}", nicplug.log());
+    assert!(
+        !nicplug.log().contains("attach-device"),
+        "nothing attached: {}",
+        nicplug.log()
+    );
+}
