@@ -184,3 +184,55 @@ fn a_device_kubevirt_rendered_is_adopted_and_a_restart_plugs_no_second() {
         nicplug.log()
     );
 }
+
+/// Aborts nicplug right after `step` (the debug build's test hook) and
+/// restarts it without the fault.
+fn abort_after_then_restart(nicplug: &mut Nicplug<'_>, step: &str) {
+    use std::os::unix::process::ExitStatusExt;
+    let status = nicplug
+        .wait_exit(WAIT)
+        .unwrap_or_else(|| panic!("nicplug did not abort after {step}: {}", nicplug.log()));
+    assert_eq!(status.signal(), Some(libc::SIGABRT), "{}", nicplug.log());
+    nicplug.env.clear();
+    nicplug.start();
+}
+
+#[test]
+fn a_crash_right_after_the_attach_or_the_detach_converges() {
+    if !support::require_root() {
+        return;
+    }
+    let rig = Rig::start(RigOptions::default());
+    let lan = MacvtapLan::new(62);
+    let pod = pod_iface(NETWORK);
+    let mut nicplug = nicplug_for(&rig);
+    nicplug.env = vec![(
+        "NICPLUG_TEST_FAULT".into(),
+        "abort-after=attach-device".into(),
+    )];
+    nicplug.start();
+    nicplug.write_vmi(&spec(&rig, "up"));
+    nicplug.wait_phase(NETWORK, Phase::Pending, WAIT);
+    let mac = rig.macvtap_add(&lan, &pod, None);
+    let cni_made = as_cni_made_it(&rig, &pod);
+    abort_after_then_restart(&mut nicplug, "attach-device");
+    nicplug.wait_phase(NETWORK, Phase::Ready, WAIT);
+    assert_eq!(devices_on(&rig, &pod), 1, "{}", nicplug.log());
+    ping_over_the_lan(&rig, &lan, &mac).unwrap_or_else(|e| panic!("{e}\n{}", nicplug.log()));
+
+    assert!(nicplug.stop());
+    nicplug.env = vec![(
+        "NICPLUG_TEST_FAULT".into(),
+        "abort-after=detach-device".into(),
+    )];
+    nicplug.start();
+    nicplug.write_vmi(&spec(&rig, "absent"));
+    abort_after_then_restart(&mut nicplug, "detach-device");
+    nicplug.wait_phase(NETWORK, Phase::Detached, WAIT);
+    assert!(
+        rig.wait_guest_mac_gone(&mac, WAIT),
+        "the guest still has {mac}"
+    );
+    assert_eq!(devices_on(&rig, &pod), 0, "{}", nicplug.log());
+    assert_eq!(as_cni_made_it(&rig, &pod), cni_made);
+}
