@@ -48,7 +48,7 @@ pub(super) fn plan(
         return adopt(vmi, spec, device, domain, pod.is_some(), plan);
     }
     let Some(pod) = pod else {
-        return plan.with_message(format!("waiting for pod interface {pod_iface}"));
+        return plan.with_message(waiting_for(&pod_iface));
     };
     if let Err(why) = check_macvtap(pod) {
         plan.phase = Phase::Failed;
@@ -79,6 +79,10 @@ pub(super) fn departed(
     let alias = format!("ua-{network}");
     let plan = detach(plan, &alias, Some(device), domain, Phase::Detached);
     Some(plan.with_message("the network left the spec"))
+}
+
+fn waiting_for(pod: &IfName) -> String {
+    format!("waiting for pod interface {}", pod.as_str())
 }
 
 /// Why `pod` cannot back a macvtap device, if it cannot.
@@ -257,12 +261,11 @@ fn prepare(
         return plan;
     }
     let Some(pod) = pod else {
-        let name = plan
-            .pod_iface
-            .as_ref()
-            .map_or("?", |p| p.as_str())
-            .to_string();
-        return plan.with_message(format!("waiting for pod interface {name}"));
+        let name = plan.pod_iface.clone();
+        return match name {
+            Some(name) => plan.with_message(waiting_for(&name)),
+            None => plan,
+        };
     };
     if let Err(why) = check_macvtap(pod) {
         plan.phase = Phase::Failed;
