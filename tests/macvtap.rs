@@ -55,21 +55,8 @@ fn as_cni_made_it(rig: &Rig, pod: &str) -> String {
 /// Gives the guest NIC with `mac` the LAN address `.2` and pings it from
 /// the node's host on the lower link.
 fn ping_over_the_lan(rig: &Rig, lan: &MacvtapLan, mac: &str) -> Result<(), String> {
-    let guest = rig
-        .wait_guest_mac(mac, WAIT)
-        .ok_or_else(|| format!("the guest does not report {mac}"))?;
     let addr = lan.addr(2);
-    let (code, out) = rig.guest_exec(&[
-        "/bin/sh",
-        "-c",
-        &format!(
-            "ip addr flush dev {0} && ip addr add {addr}/24 dev {0} && ip link set {0} up",
-            guest.name
-        ),
-    ]);
-    if code != 0 {
-        return Err(format!("guest address {addr} on {}: {out}", guest.name));
-    }
+    set_guest_nic_address(rig, mac, &addr)?;
     for _ in 0..5 {
         let mut ping = rig.node_cmd("/bin/busybox");
         ping.args(["ping", "-c1", "-W1", "-I", &lan.peer, &addr]);
@@ -185,7 +172,12 @@ fn a_device_kubevirt_rendered_is_adopted_and_a_restart_plugs_no_second() {
     );
 }
 
-/// Aborts nicplug right after `step` (the debug build's test hook) and
+/// The debug build's test hook: abort right after `step`.
+fn abort_after(step: &str) -> Vec<(String, String)> {
+    vec![("NICPLUG_TEST_FAULT".into(), format!("abort-after={step}"))]
+}
+
+/// Waits for nicplug to abort after `step` (see [`abort_after`]) and
 /// restarts it without the fault.
 fn abort_after_then_restart(nicplug: &mut Nicplug<'_>, step: &str) {
     use std::os::unix::process::ExitStatusExt;
@@ -206,10 +198,7 @@ fn a_crash_right_after_the_attach_or_the_detach_converges() {
     let lan = MacvtapLan::new(62);
     let pod = pod_iface(NETWORK);
     let mut nicplug = nicplug_for(&rig);
-    nicplug.env = vec![(
-        "NICPLUG_TEST_FAULT".into(),
-        "abort-after=attach-device".into(),
-    )];
+    nicplug.env = abort_after("attach-device");
     nicplug.start();
     nicplug.write_vmi(&spec(&rig, "up"));
     nicplug.wait_phase(NETWORK, Phase::Pending, WAIT);
@@ -221,10 +210,7 @@ fn a_crash_right_after_the_attach_or_the_detach_converges() {
     ping_over_the_lan(&rig, &lan, &mac).unwrap_or_else(|e| panic!("{e}\n{}", nicplug.log()));
 
     assert!(nicplug.stop());
-    nicplug.env = vec![(
-        "NICPLUG_TEST_FAULT".into(),
-        "abort-after=detach-device".into(),
-    )];
+    nicplug.env = abort_after("detach-device");
     nicplug.start();
     nicplug.write_vmi(&spec(&rig, "absent"));
     abort_after_then_restart(&mut nicplug, "detach-device");

@@ -579,17 +579,18 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         let mut backoff = PassBackoff::default();
         let mut secondaries: Option<Vec<String>> = None;
         loop {
-            let vmi = spec.borrow_and_update().clone();
+            // The one copy of the spec a pass takes, binding plugins resolved.
+            let vmi = spec
+                .borrow_and_update()
+                .as_ref()
+                .map(|vmi| vmi.resolve_plugins(&self.config.binding_plugins));
             let mut deadline = Instant::now() + self.config.resync;
             if vmi.is_none() {
                 self.report.set_agent(self.agent_status(None));
             }
             if let Some(vmi) = vmi {
                 self.readiness.set(Part::Spec, Ok(()));
-                warn_if_every_secondary_goes(
-                    &mut secondaries,
-                    &vmi.resolve_plugins(&self.config.binding_plugins),
-                );
+                warn_if_every_secondary_goes(&mut secondaries, &vmi);
                 let started = std::time::Instant::now();
                 let outcome = tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -669,9 +670,10 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             .min()
     }
 
-    /// One observe -> plan -> apply pass over every interface of `vmi`.
+    /// One observe -> plan -> apply pass over every interface of `vmi`,
+    /// whose binding plugins are resolved ([`Vmi::resolve_plugins`], as
+    /// [`Agent::run`] does).
     pub async fn reconcile(&mut self, vmi: &Vmi) -> Result<(), AgentError> {
-        let vmi = &vmi.resolve_plugins(&self.config.binding_plugins);
         while let Ok(result) = self.detach_rx.try_recv() {
             self.detach_finished(result);
         }

@@ -1079,18 +1079,34 @@ async fn a_failed_clean_up_step_does_not_stop_the_others() {
     assert_eq!(agent.net.get(&pod_name).unwrap().master, None);
 }
 
-#[tokio::test]
-async fn absent_then_leaving_the_spec_is_one_unplug() {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+/// An agent on pod link "blue" that sends outcomes and keeps metrics.
+fn agent_with_outcomes_and_metrics() -> (
+    Agent<FakeNet, FakeHyp>,
+    tokio::sync::mpsc::UnboundedReceiver<Outcome>,
+    Arc<crate::metrics::Metrics>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let mut config = with_cni_done(AgentConfig::default());
     config.report.outcomes = Some(tx);
     config.report.metrics = Some(metrics.clone());
-    let mut agent = Agent::new(
+    let agent = Agent::new(
         FakeNet::with_pod_links(&[&pod("blue")]),
         FakeHyp::new(4),
         config,
     );
+    (agent, rx, metrics)
+}
+
+fn outcome_kinds(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Outcome>) -> Vec<OutcomeKind> {
+    std::iter::from_fn(|| rx.try_recv().ok())
+        .map(|o| o.kind)
+        .collect()
+}
+
+#[tokio::test]
+async fn absent_then_leaving_the_spec_is_one_unplug() {
+    let (mut agent, mut rx, metrics) = agent_with_outcomes_and_metrics();
     agent.reconcile(&vmi(&["blue"])).await.unwrap();
     let absent = vmi_with(&["blue"], r#","state":"absent""#);
     agent.reconcile(&absent).await.unwrap();
@@ -1099,10 +1115,10 @@ async fn absent_then_leaving_the_spec_is_one_unplug() {
     assert_eq!(phases(&agent)[0].1, Phase::Detached);
     agent.reconcile(&vmi(&[])).await.unwrap();
     agent.reconcile(&vmi(&[])).await.unwrap();
-    let kinds: Vec<OutcomeKind> = std::iter::from_fn(|| rx.try_recv().ok())
-        .map(|o| o.kind)
-        .collect();
-    assert_eq!(kinds, [OutcomeKind::Plugged, OutcomeKind::Unplugged]);
+    assert_eq!(
+        outcome_kinds(&mut rx),
+        [OutcomeKind::Plugged, OutcomeKind::Unplugged]
+    );
     let text = metrics.encode();
     let cleaned = text
         .lines()
@@ -1467,16 +1483,7 @@ async fn an_interface_whose_detach_is_in_flight_stays_listed_until_a_pass_sees_i
 /// failure that ends the unplug's timing).
 #[tokio::test]
 async fn a_tap_let_go_while_its_detach_is_in_flight_is_the_detach_not_a_failure() {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let metrics = Arc::new(crate::metrics::Metrics::new());
-    let mut config = with_cni_done(AgentConfig::default());
-    config.report.outcomes = Some(tx);
-    config.report.metrics = Some(metrics.clone());
-    let mut agent = Agent::new(
-        FakeNet::with_pod_links(&[&pod("blue")]),
-        FakeHyp::new(4),
-        config,
-    );
+    let (mut agent, mut rx, metrics) = agent_with_outcomes_and_metrics();
     agent.reconcile(&vmi(&["blue"])).await.unwrap();
     agent.reconcile(&vmi(&[])).await.unwrap();
     assert_eq!(phases(&agent), [("blue".to_string(), Phase::Detaching)]);
@@ -1492,10 +1499,10 @@ async fn a_tap_let_go_while_its_detach_is_in_flight_is_the_detach_not_a_failure(
     agent.reconcile(&vmi(&[])).await.unwrap();
     agent.reconcile(&vmi(&[])).await.unwrap();
     assert!(phases(&agent).is_empty(), "{:?}", phases(&agent));
-    let kinds: Vec<OutcomeKind> = std::iter::from_fn(|| rx.try_recv().ok())
-        .map(|o| o.kind)
-        .collect();
-    assert_eq!(kinds, [OutcomeKind::Plugged, OutcomeKind::Unplugged]);
+    assert_eq!(
+        outcome_kinds(&mut rx),
+        [OutcomeKind::Plugged, OutcomeKind::Unplugged]
+    );
     let text = metrics.encode();
     assert!(
         !text

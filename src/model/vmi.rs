@@ -3,7 +3,6 @@
 //! topology (for multiqueue). Everything else of the document is ignored.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use serde::Deserialize;
 
@@ -138,14 +137,6 @@ impl std::str::FromStr for PluginKind {
         match s {
             "macvtap" => Ok(Self::Macvtap),
             other => Err(format!("unknown binding kind {other:?} (known: macvtap)")),
-        }
-    }
-}
-
-impl fmt::Display for PluginKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Macvtap => f.write_str("macvtap"),
         }
     }
 }

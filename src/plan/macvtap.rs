@@ -10,7 +10,7 @@
 use super::{
     Budget, DomainInterface, DomainState, IfName, InterfaceDevice, InterfacePlan, Link,
     MIGRATING_IN, Mac, Migration, Observed, Phase, SpecInterface, SpecState, Step, Vmi,
-    cni_settling, hotplug_position, off_preferred_port,
+    cni_settling, hotplug_position, link_state_step, off_preferred_port,
 };
 
 /// The plan of a spec interface on the macvtap binding, whose pod link
@@ -26,10 +26,10 @@ pub(super) fn plan(
     plan.pod_iface = Some(pod_iface.clone());
     let pod = observed.link(&pod_iface);
     let Some(domain) = observed.domain else {
-        return prepare(spec, pod, None, plan);
+        return prepare(spec, &pod_iface, pod, None, plan);
     };
     match domain.migration {
-        Migration::Incoming => return prepare(spec, pod, Some(domain), plan),
+        Migration::Incoming => return prepare(spec, &pod_iface, pod, Some(domain), plan),
         // The target pod has its own macvtap; this one stays CNI's.
         Migration::Departed => return plan.with_message("the domain migrated to another pod"),
         Migration::None | Migration::Outgoing => {}
@@ -45,7 +45,8 @@ pub(super) fn plan(
         return plan.with_message("the domain is not running");
     }
     if let Some(device) = device {
-        return adopt(vmi, spec, device, domain, pod.is_some(), plan);
+        let gone = pod.is_none().then_some(&pod_iface);
+        return adopt(vmi, spec, device, domain, gone, plan);
     }
     let Some(pod) = pod else {
         return plan.with_message(waiting_for(&pod_iface));
@@ -194,26 +195,19 @@ fn adopt(
     spec: &SpecInterface,
     device: &DomainInterface,
     domain: &DomainState,
-    pod_present: bool,
+    pod_gone: Option<&IfName>,
     mut plan: InterfacePlan,
 ) -> InterfacePlan {
     plan.phase = Phase::Attached;
-    if !pod_present {
+    if let Some(pod) = pod_gone {
         plan.message = Some(format!(
             "pod interface {} is gone: the NIC carries no traffic until it is unplugged or the VM restarts",
-            plan.pod_iface.as_ref().map_or("?", |p| p.as_str())
+            pod.as_str()
         ));
     } else if let Some(message) = off_preferred_port(vmi, spec, device, domain) {
         plan.message = Some(message);
     }
-    let want_up = spec.state != SpecState::Down;
-    if device.link_up != want_up {
-        plan.steps.push(Step::SetLinkState {
-            device: device.clone(),
-            up: want_up,
-            persistent: domain.persistent,
-        });
-    }
+    plan.steps.extend(link_state_step(spec, device, domain));
     plan
 }
 
@@ -247,6 +241,7 @@ fn detach(
 /// arriving device needs; libvirt opens it when the domain comes.
 fn prepare(
     spec: &SpecInterface,
+    pod_iface: &IfName,
     pod: Option<&Link>,
     domain: Option<&DomainState>,
     mut plan: InterfacePlan,
@@ -261,11 +256,7 @@ fn prepare(
         return plan;
     }
     let Some(pod) = pod else {
-        let name = plan.pod_iface.clone();
-        return match name {
-            Some(name) => plan.with_message(waiting_for(&name)),
-            None => plan,
-        };
+        return plan.with_message(waiting_for(pod_iface));
     };
     if let Err(why) = check_macvtap(pod) {
         plan.phase = Phase::Failed;
@@ -286,10 +277,9 @@ fn prepare(
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Observed, plan as plan_all};
+    use super::super::plan as plan_all;
+    use super::super::tests::{domain, observed, step_names};
     use super::*;
-    use crate::hypervisor::QemuVersion;
-    use crate::hypervisor::domain_xml::RootPorts;
     use crate::model::vmi::BindingPlugins;
     use crate::netns::{CniProgress, LinkKind};
 
@@ -317,18 +307,6 @@ mod tests {
         }
     }
 
-    fn domain(interfaces: Vec<DomainInterface>) -> DomainState {
-        DomainState {
-            running: true,
-            persistent: true,
-            migration: Migration::None,
-            interfaces,
-            root_ports: RootPorts::with_free(4, 4),
-            qemu: Some(QemuVersion(10_000_002)),
-            devices_unknown: false,
-        }
-    }
-
     fn device(link_up: bool) -> DomainInterface {
         DomainInterface {
             alias: Some("ua-dyniface1".into()),
@@ -341,20 +319,13 @@ mod tests {
     }
 
     fn plan_of(vmi: &Vmi, links: &[Link], domain: Option<&DomainState>) -> InterfacePlan {
-        let observed = Observed {
-            links,
-            domain,
-            tap_owner: None,
-            clean_kubevirt_leftovers: false,
-            kubevirt_plumbs: false,
-        };
-        plan_all(vmi, &observed).remove(1)
+        plan_all(vmi, &observed(links, domain)).remove(1)
     }
 
     #[test]
     fn a_macvtap_pod_link_is_attached_as_kubevirt_renders_it_and_nothing_is_built() {
         let vmi = vmi("macvtap", "");
-        let dom = domain(vec![]);
+        let dom = domain(4, vec![]);
         let p = plan_of(&vmi, &[macvtap()], Some(&dom));
         assert_eq!(p.phase, Phase::Attached, "{p:?}");
         let [Step::Attach { device, persistent }] = p.steps.as_slice() else {
@@ -385,14 +356,14 @@ mod tests {
                 "networks":[{"name":"default","pod":{}},{"name":"dyniface1","multus":{"networkName":"lan"}}]}}"#,
         )
         .unwrap();
-        let dom = domain(vec![]);
+        let dom = domain(4, vec![]);
         let p = plan_of(&vmi, &[macvtap()], Some(&dom));
         assert_eq!(step_names(&p), ["attach-device"]);
     }
 
     #[test]
     fn plugin_names_are_mapped_and_an_unknown_one_is_unsupported_by_name() {
-        let dom = domain(vec![]);
+        let dom = domain(4, vec![]);
         let p = plan_of(&vmi("lan-tap", ""), &[macvtap()], Some(&dom));
         assert_eq!(p.phase, Phase::Unsupported);
         let message = p.message.unwrap();
@@ -415,7 +386,7 @@ mod tests {
     #[test]
     fn nothing_is_attached_before_cni_is_done_or_to_a_link_that_is_no_macvtap() {
         let vmi = vmi("macvtap", "");
-        let dom = domain(vec![]);
+        let dom = domain(4, vec![]);
         let settling = Link {
             cni: CniProgress::Settling,
             ..macvtap()
@@ -445,7 +416,7 @@ mod tests {
     #[test]
     fn a_spec_mac_other_than_the_macvtaps_is_refused_with_both() {
         let vmi = vmi("macvtap", r#","macAddress":"02:00:00:00:00:09""#);
-        let dom = domain(vec![]);
+        let dom = domain(4, vec![]);
         let p = plan_of(&vmi, &[macvtap()], Some(&dom));
         assert_eq!(p.phase, Phase::Failed);
         assert!(p.steps.is_empty());
@@ -462,7 +433,7 @@ mod tests {
 
     #[test]
     fn an_attached_device_is_adopted_and_its_link_state_follows_the_spec() {
-        let dom = domain(vec![device(true)]);
+        let dom = domain(4, vec![device(true)]);
         let p = plan_of(&vmi("macvtap", ""), &[macvtap()], Some(&dom));
         assert_eq!(p.phase, Phase::Attached);
         assert!(p.steps.is_empty());
@@ -480,7 +451,7 @@ mod tests {
 
     #[test]
     fn absent_or_leaving_the_spec_detaches_and_touches_nothing_else() {
-        let dom = domain(vec![device(true)]);
+        let dom = domain(4, vec![device(true)]);
         let p = plan_of(
             &vmi("macvtap", r#","state":"absent""#),
             &[macvtap()],
@@ -488,7 +459,7 @@ mod tests {
         );
         assert_eq!(p.phase, Phase::Detaching);
         assert_eq!(step_names(&p), ["detach-device"]);
-        let gone = domain(vec![]);
+        let gone = domain(4, vec![]);
         let p = plan_of(
             &vmi("macvtap", r#","state":"absent""#),
             &[macvtap()],
@@ -508,14 +479,7 @@ mod tests {
         assert!(p.departed);
         assert_eq!(step_names(&p), ["detach-device"]);
         // A device whose target is no macvtap of the pod is not this rule's.
-        let observed = Observed {
-            links: &[],
-            domain: Some(&dom),
-            tap_owner: None,
-            clean_kubevirt_leftovers: false,
-            kubevirt_plumbs: false,
-        };
-        assert_eq!(plan_all(&only_primary, &observed).len(), 1);
+        assert_eq!(plan_all(&only_primary, &observed(&[], Some(&dom))).len(), 1);
     }
 
     #[test]
@@ -534,7 +498,7 @@ mod tests {
         let incoming = DomainState {
             running: false,
             migration: Migration::Incoming,
-            ..domain(vec![other])
+            ..domain(4, vec![other])
         };
         let p = plan_of(&vmi, &[macvtap()], Some(&incoming));
         assert_eq!(p.phase, Phase::Prepared);
@@ -544,7 +508,7 @@ mod tests {
     #[test]
     fn no_dhcp_server_for_a_macvtap_interface() {
         let vmi = vmi("macvtap", "");
-        let dom = domain(vec![device(true)]);
+        let dom = domain(4, vec![device(true)]);
         let mut status = crate::status::InterfaceStatus::new("dyniface1".to_string(), Phase::Ready);
         status.pod_interface_name = Some(POD.into());
         let (desired, unserved) =
@@ -554,9 +518,5 @@ mod tests {
         assert!(desired.is_empty());
         let reason = unserved[0].1.reason.as_deref().unwrap();
         assert!(reason.contains("macvtap"), "{reason}");
-    }
-
-    fn step_names(plan: &InterfacePlan) -> Vec<&'static str> {
-        plan.steps.iter().map(Step::name).collect()
     }
 }

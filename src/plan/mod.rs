@@ -503,14 +503,7 @@ fn plan_interface(
         if let Some(message) = off_preferred_port(vmi, spec, device, domain) {
             plan.message = Some(message);
         }
-        let want_up = spec.state != SpecState::Down;
-        if device.link_up != want_up {
-            plan.steps.push(Step::SetLinkState {
-                device: device.clone(),
-                up: want_up,
-                persistent: domain.persistent,
-            });
-        }
+        plan.steps.extend(link_state_step(spec, device, domain));
         return plan;
     }
     if !domain.running {
@@ -639,6 +632,20 @@ impl PrepareCase<'_> {
             Err(refusal) => refuse(&case, refusal, plan),
         }
     }
+}
+
+/// The live device's link state change the spec's `state` asks for, if any.
+fn link_state_step(
+    spec: &SpecInterface,
+    device: &DomainInterface,
+    domain: &DomainState,
+) -> Option<Step> {
+    let want_up = spec.state != SpecState::Down;
+    (device.link_up != want_up).then(|| Step::SetLinkState {
+        device: device.clone(),
+        up: want_up,
+        persistent: domain.persistent,
+    })
 }
 
 /// Says so when an attached device is not on its preferred root port (its

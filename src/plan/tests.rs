@@ -46,7 +46,7 @@ fn fresh_pod_link() -> Link {
     }
 }
 
-fn domain(ports: usize, interfaces: Vec<DomainInterface>) -> DomainState {
+pub(super) fn domain(ports: usize, interfaces: Vec<DomainInterface>) -> DomainState {
     DomainState {
         running: true,
         persistent: true,
@@ -58,7 +58,7 @@ fn domain(ports: usize, interfaces: Vec<DomainInterface>) -> DomainState {
     }
 }
 
-fn observed<'a>(links: &'a [Link], domain: Option<&'a DomainState>) -> Observed<'a> {
+pub(super) fn observed<'a>(links: &'a [Link], domain: Option<&'a DomainState>) -> Observed<'a> {
     Observed {
         links,
         domain,
@@ -68,7 +68,7 @@ fn observed<'a>(links: &'a [Link], domain: Option<&'a DomainState>) -> Observed<
     }
 }
 
-fn step_names(plan: &InterfacePlan) -> Vec<&'static str> {
+pub(super) fn step_names(plan: &InterfacePlan) -> Vec<&'static str> {
     plan.steps.iter().map(Step::name).collect()
 }
 

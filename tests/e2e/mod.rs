@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use nicplug::plan::Phase;
 use serde_json::{Value, json};
 
-use crate::support::{CniNet, Rig, poll};
+use crate::support::{CniNet, GuestIface, Rig, poll};
 
 /// `nicplug run` in the rig's pod netns, like the sidecar in the launcher pod.
 pub struct Nicplug<'a> {
@@ -668,13 +668,12 @@ pub fn expected_plumbing(networks: &[&str]) -> Vec<String> {
     names
 }
 
-/// Gives the guest NIC with `mac` the address `net.addr(host)` (replacing any
-/// it had) and pings it from the node. `Err` says which part failed.
-pub fn ping_guest(rig: &Rig, net: &CniNet, mac: &str, host: u8) -> Result<(), String> {
+/// Gives the guest NIC with `mac` the address `addr`/24 (replacing any it
+/// had) and sets it up; returns the NIC.
+pub fn set_guest_nic_address(rig: &Rig, mac: &str, addr: &str) -> Result<GuestIface, String> {
     let guest = rig
         .wait_guest_mac(mac, Duration::from_secs(20))
         .ok_or_else(|| format!("the guest does not report {mac}"))?;
-    let addr = net.addr(host);
     let (code, out) = rig.guest_exec(&[
         "/bin/sh",
         "-c",
@@ -686,6 +685,14 @@ pub fn ping_guest(rig: &Rig, net: &CniNet, mac: &str, host: u8) -> Result<(), St
     if code != 0 {
         return Err(format!("guest address {addr} on {}: {out}", guest.name));
     }
+    Ok(guest)
+}
+
+/// Gives the guest NIC with `mac` the address `net.addr(host)` (replacing any
+/// it had) and pings it from the node. `Err` says which part failed.
+pub fn ping_guest(rig: &Rig, net: &CniNet, mac: &str, host: u8) -> Result<(), String> {
+    let addr = net.addr(host);
+    let guest = set_guest_nic_address(rig, mac, &addr)?;
     if rig.ping_from_node(net, &addr) {
         Ok(())
     } else {
