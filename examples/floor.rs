@@ -27,8 +27,8 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use tokio::sync::broadcast;
 
-use nicplug::hypervisor::InterfaceDevice;
 use nicplug::hypervisor::libvirt::Libvirt;
+use nicplug::hypervisor::{DeviceBackend, InterfaceDevice};
 use nicplug::hypervisor::{GuestView, Hypervisor};
 use nicplug::model::names::hashed_pod_iface;
 use nicplug::model::{Mac, Owner, PlumbingNames, PodLinkRecord};
@@ -118,7 +118,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     net.ensure_tap(&tap, &names.bridge).await?;
     let device = InterfaceDevice {
         network: args.network.clone(),
-        tap: names.tap.clone(),
+        link: names.tap.clone(),
+        backend: DeviceBackend::Tap,
         model: "virtio".into(),
         mac,
         mtu,

@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use crate::agent::Observation;
-use crate::hypervisor::DomainLifecycle;
+use crate::hypervisor::{DeviceBackend, DomainLifecycle};
 use crate::model::vmi::Vmi;
 use crate::plan::{InterfacePlan, Phase, Step};
 
@@ -185,10 +185,14 @@ pub fn describe(step: &Step) -> String {
             if spec.multi_queue { ", multiqueue" } else { "" }
         ),
         Step::Attach { device, persistent } => format!(
-            "{} (mac {}, tap {}, model {}{})",
+            "{} (mac {}, {} {}, model {}{})",
             device.alias(),
             device.mac,
-            device.tap,
+            match device.backend {
+                DeviceBackend::Tap => "tap",
+                DeviceBackend::Passt { .. } => "passt on",
+            },
+            device.link,
             device.model,
             if *persistent {
                 ", live and config"

@@ -128,7 +128,8 @@ struct SpecArgs {
     #[arg(long, requires = "kube")]
     no_coexist: bool,
     /// A network binding plugin as KubeVirt's CR names it, and the kind it is
-    /// hot-plugged as (kinds: macvtap); repeatable, added to macvtap=macvtap.
+    /// hot-plugged as (kinds: macvtap, passt); repeatable, added to
+    /// macvtap=macvtap and passt=passt.
     #[arg(long = "binding-plugin", value_name = "NAME=KIND", value_parser = parse_plugin_mapping)]
     binding_plugins: Vec<(String, PluginKind)>,
 }

@@ -172,23 +172,6 @@ fn a_device_kubevirt_rendered_is_adopted_and_a_restart_plugs_no_second() {
     );
 }
 
-/// The debug build's test hook: abort right after `step`.
-fn abort_after(step: &str) -> Vec<(String, String)> {
-    vec![("NICPLUG_TEST_FAULT".into(), format!("abort-after={step}"))]
-}
-
-/// Waits for nicplug to abort after `step` (see [`abort_after`]) and
-/// restarts it without the fault.
-fn abort_after_then_restart(nicplug: &mut Nicplug<'_>, step: &str) {
-    use std::os::unix::process::ExitStatusExt;
-    let status = nicplug
-        .wait_exit(WAIT)
-        .unwrap_or_else(|| panic!("nicplug did not abort after {step}: {}", nicplug.log()));
-    assert_eq!(status.signal(), Some(libc::SIGABRT), "{}", nicplug.log());
-    nicplug.env.clear();
-    nicplug.start();
-}
-
 #[test]
 fn a_crash_right_after_the_attach_or_the_detach_converges() {
     if !support::require_root() {

@@ -4,11 +4,11 @@
 
 use std::net::IpAddr;
 
-use nicplug::hypervisor::device_xml::InterfaceDevice;
+use nicplug::hypervisor::device_xml::{DeviceBackend, InterfaceDevice};
 use nicplug::hypervisor::domain_xml::{PciAddress, RootPortIndex, parse_devices};
 use nicplug::model::names::PlumbingNames;
 use nicplug::model::network_status;
-use nicplug::model::vmi::Vmi;
+use nicplug::model::vmi::{ForwardedPort, Vmi};
 use nicplug::model::{IfName, IpCidr, Mac, Owner, PodLinkRecord, PodRoute};
 use proptest::prelude::*;
 
@@ -161,7 +161,11 @@ proptest! {
     #[test]
     fn device_xml_reads_back_the_same_interface(
         network in network(),
-        tap in ifname(),
+        link in ifname(),
+        passt in proptest::option::of(proptest::collection::vec(
+            (prop_oneof![Just("TCP"), Just("UDP")], 1u16..=65535),
+            0..4,
+        )),
         model in prop_oneof![
             Just("virtio".to_string()),
             Just("e1000e".to_string()),
@@ -174,7 +178,16 @@ proptest! {
         bus in proptest::option::of(0u8..=255),
     ) {
         let address = bus.map(|b| PciAddress::on_root_port(RootPortIndex(b)));
-        let device = InterfaceDevice { network, tap, model, mac, mtu, queues, link_up, address };
+        let backend = match passt {
+            None => DeviceBackend::Tap,
+            Some(ports) => DeviceBackend::Passt {
+                forwards: ports
+                    .into_iter()
+                    .map(|(protocol, port)| ForwardedPort { protocol: protocol.into(), port })
+                    .collect(),
+            },
+        };
+        let device = InterfaceDevice { network, link, backend, model, mac, mtu, queues, link_up, address };
         let xml = device.to_xml().unwrap();
         prop_assert_eq!(raw_control(&xml), None);
         let mut reader = quick_xml::Reader::from_str(&xml);
@@ -191,9 +204,17 @@ proptest! {
         let iface = &read.interfaces[0];
         prop_assert_eq!(iface.alias.clone(), Some(device.alias()));
         prop_assert_eq!(iface.mac, Some(device.mac));
-        prop_assert_eq!(iface.target_dev.as_deref(), Some(device.tap.as_str()));
         prop_assert_eq!(iface.model.as_deref(), Some(device.libvirt_model()));
-        prop_assert_eq!(iface.mtu, Some(device.mtu));
+        if let DeviceBackend::Passt { .. } = device.backend {
+            prop_assert!(iface.is_passt());
+            prop_assert_eq!(iface.source_dev.as_deref(), Some(device.link.as_str()));
+            prop_assert_eq!(iface.target_dev.as_deref(), None);
+            prop_assert_eq!(iface.mtu, None);
+        } else {
+            prop_assert!(!iface.is_passt());
+            prop_assert_eq!(iface.target_dev.as_deref(), Some(device.link.as_str()));
+            prop_assert_eq!(iface.mtu, Some(device.mtu));
+        }
         prop_assert_eq!(iface.link_up, device.link_up);
         prop_assert_eq!(iface.queues, device.queues.filter(|q| *q > 1));
         prop_assert_eq!(iface.pci, device.address);

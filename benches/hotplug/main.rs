@@ -44,7 +44,7 @@ use serde_json::{Value, json};
 
 use e2e::{Nicplug, nicplug_binary, pod_iface, vmi_doc};
 use linkwatch::{LinkEvent, LinkWatch, mono_ns};
-use nicplug::hypervisor::device_xml::InterfaceDevice;
+use nicplug::hypervisor::device_xml::{DeviceBackend, InterfaceDevice};
 use nicplug::hypervisor::events::DomainEvent;
 use nicplug::hypervisor::libvirt::Libvirt;
 use nicplug::model::{IfName, Mac, PlumbingNames};
@@ -603,7 +603,8 @@ fn device_template(network: &str) -> String {
     let placeholder: Mac = "02:00:00:00:00:01".parse().unwrap();
     let xml = InterfaceDevice {
         network: network.to_string(),
-        tap: PlumbingNames::for_pod_iface(&pod).tap,
+        link: PlumbingNames::for_pod_iface(&pod).tap,
+        backend: DeviceBackend::Tap,
         model: "virtio".into(),
         mac: placeholder,
         mtu: 9999,

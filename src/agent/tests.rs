@@ -1610,7 +1610,8 @@ async fn a_target_is_ready_once_every_interface_is_prepared() {
     for (network, mac) in [("blue", "02:00:00:00:00:42"), ("red", "02:00:00:00:00:43")] {
         let device = crate::hypervisor::InterfaceDevice {
             network: network.into(),
-            tap: IfName::new(format!("tap{}", &pod(network)[3..])).unwrap(),
+            link: IfName::new(format!("tap{}", &pod(network)[3..])).unwrap(),
+            backend: crate::hypervisor::DeviceBackend::Tap,
             model: "virtio".into(),
             mac: mac.parse().unwrap(),
             mtu: 1500,

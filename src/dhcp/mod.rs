@@ -73,14 +73,21 @@ pub fn desired_servers(
             .and_then(|a| PodLinkRecord::from_alias(a).ok())
             .filter(|r| r.network.as_deref() == Some(status.name.as_str()));
         let (Some(pod), Some(record)) = (pod, record) else {
-            let macvtap = vmi
+            let binding = vmi
                 .interfaces
                 .iter()
-                .any(|i| i.name == status.name && i.binding == Binding::Macvtap);
-            let reason = if macvtap {
-                "not served by nicplug: a macvtap guest is on the lower link's network, whose DHCP serves it"
-            } else {
-                "not served by nicplug: it did not plumb this interface (KubeVirt serves the interfaces it plumbs)"
+                .find(|i| i.name == status.name)
+                .map(|i| &i.binding);
+            let reason = match binding {
+                Some(Binding::Macvtap) => {
+                    "not served by nicplug: a macvtap guest is on the lower link's network, whose DHCP serves it"
+                }
+                Some(Binding::Passt) => {
+                    "not served by nicplug: passt serves the guest the pod's address itself"
+                }
+                _ => {
+                    "not served by nicplug: it did not plumb this interface (KubeVirt serves the interfaces it plumbs)"
+                }
             };
             unserved.push((status.name.clone(), not_served(reason)));
             continue;
@@ -172,6 +179,7 @@ mod tests {
                 mtu: Some(1400),
                 pci: None,
                 xml: String::new(),
+                ..Default::default()
             }],
             root_ports: RootPorts::with_free(4, 3),
         }

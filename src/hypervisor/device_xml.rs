@@ -1,10 +1,12 @@
 //! The `<interface>` device XML nicplug attaches: the same fragment KubeVirt's
-//! launcher builds for a bridge-binding interface, so KubeVirt recognises and
-//! adopts the device.
+//! launcher builds for a bridge- or macvtap-binding interface (and its passt
+//! plugin's sidecar for a passt one), so KubeVirt recognises and adopts the
+//! device.
 
 use std::fmt::Write;
 
 use super::domain_xml::PciAddress;
+use crate::model::vmi::ForwardedPort;
 use crate::model::{IfName, Mac};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -13,6 +15,8 @@ pub enum DeviceXmlError {
     Alias(String),
     #[error("interface model {0:?} is not a libvirt model name")]
     Model(String),
+    #[error("port protocol {0:?}: passt forwards TCP and UDP only")]
+    Protocol(String),
 }
 
 /// Everything the device XML says.
@@ -20,7 +24,10 @@ pub enum DeviceXmlError {
 pub struct InterfaceDevice {
     /// VMI network name; the alias is `ua-<network>`.
     pub network: String,
-    pub tap: IfName,
+    /// The link the device uses: its tap (`<target dev>`), or, with passt,
+    /// the pod link passt binds (`<source dev>`).
+    pub link: IfName,
+    pub backend: DeviceBackend,
     /// The VMI spec model (`virtio` maps to `virtio-non-transitional`).
     pub model: String,
     pub mac: Mac,
@@ -30,6 +37,18 @@ pub struct InterfaceDevice {
     pub link_up: bool,
     /// Where the device goes; `None` lets libvirt choose (what KubeVirt does).
     pub address: Option<PciAddress>,
+}
+
+/// What carries the device's frames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceBackend {
+    /// QEMU's tap: `<interface type='ethernet'>`, the tap opened by libvirt
+    /// (`managed='no'`: it exists already).
+    Tap,
+    /// passt, which libvirt starts in the pod for the device:
+    /// `<interface type='user'>` with `<backend type='passt'/>`, forwarding
+    /// `forwards` (none: every TCP and UDP port) from the pod to the guest.
+    Passt { forwards: Vec<ForwardedPort> },
 }
 
 impl InterfaceDevice {
@@ -66,21 +85,44 @@ impl InterfaceDevice {
         if !valid(&self.model, &['.']) {
             return Err(DeviceXmlError::Model(self.model.clone()));
         }
+        if let DeviceBackend::Passt { forwards } = &self.backend
+            && let Some(other) = forwards
+                .iter()
+                .find(|f| f.protocol != "TCP" && f.protocol != "UDP")
+        {
+            return Err(DeviceXmlError::Protocol(other.protocol.clone()));
+        }
         Ok(())
     }
 
     pub fn to_xml(&self) -> Result<String, DeviceXmlError> {
         self.validate()?;
-        // The alias and model were checked above. A tap name is any IfName:
+        // The alias and model were checked above. A link name is any IfName:
         // no control characters (IfName refuses them, and XML 1.0 cannot
         // carry them), but quotes, '<' and '&' are legal in a Linux name, so
         // it is escaped.
-        let tap = quick_xml::escape::escape(self.tap.as_str());
-        let mut xml = String::from("<interface type='ethernet'>\n");
-        let _ = writeln!(xml, "  <target dev='{tap}' managed='no'/>");
+        let link = quick_xml::escape::escape(self.link.as_str());
+        let mut xml = String::new();
+        match &self.backend {
+            DeviceBackend::Tap => {
+                xml.push_str("<interface type='ethernet'>\n");
+                let _ = writeln!(xml, "  <target dev='{link}' managed='no'/>");
+            }
+            DeviceBackend::Passt { .. } => {
+                xml.push_str("<interface type='user'>\n");
+                let _ = writeln!(xml, "  <source dev='{link}'/>");
+                xml.push_str("  <backend type='passt'/>\n");
+            }
+        }
         let _ = writeln!(xml, "  <model type='{}'/>", self.libvirt_model());
         let _ = writeln!(xml, "  <mac address='{}'/>", self.mac);
-        let _ = writeln!(xml, "  <mtu size='{}'/>", self.mtu);
+        match &self.backend {
+            DeviceBackend::Tap => {
+                let _ = writeln!(xml, "  <mtu size='{}'/>", self.mtu);
+            }
+            // passt offers the guest its own MTU (DHCP, NDP).
+            DeviceBackend::Passt { forwards } => port_forwards(&mut xml, forwards),
+        }
         let _ = writeln!(xml, "  <alias name='{}'/>", self.alias());
         if self.multi_queue() {
             let queues = self.queues.unwrap_or(1);
@@ -101,6 +143,33 @@ impl InterfaceDevice {
     }
 }
 
+/// KubeVirt's port forwards: every TCP and UDP port when the interface
+/// lists none, else a range per listed port, by protocol. Not bound to a
+/// device: KubeVirt's sidecar adds `dev='eth0'`, which Debian 12's passt
+/// (0.0~git20230309) refuses ("Invalid port specifier %eth0/all"), and the
+/// pod link is the pod's one external link anyway.
+fn port_forwards(xml: &mut String, forwards: &[ForwardedPort]) {
+    if forwards.is_empty() {
+        xml.push_str("  <portForward proto='tcp'/>\n  <portForward proto='udp'/>\n");
+        return;
+    }
+    for (protocol, proto) in [("TCP", "tcp"), ("UDP", "udp")] {
+        let ports: Vec<u16> = forwards
+            .iter()
+            .filter(|f| f.protocol == protocol)
+            .map(|f| f.port)
+            .collect();
+        if ports.is_empty() {
+            continue;
+        }
+        let _ = writeln!(xml, "  <portForward proto='{proto}'>");
+        for port in ports {
+            let _ = writeln!(xml, "    <range start='{port}'/>");
+        }
+        xml.push_str("  </portForward>\n");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,7 +177,8 @@ mod tests {
     fn device() -> InterfaceDevice {
         InterfaceDevice {
             network: "dyniface1".into(),
-            tap: IfName::new("tap9a6a0c3b4d8").unwrap(),
+            link: IfName::new("tap9a6a0c3b4d8").unwrap(),
+            backend: DeviceBackend::Tap,
             model: "virtio".into(),
             mac: "02:00:00:aa:bb:01".parse().unwrap(),
             mtu: 1400,
@@ -185,7 +255,7 @@ mod tests {
         assert!(matches!(dev.to_xml(), Err(DeviceXmlError::Model(_))));
         // A tap name with XML's special characters is escaped, and reads back.
         let dev = InterfaceDevice {
-            tap: IfName::new("t'<&\"x").unwrap(),
+            link: IfName::new("t'<&\"x").unwrap(),
             ..device()
         };
         let xml = format!(

@@ -52,6 +52,10 @@ pub struct DomainInterface {
     pub mac: Option<Mac>,
     /// `<target dev>`: the tap QEMU uses.
     pub target_dev: Option<String>,
+    /// `<source dev>`: the pod link a passt backend uses.
+    pub source_dev: Option<String>,
+    /// `<backend type>`: `passt` for a device whose traffic passt carries.
+    pub backend: Option<String>,
     /// `<link state>`; absent means up.
     pub link_up: bool,
     pub model: Option<String>,
@@ -74,6 +78,13 @@ pub struct PciAddress {
     pub bus: u8,
     pub slot: u8,
     pub function: u8,
+}
+
+impl DomainInterface {
+    /// Whether passt carries the device's traffic (KubeVirt's passt binding).
+    pub fn is_passt(&self) -> bool {
+        self.backend.as_deref() == Some("passt")
+    }
 }
 
 impl PciAddress {
@@ -639,6 +650,8 @@ fn read_interface_child(
             })?);
         }
         "target" => iface.target_dev = attr(e, "target", "dev")?,
+        "source" => iface.source_dev = attr(e, "source", "dev")?,
+        "backend" => iface.backend = attr(e, "backend", "type")?,
         "link" => iface.link_up = attr(e, "link", "state")?.as_deref() != Some("down"),
         "model" => iface.model = attr(e, "model", "type")?,
         "driver" => iface.queues = number(e, "driver", "queues", u32::MAX)?,

@@ -31,7 +31,7 @@ pub mod events;
 pub mod libvirt;
 pub mod worker;
 
-pub use device_xml::InterfaceDevice;
+pub use device_xml::{DeviceBackend, InterfaceDevice};
 pub use domain_xml::{DomainInterface, DomainState};
 
 #[derive(Debug, thiserror::Error)]

@@ -74,6 +74,8 @@ pub enum VmiError {
     Model { field: String, value: String },
     #[error("{field}: {problem}")]
     Cpu { field: String, problem: String },
+    #[error("{field}: port {value} is not in 1..=65535")]
+    Port { field: String, value: i64 },
 }
 
 impl VmiError {
@@ -92,7 +94,8 @@ impl VmiError {
             | Self::NetworkSource { field, .. }
             | Self::Mac { field, .. }
             | Self::Model { field, .. }
-            | Self::Cpu { field, .. } => Some(field),
+            | Self::Cpu { field, .. }
+            | Self::Port { field, .. } => Some(field),
         }
     }
 }
@@ -115,10 +118,14 @@ pub enum Binding {
     /// its tap: a binding plugin mapped to [`PluginKind::Macvtap`] (see
     /// [`BindingPlugins`]).
     Macvtap,
+    /// The pod network's primary interface as CNI made it, reached through
+    /// passt, which libvirt starts in the pod for the device: a binding
+    /// plugin mapped to [`PluginKind::Passt`].
+    Passt,
     /// A network binding plugin (`binding: {name}`) not resolved to a kind
     /// nicplug hot-plugs (yet: see [`Vmi::resolve_plugins`]).
     Plugin(String),
-    /// Any other binding (masquerade, sriov, passt, ...): never hot-plugged.
+    /// Any other binding (masquerade, sriov, slirp, ...): never hot-plugged.
     Other(String),
 }
 
@@ -128,7 +135,13 @@ pub enum PluginKind {
     /// KubeVirt's macvtap binding (`domainAttachmentType: tap` on a
     /// macvtap-cni network).
     Macvtap,
+    /// KubeVirt's passt binding (its sidecar renders an `<interface
+    /// type='user'>` with a passt backend on the pod network).
+    Passt,
 }
+
+/// The kinds `--binding-plugin` knows, for messages.
+pub const PLUGIN_KINDS: &str = "macvtap, passt";
 
 impl std::str::FromStr for PluginKind {
     type Err = String;
@@ -136,23 +149,26 @@ impl std::str::FromStr for PluginKind {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "macvtap" => Ok(Self::Macvtap),
-            other => Err(format!("unknown binding kind {other:?} (known: macvtap)")),
+            "passt" => Ok(Self::Passt),
+            other => Err(format!(
+                "unknown binding kind {other:?} (known: {PLUGIN_KINDS})"
+            )),
         }
     }
 }
 
 /// KubeVirt's CR names binding plugins freely (`spec.configuration.network.
-/// binding.<name>`): which names stand for which kind. By default the name
-/// KubeVirt's documentation registers, `macvtap`.
+/// binding.<name>`): which names stand for which kind. By default the
+/// names KubeVirt's documentation registers, `macvtap` and `passt`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BindingPlugins(BTreeMap<String, PluginKind>);
 
 impl Default for BindingPlugins {
     fn default() -> Self {
-        Self(BTreeMap::from([(
-            "macvtap".to_string(),
-            PluginKind::Macvtap,
-        )]))
+        Self(BTreeMap::from([
+            ("macvtap".to_string(), PluginKind::Macvtap),
+            ("passt".to_string(), PluginKind::Passt),
+        ]))
     }
 }
 
@@ -185,6 +201,14 @@ pub enum NetworkSource {
     Multus { network_name: String, default: bool },
 }
 
+/// A port of the interface's `ports` (what passt forwards to the guest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardedPort {
+    /// `protocol` in upper case; default `TCP`.
+    pub protocol: String,
+    pub port: u16,
+}
+
 /// One interface of the VMI spec, joined with its network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpecInterface {
@@ -201,26 +225,37 @@ pub struct SpecInterface {
     /// Position among the secondary Multus networks in `spec.networks`
     /// (1-based), for legacy ordinal pod interface names.
     pub ordinal: Option<usize>,
+    /// `ports`: with passt, the ones forwarded (none: every port).
+    pub ports: Vec<ForwardedPort>,
 }
 
 impl SpecInterface {
-    /// Whether nicplug hot-plugs this interface: bridge binding on a
-    /// secondary Multus network.
+    /// Whether nicplug hot-plugs this interface: bridge or macvtap binding
+    /// on a secondary Multus network, passt on the pod network.
     pub fn is_hotpluggable(&self) -> bool {
-        matches!(self.binding, Binding::Bridge | Binding::Macvtap)
-            && matches!(self.source, NetworkSource::Multus { default: false, .. })
+        match self.binding {
+            Binding::Bridge | Binding::Macvtap => {
+                matches!(self.source, NetworkSource::Multus { default: false, .. })
+            }
+            Binding::Passt => self.source == NetworkSource::Pod,
+            Binding::Plugin(_) | Binding::Other(_) => false,
+        }
     }
 
     /// Why nicplug leaves this interface alone, if it does.
     pub fn unsupported_reason(&self) -> Option<String> {
         match (&self.binding, &self.source) {
+            (Binding::Passt, NetworkSource::Pod) => None,
+            (Binding::Passt, NetworkSource::Multus { .. }) => Some(
+                "binding passt is for the pod network only (KubeVirt's passt plugin binds the pod's primary interface)".into(),
+            ),
             (_, NetworkSource::Pod) => Some("the pod network is not hot-pluggable".into()),
             (_, NetworkSource::Multus { default: true, .. }) => {
                 Some("the default Multus network is not hot-pluggable".into())
             }
             (Binding::Other(b), _) => Some(format!("binding {b} is not hot-pluggable")),
             (Binding::Plugin(name), _) => Some(format!(
-                "binding plugin {name} is not one nicplug hot-plugs (map it with --binding-plugin {name}=KIND; known kinds: macvtap)"
+                "binding plugin {name} is not one nicplug hot-plugs (map it with --binding-plugin {name}=KIND; known kinds: {PLUGIN_KINDS})"
             )),
             (Binding::Bridge | Binding::Macvtap, NetworkSource::Multus { .. }) => None,
         }
@@ -294,10 +329,12 @@ impl Vmi {
     pub fn resolve_plugins(&self, plugins: &BindingPlugins) -> Vmi {
         let mut vmi = self.clone();
         for iface in &mut vmi.interfaces {
-            if let Binding::Plugin(name) = &iface.binding
-                && let Some(PluginKind::Macvtap) = plugins.kind(name)
-            {
-                iface.binding = Binding::Macvtap;
+            if let Binding::Plugin(name) = &iface.binding {
+                match plugins.kind(name) {
+                    Some(PluginKind::Macvtap) => iface.binding = Binding::Macvtap,
+                    Some(PluginKind::Passt) => iface.binding = Binding::Passt,
+                    None => {}
+                }
             }
         }
         vmi
@@ -376,6 +413,8 @@ struct Interface {
     state: SpecState,
     bridge: Option<serde_json::Value>,
     binding: Option<PluginBinding>,
+    #[serde(default)]
+    ports: Vec<Port>,
     // Every other key (masquerade, sriov, passt, ports, ...) lands here, so
     // the binding of an interface is whichever known key it has.
     #[serde(flatten)]
@@ -385,6 +424,12 @@ struct Interface {
 #[derive(Deserialize)]
 struct PluginBinding {
     name: String,
+}
+
+#[derive(Deserialize)]
+struct Port {
+    protocol: Option<String>,
+    port: i64,
 }
 
 #[derive(Deserialize)]
@@ -545,11 +590,16 @@ fn join_networks(
             // The core binding the macvtap plugin replaced (KubeVirt < 1.3):
             // the same domain device.
             Binding::Macvtap
+        } else if i.other.contains_key("passt") {
+            // Likewise the core passt binding.
+            Binding::Passt
         } else {
             let known = OTHER_BINDINGS.iter().find(|b| i.other.contains_key(**b));
             Binding::Other(known.map_or("unknown", |b| b).to_string())
         };
+        let ports = forwarded_ports(&i.ports, index)?;
         joined.push(SpecInterface {
+            ports,
             mac,
             model: i.model.unwrap_or_else(|| "virtio".into()),
             state: i.state,
@@ -561,6 +611,24 @@ fn join_networks(
     }
 
     Ok(joined)
+}
+
+fn forwarded_ports(ports: &[Port], index: usize) -> Result<Vec<ForwardedPort>, VmiError> {
+    ports
+        .iter()
+        .enumerate()
+        .map(|(n, p)| {
+            let port = u16::try_from(p.port)
+                .ok()
+                .filter(|port| *port > 0)
+                .ok_or_else(|| VmiError::Port {
+                    field: format!("{INTERFACES}[{index}].ports[{n}].port"),
+                    value: p.port,
+                })?;
+            let protocol = p.protocol.as_deref().unwrap_or("TCP").to_ascii_uppercase();
+            Ok(ForwardedPort { protocol, port })
+        })
+        .collect()
 }
 
 struct Unique {

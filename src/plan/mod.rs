@@ -10,13 +10,13 @@
 use std::fmt;
 use std::net::IpAddr;
 
-mod macvtap;
+mod direct;
 pub mod placement;
 
 use serde::{Deserialize, Serialize};
 
 use crate::hypervisor::{
-    DomainInterface, DomainState, GuestView, InterfaceDevice, Migration, QemuVersion,
+    DeviceBackend, DomainInterface, DomainState, GuestView, InterfaceDevice, Migration, QemuVersion,
 };
 use crate::model::names::is_ordinal_pod_iface;
 use crate::model::record::RecordError;
@@ -352,10 +352,11 @@ fn plan_here(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
 /// The VM's primary network: never hot-plugged (by KubeVirt either), so
 /// neither a request nor a problem.
 fn is_primary(spec: &SpecInterface) -> bool {
-    matches!(
-        spec.source,
-        NetworkSource::Pod | NetworkSource::Multus { default: true, .. }
-    )
+    spec.binding != Binding::Passt
+        && matches!(
+            spec.source,
+            NetworkSource::Pod | NetworkSource::Multus { default: true, .. }
+        )
 }
 
 /// The position of a hot-pluggable interface among the spec's hot-pluggable
@@ -426,8 +427,9 @@ fn plan_interface(
     if let Some(reason) = spec.unsupported_reason() {
         return InterfacePlan::new(&spec.name, Phase::Unsupported).with_message(reason);
     }
-    if spec.binding == Binding::Macvtap {
-        return macvtap::plan(vmi, spec, spec.pod_iface(scheme), observed, budget);
+    if let Some(kind) = direct::Direct::of(&spec.binding) {
+        let pod_iface = kind.pod_iface(spec.pod_iface(scheme), observed);
+        return direct::plan(kind, vmi, spec, pod_iface, observed, budget);
     }
     let names = PlumbingNames::for_pod_iface(&spec.pod_iface(scheme));
     let mut plan = InterfacePlan::new(&spec.name, Phase::Pending);
@@ -1124,7 +1126,7 @@ fn plan_departed(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
         if in_spec(network) || plans.iter().any(|p| p.name == network) {
             continue;
         }
-        plans.extend(macvtap::departed(network, device, observed, domain));
+        plans.extend(direct::departed(network, device, observed, domain));
     }
     if observed.clean_kubevirt_leftovers && domain.running {
         plans.extend(kubevirt_leftovers(vmi, observed, domain, &plans));
@@ -1282,7 +1284,8 @@ impl PlugCase<'_> {
         let owner = self.tap_owner()?;
         let device = InterfaceDevice {
             network: self.spec.name.clone(),
-            tap: self.names.tap.clone(),
+            link: self.names.tap.clone(),
+            backend: DeviceBackend::Tap,
             model: self.spec.model.clone(),
             mac: vm_mac,
             mtu: record.mtu,
@@ -1329,7 +1332,8 @@ impl PlugCase<'_> {
         let spec_queues = self.vmi.multiqueue.filter(|_| self.spec.model == "virtio");
         let device = InterfaceDevice {
             network: self.spec.name.clone(),
-            tap: self.names.tap.clone(),
+            link: self.names.tap.clone(),
+            backend: DeviceBackend::Tap,
             model: self.spec.model.clone(),
             mac: device
                 .and_then(|d| d.mac)

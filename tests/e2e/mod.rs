@@ -925,3 +925,19 @@ pub fn dhcp_server_frames(frames: &[Vec<u8>]) -> Vec<String> {
         })
         .collect()
 }
+
+/// The debug build's test hook: abort right after `step`.
+pub fn abort_after(step: &str) -> Vec<(String, String)> {
+    vec![("NICPLUG_TEST_FAULT".into(), format!("abort-after={step}"))]
+}
+
+/// Waits for nicplug to abort after `step` (see [`abort_after`]) and
+/// restarts it without the fault.
+pub fn abort_after_then_restart(nicplug: &mut Nicplug<'_>, step: &str) {
+    let status = nicplug
+        .wait_exit(Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("nicplug did not abort after {step}: {}", nicplug.log()));
+    assert_eq!(status.signal(), Some(libc::SIGABRT), "{}", nicplug.log());
+    nicplug.env.clear();
+    nicplug.start();
+}

@@ -22,6 +22,9 @@ pub struct CniNet {
     /// `fe80::<N>:fe` in fe80::/64 (link-local, as every address the rig uses),
     /// gateway `fe80::<N>:1` and a default route through it.
     pub ipv6: bool,
+    /// Whether IPAM's routes include a default route through the gateway:
+    /// the pod network's primary CNI gives one (and passt needs one).
+    pub default_route: bool,
 }
 
 impl CniNet {
@@ -35,6 +38,18 @@ impl CniNet {
             subnet: format!("169.254.{}.0/24", index as u16 + 1),
             ipam: true,
             ipv6: false,
+            default_route: false,
+        }
+    }
+
+    /// The pod network (`eth0`, from the node's primary CNI): like
+    /// [`CniNet::new`], with a default route through the gateway, inside
+    /// the pod netns only.
+    pub fn pod_network(index: u8) -> CniNet {
+        CniNet {
+            name: format!("podnet{index}"),
+            default_route: true,
+            ..CniNet::new(index)
         }
     }
 
@@ -128,11 +143,15 @@ impl CniNet {
                 "dataDir": ipam_dir,
             });
         } else if self.ipam {
+            let mut routes = vec![json!({ "dst": self.route() })];
+            if self.default_route {
+                routes.push(json!({ "dst": "0.0.0.0/0" }));
+            }
             config["ipam"] = json!({
                 "type": "host-local",
                 "subnet": self.subnet,
                 "gateway": self.gateway(),
-                "routes": [{ "dst": self.route() }],
+                "routes": routes,
                 "dataDir": ipam_dir,
             });
         }

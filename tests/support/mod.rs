@@ -9,7 +9,7 @@
 
 mod cni;
 mod guest;
-mod util;
+pub mod util;
 
 pub use cni::{CNI_PATH, CniNet, CniResult, MacvtapLan};
 pub use guest::{GuestExec, GuestIface};
