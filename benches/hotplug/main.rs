@@ -6,8 +6,10 @@
 //! `script` (operator.sh: iproute2 + virsh). Then a burst of 8 interfaces in
 //! one VMI update, nicplug's idle footprint with 8 interfaces plugged, a
 //! restart with them plugged, 8 back-to-back single plugs (the burst's
-//! baseline), and rounds that time when the user's network works: the pod
-//! interface appears -> the first packet from the node reaches the guest.
+//! baseline), rounds that time when the user's network works: the pod
+//! interface appears -> the first packet from the node reaches the guest, and
+//! rounds of a macvtap NIC (KubeVirt's macvtap binding plugin: nothing to
+//! build) against the bridge cycles of the same run.
 //!
 //! Every stamp is CLOCK_MONOTONIC: nicplug's status file (`monotonicNs`), the
 //! floor's own output, the harness's netlink listener in the pod netns (when
@@ -42,14 +44,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use e2e::{Nicplug, nicplug_binary, pod_iface, vmi_doc};
+use e2e::{Nicplug, nicplug_binary, pod_iface, vmi_doc, vmi_doc_states, with_binding};
 use linkwatch::{LinkEvent, LinkWatch, mono_ns};
 use nicplug::hypervisor::device_xml::{DeviceBackend, InterfaceDevice};
 use nicplug::hypervisor::events::DomainEvent;
 use nicplug::hypervisor::libvirt::Libvirt;
 use nicplug::model::{IfName, Mac, PlumbingNames};
 use stats::ms;
-use support::{CniNet, Rig, RigOptions};
+use support::{CniNet, MacvtapLan, Rig, RigOptions};
 
 /// The network of the latency cycles (the burst uses dyniface1..8).
 const NET_INDEX: u8 = 1;
@@ -65,6 +67,10 @@ const VARIANTS: [&str; 3] = ["nicplug", "floor", "script"];
 const UPLINK_NET_INDEX: u8 = 20;
 /// How often the echo train sends: the resolution of the uplink stamp.
 const ECHO_EVERY: Duration = Duration::from_millis(2);
+/// The node LAN of the macvtap rounds.
+const MACVTAP_LAN: u8 = 30;
+/// The macvtap rounds' network.
+const MACVTAP_NETWORK: &str = "lan";
 
 fn env_num(key: &str, default: u64) -> u64 {
     std::env::var(key)
@@ -508,6 +514,44 @@ impl Bench<'_> {
         self.baseline_cycle(p, false)
     }
 
+    /// One macvtap round: the NIC's VMI update first, then macvtap-cni's
+    /// pod link appears (as in the bridge cycles); the unplug leaves the
+    /// macvtap to CNI DEL.
+    fn macvtap_round(&self, nic: &Nicplug, lan: &MacvtapLan) -> Sample {
+        let network = MACVTAP_NETWORK;
+        let pod = pod_iface(network);
+        let alias = format!("ua-{network}");
+        let spec = |state| {
+            with_binding(
+                vmi_doc_states(self.rig, &[(network, state)]),
+                network,
+                "macvtap",
+            )
+        };
+        nic.write_vmi(&spec("up"));
+        wait_entry(nic, network, Phase::Pending, Duration::from_secs(20));
+        std::thread::sleep(SETTLE);
+        self.obs.drain();
+        self.rig.macvtap_add(lan, &pod, None);
+        let exists = self.obs.link_appeared(&pod, Duration::from_secs(10));
+        let entry = wait_entry(nic, network, Phase::Ready, Duration::from_secs(30));
+        let added = self.obs.device_event(true, &alias, Duration::from_secs(10));
+        let ready = transition(&entry, Phase::Ready);
+
+        std::thread::sleep(SETTLE);
+        self.obs.drain();
+        nic.write_vmi(&spec("absent"));
+        let changed = mono_ns();
+        let entry = wait_entry(nic, network, Phase::Detached, Duration::from_secs(40));
+        let gone = transition(&entry, Phase::Detached);
+        self.rig.macvtap_del(&pod);
+        let mut s = Sample::new();
+        s.insert("device_added", ms_between(exists, added));
+        s.insert("ready", ms_between(exists, ready));
+        s.insert("u_gone", ms_between(changed, gone));
+        s
+    }
+
     /// One uplink round on `net`: the NIC gets a MAC of its own (so only the
     /// guest can answer its link-local address), the echo train starts when
     /// CNI ADD returned, and the round ends with the unplug.
@@ -866,6 +910,28 @@ fn main() {
         }
     }
 
+    // macvtap rounds, against the bridge cycles above.
+    let lan = MacvtapLan::new(MACVTAP_LAN);
+    let _ = std::fs::remove_file(&nic.status_path);
+    nic.set_spec(&[]);
+    nic.start();
+    let mut macvtap = Vec::new();
+    for round in 0..=runs {
+        let s = bench.macvtap_round(&nic, &lan);
+        eprintln!(
+            "bench: macvtap {round:>3}/{runs}: exists->DEVICE_ADDED {:>7} ms  ->Ready {:>7} ms  unplug gone {:>7} ms",
+            ms(s["device_added"]),
+            ms(s["ready"]),
+            ms(s["u_gone"])
+        );
+        // The first round makes the LAN: a warm-up.
+        if round > 0 {
+            macvtap.push(s);
+        }
+    }
+    nic.set_spec(&[]);
+    assert!(nic.stop(), "nicplug exits cleanly");
+
     // Burst of 8, then idle footprint with the last burst plugged.
     let _ = std::fs::remove_file(&nic.status_path);
     nic.set_spec(&[]);
@@ -945,6 +1011,7 @@ fn main() {
         restart_ms,
         uplinks,
         uplinks_window,
+        macvtap,
         footprint: fp,
         machine: machine(),
         load: (load_before, load_after),

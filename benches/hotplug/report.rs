@@ -27,12 +27,17 @@ pub struct Report<'a> {
     pub uplinks: Vec<Uplink>,
     /// Without network-status: the settle window.
     pub uplinks_window: Vec<Uplink>,
+    /// macvtap rounds (`device_added`, `ready`, `u_gone`, as the cycles').
+    pub macvtap: Vec<Sample>,
     pub footprint: Footprint,
     pub machine: Value,
     pub load: (String, String),
     pub resync_s: f64,
     pub elapsed_s: f64,
 }
+
+/// What the macvtap rounds measure (keys of the cycles' samples).
+const MACVTAP_KEYS: [&str; 3] = ["device_added", "ready", "u_gone"];
 
 /// One target: its text, the measured value as text, and whether it is met.
 struct Target {
@@ -81,6 +86,11 @@ impl Report<'_> {
         if self.uplinks_window.is_empty() {
             out.push("uplink without network-status".into());
         }
+        for key in MACVTAP_KEYS {
+            if self.macvtap_summary(key).is_none() {
+                out.push(format!("macvtap {key}"));
+            }
+        }
         if !finite(self.footprint.rss_mib) || !finite(self.footprint.pss_mib) {
             out.push("footprint".into());
         }
@@ -100,6 +110,17 @@ impl Report<'_> {
 
     fn uplink_summary(&self, f: fn(&Uplink) -> f64) -> Option<Summary> {
         summarize(&self.uplinks.iter().map(f).collect::<Vec<_>>())
+    }
+
+    fn macvtap_values(&self, key: &str) -> Vec<f64> {
+        self.macvtap
+            .iter()
+            .filter_map(|s| s.get(key).copied())
+            .collect()
+    }
+
+    fn macvtap_summary(&self, key: &str) -> Option<Summary> {
+        summarize(&self.macvtap_values(key))
     }
 
     fn uplink_window_summary(&self, f: fn(&Uplink) -> f64) -> Option<Summary> {
@@ -344,6 +365,27 @@ impl Report<'_> {
                 ms(ready.p50)
             );
         }
+        if let (Some(added), Some(ready), Some(gone)) = (
+            self.macvtap_summary("device_added"),
+            self.macvtap_summary("ready"),
+            self.macvtap_summary("u_gone"),
+        ) {
+            let bridge = |key| self.summary("nicplug", key).map_or(f64::NAN, |s| s.p50);
+            let _ = writeln!(
+                o,
+                "\nA macvtap NIC (KubeVirt's macvtap binding: no bridge or tap to build), {} rounds: pod interface appears -> DEVICE_ADDED p50 {} ms (bridge {} ms, {:.2}x), -> Ready p50 {} / p99 {} ms (bridge p50 {} ms, {:.2}x); unplug -> gone p50 {} ms (bridge {} ms).\n",
+                added.n,
+                ms(added.p50),
+                ms(bridge("device_added")),
+                added.p50 / bridge("device_added"),
+                ms(ready.p50),
+                ms(ready.p99),
+                ms(bridge("ready")),
+                ready.p50 / bridge("ready"),
+                ms(gone.p50),
+                ms(bridge("u_gone"))
+            );
+        }
         let fp = &self.footprint;
         let _ = writeln!(
             o,
@@ -445,6 +487,10 @@ impl Report<'_> {
                 "exists_to_ready_ms": round3(u.ready_ms),
                 "exists_to_first_packet_ms": round3(u.first_packet_ms),
             })).collect::<Vec<_>>(),
+            "macvtap": MACVTAP_KEYS.iter().filter_map(|key| {
+                let xs = self.macvtap_values(key);
+                summarize(&xs).map(|s| (key.to_string(), s.to_json(&xs)))
+            }).collect::<serde_json::Map<_, _>>(),
             "footprint": self.footprint.to_json(),
             "targets": self.targets().iter().map(|t| json!({
                 "target": t.text, "measured": t.measured, "met": t.met
