@@ -213,6 +213,10 @@ pub fn describe(step: &Step) -> String {
             device.alias.as_deref().unwrap_or("-"),
             if *up { "up" } else { "down" }
         ),
+        Step::RefreshLink { device } => format!(
+            "{} link down and up (live)",
+            device.alias.as_deref().unwrap_or("-")
+        ),
         Step::ReleasePodLink { pod, record } => {
             let list: Vec<String> = record.addresses.iter().map(ToString::to_string).collect();
             format!(

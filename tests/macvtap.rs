@@ -205,3 +205,72 @@ fn a_crash_right_after_the_attach_or_the_detach_converges() {
     assert_eq!(devices_on(&rig, &pod), 0, "{}", nicplug.log());
     assert_eq!(as_cni_made_it(&rig, &pod), cni_made);
 }
+
+#[test]
+fn live_migration_moves_a_macvtap_nic_onto_the_target_pods_own_macvtap() {
+    if !support::require_root() {
+        return;
+    }
+    let rig = Rig::start(RigOptions {
+        non_root: false,
+        ..RigOptions::default()
+    });
+    let lan = MacvtapLan::new(63);
+    let pod = pod_iface(NETWORK);
+    // macAddress, so that macvtap-cni gives both pods' macvtaps the VM's MAC.
+    let mac = "02:6b:76:00:00:63";
+    let mut doc = spec(&rig, "up");
+    doc["spec"]["domain"]["devices"]["interfaces"][1]["macAddress"] = mac.into();
+    rig.macvtap_add(&lan, &pod, Some(mac));
+    let cni_made = as_cni_made_it(&rig, &pod);
+    let mut source = nicplug_for(&rig);
+    source.start();
+    source.write_vmi(&doc);
+    source.wait_phase(NETWORK, Phase::Ready, WAIT);
+    ping_over_the_lan(&rig, &lan, mac).unwrap_or_else(|e| panic!("{e}\n{}", source.log()));
+
+    // The target pod on another "node" LAN (a macvtap of the same MAC on the
+    // same lower link is refused by the kernel, as on two real nodes it
+    // never meets): its own macvtap from CNI is all it needs.
+    let target = rig.start_target();
+    let target_lan = MacvtapLan::new(64);
+    target.macvtap_add(&target_lan, &pod, Some(mac));
+    let target_made = as_cni_made_it(&target, &pod);
+    let mut nicplug = nicplug_for(&target);
+    nicplug.start();
+    nicplug.write_vmi(&doc);
+    nicplug.wait_phase(NETWORK, Phase::Prepared, WAIT);
+    let entry = nicplug.entry(NETWORK).unwrap();
+    assert!(entry.get("message").is_none(), "the MACs agree: {entry}");
+    assert_eq!(as_cni_made_it(&target, &pod), target_made, "nothing built");
+
+    let took = rig
+        .migrate_to(&target, &[])
+        .expect("the migration succeeds");
+    eprintln!("timing: macvtap NIC migration (virsh migrate) {took:?}");
+    nicplug.wait_phase(NETWORK, Phase::Ready, WAIT);
+    assert_eq!(devices_on(&target, &pod), 1);
+    assert!(
+        !nicplug.log().contains("attached mac"),
+        "the target attached: {}",
+        nicplug.log()
+    );
+    ping_over_the_lan(&target, &target_lan, mac)
+        .unwrap_or_else(|e| panic!("{e}\n{}", nicplug.log()));
+    // The source keeps its macvtap for CNI DEL and detached nothing.
+    let gone = support::poll(WAIT, Duration::from_millis(50), || {
+        source
+            .entry(NETWORK)
+            .filter(|e| e["message"] == "the domain migrated to another pod")
+    });
+    assert!(
+        gone.is_some(),
+        "{:?}\n{}",
+        source.entry(NETWORK),
+        source.log()
+    );
+    assert!(!source.log().contains("detaching"), "{}", source.log());
+    assert_eq!(as_cni_made_it(&rig, &pod), cni_made);
+    drop(nicplug);
+    drop(target);
+}

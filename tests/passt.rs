@@ -39,7 +39,7 @@ esac
 /// The node-side host the guest connects to: on the pod network's node
 /// bridge, not the gateway (passt maps the gateway's address to the pod
 /// itself).
-const NODE_HOST: u8 = 3;
+const NODE_HOST: u8 = 254;
 
 /// Gives the guest NIC with `mac` passt's lease; returns the guest's name
 /// of the NIC and the address it got.
@@ -197,6 +197,28 @@ fn wait_process_gone(pid: i32, timeout: Duration) -> bool {
         (!Path::new(&format!("/proc/{pid}")).exists()).then_some(())
     })
     .is_some()
+}
+
+/// The guest's count of carrier changes on the NIC with `mac`.
+fn carrier_changes(rig: &Rig, mac: &str) -> u64 {
+    let guest = rig
+        .wait_guest_mac(mac, Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("the guest does not report {mac}"));
+    let (_, out) = rig.guest_exec(&[
+        "/bin/cat",
+        &format!("/sys/class/net/{}/carrier_changes", guest.name),
+    ]);
+    out.trim().parse().unwrap_or(0)
+}
+
+/// The live link state of the passt device.
+fn device_link_up(rig: &Rig) -> Option<bool> {
+    nicplug::hypervisor::domain_xml::parse_devices(&rig.domain_xml())
+        .unwrap()
+        .interfaces
+        .iter()
+        .find(|i| i.is_passt())
+        .map(|i| i.link_up)
 }
 
 /// The live domain's passt devices.
@@ -365,4 +387,97 @@ fn a_crash_right_after_the_attach_or_the_detach_converges() {
         })
         .is_some()
     );
+}
+
+#[test]
+fn live_migration_moves_a_passt_nic_onto_the_target_pods_own_pod_network() {
+    if !support::require_root() {
+        return;
+    }
+    let rig = Rig::start(RigOptions {
+        non_root: false,
+        ..RigOptions::default()
+    });
+    let (net, source_addr) = pod_with_pod_network(&rig, 75);
+    let mut source = nicplug_for(&rig);
+    source.start();
+    source.write_vmi(&spec(&rig, "up"));
+    source.wait_phase(NETWORK, Phase::Ready, WAIT);
+    let mac = source.entry(NETWORK).unwrap()["mac"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    traffic_both_ways(&rig, &net, &source_addr, &mac)
+        .unwrap_or_else(|e| panic!("{e}\n{}", source.log()));
+    let source_passt = passt_pids(&rig);
+    let flaps_before = carrier_changes(&rig, &mac);
+
+    // The target pod has its own eth0 (another address of the same
+    // network); libvirt starts passt there when the domain arrives.
+    let target = rig.start_target();
+    let target_addr = target.cni_add(&net, "eth0").ips[0]
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    assert_ne!(target_addr, source_addr);
+    let mut nicplug = nicplug_for(&target);
+    nicplug.start();
+    nicplug.write_vmi(&spec(&target, "up"));
+    nicplug.wait_phase(NETWORK, Phase::Prepared, WAIT);
+    assert!(passt_pids(&target).is_empty(), "no passt before the domain");
+
+    let took = rig
+        .migrate_to(&target, &[])
+        .expect("the migration succeeds");
+    eprintln!("timing: passt NIC migration (virsh migrate) {took:?}");
+    nicplug.wait_phase(NETWORK, Phase::Ready, WAIT);
+    assert_eq!(passt_devices(&target), 1);
+    assert_eq!(
+        passt_pids(&target).len(),
+        1,
+        "libvirt started the target's passt"
+    );
+    assert!(
+        !nicplug.log().contains("attached mac"),
+        "the target attached: {}",
+        nicplug.log()
+    );
+    assert!(
+        source_passt
+            .iter()
+            .all(|pid| wait_process_gone(*pid, Duration::from_secs(5))),
+        "the source's passt stops with the source QEMU"
+    );
+    // nicplug refreshed the link (KubeVirt's link-refresh method): the
+    // guest saw its carrier go and come back, so its DHCP client (here the
+    // test's udhcpc, as a distribution's does on carrier up) takes the
+    // target pod's address, and traffic goes through the target pod.
+    let flapped = support::poll(WAIT, Duration::from_millis(100), || {
+        (carrier_changes(&target, &mac) >= flaps_before + 2).then_some(())
+    });
+    assert!(
+        flapped.is_some(),
+        "no carrier flap in the guest ({flaps_before} -> {})\n{}",
+        carrier_changes(&target, &mac),
+        nicplug.log()
+    );
+    assert!(nicplug.log().contains("link refreshed after the migration"));
+    assert_eq!(device_link_up(&target), Some(true), "the link is up again");
+    traffic_both_ways(&target, &net, &target_addr, &mac)
+        .unwrap_or_else(|e| panic!("{e}\n{}", nicplug.log()));
+    let left = support::poll(WAIT, Duration::from_millis(50), || {
+        source
+            .entry(NETWORK)
+            .filter(|e| e["message"] == "the domain migrated to another pod")
+    });
+    assert!(
+        left.is_some(),
+        "{:?}\n{}",
+        source.entry(NETWORK),
+        source.log()
+    );
+    assert!(!source.log().contains("detaching"), "{}", source.log());
+    drop(nicplug);
+    drop(target);
 }

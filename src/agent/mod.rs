@@ -10,7 +10,7 @@
 //! the loop goes on serving every other interface, and the task's outcome
 //! comes back through a channel and wakes the loop.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +24,7 @@ use crate::health::{Part, Readiness};
 use crate::hypervisor::events::DomainEvent;
 use crate::hypervisor::{DomainLifecycle, DomainState, Hypervisor, HypervisorError, Migration};
 use crate::model::Owner;
-use crate::model::vmi::{BindingPlugins, Vmi};
+use crate::model::vmi::{Binding, BindingPlugins, Vmi};
 use crate::netns::{Link, NetnsError, PodNetwork};
 use crate::plan::{InterfacePlan, Observed, Phase, Step, plan};
 use crate::status::{
@@ -72,13 +72,15 @@ pub struct Observation {
 }
 
 impl Observation {
-    pub fn observed(&self, coexist: bool) -> Observed<'_> {
+    /// The planner's view; `migrated_in` as [`Observed::migrated_in`].
+    pub fn observed<'a>(&'a self, coexist: bool, migrated_in: &'a [String]) -> Observed<'a> {
         Observed {
             links: &self.links,
             domain: self.domain.as_ref(),
             tap_owner: self.tap_owner,
             clean_kubevirt_leftovers: coexist,
             kubevirt_plumbs: coexist,
+            migrated_in,
         }
     }
 }
@@ -98,7 +100,10 @@ struct AppliedPass {
 fn changes_the_domain(step: &Step) -> bool {
     matches!(
         step,
-        Step::Attach { .. } | Step::Detach { .. } | Step::SetLinkState { .. }
+        Step::Attach { .. }
+            | Step::Detach { .. }
+            | Step::SetLinkState { .. }
+            | Step::RefreshLink { .. }
     )
 }
 
@@ -205,7 +210,7 @@ pub async fn observe_and_plan<N: PodNetwork, H: Hypervisor>(
     let mut cache = None;
     let observation = observe(net, hyp, &domain_name, config.tap_owner, &mut cache, None).await?;
     let vmi = vmi.resolve_plugins(&config.binding_plugins);
-    let plans = plan(&vmi, &observation.observed(config.coexist));
+    let plans = plan(&vmi, &observation.observed(config.coexist, &[]));
     Ok((observation, plans))
 }
 
@@ -381,6 +386,12 @@ pub struct Agent<N, H> {
     /// The pod's resolv.conf as DHCP hands it out, read on first use: the
     /// kubelet writes it when the pod is made and it does not change after.
     pod_dns: Option<crate::dhcp::Dns>,
+    /// passt interfaces a pass of this process found `Prepared` (a
+    /// migration target, before the domain).
+    passt_prepared: BTreeSet<String>,
+    /// Of those, the ones whose device arrived with a live migration and
+    /// whose link was not refreshed yet ([`Observed::migrated_in`]).
+    migrated_in: Vec<String>,
 }
 
 /// How often a migration in flight is looked at.
@@ -466,6 +477,8 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             domain_seen: None,
             migrating: false,
             change_met_migration: false,
+            passt_prepared: BTreeSet::new(),
+            migrated_in: Vec::new(),
             dhcp: crate::dhcp::Servers::new(config.report.metrics.clone()),
             link_changes: LinkChanges::default(),
             pod_dns: None,
@@ -660,6 +673,33 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         Ok(())
     }
 
+    /// The domain runs here: the passt interfaces prepared for it need
+    /// their link refreshed if a live migration brought it, and nothing if
+    /// it started here.
+    fn note_arrival(&mut self, observation: &Observation) {
+        let Some(domain) = observation.domain.as_ref().filter(|d| d.running) else {
+            return;
+        };
+        let prepared = std::mem::take(&mut self.passt_prepared);
+        if domain.arrived_by_migration {
+            self.migrated_in.extend(prepared);
+        }
+    }
+
+    fn note_passt_prepared(&mut self, vmi: &Vmi, plans: &[InterfacePlan]) {
+        let passt = |name: &str| {
+            vmi.interfaces
+                .iter()
+                .any(|i| i.name == name && i.binding == Binding::Passt)
+        };
+        for p in plans {
+            if p.phase == Phase::Prepared && passt(&p.name) {
+                self.passt_prepared.insert(p.name.clone());
+            }
+        }
+        self.migrated_in.retain(|name| passt(name));
+    }
+
     /// The earliest interface retry still ahead.
     fn next_retry(&self) -> Option<Instant> {
         let now = Instant::now();
@@ -680,7 +720,12 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         let domain_name = self.domain_name(vmi);
         debug!("reconcile");
         let observation = self.observe_pass(&domain_name).await?;
-        let plans = plan(vmi, &observation.observed(self.config.coexist));
+        self.note_arrival(&observation);
+        let plans = plan(
+            vmi,
+            &observation.observed(self.config.coexist, &self.migrated_in),
+        );
+        self.note_passt_prepared(vmi, &plans);
         self.migrating = std::mem::take(&mut self.change_met_migration)
             || observation
                 .domain
@@ -1003,6 +1048,12 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                         Step::SetLinkState { up, .. } => {
                             info!(link = if *up { "up" } else { "down" }, "link state set");
                         }
+                        Step::RefreshLink { .. } => {
+                            self.migrated_in.retain(|name| name != &plan.name);
+                            info!(
+                                "link refreshed after the migration: the guest renews its address"
+                            );
+                        }
                         _ => {}
                     }
                 }
@@ -1139,6 +1190,13 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 self.hyp
                     .set_link_state(domain_name, device, *up, *persistent)
                     .await?
+            }
+            Step::RefreshLink { device } => {
+                for up in [false, true] {
+                    self.hyp
+                        .set_link_state(domain_name, device, up, false)
+                        .await?;
+                }
             }
             // Started by `run_steps` as a task; never run inline.
             Step::Detach { .. } => {}

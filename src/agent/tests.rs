@@ -213,6 +213,8 @@ struct FakeHyp {
     /// The job libvirt's worker finds right before a device change; domain
     /// reads keep saying `domain`'s (a read from before the migration began).
     migration_job: Mutex<Migration>,
+    /// Every live link state change: (alias, up).
+    link_changes: Mutex<Vec<(String, bool)>>,
 }
 
 impl FakeHyp {
@@ -222,6 +224,7 @@ impl FakeHyp {
                 running: true,
                 persistent: true,
                 migration: Migration::None,
+                arrived_by_migration: false,
                 interfaces: vec![],
                 root_ports: RootPorts::with_free(4, free_ports),
                 qemu: Some(QemuVersion(10_000_002)),
@@ -238,6 +241,7 @@ impl FakeHyp {
             stop_after_reads: Mutex::new(None),
             absent: Mutex::new(false),
             migration_job: Mutex::new(Migration::None),
+            link_changes: Mutex::default(),
         }
     }
 
@@ -380,6 +384,10 @@ impl Hypervisor for FakeHyp {
     ) -> Result<(), HypervisorError> {
         self.refuse_during_migration()?;
         let alias = device.alias.clone();
+        self.link_changes
+            .lock()
+            .unwrap()
+            .push((alias.clone().unwrap_or_default(), up));
         let mut domain = self.domain.lock().unwrap();
         let device = domain
             .interfaces
@@ -1333,7 +1341,10 @@ mod properties {
             Step::EnslavePodLink { pod, bridge, .. } => vec![pod, bridge],
             Step::EnsureTap { spec, bridge } => vec![&spec.name, bridge],
             Step::DeleteLink { name } => vec![name],
-            Step::Attach { .. } | Step::Detach { .. } | Step::SetLinkState { .. } => vec![],
+            Step::Attach { .. }
+            | Step::Detach { .. }
+            | Step::SetLinkState { .. }
+            | Step::RefreshLink { .. } => vec![],
         }
     }
 
@@ -1349,6 +1360,7 @@ mod properties {
                 tap_owner: Some(Owner { uid: 107, gid: 107 }),
                 clean_kubevirt_leftovers: false,
                 kubevirt_plumbs: false,
+                migrated_in: &[],
             },
         )
     }
@@ -1874,4 +1886,68 @@ async fn networks_that_leave_the_spec_of_a_stopped_domain_are_not_forgotten() {
         "blue's pod link released"
     );
     assert!(agent.hyp.detaches.lock().unwrap().is_empty());
+}
+
+/// A VM whose pod network is on the passt plugin, and a pod whose `eth0`
+/// has its default route.
+fn passt_vmi_and_pod() -> (Vmi, FakeNet) {
+    let vmi = Vmi::parse(
+        r#"{"kind":"VirtualMachineInstance","metadata":{"name":"vm","namespace":"ns"},"spec":{"domain":{"devices":{"interfaces":[
+            {"name":"default","binding":{"name":"passt"}}]}},"networks":[{"name":"default","pod":{}}]}}"#,
+    )
+    .unwrap()
+    .resolve_plugins(&crate::model::vmi::BindingPlugins::default());
+    let net = FakeNet::with_pod_links(&["eth0"]);
+    net.edit(&IfName::new("eth0").unwrap(), |l| {
+        l.routes = vec![crate::model::PodRoute::new(
+            "0.0.0.0/0".parse().unwrap(),
+            Some("169.254.0.1".parse().unwrap()),
+        )];
+    });
+    (vmi, net)
+}
+
+/// The passt device of `passt_vmi_and_pod`, as it arrives with the domain.
+fn arriving_passt_device() -> crate::hypervisor::DomainInterface {
+    let xml = "<domain><devices><interface type='user'><source dev='eth0'/><backend type='passt'/><mac address='02:00:00:00:00:51'/><alias name='ua-default'/></interface></devices></domain>";
+    parse_devices(xml).unwrap().interfaces.remove(0)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_passt_nic_that_arrived_with_a_migration_has_its_link_refreshed_once() {
+    for migrated in [true, false] {
+        let (vmi, net) = passt_vmi_and_pod();
+        let hyp = FakeHyp::new(4);
+        *hyp.absent.lock().unwrap() = true;
+        let mut agent = agent_without_network_status(net, hyp);
+        agent.reconcile(&vmi).await.unwrap();
+        cni_settled().await;
+        agent.reconcile(&vmi).await.unwrap();
+        assert_eq!(phases(&agent)[0], ("default".to_string(), Phase::Prepared));
+        // The domain arrives (or, the second time, starts here) with the device.
+        *agent.hyp.absent.lock().unwrap() = false;
+        {
+            let mut domain = agent.hyp.domain.lock().unwrap();
+            domain.arrived_by_migration = migrated;
+            domain.interfaces.push(arriving_passt_device());
+        }
+        agent.reconcile(&vmi).await.unwrap();
+        agent.reconcile(&vmi).await.unwrap();
+        let changes = agent.hyp.link_changes.lock().unwrap().clone();
+        let refreshed = [
+            ("ua-default".to_string(), false),
+            ("ua-default".to_string(), true),
+        ];
+        if migrated {
+            assert_eq!(changes, refreshed, "down and up, once");
+        } else {
+            assert!(changes.is_empty(), "a VM that started here: {changes:?}");
+        }
+        assert!(agent.hyp.attaches.lock().unwrap().is_empty());
+        assert!(matches!(
+            phases(&agent)[0].1,
+            Phase::Attached | Phase::Ready
+        ));
+        assert!(agent.hyp.device("ua-default").unwrap().link_up);
+    }
 }

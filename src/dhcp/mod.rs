@@ -167,6 +167,7 @@ mod tests {
             running: true,
             persistent: true,
             migration: crate::hypervisor::Migration::None,
+            arrived_by_migration: false,
             qemu: None,
             devices_unknown: false,
             interfaces: vec![DomainInterface {

@@ -202,6 +202,9 @@ pub struct DomainState {
     pub persistent: bool,
     /// Where a live migration has the domain, as this pod's daemon sees it.
     pub migration: super::Migration,
+    /// Running here since a live migration brought it (libvirt's running
+    /// reason `migrated`, until the next state change).
+    pub arrived_by_migration: bool,
     pub interfaces: Vec<DomainInterface>,
     pub root_ports: RootPorts,
     /// The QEMU that runs it; `None` when libvirt did not say.

@@ -258,7 +258,12 @@ fn read_domain(conn: &Connect, name: &str) -> Result<DomainRead, HypervisorError
     let Some(dom) = lookup(conn, name)? else {
         return Ok((None, DomainLifecycle::Absent));
     };
-    let (running, lifecycle, migration) = domain_state(&dom)?;
+    let StateRead {
+        running,
+        lifecycle,
+        migration,
+        arrived_by_migration,
+    } = domain_state(&dom)?;
     let persistent = dom
         .is_persistent()
         .map_err(|e| libvirt_error("read the domain state", e))?;
@@ -290,6 +295,7 @@ fn read_domain(conn: &Connect, name: &str) -> Result<DomainRead, HypervisorError
         running,
         persistent,
         migration,
+        arrived_by_migration,
         interfaces: devices.interfaces,
         root_ports: devices.root_ports,
         qemu,
@@ -802,9 +808,15 @@ fn agent_interfaces(dom: &virt::domain::Domain) -> Result<Vec<GuestInterface>, v
 /// user. An incoming migration (paused, reason migration or starting up) is
 /// not: its devices arrive with the migration, nicplug must attach nothing.
 /// And the state for people, and where a migration has it.
-fn domain_state(
-    dom: &virt::domain::Domain,
-) -> Result<(bool, DomainLifecycle, Migration), HypervisorError> {
+struct StateRead {
+    running: bool,
+    lifecycle: DomainLifecycle,
+    migration: Migration,
+    /// Running since an incoming migration (reason `migrated`).
+    arrived_by_migration: bool,
+}
+
+fn domain_state(dom: &virt::domain::Domain) -> Result<StateRead, HypervisorError> {
     let (mut state, mut reason) = (-1, -1);
     // SAFETY: `dom` is live for the call; the out-pointers are valid ints.
     let rc = unsafe { sys::virDomainGetState(dom.as_ptr(), &mut state, &mut reason, 0) };
@@ -853,14 +865,20 @@ fn domain_state(
         sys::VIR_DOMAIN_PMSUSPENDED => DomainLifecycle::Suspended,
         _ => DomainLifecycle::Unknown,
     };
-    Ok((running, lifecycle, migration))
+    Ok(StateRead {
+        running,
+        lifecycle,
+        migration,
+        arrived_by_migration: state == sys::VIR_DOMAIN_RUNNING as i32
+            && reason == sys::VIR_DOMAIN_RUNNING_MIGRATED as i32,
+    })
 }
 
 /// A migration that starts raises no event on the source, so the caller's
 /// domain read may predate it: every device change asks first, in the same
 /// worker job, right before the change.
 fn refuse_during_migration(dom: &virt::domain::Domain) -> Result<(), HypervisorError> {
-    match domain_state(dom)?.2 {
+    match domain_state(dom)?.migration {
         Migration::None | Migration::Departed => Ok(()),
         migration => Err(HypervisorError::Migrating { migration }),
     }

@@ -131,7 +131,19 @@ pub(super) fn plan(
     }
     if let Some(device) = device {
         let gone = pod.is_none().then_some(&pod_iface);
-        return adopt(vmi, spec, device, domain, gone, plan);
+        let mut plan = adopt(vmi, spec, device, domain, gone, plan);
+        if kind == Direct::Passt
+            && plan.steps.is_empty()
+            && device.link_up
+            && observed.migrated_in.contains(&spec.name)
+        {
+            // The guest still has the source pod's address: a carrier flap
+            // makes its DHCP client take the target pod's from passt.
+            plan.steps.push(Step::RefreshLink {
+                device: device.clone(),
+            });
+        }
+        return plan;
     }
     let Some(pod) = pod else {
         return plan.with_message(waiting_for(&pod_iface));

@@ -109,6 +109,12 @@ pub enum Step {
         up: bool,
         persistent: bool,
     },
+    /// Take the live device's link down and up again (live only): the
+    /// guest's DHCP client renews on the carrier flap, what a passt NIC
+    /// needs after a migration (KubeVirt's `link-refresh` method).
+    RefreshLink {
+        device: DomainInterface,
+    },
     ReleasePodLink {
         pod: IfName,
         record: PodLinkRecord,
@@ -129,6 +135,7 @@ impl Step {
             Step::Attach { .. } => "attach-device",
             Step::Detach { .. } => "detach-device",
             Step::SetLinkState { .. } => "set-link-state",
+            Step::RefreshLink { .. } => "refresh-link",
             Step::ReleasePodLink { .. } => "release-pod-link",
             Step::DeleteLink { .. } => "delete-link",
         }
@@ -249,6 +256,9 @@ pub struct Observed<'a> {
     /// pod without the domain gets nothing prepared by nicplug (it would
     /// race virt-handler); KubeVirt's layout, once there, is adopted.
     pub kubevirt_plumbs: bool,
+    /// Networks whose device arrived here with a live migration (the
+    /// agent saw them `Prepared`) and whose guest was not told yet.
+    pub migrated_in: &'a [String],
 }
 
 impl Observed<'_> {
@@ -293,6 +303,7 @@ pub fn plan(vmi: &Vmi, observed: &Observed<'_>) -> Vec<InterfacePlan> {
             tap_owner: observed.tap_owner,
             clean_kubevirt_leftovers: observed.clean_kubevirt_leftovers,
             kubevirt_plumbs: observed.kubevirt_plumbs,
+            migrated_in: observed.migrated_in,
         };
         return plan_here(vmi, &view)
             .into_iter()

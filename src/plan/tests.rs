@@ -51,6 +51,7 @@ pub(super) fn domain(ports: usize, interfaces: Vec<DomainInterface>) -> DomainSt
         running: true,
         persistent: true,
         migration: Migration::None,
+        arrived_by_migration: false,
         interfaces,
         root_ports: RootPorts::with_free(4, ports),
         qemu: Some(QEMU_10),
@@ -60,6 +61,7 @@ pub(super) fn domain(ports: usize, interfaces: Vec<DomainInterface>) -> DomainSt
 
 pub(super) fn observed<'a>(links: &'a [Link], domain: Option<&'a DomainState>) -> Observed<'a> {
     Observed {
+        migrated_in: &[],
         links,
         domain,
         tap_owner: Some(OWNER),
@@ -1250,6 +1252,7 @@ fn domain_with_primary(ports: u8, mut devices: Vec<DomainInterface>) -> DomainSt
         running: true,
         persistent: true,
         migration: Migration::None,
+        arrived_by_migration: false,
         interfaces: devices,
         root_ports: RootPorts::with_free(ports as usize, ports as usize),
         qemu: Some(QEMU_10),
