@@ -251,6 +251,29 @@ fn a_passt_nic_is_hot_plugged_carries_traffic_both_ways_and_leaves_the_pod_as_cn
     let rig = Rig::start(RigOptions::default());
     let (net, pod_addr) = pod_with_pod_network(&rig, 72);
     let cni_made = rig.pod_links_snapshot();
+    // `nicplug plan` first: the attach of a passt device, nothing changed.
+    let plan_vmi = rig.dir.join("passt-vmi.json");
+    std::fs::write(&plan_vmi, spec(&rig, "up").to_string()).unwrap();
+    let planned = rig
+        .pod_cmd(nicplug_binary().to_str().unwrap())
+        .args(["plan", "--vmi"])
+        .arg(&plan_vmi)
+        .args(["--libvirt-uri", &rig.libvirt_uri])
+        .env_remove("NICPLUG_LOG")
+        .output()
+        .unwrap();
+    let planned_text = String::from_utf8_lossy(&planned.stdout).into_owned();
+    assert_eq!(
+        planned.status.code(),
+        Some(2),
+        "not converged: {planned_text}"
+    );
+    assert!(
+        planned_text.contains("attach-device") && planned_text.contains("passt on eth0"),
+        "{planned_text}"
+    );
+    assert_eq!(passt_devices(&rig), 0);
+    assert_eq!(rig.pod_links_snapshot(), cni_made);
     let mut nicplug = nicplug_for(&rig);
     nicplug.start();
     nicplug.write_vmi(&spec(&rig, "up"));
@@ -268,6 +291,11 @@ fn a_passt_nic_is_hot_plugged_carries_traffic_both_ways_and_leaves_the_pod_as_cn
     assert_eq!(passt_devices(&rig), 1);
     let passt = passt_pids(&rig);
     assert_eq!(passt.len(), 1, "one passt for the device: {passt:?}");
+    let (_, metrics) = nicplug.api("/metrics", WAIT).unwrap();
+    assert!(
+        metrics.contains("nicplug_interfaces{phase=\"Ready\"} 1"),
+        "{metrics}"
+    );
     traffic_both_ways(&rig, &net, &pod_addr, &mac)
         .unwrap_or_else(|e| panic!("{e}\n{}", nicplug.log()));
 
