@@ -21,15 +21,6 @@ fn spec(rig: &Rig, state: &str) -> serde_json::Value {
     with_binding(vmi_doc_states(rig, &[(NETWORK, state)]), NETWORK, "macvtap")
 }
 
-fn nicplug_for(rig: &Rig) -> Nicplug<'_> {
-    let mut nicplug = Nicplug::new(rig, &[]);
-    nicplug.args = vec![
-        "--network-status".into(),
-        rig.network_status_path().to_string_lossy().into_owned(),
-    ];
-    nicplug
-}
-
 /// The devices of the live domain on `target`.
 fn devices_on(rig: &Rig, target: &str) -> usize {
     nicplug::hypervisor::domain_xml::parse_devices(&rig.domain_xml())
@@ -77,7 +68,7 @@ fn a_macvtap_nic_is_hot_plugged_reaches_the_lan_and_is_given_back_as_cni_made_it
     let rig = Rig::start(RigOptions::default());
     let lan = MacvtapLan::new(60);
     let pod = pod_iface(NETWORK);
-    let mut nicplug = nicplug_for(&rig);
+    let mut nicplug = nicplug_with_network_status(&rig);
     nicplug.start();
     nicplug.write_vmi(&spec(&rig, "up"));
     nicplug.wait_phase(NETWORK, Phase::Pending, WAIT);
@@ -153,7 +144,7 @@ fn a_device_kubevirt_rendered_is_adopted_and_a_restart_plugs_no_second() {
     ]);
     let mut doc = spec(&rig, "up");
     doc["spec"]["domain"]["devices"]["interfaces"][1]["macAddress"] = mac.clone().into();
-    let mut nicplug = nicplug_for(&rig);
+    let mut nicplug = nicplug_with_network_status(&rig);
     nicplug.start();
     nicplug.write_vmi(&doc);
     nicplug.wait_phase(NETWORK, Phase::Ready, WAIT);
@@ -161,15 +152,7 @@ fn a_device_kubevirt_rendered_is_adopted_and_a_restart_plugs_no_second() {
     ping_over_the_lan(&rig, &lan, &mac).unwrap_or_else(|e| panic!("{e}\n{}", nicplug.log()));
 
     // A restarted nicplug finds the device and adopts it again.
-    assert!(nicplug.stop());
-    nicplug.start();
-    nicplug.wait_phase(NETWORK, Phase::Ready, WAIT);
-    assert_eq!(devices_on(&rig, &pod), 1, "{}", nicplug.log());
-    assert!(
-        !nicplug.log().contains("attach-device"),
-        "nothing attached: {}",
-        nicplug.log()
-    );
+    assert_restart_adopts(&mut nicplug, NETWORK, || devices_on(&rig, &pod));
 }
 
 #[test]
@@ -180,7 +163,7 @@ fn a_crash_right_after_the_attach_or_the_detach_converges() {
     let rig = Rig::start(RigOptions::default());
     let lan = MacvtapLan::new(62);
     let pod = pod_iface(NETWORK);
-    let mut nicplug = nicplug_for(&rig);
+    let mut nicplug = nicplug_with_network_status(&rig);
     nicplug.env = abort_after("attach-device");
     nicplug.start();
     nicplug.write_vmi(&spec(&rig, "up"));
@@ -223,7 +206,7 @@ fn live_migration_moves_a_macvtap_nic_onto_the_target_pods_own_macvtap() {
     doc["spec"]["domain"]["devices"]["interfaces"][1]["macAddress"] = mac.into();
     rig.macvtap_add(&lan, &pod, Some(mac));
     let cni_made = as_cni_made_it(&rig, &pod);
-    let mut source = nicplug_for(&rig);
+    let mut source = nicplug_with_network_status(&rig);
     source.start();
     source.write_vmi(&doc);
     source.wait_phase(NETWORK, Phase::Ready, WAIT);
@@ -236,7 +219,7 @@ fn live_migration_moves_a_macvtap_nic_onto_the_target_pods_own_macvtap() {
     let target_lan = MacvtapLan::new(64);
     target.macvtap_add(&target_lan, &pod, Some(mac));
     let target_made = as_cni_made_it(&target, &pod);
-    let mut nicplug = nicplug_for(&target);
+    let mut nicplug = nicplug_with_network_status(&target);
     nicplug.start();
     nicplug.write_vmi(&doc);
     nicplug.wait_phase(NETWORK, Phase::Prepared, WAIT);
@@ -258,18 +241,7 @@ fn live_migration_moves_a_macvtap_nic_onto_the_target_pods_own_macvtap() {
     ping_over_the_lan(&target, &target_lan, mac)
         .unwrap_or_else(|e| panic!("{e}\n{}", nicplug.log()));
     // The source keeps its macvtap for CNI DEL and detached nothing.
-    let gone = support::poll(WAIT, Duration::from_millis(50), || {
-        source
-            .entry(NETWORK)
-            .filter(|e| e["message"] == "the domain migrated to another pod")
-    });
-    assert!(
-        gone.is_some(),
-        "{:?}\n{}",
-        source.entry(NETWORK),
-        source.log()
-    );
-    assert!(!source.log().contains("detaching"), "{}", source.log());
+    assert_source_left_alone(&source, NETWORK);
     assert_eq!(as_cni_made_it(&rig, &pod), cni_made);
     drop(nicplug);
     drop(target);

@@ -166,15 +166,6 @@ fn pod_with_pod_network(rig: &Rig, index: u8) -> (CniNet, String) {
     (net, addr)
 }
 
-fn nicplug_for(rig: &Rig) -> Nicplug<'_> {
-    let mut nicplug = Nicplug::new(rig, &[]);
-    nicplug.args = vec![
-        "--network-status".into(),
-        rig.network_status_path().to_string_lossy().into_owned(),
-    ];
-    nicplug
-}
-
 /// The passt processes libvirt runs for the rig's domain (their pid files,
 /// under the rig's private `/run/libvirt`), alive.
 fn passt_pids(rig: &Rig) -> Vec<i32> {
@@ -274,7 +265,7 @@ fn a_passt_nic_is_hot_plugged_carries_traffic_both_ways_and_leaves_the_pod_as_cn
     );
     assert_eq!(passt_devices(&rig), 0);
     assert_eq!(rig.pod_links_snapshot(), cni_made);
-    let mut nicplug = nicplug_for(&rig);
+    let mut nicplug = nicplug_with_network_status(&rig);
     nicplug.start();
     nicplug.write_vmi(&spec(&rig, "up"));
     nicplug.wait_phase(NETWORK, Phase::Ready, WAIT);
@@ -356,7 +347,7 @@ fn a_device_kubevirt_rendered_is_adopted_and_a_restart_plugs_no_second() {
         &file.to_string_lossy(),
         "--live",
     ]);
-    let mut nicplug = nicplug_for(&rig);
+    let mut nicplug = nicplug_with_network_status(&rig);
     nicplug.start();
     nicplug.write_vmi(&spec(&rig, "up"));
     nicplug.wait_phase(NETWORK, Phase::Ready, WAIT);
@@ -365,15 +356,7 @@ fn a_device_kubevirt_rendered_is_adopted_and_a_restart_plugs_no_second() {
     traffic_both_ways(&rig, &net, &pod_addr, mac)
         .unwrap_or_else(|e| panic!("{e}\n{}", nicplug.log()));
 
-    assert!(nicplug.stop());
-    nicplug.start();
-    nicplug.wait_phase(NETWORK, Phase::Ready, WAIT);
-    assert_eq!(passt_devices(&rig), 1, "{}", nicplug.log());
-    assert!(
-        !nicplug.log().contains("attach-device"),
-        "nothing attached: {}",
-        nicplug.log()
-    );
+    assert_restart_adopts(&mut nicplug, NETWORK, || passt_devices(&rig));
 }
 
 #[test]
@@ -383,7 +366,7 @@ fn a_crash_right_after_the_attach_or_the_detach_converges() {
     }
     let rig = Rig::start(RigOptions::default());
     let (net, pod_addr) = pod_with_pod_network(&rig, 74);
-    let mut nicplug = nicplug_for(&rig);
+    let mut nicplug = nicplug_with_network_status(&rig);
     nicplug.env = abort_after("attach-device");
     nicplug.start();
     nicplug.write_vmi(&spec(&rig, "up"));
@@ -427,7 +410,7 @@ fn live_migration_moves_a_passt_nic_onto_the_target_pods_own_pod_network() {
         ..RigOptions::default()
     });
     let (net, source_addr) = pod_with_pod_network(&rig, 75);
-    let mut source = nicplug_for(&rig);
+    let mut source = nicplug_with_network_status(&rig);
     source.start();
     source.write_vmi(&spec(&rig, "up"));
     source.wait_phase(NETWORK, Phase::Ready, WAIT);
@@ -449,7 +432,7 @@ fn live_migration_moves_a_passt_nic_onto_the_target_pods_own_pod_network() {
         .unwrap()
         .to_string();
     assert_ne!(target_addr, source_addr);
-    let mut nicplug = nicplug_for(&target);
+    let mut nicplug = nicplug_with_network_status(&target);
     nicplug.start();
     nicplug.write_vmi(&spec(&target, "up"));
     nicplug.wait_phase(NETWORK, Phase::Prepared, WAIT);
@@ -494,18 +477,7 @@ fn live_migration_moves_a_passt_nic_onto_the_target_pods_own_pod_network() {
     assert_eq!(device_link_up(&target), Some(true), "the link is up again");
     traffic_both_ways(&target, &net, &target_addr, &mac)
         .unwrap_or_else(|e| panic!("{e}\n{}", nicplug.log()));
-    let left = support::poll(WAIT, Duration::from_millis(50), || {
-        source
-            .entry(NETWORK)
-            .filter(|e| e["message"] == "the domain migrated to another pod")
-    });
-    assert!(
-        left.is_some(),
-        "{:?}\n{}",
-        source.entry(NETWORK),
-        source.log()
-    );
-    assert!(!source.log().contains("detaching"), "{}", source.log());
+    assert_source_left_alone(&source, NETWORK);
     drop(nicplug);
     drop(target);
 }

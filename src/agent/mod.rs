@@ -597,7 +597,10 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 .borrow_and_update()
                 .as_ref()
                 .map(|vmi| vmi.resolve_plugins(&self.config.binding_plugins));
-            let mut deadline = Instant::now() + self.config.resync;
+            let mut deadline = Deadline {
+                at: Instant::now() + self.config.resync,
+                why: "resync",
+            };
             if vmi.is_none() {
                 self.report.set_agent(self.agent_status(None));
             }
@@ -615,20 +618,23 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                     Ok(()) => {
                         backoff.succeeded();
                         if let Some(retry) = self.next_retry() {
-                            deadline = deadline.min(retry);
+                            deadline.sooner(retry, "interface retry");
                         }
                         if let Some(guest) = self.report.next_wake() {
-                            deadline = deadline.min(guest);
+                            deadline.sooner(guest, "guest agent poll");
                         }
                         if self.migrating {
-                            deadline = deadline.min(Instant::now() + MIGRATION_POLL);
+                            deadline.sooner(Instant::now() + MIGRATION_POLL, "migration poll");
                         }
                     }
                     Err(e) => {
                         // The whole pass failed: interface retries and guest
                         // polls wait for the next good pass.
                         let message = error_chain(&e);
-                        deadline = Instant::now() + backoff.failed(&message);
+                        deadline = Deadline {
+                            at: Instant::now() + backoff.failed(&message),
+                            why: "pass retry",
+                        };
                         self.pass_error = Some(message);
                         if matches!(e, AgentError::Domain(_)) {
                             self.domain_seen =
@@ -639,32 +645,33 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 }
             }
             if let Some(retry) = self.dhcp.next_retry() {
-                deadline = deadline.min(retry);
+                deadline.sooner(retry, "dhcp server retry");
             }
             if let Some(settled) = self.link_changes.next_settled(Instant::now()) {
-                deadline = deadline.min(settled);
+                deadline.sooner(settled, "cni settle");
             }
             let dhcp_changed = self.dhcp.changed();
-            let finished = tokio::select! {
+            let (woke, finished) = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = wake.notified() => None,
+                _ = wake.notified() => ("a link or domain event", None),
                 // A server started, died or acknowledged a lease: the status
                 // shows it.
-                _ = dhcp_changed.notified() => None,
+                _ = dhcp_changed.notified() => ("a dhcp server changed", None),
                 changed = spec.changed(), if spec_open => {
                     // A closed source keeps the last spec.
                     spec_open = changed.is_ok();
-                    None
+                    ("the spec changed", None)
                 }
                 changed = changed_or_pending(&mut network_status) => {
                     if changed.is_err() {
                         network_status = None;
                     }
-                    None
+                    ("the network-status changed", None)
                 }
-                result = self.detach_rx.recv() => result,
-                _ = tokio::time::sleep_until(deadline) => None,
+                result = self.detach_rx.recv() => ("a detach finished", result),
+                _ = tokio::time::sleep_until(deadline.at) => (deadline.why, None),
             };
+            debug!(woke, "loop woke");
             if let Some(result) = finished {
                 self.detach_finished(result);
             }
@@ -1210,6 +1217,21 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         );
         fault::after(step.name());
         Ok(())
+    }
+}
+
+/// When the run loop wakes without an event, and why (for its debug log).
+struct Deadline {
+    at: Instant,
+    why: &'static str,
+}
+
+impl Deadline {
+    fn sooner(&mut self, at: Instant, why: &'static str) {
+        if at < self.at {
+            self.at = at;
+            self.why = why;
+        }
     }
 }
 

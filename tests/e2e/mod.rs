@@ -941,3 +941,49 @@ pub fn abort_after_then_restart(nicplug: &mut Nicplug<'_>, step: &str) {
     nicplug.env.clear();
     nicplug.start();
 }
+
+/// nicplug on `rig` told of Multus' network-status (CNI's done signal), with
+/// the spec the test writes.
+pub fn nicplug_with_network_status(rig: &Rig) -> Nicplug<'_> {
+    let mut nicplug = Nicplug::new(rig, &[]);
+    nicplug.args = vec![
+        "--network-status".into(),
+        rig.network_status_path().to_string_lossy().into_owned(),
+    ];
+    nicplug
+}
+
+/// A restarted nicplug finds `network`'s device (`devices` counts them) and
+/// adopts it: Ready, still one device, nothing attached.
+pub fn assert_restart_adopts(
+    nicplug: &mut Nicplug<'_>,
+    network: &str,
+    devices: impl Fn() -> usize,
+) {
+    assert!(nicplug.stop());
+    nicplug.start();
+    nicplug.wait_phase(network, Phase::Ready, Duration::from_secs(60));
+    assert_eq!(devices(), 1, "{}", nicplug.log());
+    assert!(
+        !nicplug.log().contains("attach-device"),
+        "nothing attached: {}",
+        nicplug.log()
+    );
+}
+
+/// A migration source's nicplug after the hand-off: `network` says the
+/// domain left, and nothing was detached.
+pub fn assert_source_left_alone(source: &Nicplug<'_>, network: &str) {
+    let left = poll(Duration::from_secs(60), Duration::from_millis(50), || {
+        source
+            .entry(network)
+            .filter(|e| e["message"] == "the domain migrated to another pod")
+    });
+    assert!(
+        left.is_some(),
+        "{:?}\n{}",
+        source.entry(network),
+        source.log()
+    );
+    assert!(!source.log().contains("detaching"), "{}", source.log());
+}
