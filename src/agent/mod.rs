@@ -23,8 +23,8 @@ use crate::error::error_chain;
 use crate::health::{Part, Readiness};
 use crate::hypervisor::events::DomainEvent;
 use crate::hypervisor::{DomainLifecycle, DomainState, Hypervisor, HypervisorError, Migration};
-use crate::model::Owner;
 use crate::model::vmi::{Binding, BindingPlugins, Vmi};
+use crate::model::{IfName, Owner};
 use crate::netns::{Link, NetnsError, PodNetwork};
 use crate::plan::{InterfacePlan, Observed, Phase, Step, plan};
 use crate::status::{
@@ -386,6 +386,8 @@ pub struct Agent<N, H> {
     /// The pod's resolv.conf as DHCP hands it out, read on first use: the
     /// kubelet writes it when the pod is made and it does not change after.
     pod_dns: Option<crate::dhcp::Dns>,
+    /// The pod interfaces the last pass's plans name.
+    pod_ifaces: Vec<IfName>,
     /// passt interfaces a pass of this process found `Prepared` (a
     /// migration target, before the domain).
     passt_prepared: BTreeSet<String>,
@@ -477,6 +479,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             domain_seen: None,
             migrating: false,
             change_met_migration: false,
+            pod_ifaces: Vec::new(),
             passt_prepared: BTreeSet::new(),
             migrated_in: Vec::new(),
             dhcp: crate::dhcp::Servers::new(config.report.metrics.clone()),
@@ -647,7 +650,10 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             if let Some(retry) = self.dhcp.next_retry() {
                 deadline.sooner(retry, "dhcp server retry");
             }
-            if let Some(settled) = self.link_changes.next_settled(Instant::now()) {
+            if let Some(settled) = self
+                .link_changes
+                .next_settled(Instant::now(), &self.pod_ifaces)
+            {
                 deadline.sooner(settled, "cni settle");
             }
             let dhcp_changed = self.dhcp.changed();
@@ -733,6 +739,7 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
             &observation.observed(self.config.coexist, &self.migrated_in),
         );
         self.note_passt_prepared(vmi, &plans);
+        self.pod_ifaces = plans.iter().filter_map(|p| p.pod_iface.clone()).collect();
         self.migrating = std::mem::take(&mut self.change_met_migration)
             || observation
                 .domain

@@ -34,6 +34,10 @@ struct LinkState {
     appeared_at: Instant,
     /// Waiting for its network-status entry in the last pass.
     awaiting: bool,
+    /// Settling in the last pass: only then does the settle window's end
+    /// need a pass (a link that network-status or an earlier pass called
+    /// done changes no plan when its window ends).
+    settling: bool,
 }
 
 impl LinkChanges {
@@ -62,6 +66,7 @@ impl LinkChanges {
                     changed_at: now,
                     appeared_at: now,
                     awaiting: false,
+                    settling: false,
                 });
             if state.addresses != link.addresses || state.routes != link.routes {
                 state.addresses.clone_from(&link.addresses);
@@ -85,17 +90,22 @@ impl LinkChanges {
                 (_, Some(rule)) if link.master.is_some() => link.cni = CniProgress::Done(*rule),
                 _ => {}
             }
+            state.settling = link.cni == CniProgress::Settling;
         }
     }
 
-    /// When the next settling link is settled, or the next wait for a
-    /// network-status entry ends, if one does.
-    pub(super) fn next_settled(&self, now: Instant) -> Option<Instant> {
+    /// When the next settling link among `pod_ifaces` (the pod interfaces
+    /// the spec's plans name; nicplug's own bridges and taps, whose IPv6
+    /// addresses come and go after a plug, wait for nothing) is settled, or
+    /// the next wait for a network-status entry ends, if one does.
+    pub(super) fn next_settled(&self, now: Instant, pod_ifaces: &[IfName]) -> Option<Instant> {
         self.seen
-            .values()
-            .flat_map(|s| {
+            .iter()
+            .filter(|(name, _)| pod_ifaces.contains(name))
+            .flat_map(|(_, s)| {
                 let wait_ends = s.awaiting.then_some(s.appeared_at + NETWORK_STATUS_WAIT);
-                std::iter::once(s.changed_at + CNI_SETTLE).chain(wait_ends)
+                let settled = s.settling.then_some(s.changed_at + CNI_SETTLE);
+                settled.into_iter().chain(wait_ends)
             })
             .filter(|at| *at > now)
             .min()
@@ -119,6 +129,13 @@ mod tests {
     use super::*;
     use crate::netns::LinkKind;
 
+    /// The tests' pod interfaces.
+    fn all() -> Vec<IfName> {
+        ["pod1", "pod2", "pod3"]
+            .map(|n| IfName::new(n).unwrap())
+            .to_vec()
+    }
+
     #[test]
     fn a_link_whose_addresses_change_settles_for_a_moment_first() {
         let t0 = Instant::now();
@@ -130,11 +147,11 @@ mod tests {
         let mut links = vec![there.clone()];
         changes.mark_cni_progress(&mut links, None, t0);
         assert_eq!(links[0].cni, CniProgress::Settling);
-        assert_eq!(changes.next_settled(t0), Some(t0 + CNI_SETTLE));
+        assert_eq!(changes.next_settled(t0, &all()), Some(t0 + CNI_SETTLE));
         let settled = t0 + CNI_SETTLE;
         changes.mark_cni_progress(&mut links, None, settled);
         assert_eq!(links[0].cni, CniProgress::Done(CniDone::SettleWindow));
-        assert_eq!(changes.next_settled(settled), None);
+        assert_eq!(changes.next_settled(settled, &all()), None);
         // A link that appears with addresses, and one whose addresses change,
         // settle for CNI_SETTLE.
         let mut new = Link::fixture(4, "pod2", LinkKind::Veth);
@@ -144,7 +161,7 @@ mod tests {
         let mut links = vec![there.clone(), new.clone()];
         changes.mark_cni_progress(&mut links, None, t1);
         assert!(links.iter().all(|l| l.cni == CniProgress::Settling));
-        assert_eq!(changes.next_settled(t1), Some(t1 + CNI_SETTLE));
+        assert_eq!(changes.next_settled(t1, &all()), Some(t1 + CNI_SETTLE));
         // Unchanged for CNI_SETTLE: settled.
         let t2 = t1 + CNI_SETTLE;
         let mut links = vec![there, new];
@@ -154,7 +171,7 @@ mod tests {
                 .iter()
                 .all(|l| l.cni == CniProgress::Done(CniDone::SettleWindow))
         );
-        assert_eq!(changes.next_settled(t2), None);
+        assert_eq!(changes.next_settled(t2, &all()), None);
         // nicplug's enslave takes the addresses: no new work of CNI's, the
         // rule that ended the wait stands.
         let mut enslaved = links[0].clone();
@@ -167,7 +184,44 @@ mod tests {
         let mut links = vec![Link::fixture(5, "pod3", LinkKind::Veth)];
         changes.mark_cni_progress(&mut links, None, t2);
         assert_eq!(links[0].cni, CniProgress::Settling);
-        assert_eq!(changes.next_settled(t2), Some(t2 + CNI_SETTLE));
+        assert_eq!(changes.next_settled(t2, &all()), Some(t2 + CNI_SETTLE));
+    }
+
+    #[test]
+    fn a_link_done_by_network_status_wakes_no_pass_when_it_changes() {
+        let t0 = Instant::now();
+        let mut changes = LinkChanges::default();
+        let mut pod = Link::fixture(3, "pod1", LinkKind::Veth);
+        let listed = [NetworkStatus {
+            name: "default/blue".into(),
+            interface: Some("pod1".into()),
+            ips: vec![],
+            mac: None,
+            default: false,
+            dns: None,
+        }];
+        let mut links = vec![pod.clone()];
+        changes.mark_cni_progress(&mut links, Some(&listed), t0);
+        assert_eq!(changes.next_settled(t0, &all()), None);
+        // Its addresses change (nicplug's own enslave, the kernel's IPv6
+        // link-local address): still done, and no settle window to wake for.
+        pod.addresses = vec!["fe80::1/64".parse().unwrap()];
+        let later = t0 + CNI_SETTLE;
+        let mut links = vec![pod.clone()];
+        changes.mark_cni_progress(&mut links, Some(&listed), later);
+        assert_eq!(links[0].cni, CniProgress::Done(CniDone::NetworkStatus));
+        assert_eq!(changes.next_settled(later, &all()), None);
+        // Without network-status the same change is waited out.
+        pod.addresses = vec!["fe80::2/64".parse().unwrap()];
+        let mut links = vec![pod];
+        changes.mark_cni_progress(&mut links, None, later);
+        assert_eq!(links[0].cni, CniProgress::Settling);
+        assert_eq!(
+            changes.next_settled(later, &all()),
+            Some(later + CNI_SETTLE)
+        );
+        // Unless no plan names the link (one of nicplug's bridges or taps).
+        assert_eq!(changes.next_settled(later, &[]), None);
     }
 
     #[test]
@@ -230,7 +284,7 @@ mod tests {
         let mut links = vec![pod.clone()];
         changes.mark_cni_progress(&mut links, Some(&[]), t0);
         assert_eq!(
-            changes.next_settled(t0 + CNI_SETTLE),
+            changes.next_settled(t0 + CNI_SETTLE, &all()),
             Some(t0 + NETWORK_STATUS_WAIT)
         );
         changes.mark_cni_progress(&mut links, Some(&[]), t0 + NETWORK_STATUS_WAIT);
