@@ -221,7 +221,7 @@ impl Report<'_> {
             text: "idle with 8 interfaces: no wake-ups more frequent than the resync period (30 s)",
             measured: format!(
                 "{} wake-up bursts in {:.0} s ({:.2} context switches/s), shortest gap {}; \
-                 {} of them only the libvirt-events thread; the agent loop woke {} times (at {})",
+                 {} of them only the libvirt-events thread; the main thread (the agent loop and the tasks it runs: netlink, DHCP servers, API) woke {} times (at {})",
                 fp.activity.len(),
                 fp.seconds,
                 fp.switches_per_s,

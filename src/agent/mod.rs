@@ -396,6 +396,10 @@ pub struct Agent<N, H> {
     migrated_in: Vec<String>,
 }
 
+/// How long a link refresh keeps the link down: long enough for a busy
+/// guest to handle the link change, once per migration.
+const LINK_REFRESH_HOLD: Duration = Duration::from_secs(1);
+
 /// How often a migration in flight is looked at.
 const MIGRATION_POLL: Duration = Duration::from_secs(1);
 
@@ -699,6 +703,9 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
         }
     }
 
+    /// Notes the passt interfaces `plans` prepare, and keeps of the arrived
+    /// ones those whose refresh this pass plans (a NIC the spec took down
+    /// or away meanwhile gets none later).
     fn note_passt_prepared(&mut self, vmi: &Vmi, plans: &[InterfacePlan]) {
         let passt = |name: &str| {
             vmi.interfaces
@@ -710,7 +717,15 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                 self.passt_prepared.insert(p.name.clone());
             }
         }
-        self.migrated_in.retain(|name| passt(name));
+        let refreshes = |name: &String| {
+            plans.iter().any(|p| {
+                &p.name == name
+                    && p.steps
+                        .iter()
+                        .any(|s| matches!(s, Step::RefreshLink { .. }))
+            })
+        };
+        self.migrated_in.retain(refreshes);
     }
 
     /// The earliest interface retry still ahead.
@@ -1206,11 +1221,17 @@ impl<N: PodNetwork, H: Hypervisor + 'static> Agent<N, H> {
                     .await?
             }
             Step::RefreshLink { device } => {
-                for up in [false, true] {
-                    self.hyp
-                        .set_link_state(domain_name, device, up, false)
-                        .await?;
-                }
+                self.hyp
+                    .set_link_state(domain_name, device, false, false)
+                    .await?;
+                // The guest reads the link state when it handles the config
+                // interrupt: down and up at once can both land before that,
+                // and the guest sees no carrier change (the rig's TCG guest
+                // missed one that way).
+                tokio::time::sleep(LINK_REFRESH_HOLD).await;
+                self.hyp
+                    .set_link_state(domain_name, device, true, false)
+                    .await?;
             }
             // Started by `run_steps` as a task; never run inline.
             Step::Detach { .. } => {}

@@ -804,10 +804,7 @@ fn agent_interfaces(dom: &virt::domain::Domain) -> Result<Vec<GuestInterface>, v
     Ok(interfaces)
 }
 
-/// Whether the domain runs *here* and takes devices: running, or paused by a
-/// user. An incoming migration (paused, reason migration or starting up) is
-/// not: its devices arrive with the migration, nicplug must attach nothing.
-/// And the state for people, and where a migration has it.
+/// What [`domain_state`] reads.
 struct StateRead {
     running: bool,
     lifecycle: DomainLifecycle,
@@ -816,6 +813,10 @@ struct StateRead {
     arrived_by_migration: bool,
 }
 
+/// Whether the domain runs *here* and takes devices: running, or paused by a
+/// user. An incoming migration (paused, reason migration or starting up) is
+/// not: its devices arrive with the migration, nicplug must attach nothing.
+/// And the state for people, and where a migration has it.
 fn domain_state(dom: &virt::domain::Domain) -> Result<StateRead, HypervisorError> {
     let (mut state, mut reason) = (-1, -1);
     // SAFETY: `dom` is live for the call; the out-pointers are valid ints.

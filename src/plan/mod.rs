@@ -109,8 +109,8 @@ pub enum Step {
         up: bool,
         persistent: bool,
     },
-    /// Take the live device's link down and up again (live only): the
-    /// guest's DHCP client renews on the carrier flap, what a passt NIC
+    /// Take the live device's link down and, a second later, up again
+    /// (live only): the guest's DHCP client renews on the carrier flap, what a passt NIC
     /// needs after a migration (KubeVirt's `link-refresh` method).
     RefreshLink {
         device: DomainInterface,
