@@ -55,6 +55,23 @@ const FILTER: [libc::sock_filter; 19] = [
     bpf(0x06, 0, 0, 0),       // 18: ret drop
 ];
 
+/// [`FILTER`] for a server without IPv6 (the network has no IPv6 from
+/// IPAM): DHCPv4 only, so the router solicitations and Solicits a guest's
+/// kernel sends on every new NIC stay in the kernel too.
+const FILTER_V4: [libc::sock_filter; 11] = [
+    bpf(0x28, 0, 0, 12),     // 0: ldh [12]            ethertype
+    bpf(0x15, 0, 8, 0x0800), // 1: jeq IPv4 else drop
+    bpf(0x30, 0, 0, 23),     // 2: ldb [23]            protocol
+    bpf(0x15, 0, 6, 17),     // 3: jeq UDP else drop
+    bpf(0x28, 0, 0, 20),     // 4: ldh [20]            flags + fragment offset
+    bpf(0x45, 4, 0, 0x1fff), // 5: jset offset -> drop
+    bpf(0xb1, 0, 0, 14),     // 6: ldxb 4*([14]&0xf)   IP header length
+    bpf(0x48, 0, 0, 16),     // 7: ldh [x+16]          UDP destination port
+    bpf(0x15, 0, 1, 67),     // 8: jeq 67 -> accept else drop
+    bpf(0x06, 0, 0, 0xffff), // 9: ret accept
+    bpf(0x06, 0, 0, 0),      // 10: ret drop
+];
+
 const fn bpf(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
     libc::sock_filter { code, jt, jf, k }
 }
@@ -67,8 +84,10 @@ pub struct TapSocket {
 
 impl TapSocket {
     /// Opens the socket on `tap` (in the calling thread's network
-    /// namespace). EPERM means no `CAP_NET_RAW`; ENODEV a missing tap.
-    pub fn open(tap: &IfName) -> io::Result<Self> {
+    /// namespace), taking IPv6 frames only when `ipv6` (the server has an
+    /// IPv6 lease to give). EPERM means no `CAP_NET_RAW`; ENODEV a missing
+    /// tap.
+    pub fn open(tap: &IfName, ipv6: bool) -> io::Result<Self> {
         let ifindex = nix::net::if_::if_nametoindex(tap.as_str()).map_err(io::Error::from)? as i32;
         // SAFETY: plain socket(2) call; the result is checked before use.
         let raw = unsafe {
@@ -83,12 +102,13 @@ impl TapSocket {
         }
         // SAFETY: `raw` is a fresh descriptor this function owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let filter: &'static [libc::sock_filter] = if ipv6 { &FILTER } else { &FILTER_V4 };
         let program = libc::sock_fprog {
-            len: FILTER.len() as u16,
-            filter: FILTER.as_ptr().cast_mut(),
+            len: filter.len() as u16,
+            filter: filter.as_ptr().cast_mut(),
         };
-        // `program` points at FILTER, which outlives the call (the kernel
-        // copies the program).
+        // `program` points at a static filter, which outlives the call (the
+        // kernel copies the program).
         set_socket_option(&fd, libc::SO_ATTACH_FILTER, &program)?;
         set_socket_option(&fd, libc::SO_RCVBUF, &RECEIVE_BUFFER)?;
         let address = link_address(ifindex, ETH_P_ALL_BE, None);
@@ -282,5 +302,30 @@ mod tests {
         assert_eq!(run(&FILTER, &frame(0x86dd, &[(20, 58), (54, 134)])), 0);
         assert_eq!(run(&FILTER, &frame(0x86dd, &[(20, 6)])), 0);
         assert_eq!(run(&FILTER, &frame(0x0806, &[])), 0);
+    }
+
+    #[test]
+    fn the_ipv4_filter_takes_dhcpv4_only() {
+        let dhcp4 = frame(0x0800, &[(14, 0x45), (23, 17), (36, 0), (37, 67)]);
+        assert_ne!(run(&FILTER_V4, &dhcp4), 0);
+        // With IP options (header length 6) the port moves, and is found.
+        let options = frame(0x0800, &[(14, 0x46), (23, 17), (40, 0), (41, 67)]);
+        assert_ne!(run(&FILTER_V4, &options), 0);
+        let mut to68 = dhcp4.clone();
+        to68[37] = 68;
+        assert_eq!(run(&FILTER_V4, &to68), 0);
+        let mut fragment = dhcp4.clone();
+        fragment[21] = 1;
+        assert_eq!(run(&FILTER_V4, &fragment), 0);
+        let mut tcp = dhcp4;
+        tcp[23] = 6;
+        assert_eq!(run(&FILTER_V4, &tcp), 0);
+        for ipv6 in [
+            frame(0x86dd, &[(20, 17), (56, 0x02), (57, 0x23)]),
+            frame(0x86dd, &[(20, 58), (54, 133)]),
+        ] {
+            assert_eq!(run(&FILTER_V4, &ipv6), 0);
+        }
+        assert_eq!(run(&FILTER_V4, &frame(0x0806, &[])), 0);
     }
 }

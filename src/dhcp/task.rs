@@ -313,7 +313,7 @@ async fn serve(
         lease,
         lease6,
     } = desired;
-    let socket = match TapSocket::open(&tap) {
+    let socket = match TapSocket::open(&tap, lease6.is_some()) {
         Ok(socket) => socket,
         Err(e) => {
             let reason = refused(&tap, &e);
