@@ -134,14 +134,7 @@ fn a_device_kubevirt_rendered_is_adopted_and_a_restart_plugs_no_second() {
     let device = format!(
         "<interface type='ethernet'><target dev='{pod}' managed='no'/><model type='virtio-non-transitional'/><mac address='{mac}'/><alias name='ua-{NETWORK}'/></interface>"
     );
-    let file = rig.dir.join("kubevirt-macvtap.xml");
-    std::fs::write(&file, &device).unwrap();
-    rig.virsh(&[
-        "attach-device",
-        &rig.domain,
-        &file.to_string_lossy(),
-        "--live",
-    ]);
+    rig.attach_live("kubevirt-macvtap.xml", &device);
     let mut doc = spec(&rig, "up");
     doc["spec"]["domain"]["devices"]["interfaces"][1]["macAddress"] = mac.clone().into();
     let mut nicplug = nicplug_with_network_status(&rig);
@@ -194,10 +187,7 @@ fn live_migration_moves_a_macvtap_nic_onto_the_target_pods_own_macvtap() {
     if !support::require_root() {
         return;
     }
-    let rig = Rig::start(RigOptions {
-        non_root: false,
-        ..RigOptions::default()
-    });
+    let rig = Rig::start(RigOptions::root_launcher());
     let lan = MacvtapLan::new(63);
     let pod = pod_iface(NETWORK);
     // macAddress, so that macvtap-cni gives both pods' macvtaps the VM's MAC.

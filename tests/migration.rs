@@ -18,15 +18,6 @@ use support::{CniNet, Rig, RigOptions, poll};
 const NETS: [&str; 2] = ["dyniface1", "dyniface2"];
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Both pods run root system daemons: `Rig::start_target` has no non-root
-/// shape (yet), whatever `NICPLUG_RIG_NONROOT` says.
-fn root_rig() -> RigOptions {
-    RigOptions {
-        non_root: false,
-        ..RigOptions::default()
-    }
-}
-
 /// NIC 2's network is dual-stack: IPv6 service moves with the VM too.
 fn nets() -> [CniNet; 2] {
     [CniNet::new(1), CniNet::dual_stack(2)]
@@ -297,7 +288,7 @@ fn live_migration_moves_hot_plugged_nics_to_prepared_taps() {
     if !support::require_root() {
         return;
     }
-    let rig = Rig::start(root_rig());
+    let rig = Rig::start(RigOptions::root_launcher());
     let (source, macs) = plug_in_source(&rig);
     let before = devices(&rig);
     let target = rig.start_target();
@@ -414,7 +405,7 @@ fn a_migration_failing_on_the_target_leaves_the_vm_working_on_the_source() {
     if !support::require_root() {
         return;
     }
-    let rig = Rig::start(root_rig());
+    let rig = Rig::start(RigOptions::root_launcher());
     let (source, _) = plug_in_source(&rig);
     let before = devices(&rig);
     let target = rig.start_target();
@@ -511,7 +502,7 @@ fn a_nic_added_during_the_migration_is_plugged_once_on_the_target() {
     if !support::require_root() {
         return;
     }
-    let rig = Rig::start(root_rig());
+    let rig = Rig::start(RigOptions::root_launcher());
     let (source, _) = plug_in_source(&rig);
     let target = rig.start_target();
     let nicplug = prepared_target(&rig, &target);
@@ -586,7 +577,7 @@ fn a_cancelled_migration_applies_the_held_nic_on_the_source() {
     if !support::require_root() {
         return;
     }
-    let rig = Rig::start(root_rig());
+    let rig = Rig::start(RigOptions::root_launcher());
     let (source, _) = plug_in_source(&rig);
     let before = devices(&rig);
     let target = rig.start_target();
@@ -632,7 +623,7 @@ fn a_target_in_kubevirts_layout_is_adopted_and_nothing_built() {
     if !support::require_root() {
         return;
     }
-    let rig = Rig::start(root_rig());
+    let rig = Rig::start(RigOptions::root_launcher());
     let (source, macs) = plug_in_source(&rig);
     let before = devices(&rig);
     let target = rig.start_target();

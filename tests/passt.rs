@@ -339,14 +339,7 @@ fn a_device_kubevirt_rendered_is_adopted_and_a_restart_plugs_no_second() {
     let device = format!(
         "<interface type='user'><alias name='ua-{NETWORK}'/><model type='virtio-non-transitional'/><mac address='{mac}'/><source dev='eth0'/><backend type='passt'/><portForward proto='tcp'><range start='{FORWARDED}'/></portForward></interface>"
     );
-    let file = rig.dir.join("kubevirt-passt.xml");
-    std::fs::write(&file, &device).unwrap();
-    rig.virsh(&[
-        "attach-device",
-        &rig.domain,
-        &file.to_string_lossy(),
-        "--live",
-    ]);
+    rig.attach_live("kubevirt-passt.xml", &device);
     let mut nicplug = nicplug_with_network_status(&rig);
     nicplug.start();
     nicplug.write_vmi(&spec(&rig, "up"));
@@ -405,10 +398,7 @@ fn live_migration_moves_a_passt_nic_onto_the_target_pods_own_pod_network() {
     if !support::require_root() {
         return;
     }
-    let rig = Rig::start(RigOptions {
-        non_root: false,
-        ..RigOptions::default()
-    });
+    let rig = Rig::start(RigOptions::root_launcher());
     let (net, source_addr) = pod_with_pod_network(&rig, 75);
     let mut source = nicplug_with_network_status(&rig);
     source.start();

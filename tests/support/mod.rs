@@ -140,6 +140,18 @@ impl Default for RigOptions {
     }
 }
 
+impl RigOptions {
+    /// The default with root system daemons whatever `NICPLUG_RIG_NONROOT`
+    /// says: what a migration source needs (`Rig::start_target` has no
+    /// non-root shape yet).
+    pub fn root_launcher() -> Self {
+        RigOptions {
+            non_root: false,
+            ..RigOptions::default()
+        }
+    }
+}
+
 /// One launcher pod + node + running guest. Everything is torn down on drop.
 pub struct Rig {
     /// Network namespace of the launcher pod (libvirtd and QEMU run here).
@@ -1113,6 +1125,19 @@ impl Rig {
     }
 
     /// `virsh -c <uri> <args>`; panics with stderr on failure.
+    /// Attaches `device` (device XML) to the live domain with virsh, as
+    /// KubeVirt's launcher attaches what it rendered; `name` names the file.
+    pub fn attach_live(&self, name: &str, device: &str) {
+        let file = self.dir.join(name);
+        fs::write(&file, device).unwrap();
+        self.virsh(&[
+            "attach-device",
+            &self.domain,
+            &file.to_string_lossy(),
+            "--live",
+        ]);
+    }
+
     pub fn virsh(&self, args: &[&str]) -> String {
         self.virsh_try(args).unwrap_or_else(|e| panic!("{e}"))
     }
