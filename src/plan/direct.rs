@@ -84,14 +84,16 @@ impl Direct {
 
     /// Whether `device`, on a network that left the spec, is this binding's.
     fn owns(self, device: &DomainInterface, observed: &Observed<'_>) -> Option<IfName> {
-        let link = match self {
-            Self::Macvtap => device.target_dev.as_deref(),
-            Self::Passt => device.source_dev.as_deref(),
-        };
-        let link = IfName::new(link?).ok()?;
-        let ours = match self {
-            Self::Macvtap => observed.link(&link).is_some_and(Link::is_macvtap),
-            Self::Passt => device.is_passt(),
+        let (link, ours) = match self {
+            Self::Macvtap => {
+                let link = IfName::new(device.target_dev.as_deref()?).ok()?;
+                let ours = observed.link(&link).is_some_and(Link::is_macvtap);
+                (link, ours)
+            }
+            Self::Passt => (
+                IfName::new(device.source_dev.as_deref()?).ok()?,
+                device.is_passt(),
+            ),
         };
         ours.then_some(link)
     }
